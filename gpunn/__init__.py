@@ -1,0 +1,32 @@
+"""gpunn: the lecture's neural networks, matrix-vectorised on NumPy (CPU) or CuPy (NVIDIA GPU).
+
+    >>> import gpunn as gn
+    >>> net = gn.Sequential([gn.Dense(2, 4, "sigmoid"), gn.Dense(4, 1, "sigmoid")], device="cpu", seed=0)
+"""
+from __future__ import annotations
+
+from . import activations, init, losses, optim
+from .backend import (Device, array_module, available_devices, cuda_unavailable_reason, device_of,
+                      get_device, to_host, use_device)
+from .errors import (ConfigError, DataError, DataTypeError, DeviceError, DeviceSpecError, DivergenceError,
+                     GpunnError, ModelFileError, OutOfMemoryError, SaveError, ShapeError)
+from .layers import Dense
+from .network import Evaluation, History, Sequential
+from .optim import SGD, Adam
+
+__version__ = "0.1.0"
+
+
+def load(path, device=None):
+    """Load a network saved with :meth:`Sequential.save` onto ``device`` (see :mod:`gpunn.io`)."""
+    from .io import load as _load  # noqa: PLC0415
+    return _load(path, device=device)
+
+
+__all__ = [
+    "Adam", "ConfigError", "DataError", "DataTypeError", "Dense", "Device", "DeviceError", "DeviceSpecError",
+    "DivergenceError", "Evaluation", "GpunnError", "History", "ModelFileError", "OutOfMemoryError", "SGD",
+    "SaveError", "Sequential", "ShapeError", "activations", "array_module", "available_devices",
+    "cuda_unavailable_reason", "device_of", "get_device", "init", "load", "losses", "optim", "to_host",
+    "use_device", "__version__",
+]

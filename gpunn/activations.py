@@ -1,0 +1,324 @@
+"""Activation functions (lecture §1.1, Figure 1, eqs 1–5) and their derivatives.
+
+Each activation is one class holding both f(z) and its backward pass, so the two cannot drift apart.
+The derivative f′ is written the way the lecture writes it, from the output y = f(z) where that is
+natural (sigmoid y(1−y), eq 6; tanh 1−y²) and from z for the piecewise ones.
+
+All methods take the array namespace from their arguments (NumPy or CuPy) and write into ``out``
+buffers, so the training loop allocates nothing. Every formula is overflow-free: no warning, inf or
+NaN for |z| up to 1e4 in float32 and float64.
+
+    >>> import numpy as np, gpunn
+    >>> gpunn.activations.get("sigmoid")(np.array([0.0]))
+    array([0.5])
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from .backend import array_module
+from .errors import ConfigError, unknown_name
+
+__all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "ELU", "Identity", "Softmax",
+           "get", "names"]
+
+
+def _exp_cap(dtype: Any) -> float:
+    """Largest argument whose exp is finite in ``dtype`` (less a margin)."""
+    return float(numpy.log(numpy.finfo(dtype).max)) - 1.0
+
+
+class Activation:
+    """Base class: ``forward`` computes y = f(z); ``backward`` computes δ = f′(z) ⊙ ∂E/∂y (eq 11).
+
+    Subclasses set ``name`` and ``kernel_id`` (the activation's number in the fused CUDA kernels)
+    and, when parameterised, ``param`` (leaky ReLU's α, ELU's a).
+    """
+
+    name = ""
+    kernel_id = 0
+    param = 0.0
+    #: True when ``backward`` needs a scratch array of z's shape (it is then passed as ``scratch``).
+    needs_scratch = False
+    #: True for activations whose output couples a row (softmax): f′ is a Jacobian, not elementwise.
+    rowwise = False
+
+    # -- the vectorised, in-place interface used by layers --------------------------------------
+    def forward(self, z: Any, out: Any, col: Any = None) -> Any:  # pragma: no cover - abstract
+        """Write f(z) into ``out`` (same shape as z); ``col`` is a (batch, 2) scratch array."""
+        raise NotImplementedError
+
+    def derivative(self, z: Any, y: Any, out: Any) -> Any:  # pragma: no cover - abstract
+        """Write f′(z) into ``out``, using z and/or y = f(z)."""
+        raise NotImplementedError
+
+    def backward(self, z: Any, y: Any, grad: Any, out: Any, scratch: Any = None, col: Any = None) -> Any:
+        """Write δ = f′(z) ⊙ grad into ``out`` (eq 11: δ_j = f′(z_j) ∂E/∂y_j); ``out`` is not ``grad``."""
+        self.derivative(z, y, out)
+        out *= grad
+        return out
+
+    # -- convenience for people and plots (allocates) ----------------------------------------------
+    def __call__(self, z: Any) -> Any:
+        xp = array_module(z)
+        z = xp.asarray(z, dtype=float) if xp.asarray(z).dtype.kind != "f" else xp.asarray(z)
+        out = xp.empty_like(z)
+        col = xp.empty((z.shape[0], 2), z.dtype) if self.rowwise else None
+        return self.forward(z, out, col)
+
+    def grad(self, z: Any) -> Any:
+        """f′(z), elementwise (for plotting and tests)."""
+        xp = array_module(z)
+        z = xp.asarray(z, dtype=float) if xp.asarray(z).dtype.kind != "f" else xp.asarray(z)
+        y = self(z)
+        out = xp.empty_like(z)
+        return self.derivative(z, y, out)
+
+    def config(self) -> dict:
+        """JSON-able description: ``{"name": ..., **parameters}``."""
+        return {"name": self.name}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Activation) and self.config() == other.config()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.config().items())))
+
+
+class Sigmoid(Activation):
+    """Logistic function σ(z) = 1 / (1 + e^(−z)) (lecture §1); f′ = y(1 − y) (eq 6)."""
+
+    name, kernel_id = "sigmoid", 1
+
+    def forward(self, z, out, col=None):
+        xp = array_module(z)
+        # e^(−z) overflows only where σ(z) underflows anyway: cap the exponent instead of warning.
+        xp.negative(z, out=out)
+        xp.minimum(out, _exp_cap(z.dtype), out=out)
+        xp.exp(out, out=out)
+        out += 1.0
+        return xp.reciprocal(out, out=out)
+
+    def derivative(self, z, y, out):
+        xp = array_module(y)
+        xp.subtract(1.0, y, out=out)
+        out *= y
+        return out
+
+
+class Tanh(Activation):
+    """Hyperbolic tangent (eq 1); f′ = 1 − y²."""
+
+    name, kernel_id = "tanh", 2
+
+    def forward(self, z, out, col=None):
+        return array_module(z).tanh(z, out=out)
+
+    def derivative(self, z, y, out):
+        xp = array_module(y)
+        xp.multiply(y, y, out=out)
+        return xp.subtract(1.0, out, out=out)
+
+
+class ReLU(Activation):
+    """Rectifier max(0, z) (eq 2); f′ = 1 where z > 0, else 0."""
+
+    name, kernel_id = "relu", 3
+
+    def forward(self, z, out, col=None):
+        return array_module(z).maximum(z, 0.0, out=out)
+
+    def derivative(self, z, y, out):
+        return array_module(z).greater(z, 0.0, out=out)
+
+
+class LeakyReLU(Activation):
+    """Leaky rectifier: z where z > 0, else αz (eq 3, α = 0.01); f′ = 1 or α."""
+
+    name, kernel_id = "leaky_relu", 4
+
+    def __init__(self, alpha: float = 0.01):
+        alpha = float(alpha)
+        if not (0.0 <= alpha < 1.0):
+            raise ConfigError(f"leaky_relu alpha must be in [0, 1); got {alpha}")
+        self.alpha = self.param = alpha
+
+    def forward(self, z, out, col=None):
+        xp = array_module(z)
+        xp.multiply(z, self.alpha, out=out)
+        return xp.maximum(z, out, out=out)  # max(z, αz) is the leaky ReLU for 0 ≤ α < 1
+
+    def derivative(self, z, y, out):
+        xp = array_module(z)
+        xp.greater(z, 0.0, out=out)
+        out *= 1.0 - self.alpha
+        out += self.alpha
+        return out
+
+    def config(self):
+        return {"name": self.name, "alpha": self.alpha}
+
+
+class Softplus(Activation):
+    """Smooth rectifier log(1 + e^z) (eq 4); f′ = σ(z) = 1 − e^(−y)."""
+
+    name, kernel_id = "softplus", 5
+
+    def forward(self, z, out, col=None):
+        # logaddexp(0, z) = max(z, 0) + log1p(e^(−|z|)): never overflows.
+        return array_module(z).logaddexp(0.0, z, out=out)
+
+    def derivative(self, z, y, out):
+        xp = array_module(y)
+        # σ(z) = 1 − e^(−y); −expm1(−y) keeps it accurate where σ(z) is tiny.
+        xp.negative(y, out=out)
+        xp.expm1(out, out=out)
+        return xp.negative(out, out=out)
+
+
+class ELU(Activation):
+    """Exponential linear unit: z where z ≥ 0, else a(e^z − 1) (eq 5); f′ = 1 or y + a."""
+
+    name, kernel_id = "elu", 6
+    needs_scratch = True
+
+    def __init__(self, a: float = 1.0):
+        a = float(a)
+        if not (a > 0.0 and numpy.isfinite(a)):
+            raise ConfigError(f"elu parameter a must be a positive finite number; got {a}")
+        self.a = self.param = a
+
+    def forward(self, z, out, col=None):
+        xp = array_module(z)
+        xp.minimum(z, 0.0, out=out)  # e^z only where z ≤ 0: no overflow
+        xp.expm1(out, out=out)
+        out *= self.a
+        if self.a <= 1.0:
+            # for a ≤ 1, a(e^z − 1) ≥ z when z ≤ 0 and equals 0 when z > 0, so max() picks the branch
+            return xp.maximum(out, z, out=out)
+        xp.copyto(out, z, where=z > 0)
+        return out
+
+    def derivative(self, z, y, out):
+        # For a > 0, y > 0 exactly where z > 0, so f′ can be read from y: 1 there, y + a = a·e^z elsewhere.
+        xp = array_module(y)
+        xp.minimum(y, 0.0, out=out)
+        out += self.a
+        xp.copyto(out, 1.0, where=y > 0)
+        return out
+
+    def backward(self, z, y, grad, out, scratch=None, col=None):
+        # Allocation-free form of the above: f′ = (min(y, 0) + a) + (1 − a)·[y > 0].
+        xp = array_module(y)
+        xp.minimum(y, 0.0, out=out)
+        out += self.a
+        xp.greater(y, 0.0, out=scratch)
+        scratch *= 1.0 - self.a
+        out += scratch
+        out *= grad
+        return out
+
+    def config(self):
+        return {"name": self.name, "a": self.a}
+
+
+class Identity(Activation):
+    """No activation, y = z (linear output units); f′ = 1."""
+
+    name, kernel_id = "identity", 0
+
+    def forward(self, z, out, col=None):
+        if out is not z:
+            array_module(z).copyto(out, z)
+        return out
+
+    def derivative(self, z, y, out):
+        out.fill(1.0)
+        return out
+
+    def backward(self, z, y, grad, out, scratch=None, col=None):
+        if out is not grad:
+            array_module(grad).copyto(out, grad)
+        return out
+
+
+class Softmax(Activation):
+    """Row-wise softmax y_t = e^(z_t) / Σ_s e^(z_s), for class probabilities at the output.
+
+    Its derivative couples the outputs of a row, so ``backward`` applies the Jacobian:
+    δ = y ⊙ (g − Σ_t g_t y_t). With cross-entropy the loss supplies δ = y − y* directly instead.
+    ``forward`` leaves log Σ e^z (the log-partition, used by the loss) in ``col[:, 0]``.
+    """
+
+    name, kernel_id = "softmax", 7
+    rowwise = True
+
+    def forward(self, z, out, col=None):
+        xp = array_module(z)
+        shift, total = col[:, 0:1], col[:, 1:2]
+        xp.max(z, axis=1, keepdims=True, out=shift)
+        xp.subtract(z, shift, out=out)    # shift by the row max: no overflow
+        xp.exp(out, out=out)
+        xp.sum(out, axis=1, keepdims=True, out=total)
+        out /= total
+        xp.log(total, out=total)
+        shift += total                    # col[:, 0] = log Σ e^z, the log-partition
+        return out
+
+    def derivative(self, z, y, out):
+        raise ConfigError("softmax has no elementwise derivative; use backward() (a Jacobian product)")
+
+    def backward(self, z, y, grad, out, scratch=None, col=None):
+        xp = array_module(y)
+        dot = col[:, 1:2]
+        xp.multiply(grad, y, out=out)
+        xp.sum(out, axis=1, keepdims=True, out=dot)
+        xp.subtract(grad, dot, out=out)
+        out *= y
+        return out
+
+
+_REGISTRY: dict[str, type[Activation]] = {
+    cls.name: cls for cls in (Sigmoid, Tanh, ReLU, LeakyReLU, Softplus, ELU, Identity, Softmax)
+}
+_ALIASES = {"linear": "identity", "logistic": "sigmoid", "leakyrelu": "leaky_relu", "leaky-relu": "leaky_relu"}
+
+
+def names() -> list[str]:
+    """Names of the registered activations."""
+    return sorted(_REGISTRY)
+
+
+def get(spec: "str | Activation | dict | type[Activation] | None") -> Activation:
+    """An activation from a name (``"relu"``), a config dict, a class or an instance."""
+    if spec is None:
+        return Identity()
+    if isinstance(spec, Activation):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Activation):
+        return spec()
+    if isinstance(spec, dict):
+        params = dict(spec)
+        name = params.pop("name", None)
+        cls = _lookup(name)
+        try:
+            return cls(**params)
+        except TypeError as exc:
+            raise ConfigError(f"bad parameters {params} for activation {name!r}: {exc}") from None
+    if isinstance(spec, str):
+        return _lookup(spec)()
+    raise ConfigError(f"an activation must be a name, a dict or an Activation; got {type(spec).__name__}")
+
+
+def _lookup(name: object) -> type[Activation]:
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise unknown_name("activation", name, names())
+    return _REGISTRY[key]

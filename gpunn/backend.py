@@ -1,0 +1,286 @@
+"""Devices and array namespaces: the one module that knows about CuPy.
+
+Everything else in gpunn is written once against an array namespace ``xp`` (``numpy`` or ``cupy``)
+that it gets from a :class:`Device` or from the arrays at hand (:func:`array_module`). CuPy is
+imported lazily, on the first CUDA request, so ``import gpunn`` never pulls it in.
+
+Device specs: ``"cpu"``, ``"cuda"`` (= ``"cuda:0"``), ``"cuda:N"`` and ``"auto"``. The default spec comes
+from the environment variable ``GPUNN_DEVICE``, else ``"auto"``: ``cuda:0`` when CuPy imports and a
+device is usable, else ``cpu`` with a one-time warning naming the reason. An explicit CUDA request
+that cannot be met raises :class:`~gpunn.errors.DeviceError`; it never falls back silently.
+N indexes the devices *visible* to the process: set ``CUDA_VISIBLE_DEVICES`` before the first CUDA use.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import re
+import sys
+import threading
+import warnings
+from typing import Any, Iterator
+
+import numpy
+
+from .errors import DeviceError, DeviceSpecError
+
+__all__ = [
+    "Device", "get_device", "use_device", "available_devices", "cuda_unavailable_reason",
+    "device_of", "array_module", "fused_enabled", "tf32_enabled",
+]
+
+_SPEC_RE = re.compile(r"^(cpu|cuda|auto)(?::(\d+))?$")
+_ACCEPTED = "'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'auto'"
+
+_cupy_module: Any = None
+_cupy_import_error: str | None = None
+_cupy_tried = False
+_lock = threading.Lock()
+_warned_fallback = False
+_default_spec: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpunn_device", default=None)
+
+
+def _cupy() -> Any:
+    """Import CuPy once; return the module, or None (the reason is kept for messages)."""
+    global _cupy_module, _cupy_import_error, _cupy_tried
+    with _lock:
+        if not _cupy_tried:
+            _cupy_tried = True
+            try:
+                import cupy  # noqa: PLC0415 - lazy on purpose: CuPy is an optional extra
+                _cupy_module = cupy
+            except Exception as exc:  # ImportError, or a broken install raising anything
+                _cupy_import_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return _cupy_module
+
+
+def _cuda_device_count() -> tuple[int, str | None]:
+    """(number of usable CUDA devices, reason when there are none)."""
+    cp = _cupy()
+    if cp is None:
+        if _cupy_import_error and "No module named 'cupy'" in _cupy_import_error:
+            return 0, ("CuPy is not installed; install a CUDA extra: pip install 'gpunn[cuda12]' "
+                       "(or 'gpunn[cuda13]')")
+        return 0, f"CuPy is installed but failed to import ({_cupy_import_error})"
+    try:
+        if not cp.is_available():
+            return 0, "CuPy is installed but no usable CUDA driver or device was found"
+        return int(cp.cuda.runtime.getDeviceCount()), None
+    except Exception as exc:  # driver errors surface as CUDARuntimeError
+        return 0, f"CuPy is installed but CUDA is unusable ({type(exc).__name__}: {exc})".splitlines()[0]
+
+
+def cuda_unavailable_reason(index: int = 0) -> str | None:
+    """Why ``cuda:index`` cannot be used, in one line; ``None`` when it can."""
+    count, reason = _cuda_device_count()
+    if reason is not None:
+        return reason
+    if index >= count:
+        return f"CUDA device index {index} is out of range: {count} device(s) visible"
+    return None
+
+
+def available_devices() -> list[str]:
+    """Devices usable now: ``['cpu', 'cuda:0', ...]``."""
+    count, _ = _cuda_device_count()
+    return ["cpu"] + [f"cuda:{i}" for i in range(count)]
+
+
+def fused_enabled() -> bool:
+    """Whether CUDA devices use gpunn's fused kernels (``GPUNN_FUSED=0`` turns them off)."""
+    return os.environ.get("GPUNN_FUSED", "1").strip() not in ("0", "false", "no", "off")
+
+
+def tf32_enabled() -> bool:
+    """Whether CuPy was told to use TF32 for float32 matrix products (``CUPY_TF32=1``; off by default)."""
+    return os.environ.get("CUPY_TF32", "0").strip() not in ("", "0")
+
+
+def _parse(spec: str) -> tuple[str, int]:
+    if not isinstance(spec, str):
+        raise DeviceSpecError(f"a device spec must be a string such as {_ACCEPTED}; got {spec!r}")
+    m = _SPEC_RE.match(spec.strip().lower())
+    if m is None or (m.group(1) in ("cpu", "auto") and m.group(2) is not None):
+        raise DeviceSpecError(f"malformed device spec {spec!r}; accepted forms: {_ACCEPTED}")
+    return m.group(1), int(m.group(2) or 0)
+
+
+class Device:
+    """An immutable device value: ``kind`` ('cpu' or 'cuda'), ``index`` and its array namespace ``xp``.
+
+    ``Device("cuda:1")`` parses and validates (raising :class:`DeviceError` when CUDA is unusable);
+    ``Device("auto")`` resolves to ``cuda:0`` or ``cpu``. Two devices are equal when kind and index are.
+    """
+
+    __slots__ = ("_kind", "_index", "_ops", "_fused")
+
+    def __init__(self, spec: "str | Device" = "cpu", *, fused: bool | None = None):
+        if isinstance(spec, Device):
+            kind, index = spec.kind, spec.index
+        else:
+            kind, index = _parse(spec)
+        if kind == "auto":
+            reason = cuda_unavailable_reason(0)
+            if reason is None:
+                kind, index = "cuda", 0
+            else:
+                _warn_fallback(reason)
+                kind, index = "cpu", 0
+        elif kind == "cuda":
+            reason = cuda_unavailable_reason(index)
+            if reason is not None:
+                raise DeviceError(f"cannot use cuda:{index}: {reason}")
+        object.__setattr__(self, "_kind", kind)
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_ops", None)
+        object.__setattr__(self, "_fused", fused_enabled() if fused is None else bool(fused))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Device is immutable")
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def index(self) -> int:
+        return self._index
+
+    @property
+    def is_cuda(self) -> bool:
+        return self._kind == "cuda"
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace: ``numpy`` for cpu, ``cupy`` for cuda."""
+        return _cupy() if self.is_cuda else numpy
+
+    @property
+    def fused(self) -> bool:
+        """Whether this device runs gpunn's fused CUDA kernels (always False on cpu)."""
+        return self.is_cuda and self._fused
+
+    @property
+    def ops(self) -> Any:
+        """The elementwise/update operations for this device (see :mod:`gpunn.ops`)."""
+        if self._ops is None:
+            from . import ops  # noqa: PLC0415 - ops imports backend
+            object.__setattr__(self, "_ops", ops.ops_for(self))
+        return self._ops
+
+    def with_fused(self, fused: bool) -> "Device":
+        """The same device with fused kernels switched on or off."""
+        return Device(self, fused=fused)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            try:
+                other = Device(other)
+            except (DeviceError, DeviceSpecError):
+                return False
+        return isinstance(other, Device) and (self.kind, self.index) == (other.kind, other.index)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.index))
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    def __repr__(self) -> str:
+        return f"Device('{self}')"
+
+    def activate(self) -> contextlib.AbstractContextManager:
+        """A context manager making this CUDA device current (a no-op on cpu)."""
+        if self.is_cuda:
+            return self.xp.cuda.Device(self.index)
+        return contextlib.nullcontext()
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """``a`` (NumPy, CuPy, list, scalar) as an array of this device, copying only when needed."""
+        if not self.is_cuda:
+            if _is_cupy_array(a):
+                a = a.get()
+            return numpy.asarray(a, dtype=dtype)
+        cp = self.xp
+        if _is_cupy_array(a) and a.device.id != self.index:
+            a = a.get()  # through the host: always correct, and cross-GPU moves are rare here
+        with cp.cuda.Device(self.index):
+            return cp.asarray(a, dtype=dtype)
+
+    def to_host(self, a: Any) -> numpy.ndarray:
+        """``a`` as a NumPy array on the host."""
+        return to_host(a)
+
+    def synchronize(self) -> None:
+        """Wait until all work queued on this device is done (a no-op on cpu)."""
+        if self.is_cuda:
+            self.xp.cuda.Device(self.index).synchronize()
+
+
+def to_host(a: Any) -> numpy.ndarray:
+    """Any array (NumPy or CuPy) as a NumPy array."""
+    return a.get() if _is_cupy_array(a) else numpy.asarray(a)
+
+
+def _warn_fallback(reason: str) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"gpunn: device 'auto' falls back to cpu: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def get_device(spec: "str | Device | None" = None) -> Device:
+    """The device for ``spec``; with ``None``, the default: :func:`use_device`'s, else ``GPUNN_DEVICE``, else auto."""
+    if isinstance(spec, Device):
+        return spec
+    if spec is None:
+        spec = _default_spec.get() or os.environ.get("GPUNN_DEVICE") or "auto"
+    return Device(spec)
+
+
+@contextlib.contextmanager
+def use_device(spec: "str | Device") -> Iterator[Device]:
+    """Make ``spec`` the default device inside a ``with`` block (and the current CUDA device)."""
+    dev = get_device(spec)
+    token = _default_spec.set(str(dev))
+    try:
+        with dev.activate():
+            yield dev
+    finally:
+        _default_spec.reset(token)
+
+
+def _is_cupy_array(a: Any) -> bool:
+    # Recognise CuPy arrays without importing CuPy: only a module already imported can have made one.
+    return "cupy" in sys.modules and type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "device")
+
+
+def device_of(*arrays: Any) -> Device:
+    """The device holding ``arrays``; raises DeviceError when NumPy and CuPy arrays, or two GPUs, are mixed.
+
+    Objects that are not CuPy arrays (NumPy arrays, lists, scalars) count as host data.
+    """
+    cuda_ids = set()
+    host = False
+    for a in arrays:
+        if a is None:
+            continue
+        if _is_cupy_array(a):
+            cuda_ids.add(int(a.device.id))
+        else:
+            host = True
+    if len(cuda_ids) > 1:
+        raise DeviceError(f"arrays live on several GPUs ({', '.join(f'cuda:{i}' for i in sorted(cuda_ids))}); "
+                          "move them to one device first (Device.asarray)")
+    if cuda_ids and host:
+        raise DeviceError("NumPy (host) and CuPy (GPU) arrays are mixed in one call; move them to one "
+                          "device first (Device.asarray / Device.to_host)")
+    if cuda_ids:
+        return Device(f"cuda:{cuda_ids.pop()}")
+    return Device("cpu")
+
+
+def array_module(*arrays: Any) -> Any:
+    """The array namespace (``numpy`` or ``cupy``) of ``arrays``; see :func:`device_of`."""
+    return device_of(*arrays).xp

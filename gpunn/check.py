@@ -1,0 +1,95 @@
+"""Agreement check: the same seeded network trained on each backend against a NumPy float64 reference.
+
+For each backend (device × dtype × fused) it records the first step's output, loss and every layer's
+gradients, and the parameters after N SGD steps, and reports the largest difference relative to the
+reference's scale, max|a − ref| / max|ref|, against a per-dtype tolerance.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from .backend import Device, cuda_unavailable_reason, tf32_enabled, to_host
+from .layers import Dense
+from .network import Sequential
+from .optim import SGD
+
+ARCH = [(37, 64, "tanh"), (64, 48, "sigmoid"), (48, 32, {"name": "elu", "a": 0.7}), (32, 5, "softmax")]
+BATCH = 33            # odd sizes catch indexing bugs
+#: tolerances on max|a − ref| / max|ref|: one step, and the weights after N steps
+TOLERANCES = {"float32": {"step": 1e-5, "trained": 1e-4}, "float64": {"step": 1e-10, "trained": 1e-9}}
+
+
+def _data(seed: int, n: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+    rng = numpy.random.Generator(numpy.random.PCG64(seed + 1))
+    X = rng.normal(size=(n, ARCH[0][0]))
+    y = rng.integers(0, ARCH[-1][1], size=n)
+    return X, y
+
+
+def trace(device: Any, dtype: str, steps: int, seed: int = 0, fused: bool | None = None) -> dict:
+    """Train the check network for ``steps`` SGD steps; return host float64 arrays of what to compare."""
+    net = Sequential([Dense(i, o, a) for i, o, a in ARCH], device=device, dtype=dtype, seed=seed, fused=fused)
+    X, y = _data(seed, BATCH * 4)
+    out: dict[str, numpy.ndarray] = {}
+    opt = SGD(lr=0.05, momentum=0.9)
+    for k in range(steps):
+        s = (k % 4) * BATCH
+        yhat = net.forward(X[s:s + BATCH])
+        loss = net.backward(y[s:s + BATCH], "cross_entropy")
+        if k == 0:
+            out["output"] = to_host(yhat).astype(numpy.float64)
+            out["loss"] = numpy.array([loss])
+            for i, layer in enumerate(net.layers):
+                out[f"grad_W[{i}]"] = to_host(layer.grad_W).astype(numpy.float64)
+                out[f"grad_b[{i}]"] = to_host(layer.grad_b).astype(numpy.float64)
+        net.step(opt)
+    out[f"weights after {steps} steps"] = to_host(net.flat_parameters()).astype(numpy.float64)
+    return out
+
+
+def rel_diff(a: numpy.ndarray, ref: numpy.ndarray) -> float:
+    scale = float(numpy.max(numpy.abs(ref))) or 1.0
+    return float(numpy.max(numpy.abs(a - ref))) / scale
+
+
+def backends(devices: list[str], dtypes: list[str], both_fused: bool = True) -> tuple[list[tuple], list[str]]:
+    """(device, dtype, fused, label) to check, and notes on what was skipped and why."""
+    todo, notes = [], []
+    for spec in devices:
+        if spec.startswith("cuda"):
+            index = int(spec.split(":")[1]) if ":" in spec else 0
+            reason = cuda_unavailable_reason(index)
+            if reason is not None:
+                notes.append(f"{spec} skipped: {reason}")
+                continue
+            if tf32_enabled():
+                notes.append("CUPY_TF32 is on: float32 GPU products use TF32, expect ~1e-3 differences")
+        for dt in dtypes:
+            if spec == "cpu":
+                if dt != "float64":
+                    todo.append(("cpu", dt, None, f"numpy {dt}"))
+                else:
+                    todo.append(("cpu", dt, None, "numpy float64 (rerun)"))
+            else:
+                for fused in ((True, False) if both_fused else (True,)):
+                    todo.append((spec, dt, fused, f"cupy {spec} {dt} {'fused' if fused else 'unfused'}"))
+    return todo, notes
+
+
+def run_check(devices: list[str], dtypes: list[str], steps: int = 20, seed: int = 0) -> dict:
+    """Compare each backend to the NumPy float64 reference. Returns rows, notes and an overall pass flag."""
+    ref = trace("cpu", "float64", steps, seed)
+    todo, notes = backends(devices, dtypes)
+    rows = []
+    for spec, dt, fused, label in todo:
+        got = trace(Device(spec), dt, steps, seed, fused=fused)
+        tol = TOLERANCES[dt]
+        for key, ref_arr in ref.items():
+            tol_k = tol["trained"] if key.startswith("weights") else tol["step"]
+            d = rel_diff(got[key], ref_arr)
+            rows.append({"backend": label, "quantity": key, "max_rel_diff": d, "tolerance": tol_k,
+                         "passed": bool(d <= tol_k)})
+    return {"steps": steps, "seed": seed, "rows": rows, "notes": notes,
+            "passed": all(r["passed"] for r in rows)}

@@ -1,0 +1,387 @@
+"""The ``gpunn`` command line: info, train, check, plot, bench.
+
+Runtime errors print one line on stderr and exit 1 (``gpunn --debug ...`` shows the traceback); bad
+options get click's usage message and exit 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from typing import Any
+
+import click
+
+from . import activations, losses, optim
+from .errors import GpunnError
+
+EPILOG_STYLE = {"context_settings": {"help_option_names": ["-h", "--help"]}}
+
+
+def _friendly(fn):
+    """Turn gpunn errors (and OS errors) into one line on stderr and exit 1, unless --debug."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except (GpunnError, OSError) as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"gpunn: error: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("gpunn: interrupted", err=True)
+            ctx.exit(130)
+    return wrapper
+
+
+def _csv(kind: str, value: str, convert=str) -> list:
+    try:
+        items = [convert(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated {kind}s, got {value!r}") from None
+    if not items:
+        raise click.BadParameter(f"expected at least one {kind}")
+    return items
+
+
+@click.group(**EPILOG_STYLE)
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="gpunn", prog_name="gpunn")
+def main(debug: bool) -> None:
+    """gpunn: neural networks on NumPy (CPU) or CuPy (NVIDIA GPU).
+
+    \b
+    Examples:
+      gpunn info
+      gpunn train --epochs 30 --device cpu
+      gpunn check --device cpu,cuda:0
+      gpunn bench --workload mlp --device cpu
+    """
+
+
+# -- info -------------------------------------------------------------------------------------------
+@main.command(**EPILOG_STYLE)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_friendly
+def info(as_json: bool) -> None:
+    """Versions, BLAS, devices, TF32 state, and why CUDA is unusable when it is.
+
+    \b
+    Example:
+      GPUNN_DEVICE=cuda:0 gpunn info
+    """
+    import os  # noqa: PLC0415
+
+    from .backend import cuda_unavailable_reason  # noqa: PLC0415
+    from .bench import environment  # noqa: PLC0415
+    env = environment()
+    env["devices"] = ["cpu"] + [g["device"] for g in env["gpus"]]
+    env["default_device_spec"] = os.environ.get("GPUNN_DEVICE") or "auto"
+    spec = env["default_device_spec"]
+    if spec.startswith("cuda"):
+        idx = int(spec.split(":")[1]) if ":" in spec and spec.split(":")[1].isdigit() else 0
+        env["default_device_unusable_reason"] = cuda_unavailable_reason(idx)
+    if as_json:
+        click.echo(json.dumps(env, indent=2))
+        return
+    click.echo(f"gpunn {env['gpunn']}  Python {env['python']}  NumPy {env['numpy']}")
+    click.echo(f"BLAS: {env['blas'] or 'unknown (install threadpoolctl to see it)'}")
+    click.echo(f"CPU: {env['cpu']} ({env['cores']} cores)")
+    if env.get("openblas_coretype"):
+        click.echo(f"OPENBLAS_CORETYPE={env['openblas_coretype']}")
+    click.echo(f"CuPy: {env['cupy'] or 'not in use'}   TF32: {'on' if env['tf32'] else 'off'}")
+    click.echo(f"devices: {', '.join(env['devices'])}")
+    for g in env["gpus"]:
+        click.echo(f"  {g['device']}: {g['name']}, {g['memory_total_gib']:.1f} GiB "
+                   f"({g['memory_free_gib']:.1f} GiB free), {g['sm_count']} SMs")
+    if env["cuda_unavailable_reason"]:
+        click.echo(f"CUDA unusable: {env['cuda_unavailable_reason']}")
+    click.echo(f"default device: {spec}"
+               + (f" (unusable: {env['default_device_unusable_reason']})"
+                  if env.get("default_device_unusable_reason") else ""))
+
+
+# -- train ------------------------------------------------------------------------------------------
+@main.command(**EPILOG_STYLE)
+@click.option("--dataset", type=click.Choice(["digits", "moons", "spirals", "xor"]), default="digits",
+              show_default=True, help="Embedded or synthetic data set.")
+@click.option("--layers", "layer_spec", default=None,
+              help="Layer sizes, input to output, e.g. 64,32,10 (default: n_features,32,n_classes).")
+@click.option("--activation", type=click.Choice(sorted(set(activations.names()) - {"softmax"})),
+              default="sigmoid", show_default=True, help="Hidden-layer activation.")
+@click.option("--loss", type=click.Choice(losses.names()), default="cross_entropy", show_default=True)
+@click.option("--optimizer", type=click.Choice(optim.names()), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate (default 0.5 for sgd, 0.01 for adam).")
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--epochs", type=click.IntRange(min=0), default=40, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: $GPUNN_DEVICE or auto).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--save", "save_path", type=click.Path(dir_okay=False), default=None, help="Save the model here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write loss/accuracy curves as PNG (needs matplotlib: pip install 'gpunn[plot]').")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_friendly
+def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs, batch_size, device, dtype,
+          seed, save_path, plot_path, as_json):
+    """Train a network on a data set and report test accuracy, time and device.
+
+    With no options: a 64-32-10 sigmoid network on the embedded 8x8 digits, softmax +
+    cross-entropy, SGD with momentum, on the default device.
+
+    \b
+    Examples:
+      gpunn train
+      gpunn train --layers 64,64,10 --activation relu --optimizer adam --epochs 20 --save digits.npz
+      gpunn train --dataset moons --loss binary_cross_entropy --layers 2,16,1 --plot curves.png
+    """
+    from . import Dense, Sequential, datasets  # noqa: PLC0415
+    if plot_path:
+        _need_matplotlib()
+    X, y = datasets.load(dataset, seed=seed)
+    if dataset != "digits":
+        X = datasets.standardize(X)
+    n_classes = int(y.max()) + 1 if y.ndim == 1 else y.shape[1]
+    out_units = 1 if loss == "binary_cross_entropy" and n_classes == 2 else n_classes
+    if dataset == "xor":
+        out_units = 1
+    sizes = _csv("integer", layer_spec, int) if layer_spec else [X.shape[1], 32, out_units]
+    if sizes[0] != X.shape[1]:
+        raise click.BadParameter(f"the data set has {X.shape[1]} features, so --layers must start with "
+                                 f"{X.shape[1]}", param_hint="--layers")
+    out_act = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}.get(loss, "sigmoid")
+    layers = [Dense(i, o, activation if k < len(sizes) - 2 else out_act)
+              for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    net = Sequential(layers, device=device, dtype=dtype, seed=seed)
+    if y.ndim == 1 and loss != "cross_entropy":
+        Y = y.reshape(-1, 1).astype(float) if sizes[-1] == 1 else datasets.one_hot(y, sizes[-1])
+    else:
+        Y = y
+    if dataset == "xor":
+        Xtr, Xte, Ytr, Yte = X, X, Y, Y
+    else:
+        Xtr, Xte, Ytr, Yte = datasets.train_test_split(X, Y, test_size=0.25, seed=seed)
+    if lr is None:
+        lr = 0.01 if optimizer == "adam" else 0.5 if loss != "squared_error" else 2.0
+    opt = optim.SGD(lr=lr, momentum=momentum) if optimizer == "sgd" else optim.Adam(lr=lr)
+    progress = _progress_printer(epochs, as_json)
+    t0 = time.perf_counter()
+    with progress as report:
+        history = net.fit(Xtr, Ytr, loss=loss, optimizer=opt, epochs=epochs, batch_size=batch_size,
+                          validation_data=(Xte, Yte), progress=report)
+    seconds = time.perf_counter() - t0
+    result = net.evaluate(Xte, Yte)
+    summary = {"dataset": dataset, "layers": sizes, "activation": activation, "loss": loss,
+               "optimizer": opt.config(), "epochs": len(history), "batch_size": batch_size,
+               "device": str(net.device), "dtype": dtype, "seed": seed, "seconds": seconds,
+               "test_loss": result.loss, "test_accuracy": result.accuracy, "history": history.epochs}
+    if save_path:
+        net.save(save_path)
+        summary["saved"] = save_path
+    if plot_path:
+        from .plots import plot_history  # noqa: PLC0415
+        plot_history(history, plot_path)
+        summary["plot"] = plot_path
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    acc = f"{result.accuracy * 100:.2f} %" if result.accuracy is not None else "n/a"
+    click.echo(f"test accuracy {acc}, test loss {result.loss:.4f}, {len(history)} epochs in {seconds:.2f} s "
+               f"on {net.device} ({dtype})")
+    if save_path:
+        click.echo(f"saved model to {save_path}")
+    if plot_path:
+        click.echo(f"wrote curves to {plot_path}")
+
+
+class _progress_printer:
+    """A click progress bar on a terminal, one line per epoch otherwise, nothing with --json."""
+
+    def __init__(self, epochs: int, quiet: bool):
+        self.epochs, self.quiet = epochs, quiet
+        self.bar = None
+
+    def __enter__(self):
+        if not self.quiet and sys.stderr.isatty():
+            self.bar = click.progressbar(length=self.epochs, label="training", file=sys.stderr,
+                                         item_show_func=lambda r: r)
+            self.bar.__enter__()
+        return self.report
+
+    def report(self, record: dict) -> None:
+        if self.quiet:
+            return
+        acc = record.get("val_accuracy")
+        line = (f"epoch {record['epoch']}/{self.epochs}  loss {record['loss']:.4f}"
+                + (f"  val_acc {acc:.4f}" if acc is not None else ""))
+        if self.bar is not None:
+            self.bar.update(1, line)
+        else:
+            click.echo(line, err=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def _need_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401, PLC0415
+    except ImportError:
+        raise click.UsageError("plotting needs matplotlib: pip install 'gpunn[plot]'") from None
+
+
+# -- check ------------------------------------------------------------------------------------------
+@main.command(**EPILOG_STYLE)
+@click.option("--device", "devices", default="cpu,cuda", show_default=True,
+              help="Comma-separated devices to check against the NumPy float64 reference.")
+@click.option("--dtype", "dtypes", default="float32,float64", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def check(devices, dtypes, steps, seed, as_json):
+    """Train the same seeded network on every backend and compare with a NumPy float64 reference.
+
+    Prints max relative differences of outputs, gradients and weights after N steps, with
+    pass/fail per dtype tolerance; exits 1 when any row fails.
+
+    \b
+    Example:
+      gpunn check --device cpu,cuda:0 --steps 50
+    """
+    from .check import run_check  # noqa: PLC0415
+    dev_list = _csv("device", devices)
+    dt_list = _csv("dtype", dtypes)
+    for dt in dt_list:
+        if dt not in ("float32", "float64"):
+            raise click.BadParameter(f"dtype must be float32 or float64, got {dt!r}", param_hint="--dtype")
+    for d in dev_list:
+        from .backend import _parse  # noqa: PLC0415
+        try:
+            _parse(d)
+        except GpunnError as exc:
+            raise click.BadParameter(str(exc), param_hint="--device") from None
+    result = run_check(dev_list, dt_list, steps=steps, seed=seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"agreement with NumPy float64 after {steps} SGD steps (seed {seed})")
+        click.echo(f"{'backend':<34} {'quantity':<24} {'max rel diff':>13} {'tolerance':>10}  result")
+        for r in result["rows"]:
+            click.echo(f"{r['backend']:<34} {r['quantity']:<24} {r['max_rel_diff']:>13.3e} "
+                       f"{r['tolerance']:>10.0e}  {'pass' if r['passed'] else 'FAIL'}")
+        for note in result["notes"]:
+            click.echo(f"note: {note}")
+        click.echo("all passed" if result["passed"] else "FAILED")
+    if not result["passed"]:
+        sys.exit(1)
+
+
+# -- plot -------------------------------------------------------------------------------------------
+@main.group(**EPILOG_STYLE)
+def plot() -> None:
+    """Pictures (needs matplotlib: pip install 'gpunn[plot]')."""
+
+
+@plot.command("activations", **EPILOG_STYLE)
+@click.argument("path", type=click.Path(dir_okay=False))
+@_friendly
+def plot_activations_cmd(path: str) -> None:
+    """The lecture's Figure 1: the six activation functions and their derivatives, as one PNG.
+
+    \b
+    Example:
+      gpunn plot activations activations.png
+    """
+    _need_matplotlib()
+    from .plots import plot_activations  # noqa: PLC0415
+    plot_activations(path)
+    click.echo(f"wrote {path}")
+
+
+# -- bench ------------------------------------------------------------------------------------------
+@main.command(**EPILOG_STYLE)
+@click.option("--workload", "workloads", default="lecture,mlp", show_default=True,
+              help="Comma-separated: lecture, mlp, wide.")
+@click.option("--device", "devices", default="cpu", show_default=True, help="Comma-separated devices.")
+@click.option("--batch-size", "batch_sizes", default=None, help="Comma-separated batch sizes (default: the workload's).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--min-time", type=click.FloatRange(min=0.0, min_open=True), default=0.2, show_default=True,
+              help="Seconds per repeat.")
+@click.option("--fused/--unfused", default=None, help="Fused CUDA kernels (default: on unless GPUNN_FUSED=0).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown.")
+@_friendly
+def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json_path, markdown):
+    """Time training steps: µs/step, samples/s, GFLOP/s and share of the matmul ceiling.
+
+    \b
+    Examples:
+      gpunn bench --workload mlp --device cpu --batch-size 256,2048
+      gpunn bench --workload lecture,mlp,wide --device cuda:0 --json bench.json --markdown
+    """
+    from .bench import WORKLOADS, environment, time_workload  # noqa: PLC0415
+    from .backend import Device  # noqa: PLC0415
+    names = _csv("workload", workloads)
+    for w in names:
+        if w not in WORKLOADS:
+            raise click.BadParameter(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}",
+                                     param_hint="--workload")
+    sizes = _csv("integer", batch_sizes, int) if batch_sizes else None
+    if sizes and min(sizes) < 1:
+        raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-size")
+    devs = [Device(d) for d in _csv("device", devices)]
+    env = environment(dtype)
+    _print_header(env)
+    rows = []
+    for w in names:
+        for b in sizes or WORKLOADS[w][4]:
+            for dev in devs:
+                click.echo(f"timing {w} batch {b} on {dev} ...", err=True)
+                rows.append(time_workload(w, dev, dtype, b, repeats=repeats, min_time=min_time, fused=fused))
+    _print_table(rows, markdown)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"environment": env, "rows": rows}, fh, indent=2)
+        click.echo(f"wrote {json_path}", err=True)
+
+
+def _print_header(env: dict) -> None:
+    click.echo(f"# gpunn {env['gpunn']}, Python {env['python']}, NumPy {env['numpy']}, BLAS {env['blas']}")
+    click.echo(f"# CPU {env['cpu']} ({env['cores']} cores); CuPy {env['cupy']}; dtype {env.get('dtype')}; "
+               f"TF32 {'on' if env['tf32'] else 'off'}"
+               + (f"; OPENBLAS_CORETYPE={env['openblas_coretype']}" if env.get("openblas_coretype") else ""))
+    for g in env["gpus"]:
+        click.echo(f"# GPU {g['device']}: {g['name']}, {g['memory_total_gib']:.0f} GiB")
+    if env["cuda_unavailable_reason"]:
+        click.echo(f"# CUDA: {env['cuda_unavailable_reason']}")
+
+
+def _print_table(rows: list[dict], markdown: bool) -> None:
+    head = ["workload", "device", "batch", "us/step", "spread", "samples/s", "GFLOP/s", "ceiling", "share"]
+    body = [[r["workload"], r["device"] + ("" if not r["device"].startswith("cuda") else
+                                            (" fused" if r["fused"] else " unfused")),
+             str(r["batch"]), f"{r['us_per_step']:.1f}", f"{r['us_min']:.0f}-{r['us_max']:.0f}",
+             f"{r['samples_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['ceiling_gflops']:.1f}",
+             f"{100 * r['share_of_ceiling']:.0f}%"] for r in rows]
+    if markdown:
+        click.echo("| " + " | ".join(head) + " |")
+        click.echo("|" + "---|" * len(head))
+        for b in body:
+            click.echo("| " + " | ".join(b) + " |")
+        return
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for b in body:
+        click.echo("  ".join(c.rjust(w) for c, w in zip(b, widths)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,127 @@
+"""Saving and loading networks: one ``.npz`` holding the flat parameters and a JSON header.
+
+The header records the format name and version, the gpunn version, the dtype, each layer's sizes,
+activation (with its parameters) and initialiser, and a SHA-256 of the header and parameters, so a
+truncated, tampered or foreign file is rejected with a message naming the problem. Files are read with
+``allow_pickle=False``: nothing in a model file is ever unpickled or executed. Writes go to a
+temporary file in the same folder, then replace the target in one rename: a failed save leaves any
+earlier file of that name intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any
+
+import numpy
+
+from .backend import to_host
+from .errors import GpunnError, ModelFileError, SaveError
+
+FORMAT = "gpunn-model"
+FORMAT_VERSION = 1
+
+
+def _digest(header: dict, params: numpy.ndarray) -> str:
+    body = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode()
+    return hashlib.sha256(body + numpy.ascontiguousarray(params).tobytes()).hexdigest()
+
+
+def save(net: Any, path: Any) -> None:
+    """Write ``net`` to ``path`` atomically (temporary file + rename)."""
+    from . import __version__  # noqa: PLC0415
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SaveError(f"cannot save to {path}: folder {folder} does not exist; create it first")
+    params = to_host(net.flat_parameters())
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "gpunn_version": __version__,
+              "dtype": net.dtype.name, "layers": [layer.config() for layer in net.layers],
+              "n_parameters": int(params.size)}
+    header["sha256"] = _digest(header, params)
+    head = numpy.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=numpy.uint8)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".gpunn-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise SaveError(f"cannot save to {path}: {exc.strerror or exc} (is {folder} writable?)") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write_npz(fh, header=head, params=params)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise SaveError(f"cannot save to {path}: {exc}; any earlier file there is unchanged") from None
+        raise
+
+
+def _write_npz(fh: Any, **arrays: Any) -> None:
+    numpy.savez(fh, **arrays)
+
+
+def load(path: Any, device: Any = None) -> Any:
+    """Read a network saved by :func:`save` onto ``device`` (default: the default device)."""
+    from .layers import Dense  # noqa: PLC0415
+    from .network import Sequential  # noqa: PLC0415
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelFileError(f"no model file at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path} is not a gpunn model file (not an .npz archive); it may be truncated "
+                             "or of another format")
+    try:
+        with numpy.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            if not {"header", "params"} <= keys:
+                raise ModelFileError(f"{path} is an .npz archive but not a gpunn model (arrays: "
+                                     f"{sorted(keys)}; expected 'header' and 'params')")
+            head = data["header"]
+            params = data["params"]
+    except ModelFileError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise ModelFileError(f"{path} contains pickled Python objects; gpunn never unpickles, refusing "
+                                 "to load it") from None
+        raise ModelFileError(f"{path} is corrupt: {exc}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as exc:
+        raise ModelFileError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    try:
+        header = json.loads(bytes(head.astype(numpy.uint8)).decode())
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path} has an unreadable header ({exc}); the file is corrupt or tampered") from None
+    if header.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a gpunn model (format {header.get('format')!r})")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(f"{path} has model format version {version!r}; this gpunn reads version "
+                             f"{FORMAT_VERSION} (saved by gpunn {header.get('gpunn_version')}); "
+                             "load it with a matching gpunn version")
+    if header.get("sha256") != _digest(header, params):
+        raise ModelFileError(f"{path} failed its checksum: the header or the weights were changed after "
+                             "saving (tampered or corrupt)")
+    try:
+        layers = [Dense(c["n_in"], c["n_out"], activation=c["activation"], init=c.get("init"))
+                  for c in header["layers"]]
+        net = Sequential(layers, device=device, dtype=header["dtype"], seed=0)
+    except (KeyError, TypeError) as exc:
+        raise ModelFileError(f"{path} has an invalid layer description ({exc})") from None
+    except GpunnError as exc:
+        if type(exc).__name__ in ("DeviceError", "DeviceSpecError"):
+            raise
+        raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
+    if params.shape != (net.n_parameters,) or params.dtype.name != header["dtype"]:
+        raise ModelFileError(f"{path}: parameters have shape {params.shape} and dtype {params.dtype}, but the "
+                             f"layers need ({net.n_parameters},) {header['dtype']}")
+    net.flat_parameters()[...] = net.device.asarray(params)
+    return net

@@ -1,0 +1,127 @@
+"""The fully connected layer: neurons with inputs, weights with a bias, and an activation (lecture §1.1).
+
+Notation follows the lecture: node i in the layer below feeds node j through weight w_ij, so
+``W[i, j]`` is w_ij and ``W`` has shape (n_in, n_out). For a minibatch X of shape (batch, n_in):
+
+    z = X·W + b,   y = f(z)                                  (forward)
+    δ = f′(z) ⊙ ∂E/∂y                                        (eqs 10–11)
+    ∂E/∂W = Xᵀ·δ   i.e. ∂E/∂w_ij = Σ_batch y_i δ_j           (eq 8)
+    ∂E/∂b = Σ_batch δ
+    ∂E/∂y_i = Σ_j w_ij δ_j,  i.e. δ·Wᵀ, for the layer below   (eq 7)
+
+so the layer below computes δ_j = f′(z_j) Σ_k w_jk δ_k, eq (14), from what ``backward`` returns.
+Buffers are made once per batch size and written with ``out=``: a step allocates nothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import activations, init as initializers
+from .errors import ConfigError
+
+
+class _Buffers:
+    """Per-batch-size work arrays of one layer."""
+
+    __slots__ = ("z", "y", "delta", "dx", "scratch", "col")
+
+    def __init__(self, xp: Any, batch: int, n_in: int, n_out: int, dtype: Any, act: Any, input_grad: bool):
+        self.z = xp.empty((batch, n_out), dtype)
+        self.y = self.z if act.name == "identity" else xp.empty((batch, n_out), dtype)
+        self.delta = xp.empty((batch, n_out), dtype)
+        self.dx = xp.empty((batch, n_in), dtype) if input_grad else None
+        self.scratch = xp.empty((batch, n_out), dtype) if act.needs_scratch else None
+        self.col = xp.empty((batch, 2), dtype) if act.rowwise else None
+
+
+class Dense:
+    """A fully connected layer of ``n_out`` neurons over ``n_in`` inputs.
+
+    Parameters
+    ----------
+    n_in, n_out : int
+        Number of inputs and of neurons.
+    activation : str, dict or Activation, default "sigmoid"
+        One of :func:`gpunn.activations.names`, e.g. ``"relu"`` or ``gpunn.activations.ELU(a=0.5)``.
+    init : {"small", "xavier", "he"}, optional
+        Weight initialiser; Xavier for sigmoid/tanh/softmax/identity, He for the ReLU family.
+
+    After a forward and backward pass the layer exposes ``W, b, z, y, delta, grad_W, grad_b``.
+    """
+
+    def __init__(self, n_in: int, n_out: int, activation: Any = "sigmoid", init: str | None = None):
+        for name, v in (("n_in", n_in), ("n_out", n_out)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"Dense {name} must be a positive integer; got {v!r}")
+        self.n_in, self.n_out = n_in, n_out
+        self.activation = activations.get(activation)
+        self.init = init if init is not None else initializers.default_for(self.activation.name)
+        initializers.get(self.init)  # validate the name now, not at the first fit
+        self._W = self._b = self._gW = self._gb = None
+        self._bufs: dict[int, _Buffers] = {}
+        self.input_grad = True      # the network turns it off for the first layer
+        self.x = self.z = self.y = self.delta = self.col = None
+
+    # -- parameters (views into the network's flat buffers) ---------------------------------------
+    def bind(self, W: Any, b: Any, grad_W: Any, grad_b: Any) -> None:
+        """Use these arrays (views of the network's flat parameter/gradient buffers) as W, b and grads."""
+        self._W, self._b, self._gW, self._gb = W, b, grad_W, grad_b
+        self._bufs.clear()
+
+    def initial_weights(self, rng: Any) -> Any:
+        """Draw this layer's initial W on the host (float64)."""
+        return initializers.get(self.init)(rng, self.n_in, self.n_out)
+
+    W = property(lambda self: self._W, lambda self, v: self._assign(self._W, v, "W"),
+                 doc="weights, shape (n_in, n_out): W[i, j] = w_ij")
+    b = property(lambda self: self._b, lambda self, v: self._assign(self._b, v, "b"), doc="biases, shape (n_out,)")
+    grad_W = property(lambda self: self._gW, doc="∂E/∂W after backward (eq 8)")
+    grad_b = property(lambda self: self._gb, doc="∂E/∂b after backward")
+
+    def _assign(self, target: Any, value: Any, name: str) -> None:
+        if target is None:
+            raise ConfigError("this layer is not part of a network yet; build a gpunn.Sequential first")
+        from .validation import as_model_array  # noqa: PLC0415
+        arr = as_model_array(value, target, name)
+        target[...] = arr
+
+    # -- the pass ---------------------------------------------------------------------------------
+    def buffers(self, xp: Any, batch: int) -> _Buffers:
+        bufs = self._bufs.get(batch)
+        if bufs is None:
+            bufs = _Buffers(xp, batch, self.n_in, self.n_out, self._W.dtype, self.activation, self.input_grad)
+            self._bufs[batch] = bufs
+        return bufs
+
+    def forward(self, x: Any, ops: Any) -> Any:
+        """y = f(x·W + b) for a batch x of shape (batch, n_in); returns the layer's y buffer."""
+        xp = ops.xp
+        bufs = self.buffers(xp, x.shape[0])
+        xp.matmul(x, self._W, out=bufs.z)                         # z_j = Σ_i w_ij y_i
+        ops.bias_activation(self.activation, bufs.z, self._b, bufs.y, bufs.col)
+        self.x, self.z, self.y, self.col = x, bufs.z, bufs.y, bufs.col
+        return bufs.y
+
+    def backward(self, grad_y: Any, ops: Any, delta_ready: bool = False) -> Any:
+        """From ∂E/∂y of this layer's outputs, compute δ, grad_W, grad_b; return ∂E/∂x (or None).
+
+        With ``delta_ready`` the loss has already written this layer's δ (y − y* forms).
+        """
+        xp = ops.xp
+        bufs = self._bufs[self.x.shape[0]]
+        if not delta_ready:
+            ops.activation_backward(self.activation, bufs.z, bufs.y, grad_y, bufs.delta, bufs.scratch,
+                                    bufs.col)                     # δ_j = f′(z_j) ∂E/∂y_j (eq 11)
+        self.delta = bufs.delta
+        xp.matmul(self.x.T, bufs.delta, out=self._gW)             # ∂E/∂w_ij = y_i δ_j (eq 8)
+        ops.column_sum(bufs.delta, self._gb)
+        if not self.input_grad:
+            return None
+        return xp.matmul(bufs.delta, self._W.T, out=bufs.dx)     # ∂E/∂y_i = Σ_j w_ij δ_j (eq 7)
+
+    def config(self) -> dict:
+        return {"type": "Dense", "n_in": self.n_in, "n_out": self.n_out,
+                "activation": self.activation.config(), "init": self.init}
+
+    def __repr__(self) -> str:
+        return f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r})"

@@ -1,0 +1,127 @@
+"""Loss functions, averaged over the minibatch, and the output-layer δ they start backprop with.
+
+- ``squared_error``: E = ½ Σ_t ‖y_t − y*_t‖² per sample (eq 12). With a sigmoid output the output δ
+  is eq (13), δ_t = −y_t(1 − y_t)(y*_t − y_t), exactly (divided by the batch size, as the mean is).
+- ``binary_cross_entropy``: −Σ_t [y*_t log y_t + (1 − y*_t) log(1 − y_t)] for sigmoid outputs;
+  computed from z (log(1 + e^z) − y* z) so it never takes log 0, with δ = y − y*.
+- ``cross_entropy``: −Σ_t y*_t log y_t for softmax outputs, from the log-partition; δ = y − y*.
+  Targets are integer class labels or one-hot (probability) rows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import array_module
+from .errors import ConfigError, unknown_name
+
+__all__ = ["Loss", "SquaredError", "BinaryCrossEntropy", "CrossEntropy", "get", "names"]
+
+
+class Loss:
+    """A loss: ``backward`` (the training path) returns the batch-mean value and writes δ or ∂E/∂y."""
+
+    name = ""
+    #: the output activation whose δ simplifies to y − y*, or None
+    canonical: str | None = None
+    #: True when targets are class labels (integer or one-hot), so accuracy means something
+    classification = False
+
+    def check_activation(self, act: Any) -> None:
+        """Raise ConfigError if this loss cannot be used after ``act``."""
+
+    def backward(self, layer: Any, t: Any, grad_y: Any, delta: Any) -> tuple[Any, bool]:  # pragma: no cover
+        """Return (mean loss, direct): if direct, ``delta`` holds the output δ, else ``grad_y`` holds ∂E/∂y."""
+        raise NotImplementedError
+
+    def value(self, z: Any, y: Any, t: Any) -> Any:  # pragma: no cover
+        """Mean loss of outputs y (pre-activations z) against targets t (allocating; for evaluation)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class SquaredError(Loss):
+    """E = ½ Σ_t ‖y_t − y*_t‖² (eq 12), averaged over the batch; ∂E/∂y = (y − y*) / B."""
+
+    name = "squared_error"
+
+    def backward(self, layer, t, grad_y, delta):
+        xp = array_module(layer.y)
+        xp.subtract(layer.y, t, out=grad_y)            # y − y*
+        value = xp.vdot(grad_y, grad_y) * (0.5 / t.shape[0])
+        grad_y *= 1.0 / t.shape[0]
+        return value, False                            # the layer applies f′: eq (13) for sigmoid
+
+    def value(self, z, y, t):
+        d = y - t
+        return array_module(y).vdot(d, d) * (0.5 / t.shape[0])
+
+
+class BinaryCrossEntropy(Loss):
+    """Binary cross-entropy for sigmoid outputs (independent 0/1 targets per output node)."""
+
+    name, canonical, classification = "binary_cross_entropy", "sigmoid", True
+
+    def check_activation(self, act):
+        if act.name != "sigmoid":
+            raise ConfigError(f"binary_cross_entropy needs a sigmoid output layer, not {act.name!r}; "
+                              "use activation='sigmoid' on the last layer, or loss='squared_error'")
+
+    def backward(self, layer, t, grad_y, delta):
+        xp = array_module(layer.y)
+        xp.logaddexp(0.0, layer.z, out=delta)          # log(1 + e^z) = −log(1 − y)
+        value = (xp.sum(delta) - xp.vdot(t, layer.z)) * (1.0 / t.shape[0])
+        xp.subtract(layer.y, t, out=delta)
+        delta *= 1.0 / t.shape[0]
+        return value, True
+
+    def value(self, z, y, t):
+        xp = array_module(z)
+        return (xp.sum(xp.logaddexp(0.0, z)) - xp.vdot(t, z)) * (1.0 / t.shape[0])
+
+
+class CrossEntropy(Loss):
+    """Cross-entropy of softmax outputs against one-hot (or probability) targets."""
+
+    name, canonical, classification = "cross_entropy", "softmax", True
+
+    def check_activation(self, act):
+        if act.name != "softmax":
+            raise ConfigError(f"cross_entropy needs a softmax output layer, not {act.name!r}; "
+                              "use activation='softmax' on the last layer (or sigmoid with "
+                              "binary_cross_entropy)")
+
+    def backward(self, layer, t, grad_y, delta):
+        xp = array_module(layer.y)
+        # −Σ_t y*_t log y_t = Σ_t y*_t (lse − z_t) = lse − y*·z for rows of t summing to 1
+        value = (xp.sum(layer.col[:, 0]) - xp.vdot(t, layer.z)) * (1.0 / t.shape[0])
+        xp.subtract(layer.y, t, out=delta)
+        delta *= 1.0 / t.shape[0]
+        return value, True
+
+    def value(self, z, y, t):
+        xp = array_module(z)
+        m = xp.max(z, axis=1, keepdims=True)
+        lse = m[:, 0] + xp.log(xp.sum(xp.exp(z - m), axis=1))
+        return (xp.vdot(xp.sum(t, axis=1), lse) - xp.vdot(t, z)) * (1.0 / t.shape[0])
+
+
+_REGISTRY = {cls.name: cls for cls in (SquaredError, BinaryCrossEntropy, CrossEntropy)}
+_ALIASES = {"mse": "squared_error", "bce": "binary_cross_entropy", "ce": "cross_entropy",
+            "categorical_cross_entropy": "cross_entropy"}
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(spec: "str | Loss") -> Loss:
+    """A loss from its name or an instance."""
+    if isinstance(spec, Loss):
+        return spec
+    key = str(spec).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise unknown_name("loss", spec, names())
+    return _REGISTRY[key]()

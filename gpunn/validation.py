@@ -1,0 +1,152 @@
+"""Checks at the API edge: every array that enters gpunn passes through here once.
+
+Integer and boolean inputs are cast to the model's float dtype; object, string and complex inputs are
+refused. Shapes, lengths, NaN/inf and class labels are checked with messages that say what to do.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from .backend import Device, _is_cupy_array, device_of
+from .errors import ConfigError, DataError, DataTypeError, DeviceError, ShapeError
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def check_dtype(dtype: Any) -> numpy.dtype:
+    """The model dtype: float32 or float64."""
+    try:
+        dt = numpy.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"dtype must be 'float32' or 'float64'; got {dtype!r}") from None
+    if dt.name not in FLOAT_DTYPES:
+        raise ConfigError(f"dtype must be 'float32' or 'float64'; got {dt.name!r}")
+    return dt
+
+
+def _kind(a: Any) -> str:
+    return a.dtype.kind
+
+
+def to_device_array(a: Any, dev: Device, dtype: numpy.dtype, name: str) -> Any:
+    """``a`` (NumPy, CuPy, nested list) as a ``dtype`` array on ``dev``, refusing unusable types."""
+    if a is None:
+        raise DataError(f"{name} is None; pass an array")
+    if _is_cupy_array(a):
+        if dev.is_cuda and a.device.id != dev.index:
+            raise DeviceError(f"{name} is on cuda:{a.device.id} but the model is on {dev}; "
+                              f"move it with gpunn.get_device('{dev}').asarray({name}) or net.to(...)")
+        src = a
+    else:
+        try:
+            src = numpy.asarray(a)
+        except (ValueError, TypeError) as exc:
+            raise DataTypeError(f"{name} cannot be read as an array ({exc}); pass a rectangular "
+                                "numeric array") from None
+    kind = _kind(src)
+    if kind in "OUSV" or kind == "M" or kind == "m":
+        raise DataTypeError(f"{name} has dtype {src.dtype} ({'strings' if kind in 'US' else 'objects'} "
+                            "are not numbers); convert it to a numeric array first")
+    if kind == "c":
+        raise DataTypeError(f"{name} is complex ({src.dtype}); gpunn works on real numbers: pass "
+                            f"{name}.real or abs({name}) explicitly")
+    return dev.asarray(src, dtype=dtype)
+
+
+def check_finite(xp: Any, a: Any, name: str) -> None:
+    if not bool(xp.isfinite(a).all()):
+        bad = int(xp.count_nonzero(~xp.isfinite(a)))
+        raise DataError(f"{name} contains {bad} NaN or infinite value(s); clean or impute them first")
+
+
+def features(X: Any, dev: Device, dtype: numpy.dtype, n_in: int, name: str = "X") -> Any:
+    """Validate inputs X of shape (n_samples, n_in) and place them on ``dev``."""
+    x = to_device_array(X, dev, dtype, name)
+    if x.ndim != 2:
+        hint = (f" (for one sample use {name}.reshape(1, -1); for one feature {name}.reshape(-1, 1))"
+                if x.ndim == 1 else "")
+        raise ShapeError(f"{name} must be 2-D (n_samples, n_features); got shape {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise DataError(f"{name} is empty (0 samples)")
+    if x.shape[1] != n_in:
+        raise ShapeError(f"{name} has {x.shape[1]} features but the first layer expects n_in={n_in}")
+    check_finite(dev.xp, x, name)
+    return x
+
+
+def targets(Y: Any, dev: Device, dtype: numpy.dtype, loss: Any, n_out: int, n: int, name: str = "Y") -> Any:
+    """Validate targets for ``loss`` and return them as (n, n_out) ``dtype`` rows on ``dev``.
+
+    Cross-entropy takes integer class labels (shape (n,)) or one-hot / probability rows (n, n_out);
+    the other losses take (n, n_out), or (n,) when n_out == 1.
+    """
+    raw = Y if _is_cupy_array(Y) else numpy.asarray(Y) if not isinstance(Y, numpy.ndarray) else Y
+    if loss.name == "cross_entropy" and getattr(raw, "ndim", 0) == 1:
+        return _labels_to_one_hot(raw, dev, dtype, n_out, n, name)
+    t = to_device_array(Y, dev, dtype, name)
+    if t.ndim == 1 and n_out == 1:
+        t = t.reshape(-1, 1)
+    if t.ndim != 2 or t.shape[1] != n_out:
+        extra = (" or integer class labels of shape (n_samples,)" if loss.name == "cross_entropy" else "")
+        raise ShapeError(f"{name} has shape {tuple(t.shape)}; {loss.name} needs (n_samples, {n_out}) "
+                         f"to match the last layer's n_out={n_out}{extra}")
+    if t.shape[0] != n:
+        raise ShapeError(f"X has {n} samples but {name} has {t.shape[0]}; they must match")
+    check_finite(dev.xp, t, name)
+    xp = dev.xp
+    if loss.name in ("cross_entropy", "binary_cross_entropy"):
+        if bool(((t < 0) | (t > 1)).any()):
+            raise DataError(f"{name} for {loss.name} must hold probabilities in [0, 1] (one-hot rows or "
+                            "0/1 labels)")
+    if loss.name == "cross_entropy" and bool((xp.abs(t.sum(axis=1) - 1) > 1e-3).any()):
+        raise DataError(f"each row of {name} must sum to 1 for cross_entropy (one-hot or probabilities)")
+    return t
+
+
+def _labels_to_one_hot(raw: Any, dev: Device, dtype: numpy.dtype, n_out: int, n: int, name: str) -> Any:
+    lab = raw.get() if _is_cupy_array(raw) else numpy.asarray(raw)
+    if lab.dtype.kind not in "iub":
+        if lab.dtype.kind != "f":
+            raise DataTypeError(f"class labels {name} must be integers; got dtype {lab.dtype}")
+        if not numpy.all(numpy.isfinite(lab)) or numpy.any(lab != numpy.round(lab)):
+            raise DataError(f"class labels {name} must be whole numbers 0..{n_out - 1}; found non-integer "
+                            "values")
+    if lab.shape[0] != n:
+        raise ShapeError(f"X has {n} samples but {name} has {lab.shape[0]}; they must match")
+    lab = lab.astype(numpy.int64)
+    if lab.size and (lab.min() < 0 or lab.max() >= n_out):
+        bad = lab[(lab < 0) | (lab >= n_out)][0]
+        raise DataError(f"class label {bad} in {name} is out of range: the last layer has n_out={n_out}, "
+                        f"so labels must be in 0..{n_out - 1}")
+    return dev.asarray(one_hot_host(lab, n_out), dtype=dtype)
+
+
+def one_hot_host(labels: numpy.ndarray, n_classes: int) -> numpy.ndarray:
+    out = numpy.zeros((labels.shape[0], n_classes))
+    out[numpy.arange(labels.shape[0]), labels] = 1.0
+    return out
+
+
+def input_device(dev: Device, *arrays: Any) -> Device:
+    """Check the arrays are not mixed (NumPy with CuPy, or two GPUs); return the device they are on."""
+    return device_of(*arrays)
+
+
+def as_model_array(value: Any, target: Any, name: str) -> Any:
+    """``value`` checked against the shape of parameter ``target``, on its device and dtype."""
+    from .backend import device_of as _dev  # noqa: PLC0415
+    dev = _dev(target)
+    arr = to_device_array(value, dev, target.dtype, name)
+    if tuple(arr.shape) != tuple(target.shape):
+        raise ShapeError(f"{name} must have shape {tuple(target.shape)}; got {tuple(arr.shape)}")
+    return arr
+
+
+def positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
+        raise ConfigError(f"{name} must be an integer; got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}; got {value}")
+    return int(value)

@@ -1,0 +1,42 @@
+"""Shared fixtures: every backend present, one test id each; CuPy ones skip with the reason."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import gpunn
+from gpunn.backend import cuda_unavailable_reason
+
+_REASON = cuda_unavailable_reason(0)
+
+BACKENDS = [
+    pytest.param("cpu", id="numpy"),
+    pytest.param("cuda:0", id="cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(_REASON is not None,
+                                                                            reason=f"cupy: {_REASON}")]),
+]
+DTYPE_TOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request) -> gpunn.Device:
+    """A gpunn.Device for each backend present (numpy always; cupy when a GPU is usable)."""
+    return gpunn.get_device(request.param)
+
+
+@pytest.fixture(params=[pytest.param(True, id="fused"), pytest.param(False, id="unfused")])
+def fused(request) -> bool:
+    return request.param
+
+
+def host(a):
+    return gpunn.to_host(a)
+
+
+def rng(seed: int = 0) -> numpy.random.Generator:
+    return numpy.random.Generator(numpy.random.PCG64(seed))
+
+
+@pytest.fixture(autouse=True)
+def _reset_fallback_warning(monkeypatch):
+    # The auto-fallback warning is once per process; tests that look for it reset the flag.
+    yield

@@ -1,0 +1,140 @@
+"""Device specs, errors, the environment default, auto fallback, mixing detection, transfers."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import gpunn
+from gpunn import backend
+from gpunn.errors import DeviceError, DeviceSpecError, GpunnError
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "cuda:-1", "cpu:0", "cuda:", "", "CUDA 0", "auto:1"])
+def test_malformed_specs_name_the_accepted_forms(spec):
+    with pytest.raises(DeviceSpecError, match="accepted forms"):
+        gpunn.get_device(spec)
+
+
+def test_spec_of_wrong_type():
+    with pytest.raises(DeviceSpecError):
+        gpunn.Device(3)
+
+
+def test_errors_are_also_builtins():
+    assert issubclass(DeviceError, RuntimeError) and issubclass(DeviceError, GpunnError)
+    assert issubclass(DeviceSpecError, ValueError)
+    assert issubclass(gpunn.ShapeError, ValueError) and issubclass(gpunn.DataTypeError, TypeError)
+
+
+def test_cpu_device_value():
+    d = gpunn.get_device("cpu")
+    assert d.kind == "cpu" and d.index == 0 and d.xp is numpy and str(d) == "cpu"
+    assert repr(d) == "Device('cpu')"
+    assert d == gpunn.Device("CPU") and d == "cpu" and hash(d) == hash(gpunn.Device("cpu"))
+    with pytest.raises(AttributeError):
+        d.kind = "cuda"
+
+
+@pytest.mark.skipif(backend.cuda_unavailable_reason() is None, reason="a GPU is usable here")
+class TestWithoutCuda:
+    def test_explicit_cuda_raises_with_reason(self):
+        with pytest.raises(DeviceError) as exc:
+            gpunn.get_device("cuda")
+        msg = str(exc.value)
+        assert "cuda:0" in msg and backend.cuda_unavailable_reason() in msg and "\n" not in msg
+
+    def test_cuda_index_raises(self):
+        with pytest.raises(DeviceError):
+            gpunn.Device("cuda:3")
+
+    def test_available_devices_is_cpu_only(self):
+        assert gpunn.available_devices() == ["cpu"]
+
+    def test_reason_is_one_line_and_names_the_fix(self):
+        reason = gpunn.cuda_unavailable_reason()
+        assert reason and "\n" not in reason
+        if "not installed" in reason:
+            assert "gpunn[cuda12]" in reason
+
+    def test_auto_falls_back_to_cpu_with_one_warning(self, monkeypatch):
+        monkeypatch.setattr(backend, "_warned_fallback", False)
+        monkeypatch.delenv("GPUNN_DEVICE", raising=False)
+        with pytest.warns(RuntimeWarning, match="falls back to cpu"):
+            d = gpunn.get_device()
+        assert d == "cpu"
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert gpunn.get_device("auto") == "cpu"   # second time: no warning
+
+    def test_env_variable_is_the_default(self, monkeypatch):
+        monkeypatch.setenv("GPUNN_DEVICE", "cuda:0")
+        with pytest.raises(DeviceError):
+            gpunn.get_device()
+        monkeypatch.setenv("GPUNN_DEVICE", "cpu")
+        assert gpunn.get_device() == "cpu"
+        monkeypatch.setenv("GPUNN_DEVICE", "gpu")
+        with pytest.raises(DeviceSpecError):
+            gpunn.get_device()
+
+
+def test_use_device_sets_and_restores_default(monkeypatch):
+    monkeypatch.setenv("GPUNN_DEVICE", "cpu")
+    with gpunn.use_device("cpu") as d:
+        assert d == "cpu" and gpunn.get_device() == "cpu"
+        net = gpunn.Sequential([gpunn.Dense(2, 1)], seed=0)
+        assert net.device == "cpu"
+    assert gpunn.get_device() == "cpu"
+
+
+def test_use_device_unusable_cuda_raises():
+    if backend.cuda_unavailable_reason(7) is None:
+        pytest.skip("eight GPUs present")
+    with pytest.raises(DeviceError):
+        with gpunn.use_device("cuda:7"):
+            pass
+
+
+def test_round_trip_on_every_backend(device):
+    a = numpy.arange(12, dtype=numpy.float64).reshape(3, 4)
+    d = device.asarray(a, dtype="float32")
+    assert gpunn.device_of(d) == device
+    assert gpunn.array_module(d) is device.xp
+    back = device.to_host(d)
+    assert isinstance(back, numpy.ndarray) and back.dtype == numpy.float32
+    numpy.testing.assert_array_equal(back, a)
+    device.synchronize()
+    assert device.asarray([[1, 2]]).shape == (1, 2)
+
+
+def test_host_data_is_cpu():
+    assert gpunn.device_of(numpy.zeros(2), [1, 2], 3.0, None) == "cpu"
+    assert gpunn.array_module(numpy.zeros(2)) is numpy
+
+
+class FakeCupyArray:
+    """Looks like a CuPy array to the module-name check, without CuPy."""
+
+    def __init__(self, dev_id):
+        self.device = type("D", (), {"id": dev_id})()
+
+
+FakeCupyArray.__module__ = "cupy._core.core"
+
+
+def test_mixing_numpy_and_cupy_is_refused(monkeypatch):
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "cupy", sys.modules.get("cupy") or types.ModuleType("cupy"))
+    with pytest.raises(DeviceError, match="mixed"):
+        gpunn.device_of(numpy.zeros(2), FakeCupyArray(0))
+    with pytest.raises(DeviceError, match="several GPUs"):
+        gpunn.device_of(FakeCupyArray(0), FakeCupyArray(1))
+
+
+def test_fused_switch(monkeypatch):
+    monkeypatch.setenv("GPUNN_FUSED", "0")
+    assert backend.fused_enabled() is False
+    monkeypatch.setenv("GPUNN_FUSED", "1")
+    assert backend.fused_enabled() is True
+    assert gpunn.Device("cpu").fused is False    # fused kernels exist only on CUDA

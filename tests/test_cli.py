@@ -1,0 +1,126 @@
+"""The click CLI: info, train, check, plot, bench; usage errors exit 2, runtime errors exit 1."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gpunn.cli import main
+
+
+def run(*args, **kw):
+    return CliRunner().invoke(main, list(args), **kw)
+
+
+def test_info_text_and_json():
+    r = run("info")
+    assert r.exit_code == 0, r.output
+    assert "gpunn" in r.output and "NumPy" in r.output and "TF32" in r.output
+    r = run("info", "--json")
+    env = json.loads(r.output)
+    assert {"gpunn", "python", "numpy", "devices", "tf32", "gpus", "cuda_unavailable_reason"} <= set(env)
+
+
+def test_info_explains_unusable_default_device(monkeypatch):
+    from gpunn.backend import cuda_unavailable_reason
+    if cuda_unavailable_reason() is None:
+        pytest.skip("a GPU is usable here")
+    r = run("info", env={"GPUNN_DEVICE": "cuda:0"})
+    assert r.exit_code == 0
+    assert "unusable" in r.output and cuda_unavailable_reason() in r.output
+
+
+def test_train_few_epochs_json():
+    r = run("train", "--epochs", "3", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["device"] == "cpu" and out["epochs"] == 3 and 0.5 < out["test_accuracy"] <= 1.0
+    assert len(out["history"]) == 3
+
+
+def test_train_text_save_and_other_datasets(tmp_path):
+    p = tmp_path / "m.npz"
+    r = run("train", "--epochs", "2", "--device", "cpu", "--save", str(p))
+    assert r.exit_code == 0, r.output
+    assert "test accuracy" in r.output and "on cpu" in r.output and p.exists()
+    r = run("train", "--dataset", "xor", "--loss", "squared_error", "--epochs", "2", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    r = run("train", "--dataset", "moons", "--loss", "binary_cross_entropy", "--layers", "2,8,1",
+            "--epochs", "2", "--optimizer", "adam", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+
+
+def test_train_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    p = tmp_path / "curves.png"
+    r = run("train", "--epochs", "2", "--device", "cpu", "--plot", str(p))
+    assert r.exit_code == 0, r.output
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_activations(tmp_path):
+    pytest.importorskip("matplotlib")
+    p = tmp_path / "act.png"
+    r = run("plot", "activations", str(p))
+    assert r.exit_code == 0, r.output
+    assert p.stat().st_size > 10_000
+
+
+def test_check_cpu():
+    r = run("check", "--steps", "3")
+    assert r.exit_code == 0, r.output
+    assert "numpy float32" in r.output and "all passed" in r.output
+    from gpunn.backend import cuda_unavailable_reason
+    if cuda_unavailable_reason() is not None:
+        assert "skipped" in r.output
+    r = run("check", "--steps", "2", "--device", "cpu", "--json")
+    res = json.loads(r.output)
+    assert res["passed"] and all(row["max_rel_diff"] <= row["tolerance"] for row in res["rows"])
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--epochs", "-1"], ["train", "--batch-size", "0"], ["train", "--activation", "swish"],
+    ["train", "--dtype", "float16"], ["train", "--lr", "abc"], ["bench", "--workload", "huge"],
+    ["check", "--dtype", "float16"], ["check", "--device", "gpu"], ["train", "--layers", "3,4,10"],
+    ["train", "--nonsense"],
+])
+def test_bad_options_exit_2_with_usage(args):
+    r = run(*args)
+    assert r.exit_code == 2, r.output
+    assert "Usage" in r.output and "Traceback" not in r.output
+
+
+def test_runtime_errors_exit_1_one_line(tmp_path):
+    r = run("train", "--epochs", "1", "--device", "cpu", "--lr", "-1")
+    assert r.exit_code == 1
+    assert r.output.count("\n") == 1 and "lr must be" in r.output
+    r = run("train", "--epochs", "1", "--device", "cpu", "--save", str(tmp_path / "missing" / "m.npz"))
+    assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_debug_flag_shows_traceback():
+    r = run("--debug", "train", "--epochs", "1", "--device", "cpu", "--lr", "-1")
+    assert r.exit_code == 1 and r.exception is not None
+
+
+def test_every_command_has_help_with_example():
+    for cmd in (["info"], ["train"], ["check"], ["bench"], ["plot", "activations"]):
+        r = run(*cmd, "--help")
+        assert r.exit_code == 0 and "Example" in r.output, cmd
+
+
+def test_bench_tiny(tmp_path):
+    p = tmp_path / "b.json"
+    r = run("bench", "--workload", "lecture", "--batch-size", "2", "--repeats", "2", "--min-time", "0.01",
+            "--json", str(p), "--markdown")
+    assert r.exit_code == 0, r.output
+    data = json.loads(p.read_text())
+    env, rows = data["environment"], data["rows"]
+    assert {"gpunn", "python", "numpy", "blas", "cpu", "tf32", "dtype", "openblas_coretype"} <= set(env)
+    assert len(rows) == 1
+    row = rows[0]
+    for key in ("us_per_step", "samples_per_s", "gflops", "ceiling_gflops", "share_of_ceiling", "h2d_ms"):
+        assert row[key] > 0, key
+    assert row["batch"] == 2 and row["workload"] == "lecture"
+    assert "| workload |" in r.output
