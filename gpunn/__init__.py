@@ -6,10 +6,29 @@
 from __future__ import annotations
 
 from . import activations, init, losses, optim
-from .backend import (Device, array_module, available_devices, cuda_unavailable_reason, device_of,
-                      get_device, to_host, use_device)
-from .errors import (ConfigError, DataError, DataTypeError, DeviceError, DeviceSpecError, DivergenceError,
-                     GpunnError, ModelFileError, OutOfMemoryError, SaveError, ShapeError)
+from .backend import (
+    Device,
+    array_module,
+    available_devices,
+    cuda_unavailable_reason,
+    device_of,
+    get_device,
+    to_host,
+    use_device,
+)
+from .errors import (
+    ConfigError,
+    DataError,
+    DataTypeError,
+    DeviceError,
+    DeviceSpecError,
+    DivergenceError,
+    GpunnError,
+    ModelFileError,
+    OutOfMemoryError,
+    SaveError,
+    ShapeError,
+)
 from .layers import Dense
 from .network import Evaluation, History, Sequential
 from .optim import SGD, Adam

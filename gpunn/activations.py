@@ -295,7 +295,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(spec: "str | Activation | dict | type[Activation] | None") -> Activation:
+def get(spec: str | Activation | dict | type[Activation] | None) -> Activation:
     """An activation from a name (``"relu"``), a config dict, a class or an instance."""
     if spec is None:
         return Identity()

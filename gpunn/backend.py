@@ -19,7 +19,8 @@ import re
 import sys
 import threading
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy
 
@@ -115,7 +116,7 @@ class Device:
 
     __slots__ = ("_kind", "_index", "_ops", "_fused")
 
-    def __init__(self, spec: "str | Device" = "cpu", *, fused: bool | None = None):
+    def __init__(self, spec: str | Device = "cpu", *, fused: bool | None = None):
         if isinstance(spec, Device):
             kind, index = spec.kind, spec.index
         else:
@@ -169,7 +170,7 @@ class Device:
             object.__setattr__(self, "_ops", ops.ops_for(self))
         return self._ops
 
-    def with_fused(self, fused: bool) -> "Device":
+    def with_fused(self, fused: bool) -> Device:
         """The same device with fused kernels switched on or off."""
         return Device(self, fused=fused)
 
@@ -230,7 +231,7 @@ def _warn_fallback(reason: str) -> None:
         warnings.warn(f"gpunn: device 'auto' falls back to cpu: {reason}", RuntimeWarning, stacklevel=3)
 
 
-def get_device(spec: "str | Device | None" = None) -> Device:
+def get_device(spec: str | Device | None = None) -> Device:
     """The device for ``spec``; with ``None``, the default: :func:`use_device`'s, else ``GPUNN_DEVICE``, else auto."""
     if isinstance(spec, Device):
         return spec
@@ -240,7 +241,7 @@ def get_device(spec: "str | Device | None" = None) -> Device:
 
 
 @contextlib.contextmanager
-def use_device(spec: "str | Device") -> Iterator[Device]:
+def use_device(spec: str | Device) -> Iterator[Device]:
     """Make ``spec`` the default device inside a ``with`` block (and the current CUDA device)."""
     dev = get_device(spec)
     token = _default_spec.set(str(dev))

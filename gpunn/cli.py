@@ -9,7 +9,6 @@ import functools
 import json
 import sys
 import time
-from typing import Any
 
 import click
 
@@ -310,7 +309,8 @@ def plot_activations_cmd(path: str) -> None:
 @click.option("--workload", "workloads", default="lecture,mlp", show_default=True,
               help="Comma-separated: lecture, mlp, wide.")
 @click.option("--device", "devices", default="cpu", show_default=True, help="Comma-separated devices.")
-@click.option("--batch-size", "batch_sizes", default=None, help="Comma-separated batch sizes (default: the workload's).")
+@click.option("--batch-size", "batch_sizes", default=None,
+              help="Comma-separated batch sizes (default: the workload's).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--min-time", type=click.FloatRange(min=0.0, min_open=True), default=0.2, show_default=True,
@@ -327,8 +327,8 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
       gpunn bench --workload mlp --device cpu --batch-size 256,2048
       gpunn bench --workload lecture,mlp,wide --device cuda:0 --json bench.json --markdown
     """
-    from .bench import WORKLOADS, environment, time_workload  # noqa: PLC0415
     from .backend import Device  # noqa: PLC0415
+    from .bench import WORKLOADS, environment, time_workload  # noqa: PLC0415
     names = _csv("workload", workloads)
     for w in names:
         if w not in WORKLOADS:

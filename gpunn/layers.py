@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import activations, init as initializers
+from . import activations
+from . import init as initializers
 from .errors import ConfigError
 
 

@@ -116,7 +116,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(spec: "str | Loss") -> Loss:
+def get(spec: str | Loss) -> Loss:
     """A loss from its name or an instance."""
     if isinstance(spec, Loss):
         return spec

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy
 
@@ -216,7 +217,7 @@ class Sequential:
             self._decay_mask = self.device.asarray(host, dtype=self.dtype)
         return self._decay_mask
 
-    def to(self, device: Any) -> "Sequential":
+    def to(self, device: Any) -> Sequential:
         """Move the network to ``device`` (in place); returns self. Optimiser state starts afresh."""
         new = get_device(device)
         if new == self.device and new.fused == self.device.fused:
@@ -382,20 +383,21 @@ class Sequential:
         if patience is not None:
             patience = positive_int("patience", patience)
         self._check_input_device(X, Y)
-        dev, xp = self.device, self.xp
+        dev = self.device
         self.loss, self.optimizer = loss, optimizer
         try:
-            with dev.activate():
+            # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
+            # per-operation overflow warnings would only be noise on the way there.
+            with dev.activate(), numpy.errstate(over="ignore", invalid="ignore"):
                 return self._fit(X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
                                  patience, progress)
         except Exception as exc:
-            if dev.is_cuda and type(exc).__name__ == "OutOfMemoryError" and "cupy" in type(exc).__module__:
+            if _is_cupy_oom(exc):
                 raise OutOfMemoryError(
-                    f"{dev} ran out of memory training with batch_size={batch_size} "
-                    f"({exc}); use a smaller batch size or fewer/narrower layers") from None
+                    f"{dev} ran out of memory training with batch_size={batch_size} and "
+                    f"{x_size(X)} samples ({exc}); use a smaller batch size, fewer or narrower layers, "
+                    "or float32") from None
             raise
-        finally:
-            del xp
 
     def _fit(self, X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data, patience, progress):
         dev, xp = self.device, self.xp
@@ -444,7 +446,7 @@ class Sequential:
                         step_correct[k] = acc.count(y, ls[s:s + batch_size])
                     self._update(optimizer)
             except KeyboardInterrupt:
-                self._restore(snap, optimizer)
+                self._restore(snap, optimizer)   # weights of the last finished epoch, as in the history
                 raise
             losses_host = to_host(step_loss).astype(numpy.float64)    # the one read-back per epoch
             if not numpy.all(numpy.isfinite(losses_host)):
@@ -478,20 +480,14 @@ class Sequential:
     def _diverged(self, epoch, losses_host, snap, optimizer, xs, ts, starts, batch_size, loss) -> None:
         """Roll back to the last parameters that gave a finite loss, then raise DivergenceError."""
         k = int(numpy.flatnonzero(~numpy.isfinite(losses_host))[0])
-        # Replay the epoch's first k steps from its start (same batches, same arithmetic): the
-        # parameters are then those that produced the bad loss; if they are not all finite, go back one.
-        for replay in (k, k - 1):
-            if replay < 0:
-                break
-            self._restore(snap, optimizer)
-            for s in starts[:replay]:
-                self._forward(xs[s:s + batch_size])
-                self._backward(ts[s:s + batch_size], loss)
-                self._update(optimizer)
-            if bool(self.xp.isfinite(self._params).all()):
-                break
-        else:
-            self._restore(snap, optimizer)
+        # Replay the epoch's first k − 1 steps from its start (same batches, same arithmetic): the
+        # parameters are then those that gave step k − 1 its finite loss. A first step that fails
+        # leaves the parameters as the epoch began.
+        self._restore(snap, optimizer)
+        for s in starts[:max(k - 1, 0)]:
+            self._forward(xs[s:s + batch_size])
+            self._backward(ts[s:s + batch_size], loss)
+            self._update(optimizer)
         what = "NaN" if numpy.isnan(losses_host[k]) else "infinite"
         raise DivergenceError(
             f"the loss became {what} at epoch {epoch + 1}, step {k + 1}; training stopped and the weights "
@@ -510,6 +506,18 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device='{self.device}', dtype='{self.dtype.name}')"
+
+
+def _is_cupy_oom(exc: BaseException) -> bool:
+    """CuPy's out-of-memory errors (cupy.cuda.memory.OutOfMemoryError), recognised without importing CuPy."""
+    return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.split(".")[0] == "cupy"
+
+
+def x_size(X: Any) -> int:
+    try:
+        return len(X)
+    except TypeError:
+        return 0
 
 
 def _report(progress: Any, record: dict) -> None:

@@ -160,7 +160,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(spec: "str | Optimizer | None", **kwargs: Any) -> Optimizer:
+def get(spec: str | Optimizer | None, **kwargs: Any) -> Optimizer:
     """An optimiser from an instance or a name (``"sgd"``, ``"adam"``) plus keyword hyper-parameters."""
     if isinstance(spec, Optimizer):
         return spec

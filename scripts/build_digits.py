@@ -11,7 +11,6 @@ import hashlib
 import pathlib
 
 import numpy
-
 import sklearn.datasets
 
 SRC = pathlib.Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"

@@ -7,10 +7,10 @@ import warnings
 
 import numpy
 import pytest
+from conftest import host, rng
 
 import gpunn
 from gpunn import activations
-from conftest import host, rng
 
 HIDDEN = ["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "identity",
           {"name": "leaky_relu", "alpha": 0.2}, {"name": "elu", "a": 0.5}, {"name": "elu", "a": 1.7}]
