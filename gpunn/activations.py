@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy
 
-from .backend import array_module
+from .backend import xp_of
 from .errors import ConfigError, unknown_name
 
 __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "ELU", "Identity", "Softmax",
@@ -62,7 +62,7 @@ class Activation:
 
     # -- convenience for people and plots (allocates) ----------------------------------------------
     def __call__(self, z: Any) -> Any:
-        xp = array_module(z)
+        xp = xp_of(z)
         z = xp.asarray(z, dtype=float) if xp.asarray(z).dtype.kind != "f" else xp.asarray(z)
         out = xp.empty_like(z)
         col = xp.empty((z.shape[0], 2), z.dtype) if self.rowwise else None
@@ -70,7 +70,7 @@ class Activation:
 
     def grad(self, z: Any) -> Any:
         """f′(z), elementwise (for plotting and tests)."""
-        xp = array_module(z)
+        xp = xp_of(z)
         z = xp.asarray(z, dtype=float) if xp.asarray(z).dtype.kind != "f" else xp.asarray(z)
         y = self(z)
         out = xp.empty_like(z)
@@ -97,7 +97,7 @@ class Sigmoid(Activation):
     name, kernel_id = "sigmoid", 1
 
     def forward(self, z, out, col=None):
-        xp = array_module(z)
+        xp = xp_of(z)
         # e^(−z) overflows only where σ(z) underflows anyway: cap the exponent instead of warning.
         xp.negative(z, out=out)
         xp.minimum(out, _exp_cap(z.dtype), out=out)
@@ -106,7 +106,7 @@ class Sigmoid(Activation):
         return xp.reciprocal(out, out=out)
 
     def derivative(self, z, y, out):
-        xp = array_module(y)
+        xp = xp_of(y)
         xp.subtract(1.0, y, out=out)
         out *= y
         return out
@@ -118,10 +118,10 @@ class Tanh(Activation):
     name, kernel_id = "tanh", 2
 
     def forward(self, z, out, col=None):
-        return array_module(z).tanh(z, out=out)
+        return xp_of(z).tanh(z, out=out)
 
     def derivative(self, z, y, out):
-        xp = array_module(y)
+        xp = xp_of(y)
         xp.multiply(y, y, out=out)
         return xp.subtract(1.0, out, out=out)
 
@@ -132,10 +132,10 @@ class ReLU(Activation):
     name, kernel_id = "relu", 3
 
     def forward(self, z, out, col=None):
-        return array_module(z).maximum(z, 0.0, out=out)
+        return xp_of(z).maximum(z, 0.0, out=out)
 
     def derivative(self, z, y, out):
-        return array_module(z).greater(z, 0.0, out=out)
+        return xp_of(z).greater(z, 0.0, out=out)
 
 
 class LeakyReLU(Activation):
@@ -150,12 +150,12 @@ class LeakyReLU(Activation):
         self.alpha = self.param = alpha
 
     def forward(self, z, out, col=None):
-        xp = array_module(z)
+        xp = xp_of(z)
         xp.multiply(z, self.alpha, out=out)
         return xp.maximum(z, out, out=out)  # max(z, αz) is the leaky ReLU for 0 ≤ α < 1
 
     def derivative(self, z, y, out):
-        xp = array_module(z)
+        xp = xp_of(z)
         xp.greater(z, 0.0, out=out)
         out *= 1.0 - self.alpha
         out += self.alpha
@@ -172,10 +172,10 @@ class Softplus(Activation):
 
     def forward(self, z, out, col=None):
         # logaddexp(0, z) = max(z, 0) + log1p(e^(−|z|)): never overflows.
-        return array_module(z).logaddexp(0.0, z, out=out)
+        return xp_of(z).logaddexp(0.0, z, out=out)
 
     def derivative(self, z, y, out):
-        xp = array_module(y)
+        xp = xp_of(y)
         # σ(z) = 1 − e^(−y); −expm1(−y) keeps it accurate where σ(z) is tiny.
         xp.negative(y, out=out)
         xp.expm1(out, out=out)
@@ -195,7 +195,7 @@ class ELU(Activation):
         self.a = self.param = a
 
     def forward(self, z, out, col=None):
-        xp = array_module(z)
+        xp = xp_of(z)
         xp.minimum(z, 0.0, out=out)  # e^z only where z ≤ 0: no overflow
         xp.expm1(out, out=out)
         out *= self.a
@@ -207,7 +207,7 @@ class ELU(Activation):
 
     def derivative(self, z, y, out):
         # For a > 0, y > 0 exactly where z > 0, so f′ can be read from y: 1 there, y + a = a·e^z elsewhere.
-        xp = array_module(y)
+        xp = xp_of(y)
         xp.minimum(y, 0.0, out=out)
         out += self.a
         xp.copyto(out, 1.0, where=y > 0)
@@ -215,7 +215,7 @@ class ELU(Activation):
 
     def backward(self, z, y, grad, out, scratch=None, col=None):
         # Allocation-free form of the above: f′ = (min(y, 0) + a) + (1 − a)·[y > 0].
-        xp = array_module(y)
+        xp = xp_of(y)
         xp.minimum(y, 0.0, out=out)
         out += self.a
         xp.greater(y, 0.0, out=scratch)
@@ -235,7 +235,7 @@ class Identity(Activation):
 
     def forward(self, z, out, col=None):
         if out is not z:
-            array_module(z).copyto(out, z)
+            xp_of(z).copyto(out, z)
         return out
 
     def derivative(self, z, y, out):
@@ -244,7 +244,7 @@ class Identity(Activation):
 
     def backward(self, z, y, grad, out, scratch=None, col=None):
         if out is not grad:
-            array_module(grad).copyto(out, grad)
+            xp_of(grad).copyto(out, grad)
         return out
 
 
@@ -260,7 +260,7 @@ class Softmax(Activation):
     rowwise = True
 
     def forward(self, z, out, col=None):
-        xp = array_module(z)
+        xp = xp_of(z)
         shift, total = col[:, 0:1], col[:, 1:2]
         xp.max(z, axis=1, keepdims=True, out=shift)
         xp.subtract(z, shift, out=out)    # shift by the row max: no overflow
@@ -275,7 +275,7 @@ class Softmax(Activation):
         raise ConfigError("softmax has no elementwise derivative; use backward() (a Jacobian product)")
 
     def backward(self, z, y, grad, out, scratch=None, col=None):
-        xp = array_module(y)
+        xp = xp_of(y)
         dot = col[:, 1:2]
         xp.multiply(grad, y, out=out)
         xp.sum(out, axis=1, keepdims=True, out=dot)

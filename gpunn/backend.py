@@ -28,7 +28,7 @@ from .errors import DeviceError, DeviceSpecError
 
 __all__ = [
     "Device", "get_device", "use_device", "available_devices", "cuda_unavailable_reason",
-    "device_of", "array_module", "fused_enabled", "tf32_enabled",
+    "device_of", "array_module", "xp_of", "fused_enabled", "tf32_enabled",
 ]
 
 _SPEC_RE = re.compile(r"^(cpu|cuda|auto)(?::(\d+))?$")
@@ -219,6 +219,9 @@ class Device:
             self.xp.cuda.Device(self.index).synchronize()
 
 
+_CPU = Device("cpu", fused=False)
+
+
 def to_host(a: Any) -> numpy.ndarray:
     """Any array (NumPy or CuPy) as a NumPy array."""
     return a.get() if _is_cupy_array(a) else numpy.asarray(a)
@@ -279,9 +282,15 @@ def device_of(*arrays: Any) -> Device:
                           "device first (Device.asarray / Device.to_host)")
     if cuda_ids:
         return Device(f"cuda:{cuda_ids.pop()}")
-    return Device("cpu")
+    return _CPU
 
 
 def array_module(*arrays: Any) -> Any:
     """The array namespace (``numpy`` or ``cupy``) of ``arrays``; see :func:`device_of`."""
     return device_of(*arrays).xp
+
+
+def xp_of(a: Any) -> Any:
+    """``numpy`` or ``cupy`` for one array, without mixing checks: the training step's fast path."""
+    cp = _cupy_module
+    return cp if cp is not None and isinstance(a, cp.ndarray) else numpy

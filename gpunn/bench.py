@@ -157,7 +157,7 @@ def environment(dtype: str | None = None) -> dict:
             name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
             env["gpus"].append({"device": spec, "name": name, "memory_total_gib": total / 2**30,
                                 "memory_free_gib": free / 2**30, "sm_count": props.get("multiProcessorCount"),
-                                "clock_mhz": props.get("clockRate", 0) / 1000})
+                                "clock_mhz": (props.get("clockRate") or 0) / 1000})
     return env
 
 
@@ -177,7 +177,9 @@ def _blas() -> str | None:
         from threadpoolctl import threadpool_info  # noqa: PLC0415
     except ImportError:
         return None
-    for info in threadpool_info():
+    blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    blas.sort(key=lambda i: "numpy" not in str(i.get("filepath", "")))   # NumPy's own BLAS first
+    for info in blas:
         if info.get("user_api") == "blas":
             return (f"{info.get('internal_api')} {info.get('version')} ({info.get('architecture')}, "
                     f"{info.get('num_threads')} threads)")

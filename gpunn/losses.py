@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import array_module
+from .backend import xp_of
 from .errors import ConfigError, unknown_name
 
 __all__ = ["Loss", "SquaredError", "BinaryCrossEntropy", "CrossEntropy", "get", "names"]
@@ -47,7 +47,7 @@ class SquaredError(Loss):
     name = "squared_error"
 
     def backward(self, layer, t, grad_y, delta):
-        xp = array_module(layer.y)
+        xp = xp_of(layer.y)
         xp.subtract(layer.y, t, out=grad_y)            # y − y*
         value = xp.vdot(grad_y, grad_y) * (0.5 / t.shape[0])
         grad_y *= 1.0 / t.shape[0]
@@ -55,7 +55,7 @@ class SquaredError(Loss):
 
     def value(self, z, y, t):
         d = y - t
-        return array_module(y).vdot(d, d) * (0.5 / t.shape[0])
+        return xp_of(y).vdot(d, d) * (0.5 / t.shape[0])
 
 
 class BinaryCrossEntropy(Loss):
@@ -69,7 +69,7 @@ class BinaryCrossEntropy(Loss):
                               "use activation='sigmoid' on the last layer, or loss='squared_error'")
 
     def backward(self, layer, t, grad_y, delta):
-        xp = array_module(layer.y)
+        xp = xp_of(layer.y)
         xp.logaddexp(0.0, layer.z, out=delta)          # log(1 + e^z) = −log(1 − y)
         value = (xp.sum(delta) - xp.vdot(t, layer.z)) * (1.0 / t.shape[0])
         xp.subtract(layer.y, t, out=delta)
@@ -77,7 +77,7 @@ class BinaryCrossEntropy(Loss):
         return value, True
 
     def value(self, z, y, t):
-        xp = array_module(z)
+        xp = xp_of(z)
         return (xp.sum(xp.logaddexp(0.0, z)) - xp.vdot(t, z)) * (1.0 / t.shape[0])
 
 
@@ -93,7 +93,7 @@ class CrossEntropy(Loss):
                               "binary_cross_entropy)")
 
     def backward(self, layer, t, grad_y, delta):
-        xp = array_module(layer.y)
+        xp = xp_of(layer.y)
         # −Σ_t y*_t log y_t = Σ_t y*_t (lse − z_t) = lse − y*·z for rows of t summing to 1
         value = (xp.sum(layer.col[:, 0]) - xp.vdot(t, layer.z)) * (1.0 / t.shape[0])
         xp.subtract(layer.y, t, out=delta)
@@ -101,7 +101,7 @@ class CrossEntropy(Loss):
         return value, True
 
     def value(self, z, y, t):
-        xp = array_module(z)
+        xp = xp_of(z)
         m = xp.max(z, axis=1, keepdims=True)
         lse = m[:, 0] + xp.log(xp.sum(xp.exp(z - m), axis=1))
         return (xp.vdot(xp.sum(t, axis=1), lse) - xp.vdot(t, z)) * (1.0 / t.shape[0])

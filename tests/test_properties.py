@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import numpy
+import pytest
 from conftest import host
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed (pip install -e \".[test]\")")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import gpunn
 

@@ -1,0 +1,258 @@
+"""Fused CUDA kernels for the CuPy backend (one RawModule, compiled once per process and device).
+
+Each unfused step launches several small kernels per layer (bias add, activation, derivative,
+multiply, column sum, update). Here each of those chains is one kernel:
+
+- ``bias_act_fwd<T, A>``: z ← z + b in place on the matmul output, then y = f(z)   (lecture §1.1)
+- ``act_bwd<T, A>``: δ = f′(z, y) ⊙ ∂E/∂y                                        (eqs 11, 14)
+- ``colsum<T>``: grad_b = Σ over the batch of δ, with a fixed reduction order (deterministic)
+- ``sgd_update<T>``: eq (15) with momentum / Nesterov / weight decay over the network's one flat
+  parameter buffer (every W and b are views of it)
+
+The arithmetic is the NumPy path's, operation for operation: the same overflow-safe formulas and
+the same order, compiled with ``--fmad=false`` (no fused multiply-add contraction) and without
+fast-math, so fused and unfused results agree to rounding of the transcendental functions.
+Softmax (row-wise) and Adam use the plain ``xp`` code. ``GPUNN_FUSED=0`` or
+``Sequential(..., fused=False)`` switches all of this off.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy
+
+from .activations import _exp_cap
+from .ops import XpOps
+
+ACTIVATION_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "relu": 3, "leaky_relu": 4, "softplus": 5, "elu": 6}
+CTYPES = {"float32": "float", "float64": "double"}
+OPTIONS = ("--std=c++17", "--fmad=false")
+BLOCK = 256
+
+SOURCE = r"""
+// gpunn fused kernels. T is float or double; A is the activation id (see ACTIVATION_IDS).
+__device__ __forceinline__ float  g_exp(float x)    { return expf(x); }
+__device__ __forceinline__ double g_exp(double x)   { return exp(x); }
+__device__ __forceinline__ float  g_expm1(float x)  { return expm1f(x); }
+__device__ __forceinline__ double g_expm1(double x) { return expm1(x); }
+__device__ __forceinline__ float  g_log1p(float x)  { return log1pf(x); }
+__device__ __forceinline__ double g_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float  g_tanh(float x)   { return tanhf(x); }
+__device__ __forceinline__ double g_tanh(double x)  { return tanh(x); }
+
+// f(z), written exactly as gpunn/activations.py computes it with NumPy (NaN propagates like NumPy).
+template<typename T, int A>
+__device__ __forceinline__ T act_f(T z, T p, T cap) {
+    if (A == 1) {                                   // sigmoid: 1 / (1 + e^min(-z, cap))
+        T m = -z;
+        m = (m > cap) ? cap : m;
+        T e = g_exp(m);
+        e = e + T(1);
+        return T(1) / e;
+    }
+    if (A == 2) return g_tanh(z);                   // tanh
+    if (A == 3) return (z > T(0) || z != z) ? z : T(0);              // relu = maximum(z, 0)
+    if (A == 4) { T a = z * p; return (z >= a || z != z) ? z : a; }  // leaky = maximum(z, αz)
+    if (A == 5) {                                   // softplus = logaddexp(0, z)
+        if (z == T(0)) return T(0.693147180559945309417232121458176568);
+        if (-z > T(0)) return g_log1p(g_exp(z));    // 0 + log1p(e^(z - 0))
+        if (-z <= T(0)) return z + g_log1p(g_exp(-z));
+        return z;                                   // NaN
+    }
+    if (A == 6) {                                   // elu: a·expm1(min(z, 0)), then z where z > 0
+        T m = (z > T(0)) ? T(0) : z;
+        T e = g_expm1(m) * p;
+        if (p <= T(1)) return (e >= z || e != e) ? e : z;            // maximum(e, z)
+        return (z > T(0)) ? z : e;
+    }
+    return z;                                       // identity
+}
+
+// δ = f'(z, y) · g, in the NumPy path's order of operations.
+// q = 1 - p, rounded once on the host as NumPy rounds the Python float (1 - α) to T.
+template<typename T, int A>
+__device__ __forceinline__ T act_d(T z, T y, T g, T p, T q) {
+    if (A == 1) { T o = T(1) - y; o = o * y; return o * g; }          // y(1 - y)      (eq 6)
+    if (A == 2) { T o = y * y; o = T(1) - o; return o * g; }          // 1 - y²
+    if (A == 3) { T o = (z > T(0)) ? T(1) : T(0); return o * g; }
+    if (A == 4) { T o = (z > T(0)) ? T(1) : T(0); o = o * q; o = o + p; return o * g; }
+    if (A == 5) { T o = g_expm1(-y); o = -o; return o * g; }          // σ(z) = 1 - e^(-y)
+    if (A == 6) {                                                     // min(y,0) + a + (1-a)[y>0]
+        T o = (y > T(0)) ? T(0) : y;
+        o = o + p;
+        T s = (y > T(0)) ? T(1) : T(0);
+        s = s * q;
+        o = o + s;
+        return o * g;
+    }
+    return g;
+}
+
+template<typename T, int A>
+__global__ void bias_act_fwd(T* z, const T* __restrict__ b, T* y, long long n, int ncol, T p, T cap) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        T v = z[i] + b[i % ncol];
+        z[i] = v;
+        y[i] = act_f<T, A>(v, p, cap);
+    }
+}
+
+template<typename T, int A>
+__global__ void act_bwd(const T* __restrict__ z, const T* __restrict__ y, const T* __restrict__ g,
+                        T* __restrict__ d, long long n, T p, T q) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        d[i] = act_d<T, A>(z[i], y[i], g[i], p, q);
+}
+
+// Column sums of a (rows, cols) C-contiguous matrix: block (32, 8); each thread sums a strided set of
+// rows in order, then row 0 of the block adds the 8 partial sums in order: no atomics, deterministic.
+template<typename T>
+__global__ void colsum(const T* __restrict__ d, T* __restrict__ out, int rows, int cols) {
+    __shared__ T part[8][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    T acc = T(0);
+    if (c < cols)
+        for (int r = threadIdx.y; r < rows; r += 8) acc += d[(long long)r * cols + c];
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        T s = part[0][threadIdx.x];
+        for (int k = 1; k < 8; ++k) s += part[k][threadIdx.x];
+        out[c] = s;
+    }
+}
+
+// Eq (15) over the flat parameter buffer, with the NumPy path's operation order:
+// g' = g + wd·(p·mask);  v = μv + g';  p -= lr·v  (Nesterov: p -= lr·g'; p -= (lr·μ)·v)
+template<typename T>
+__global__ void sgd_update(T* p, const T* __restrict__ g, T* v, const T* __restrict__ mask, long long n,
+                           T lr, T mu, T lr_mu, T wd, int has_v, int nesterov, int has_wd) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        T gd = g[i];
+        if (has_wd) { T s = p[i] * mask[i]; s = s * wd; gd = s + gd; }
+        T w = p[i];
+        if (has_v) {
+            T vv = v[i] * mu;
+            vv = vv + gd;
+            v[i] = vv;
+            if (nesterov) { T s = gd * lr; w = w - s; s = vv * lr_mu; w = w - s; }
+            else { T s = vv * lr; w = w - s; }
+        } else {
+            T s = gd * lr;
+            w = w - s;
+        }
+        p[i] = w;
+    }
+}
+"""
+
+
+def name_expressions() -> list[str]:
+    """Every template instance the module exports."""
+    names = []
+    for ctype in CTYPES.values():
+        for a in sorted(set(ACTIVATION_IDS.values())):
+            names += [f"bias_act_fwd<{ctype}, {a}>", f"act_bwd<{ctype}, {a}>"]
+        names += [f"colsum<{ctype}>", f"sgd_update<{ctype}>"]
+    return names
+
+
+def instantiation_source() -> str:
+    """SOURCE plus explicit instantiations, for an offline ``nvcc`` syntax/compile check."""
+    lines = [SOURCE]
+    for ctype in CTYPES.values():
+        for a in sorted(set(ACTIVATION_IDS.values())):
+            lines.append(f"template __global__ void bias_act_fwd<{ctype}, {a}>({ctype}*, const {ctype}*, "
+                         f"{ctype}*, long long, int, {ctype}, {ctype});")
+            lines.append(f"template __global__ void act_bwd<{ctype}, {a}>(const {ctype}*, const {ctype}*, "
+                         f"const {ctype}*, {ctype}*, long long, {ctype}, {ctype});")
+        lines.append(f"template __global__ void colsum<{ctype}>(const {ctype}*, {ctype}*, int, int);")
+        lines.append(f"template __global__ void sgd_update<{ctype}>({ctype}*, const {ctype}*, {ctype}*, "
+                     f"const {ctype}*, long long, {ctype}, {ctype}, {ctype}, {ctype}, int, int, int);")
+    return "\n".join(lines)
+
+
+_MODULES: dict[int, Any] = {}
+
+
+def module(device: Any) -> Any:
+    """The compiled RawModule for ``device`` (compiled on first use, before any timing)."""
+    mod = _MODULES.get(device.index)
+    if mod is None:
+        cp = device.xp
+        with cp.cuda.Device(device.index):
+            mod = cp.RawModule(code=SOURCE, options=OPTIONS, name_expressions=name_expressions())
+            mod.compile()
+        _MODULES[device.index] = mod
+    return mod
+
+
+def _grid(n: int) -> tuple[int]:
+    return (max(1, min((n + BLOCK - 1) // BLOCK, 1 << 20)),)
+
+
+class FusedOps(XpOps):
+    """XpOps with single-kernel versions of the elementwise chains and the SGD update."""
+
+    fused = True
+
+    def __init__(self, device: Any):
+        super().__init__(device)
+        self.module = module(device)
+        self._fns: dict[str, Any] = {}
+
+    def _fn(self, name: str) -> Any:
+        fn = self._fns.get(name)
+        if fn is None:
+            fn = self._fns[name] = self.module.get_function(name)
+        return fn
+
+    @staticmethod
+    def _scalar(dtype: Any, value: float) -> Any:
+        return numpy.dtype(dtype).type(value)
+
+    def bias_activation(self, act, z, b, y, col):
+        a = ACTIVATION_IDS.get(act.name)
+        if a is None or not (z.flags.c_contiguous and y.flags.c_contiguous and b.flags.c_contiguous):
+            return super().bias_activation(act, z, b, y, col)
+        ctype = CTYPES[z.dtype.name]
+        n = z.size
+        s = self._scalar
+        self._fn(f"bias_act_fwd<{ctype}, {a}>")(
+            _grid(n), (BLOCK,), (z, b, y, numpy.int64(n), numpy.int32(z.shape[1]), s(z.dtype, act.param),
+                                 s(z.dtype, _exp_cap(z.dtype))))
+        return y
+
+    def activation_backward(self, act, z, y, grad, out, scratch, col):
+        a = ACTIVATION_IDS.get(act.name)
+        if a is None or not all(v.flags.c_contiguous for v in (z, y, grad, out)):
+            return super().activation_backward(act, z, y, grad, out, scratch, col)
+        ctype = CTYPES[z.dtype.name]
+        n = z.size
+        s = self._scalar
+        self._fn(f"act_bwd<{ctype}, {a}>")(_grid(n), (BLOCK,), (z, y, grad, out, numpy.int64(n),
+                                                                s(z.dtype, act.param), s(z.dtype, 1.0 - act.param)))
+        return out
+
+    def column_sum(self, delta, out):
+        if not (delta.flags.c_contiguous and out.flags.c_contiguous):
+            return super().column_sum(delta, out)
+        rows, cols = delta.shape
+        self._fn(f"colsum<{CTYPES[delta.dtype.name]}>")(((cols + 31) // 32,), (32, 8),
+                                                         (delta, out, numpy.int32(rows), numpy.int32(cols)))
+        return out
+
+    def sgd_update(self, p, g, state, lr, momentum, nesterov, weight_decay, mask):
+        s = self._scalar
+        dt = p.dtype
+        v = state.get("velocity", p)
+        m = mask if mask is not None else p
+        n = p.size
+        self._fn(f"sgd_update<{CTYPES[dt.name]}>")(
+            _grid(n), (BLOCK,),
+            (p, g, v, m, numpy.int64(n), s(dt, lr), s(dt, momentum), s(dt, lr * momentum), s(dt, weight_decay),
+             numpy.int32(1 if momentum else 0), numpy.int32(1 if nesterov else 0),
+             numpy.int32(1 if weight_decay else 0)))
