@@ -5,9 +5,9 @@ import re
 
 import numpy
 import pytest
-from conftest import host, rng
 
 import gpunn
+from conftest import host, rng
 from gpunn import network
 from gpunn.errors import (
     ConfigError,

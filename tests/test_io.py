@@ -8,9 +8,9 @@ import zipfile
 
 import numpy
 import pytest
-from conftest import host, rng
 
 import gpunn
+from conftest import host, rng
 from gpunn import io as gio
 from gpunn.errors import ModelFileError, SaveError
 

@@ -14,9 +14,9 @@ import subprocess
 
 import numpy
 import pytest
-from conftest import host, rng
 
 import gpunn
+from conftest import host, rng
 from gpunn import activations, kernels
 from gpunn.backend import Device
 from gpunn.ops import XpOps
@@ -155,8 +155,8 @@ def test_emulated_kernels_match_numpy_path(emulated, act, dtype):
 def test_emulated_colsum(emulated, dtype, shape):
     d = rng(4).normal(size=shape).astype(dtype)
     out = numpy.full(shape[1], numpy.nan, dtype)
-    getattr(emulated, f"colsum_{kernels.CTYPES[numpy.dtype(dtype).name]}")(_ptr(d), _ptr(out),
-                                                                          ctypes.c_int(shape[0]), ctypes.c_int(shape[1]))
+    fn = getattr(emulated, f"colsum_{kernels.CTYPES[numpy.dtype(dtype).name]}")
+    fn(_ptr(d), _ptr(out), ctypes.c_int(shape[0]), ctypes.c_int(shape[1]))
     ref = d.astype(numpy.float64).sum(axis=0)
     numpy.testing.assert_allclose(out, ref, rtol=1e-4 if dtype == numpy.float32 else 1e-12, atol=1e-5)
 

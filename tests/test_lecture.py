@@ -7,9 +7,9 @@ import warnings
 
 import numpy
 import pytest
-from conftest import host, rng
 
 import gpunn
+from conftest import host, rng
 from gpunn import activations
 
 HIDDEN = ["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "identity",

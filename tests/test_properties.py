@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy
 import pytest
+
+import gpunn
 from conftest import host
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed (pip install -e \".[test]\")")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import gpunn
 
 HIDDEN = ["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "identity"]
 PAIRS = [("squared_error", "sigmoid"), ("squared_error", "identity"), ("squared_error", "tanh"),

@@ -7,9 +7,9 @@ import tracemalloc
 
 import numpy
 import pytest
-from conftest import rng
 
 import gpunn
+from conftest import rng
 from gpunn import losses
 
 CASES = [("sigmoid", "sigmoid", "squared_error", gpunn.SGD(lr=0.1)),
