@@ -1,0 +1,144 @@
+"""Timing part of scripts/gpu-check.sh: gpunn-cupy (fused and unfused) against PyTorch eager on the
+same card, the cuBLAS matmul ceiling, and evidence that a training step never waits for the GPU.
+
+    PYTHONPATH=$PWD python3 bench/gpu_check.py --json out.json
+
+Prints a table last. Never run on CPU CI (it needs CuPy and a device); the logic it shares with
+``gpunn bench`` and ``bench/compare.py`` is tested there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import compare  # noqa: E402
+import numpy  # noqa: E402
+
+from gpunn import Device, losses  # noqa: E402
+from gpunn.bench import WORKLOADS, build, environment, time_workload  # noqa: E402
+
+CONFIGS = [("lecture", 1), ("lecture", 16), ("mlp", 32), ("mlp", 256), ("mlp", 2048), ("wide", 4096)]
+
+
+def matmul_ceiling(n: int = 8192) -> dict:
+    """fp32 GEMM rate of CuPy (cuBLAS) and torch.mm at n³, TF32 off, median of 5, CUDA events."""
+    import cupy as cp
+    out = {}
+    a = cp.random.standard_normal((n, n), dtype=cp.float32)
+    b = cp.random.standard_normal((n, n), dtype=cp.float32)
+    c = cp.empty((n, n), cp.float32)
+    ts = []
+    for _ in range(6):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        cp.matmul(a, b, out=c)
+        e1.record()
+        e1.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
+    out["cupy_tflops"] = 2 * n**3 / float(numpy.median(ts[1:])) / 1e12
+    try:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ta = torch.randn(n, n, device="cuda")
+        tb = torch.randn(n, n, device="cuda")
+        ts = []
+        for _ in range(6):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            torch.mm(ta, tb)
+            e1.record()
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1) / 1e3)
+        out["torch_tflops"] = 2 * n**3 / float(numpy.median(ts[1:])) / 1e12
+    except ImportError:
+        out["torch_tflops"] = None
+    return out
+
+
+def sync_evidence(workload: str, batch: int, steps: int = 30) -> dict:
+    """Host time to enqueue ``steps`` training steps vs the time until the GPU finishes them.
+
+    A step that synchronised (``.get()``, ``float()``, ``bool()`` of a device value) would make the
+    host wait for each step, so enqueue time ≈ total time. Without syncs the host runs ahead.
+    """
+    dev = Device("cuda:0")
+    net, X, T, loss, opt = build(workload, dev, "float32", batch)
+    x, t = dev.asarray(X, dtype=net.dtype), dev.asarray(T, dtype=net.dtype)
+    lossf = losses.get(WORKLOADS[workload][3])
+    for _ in range(3):
+        net._forward(x)
+        net._backward(t, lossf)
+        net._update(opt)
+    dev.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        net._forward(x)
+        net._backward(t, lossf)
+        net._update(opt)
+    enqueue = time.perf_counter() - t0
+    dev.synchronize()
+    total = time.perf_counter() - t0
+    return {"workload": workload, "batch": batch, "steps": steps, "host_enqueue_ms": enqueue * 1e3,
+            "gpu_done_ms": total * 1e3, "host_ran_ahead": enqueue < 0.5 * total}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.2)
+    ap.add_argument("--budget", type=float, default=170.0, help="seconds; remaining configs are skipped")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    env = environment("float32")
+    env["commit"] = compare.commit()
+    print("# " + json.dumps(env))
+    ceiling = matmul_ceiling()
+    print(f"# fp32 GEMM 8192^3: cupy {ceiling['cupy_tflops']:.1f} TFLOP/s, torch "
+          f"{ceiling['torch_tflops'] or float('nan'):.1f} TFLOP/s (TF32 off)")
+    syncs = [sync_evidence("wide", 4096, 10), sync_evidence("mlp", 2048, 50)]
+    for s in syncs:
+        print(f"# no-sync evidence {s['workload']} b{s['batch']}: host enqueued {s['steps']} steps in "
+              f"{s['host_enqueue_ms']:.1f} ms, GPU done at {s['gpu_done_ms']:.1f} ms -> "
+              f"{'host ran ahead (no sync in the step)' if s['host_ran_ahead'] else 'HOST WAITED'}")
+    names, skipped = compare.available(["gpunn", "gpunn-unfused", "torch"])
+    for n, why in skipped.items():
+        print(f"# {n} skipped: {why}")
+    failed = False
+    rows, shares = [], []
+    for w, b in CONFIGS:
+        if time.perf_counter() - start > args.budget:
+            print(f"# budget spent: skipped {w} batch {b}")
+            continue
+        check = compare.agreement(w, min(b, 64), names, device="cuda:0")
+        for n, d in check["diffs"].items():
+            ok = d <= 1e-4
+            failed |= not ok
+            print(f"agreement {w} b{min(b, 64)} {n}: {d:.2e} {'ok' if ok else 'FAIL'}")
+        rows.append(compare.measure(w, b, names, args.rounds, args.min_time, "float32", "cuda:0"))
+        shares.append(time_workload(w, Device("cuda:0"), "float32", b, repeats=3, min_time=args.min_time))
+    print()
+    print("| workload | batch | gpunn fused µs | gpunn unfused µs | torch µs | fused/torch speed-up | "
+          "fused/unfused | GFLOP/s | GEMM-only GFLOP/s | share of ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r, s in zip(rows, shares):
+        us = r["us_per_step"]
+        sp = r["speedup_gpunn_vs"]
+        print(f"| {r['workload']} | {r['batch']} | {us['gpunn']:.1f} | {us.get('gpunn-unfused', float('nan')):.1f} | "
+              f"{us.get('torch', float('nan')):.1f} | {sp.get('torch', float('nan')):.2f}x | "
+              f"{sp.get('gpunn-unfused', float('nan')):.2f}x | {s['gflops']:.0f} | {s['ceiling_gflops']:.0f} | "
+              f"{100 * s['share_of_ceiling']:.0f}% |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "ceiling": ceiling, "sync_evidence": syncs, "rows": rows,
+                       "shares": shares}, fh, indent=2)
+    return 1 if failed or not all(s["host_ran_ahead"] for s in syncs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

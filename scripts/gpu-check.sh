@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One command that checks and times gpunn on a GPU machine (H100/H200): versions and card, the GPU
+# tests, the agreement check, and the benchmark against PyTorch eager. Runs from the source tree and
+# installs nothing. Writes everything under $OUT (default ./gpu-check-out) and prints a summary last.
+#   PYTHONPATH=$PWD bash scripts/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/gpunn-cupy-cache}
+unset CUPY_TF32 GPUNN_FUSED              # TF32 off and fused kernels on, as documented defaults
+status=0
+step() { echo; echo "== $1 =="; }
+
+step "1. versions and card" | tee "$OUT/env.txt"
+{ date -u; git rev-parse HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm,clocks.max.mem,driver_version --format=csv
+  python3 -c "import sys, numpy, cupy; print('python', sys.version.split()[0], 'numpy', numpy.__version__, 'cupy', cupy.__version__)"
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || true
+  python3 -m gpunn.cli info; } 2>&1 | tee -a "$OUT/env.txt"
+
+step "2. GPU tests (pytest -m gpu)" | tee "$OUT/pytest-gpu.txt"
+timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider -x tests 2>&1 | tee -a "$OUT/pytest-gpu.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "3. agreement check (gpunn check)" | tee "$OUT/check.txt"
+timeout 120 python3 -m gpunn.cli check --device cpu,cuda:0 --dtype float32,float64 --steps 20 2>&1 | tee -a "$OUT/check.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "4. benchmark: gpunn-cupy fused/unfused vs PyTorch eager, cuBLAS ceiling" | tee "$OUT/bench.txt"
+timeout 240 python3 bench/gpu_check.py --budget 170 --json "$OUT/gpu-bench.json" 2>&1 | tee -a "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "summary (status $status)"
+grep -E "[0-9]+ (passed|failed|skipped|deselected|error)" "$OUT/pytest-gpu.txt" | tail -n 1
+tail -n 2 "$OUT/check.txt"
+grep -E "^# (fp32|no-sync)" "$OUT/bench.txt"
+grep -E "^\|" "$OUT/bench.txt"
+exit $status
