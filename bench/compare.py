@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.check_only:
         _table(results, names, args.markdown)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"environment": env, "results": results}, fh, indent=2)
+        from gpunn.io import write_text_atomic  # noqa: PLC0415
+        write_text_atomic(args.json, json.dumps({"environment": env, "results": results}, indent=2))
     return 1 if failed else 0
 
 

@@ -134,9 +134,9 @@ def main() -> int:
               f"{sp.get('gpunn-unfused', float('nan')):.2f}x | {s['gflops']:.0f} | {s['ceiling_gflops']:.0f} | "
               f"{100 * s['share_of_ceiling']:.0f}% |")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"environment": env, "ceiling": ceiling, "sync_evidence": syncs, "rows": rows,
-                       "shares": shares}, fh, indent=2)
+        from gpunn.io import write_text_atomic
+        write_text_atomic(args.json, json.dumps({"environment": env, "ceiling": ceiling, "sync_evidence": syncs,
+                                                 "rows": rows, "shares": shares}, indent=2))
     return 1 if failed or not all(s["host_ran_ahead"] for s in syncs) else 0
 
 

@@ -348,8 +348,8 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
                 rows.append(time_workload(w, dev, dtype, b, repeats=repeats, min_time=min_time, fused=fused))
     _print_table(rows, markdown)
     if json_path:
-        with open(json_path, "w") as fh:
-            json.dump({"environment": env, "rows": rows}, fh, indent=2)
+        from .io import write_text_atomic  # noqa: PLC0415
+        write_text_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=2))
         click.echo(f"wrote {json_path}", err=True)
 
 
@@ -358,19 +358,22 @@ def _print_header(env: dict) -> None:
     click.echo(f"# CPU {env['cpu']} ({env['cores']} cores); CuPy {env['cupy']}; dtype {env.get('dtype')}; "
                f"TF32 {'on' if env['tf32'] else 'off'}"
                + (f"; OPENBLAS_CORETYPE={env['openblas_coretype']}" if env.get("openblas_coretype") else ""))
+    if env.get("cuda_runtime"):
+        click.echo(f"# CUDA runtime {env['cuda_runtime']}, driver {env.get('cuda_driver')}")
     for g in env["gpus"]:
-        click.echo(f"# GPU {g['device']}: {g['name']}, {g['memory_total_gib']:.0f} GiB")
+        click.echo(f"# GPU {g['device']}: {g['name']}, {g['memory_total_gib']:.0f} GiB, {g['sm_count']} SMs")
     if env["cuda_unavailable_reason"]:
         click.echo(f"# CUDA: {env['cuda_unavailable_reason']}")
 
 
 def _print_table(rows: list[dict], markdown: bool) -> None:
-    head = ["workload", "device", "batch", "us/step", "spread", "samples/s", "GFLOP/s", "ceiling", "share"]
+    head = ["workload", "device", "batch", "us/step", "spread", "samples/s", "GFLOP/s", "ceiling", "share",
+            "h2d ms"]
     body = [[r["workload"], r["device"] + ("" if not r["device"].startswith("cuda") else
                                             (" fused" if r["fused"] else " unfused")),
              str(r["batch"]), f"{r['us_per_step']:.1f}", f"{r['us_min']:.0f}-{r['us_max']:.0f}",
              f"{r['samples_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['ceiling_gflops']:.1f}",
-             f"{100 * r['share_of_ceiling']:.0f}%"] for r in rows]
+             f"{100 * r['share_of_ceiling']:.0f}%", f"{r['h2d_ms']:.2f}"] for r in rows]
     if markdown:
         click.echo("| " + " | ".join(head) + " |")
         click.echo("|" + "---|" * len(head))

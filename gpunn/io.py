@@ -63,6 +63,20 @@ def save(net: Any, path: Any) -> None:
         raise
 
 
+def write_text_atomic(path: Any, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (for reports and JSON)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".gpunn-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _write_npz(fh: Any, **arrays: Any) -> None:
     numpy.savez(fh, **arrays)
 

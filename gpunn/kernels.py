@@ -26,7 +26,7 @@ from .ops import XpOps
 
 ACTIVATION_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "relu": 3, "leaky_relu": 4, "softplus": 5, "elu": 6}
 CTYPES = {"float32": "float", "float64": "double"}
-OPTIONS = ("--std=c++17", "--fmad=false")
+OPTIONS = ("--fmad=false",)   # CuPy adds -ftz=true and its default C++ standard itself
 BLOCK = 256
 
 SOURCE = r"""

@@ -198,14 +198,20 @@ def test_cupy_out_of_memory_becomes_a_clear_error(monkeypatch):
 def test_real_gpu_out_of_memory(device):
     if not device.is_cuda:
         pytest.skip("GPU only")
-    free = device.xp.cuda.runtime.memGetInfo()[0]
-    n = int(free // (4 * 4096)) + 1024          # one float32 (n, 4096) batch buffer more than fits
-    net = gpunn.Sequential([gpunn.Dense(4096, 4096, "relu"), gpunn.Dense(4096, 2, "softmax")], device=device)
-    x = numpy.zeros((1, 4096), numpy.float32)
-    with pytest.raises(OutOfMemoryError, match=f"batch_size={n}"):
-        net.fit(numpy.repeat(x, 1, 0), numpy.zeros(1, int), loss="cross_entropy", batch_size=n) if False else \
-            net.fit(device.xp.zeros((n, 4096), "float32"), device.xp.zeros(n, "int64"),
-                    loss="cross_entropy", batch_size=n)
+    cp = device.xp
+    free = cp.cuda.runtime.memGetInfo()[0]
+    n = int(free // (4 * 4096 * 4))     # X takes a quarter of free memory; the layer buffers cannot fit
+    net = gpunn.Sequential([gpunn.Dense(4096, 4096, "relu"), gpunn.Dense(4096, 4096, "relu"),
+                            gpunn.Dense(4096, 2, "softmax")], device=device, seed=0)
+    try:
+        x = cp.zeros((n, 4096), "float32")
+        y = cp.zeros(n, "int64")
+        with pytest.raises(OutOfMemoryError, match=f"batch_size={n}") as exc:
+            net.fit(x, y, loss="cross_entropy", batch_size=n, epochs=1)
+        assert "bytes" in str(exc.value)
+    finally:
+        del x, y
+        cp.get_default_memory_pool().free_all_blocks()
 
 
 # -- training faults ----------------------------------------------------------------------------------

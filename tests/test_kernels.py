@@ -29,7 +29,7 @@ GXX = shutil.which("g++")
 def test_kernels_compile_for_sm90(tmp_path):
     src = tmp_path / "gpunn_kernels.cu"
     src.write_text(kernels.instantiation_source())
-    r = subprocess.run([NVCC, "-arch=sm_90", *kernels.OPTIONS, "-ftz=true", "-c", str(src), "-o",
+    r = subprocess.run([NVCC, "-arch=sm_90", "--std=c++17", *kernels.OPTIONS, "-ftz=true", "-c", str(src), "-o",
                         str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
