@@ -17,34 +17,27 @@ from .errors import ConfigError, unknown_name
 __all__ = ["Optimizer", "SGD", "Adam", "get", "names"]
 
 
-def _positive_float(name: str, value: Any) -> float:
+def _checked(name: str, value: Any, ok: Any, requirement: str) -> float:
+    """``value`` as a float satisfying ``ok``, else a ConfigError saying what is required."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number; got {value!r}") from None
-    if not math.isfinite(v) or v <= 0.0:
-        raise ConfigError(f"{name} must be a positive finite number; got {value!r}")
+        v = math.nan
+    if not ok(v):
+        raise ConfigError(f"{name} must be {requirement}; got {value!r}")
     return v
+
+
+def _positive_float(name: str, value: Any) -> float:
+    return _checked(name, value, lambda v: math.isfinite(v) and v > 0.0, "a positive finite number")
 
 
 def _unit_interval(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number in [0, 1); got {value!r}") from None
-    if not (0.0 <= v < 1.0):
-        raise ConfigError(f"{name} must be in [0, 1); got {value!r}")
-    return v
+    return _checked(name, value, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def _non_negative(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number >= 0; got {value!r}") from None
-    if not math.isfinite(v) or v < 0.0:
-        raise ConfigError(f"{name} must be a finite number >= 0; got {value!r}")
-    return v
+    return _checked(name, value, lambda v: math.isfinite(v) and v >= 0.0, "a finite number >= 0")
 
 
 class Optimizer:

@@ -9,7 +9,7 @@ import numpy
 import pytest
 
 import gpunn
-from conftest import host, rng
+from conftest import gradients, host, rng
 from gpunn import activations
 
 HIDDEN = ["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "identity",
@@ -48,23 +48,7 @@ def test_gradient_check_float64(device, hidden, loss, out, depth):
     net = _net(sizes, hidden, out, device=device, seed=depth)
     X = g.normal(size=(6, sizes[0]))
     Y = _targets(loss, 6, sizes[-1], g)
-    net.forward(X)
-    net.backward(Y, loss)
-    analytic = host(net._grads).copy()
-    p = net.flat_parameters()
-    p0 = host(p).copy()
-    numeric = numpy.empty_like(p0)
-    h = 1e-6
-    for i in range(p0.size):
-        vals = []
-        for s in (h, -h):
-            q = p0.copy()
-            q[i] += s
-            p[...] = device.asarray(q)
-            net.forward(X)
-            vals.append(net.backward(Y, loss))
-        numeric[i] = (vals[0] - vals[1]) / (2 * h)
-    p[...] = device.asarray(p0)
+    analytic, numeric = gradients(net, X, Y, loss)
     err = numpy.linalg.norm(numeric - analytic) / max(numpy.linalg.norm(numeric) + numpy.linalg.norm(analytic),
                                                       1e-300)
     assert err <= 1e-6, f"relative gradient error {err:.2e}"

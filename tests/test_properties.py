@@ -5,7 +5,7 @@ import numpy
 import pytest
 
 import gpunn
-from conftest import host
+from conftest import gradients, host
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed (pip install -e \".[test]\")")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -69,21 +69,7 @@ def test_gradient_check(p):
         hidden = "softplus"   # kinks make central differences meaningless where z is within h of 0
     net = build(widths, hidden, out, seed)
     X, Y = data(widths, loss, batch, seed)
-    net.forward(X)
-    net.backward(Y, loss)
-    analytic = host(net._grads).copy()
-    p0 = host(net.flat_parameters()).copy()
-    num = numpy.empty_like(p0)
-    h = 1e-6
-    for i in range(p0.size):
-        vals = []
-        for s in (h, -h):
-            q = p0.copy()
-            q[i] += s
-            net.flat_parameters()[...] = q
-            net.forward(X)
-            vals.append(net.backward(Y, loss))
-        num[i] = (vals[0] - vals[1]) / (2 * h)
+    analytic, num = gradients(net, X, Y, loss)
     scale = numpy.linalg.norm(num) + numpy.linalg.norm(analytic)
     if scale < 1e-9:          # vanishing gradients: compare absolutely
         assert numpy.max(numpy.abs(num - analytic)) < 1e-8
