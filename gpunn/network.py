@@ -22,7 +22,7 @@ import numpy
 
 from . import losses as losses_mod
 from . import optim
-from .backend import Device, _is_cupy_array, device_of, get_device, to_host
+from .backend import _is_cupy_array, device_of, get_device, to_host
 from .errors import ConfigError, DivergenceError, OutOfMemoryError, ShapeError
 from .layers import Dense
 from .validation import check_dtype, features, positive_int, targets
@@ -289,37 +289,22 @@ class Sequential:
         device_of(*arrays)  # raises on NumPy/CuPy mixing or two GPUs
 
     def predict(self, X: Any, batch_size: int = 8192) -> Any:
-        """Outputs for X, shape (n_samples, n_out), as an array of the same library as X."""
+        """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X."""
         self._check_input_device(X)
         x = features(X, self.device, self.dtype, self.n_in)
         with self.device.activate():
             y = self._infer(x, batch_size)
-        if _is_cupy_array(X):
-            return y if self.device.is_cuda else self.device_of_input(X).asarray(y)
-        return to_host(y)
-
-    @staticmethod
-    def device_of_input(X: Any) -> Device:
-        return device_of(X)
+        return device_of(X).asarray(y) if _is_cupy_array(X) else to_host(y)
 
     def _infer(self, x: Any, batch_size: int = 8192) -> Any:
-        """Forward pass without the training buffers (allocates; never disturbs layer state)."""
-        xp = self.xp
-        outs = []
-        for start in range(0, x.shape[0], batch_size):
-            a = x[start:start + batch_size]
-            for layer in self.layers:
-                z = a @ layer.W
-                z += layer.b
-                col = xp.empty((z.shape[0], 2), z.dtype) if layer.activation.rowwise else None
-                a = layer.activation.forward(z, z if layer.activation.name == "identity" else xp.empty_like(z), col)
-            outs.append(a)
-        return outs[0] if len(outs) == 1 else xp.concatenate(outs)
+        """Forward pass in chunks, without the training buffers (allocates; leaves layer state alone)."""
+        outs = [self._infer_with_z(x[s:s + batch_size])[1] for s in range(0, x.shape[0], batch_size)]
+        return outs[0] if len(outs) == 1 else self.xp.concatenate(outs)
 
     def _infer_with_z(self, x: Any) -> tuple[Any, Any]:
+        """(z, y) of the last layer for a batch x, allocating fresh arrays."""
         xp = self.xp
-        a = x
-        z = None
+        a, z = x, None
         for layer in self.layers:
             z = a @ layer.W
             z += layer.b
@@ -445,18 +430,18 @@ class Sequential:
                     if classify:
                         step_correct[k] = acc.count(y, ls[s:s + batch_size])
                     self._update(optimizer)
+                losses_host = to_host(step_loss).astype(numpy.float64)    # the one read-back per epoch
+                if not numpy.all(numpy.isfinite(losses_host)):
+                    self._diverged(epoch, losses_host, snap, optimizer, xs, ts, starts, batch_size, loss)
+                record = {"epoch": epoch + 1, "loss": float(losses_host @ sizes / n)}
+                record["accuracy"] = float(to_host(step_correct).sum() / n) if classify else None
+                if val is not None:
+                    ev = self._evaluate(val[0], val[1], loss)
+                    record["val_loss"], record["val_accuracy"] = ev.loss, ev.accuracy
+                record["seconds"] = time.perf_counter() - t0
             except KeyboardInterrupt:
                 self._restore(snap, optimizer)   # weights of the last finished epoch, as in the history
                 raise
-            losses_host = to_host(step_loss).astype(numpy.float64)    # the one read-back per epoch
-            if not numpy.all(numpy.isfinite(losses_host)):
-                self._diverged(epoch, losses_host, snap, optimizer, xs, ts, starts, batch_size, loss)
-            record = {"epoch": epoch + 1, "loss": float(losses_host @ sizes / n)}
-            record["accuracy"] = float(to_host(step_correct).sum() / n) if classify else None
-            if val is not None:
-                ev = self._evaluate(val[0], val[1], loss)
-                record["val_loss"], record["val_accuracy"] = ev.loss, ev.accuracy
-            record["seconds"] = time.perf_counter() - t0
             history.append(record)
             _report(progress, record)
             if patience is not None:

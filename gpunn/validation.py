@@ -26,10 +26,6 @@ def check_dtype(dtype: Any) -> numpy.dtype:
     return dt
 
 
-def _kind(a: Any) -> str:
-    return a.dtype.kind
-
-
 def to_device_array(a: Any, dev: Device, dtype: numpy.dtype, name: str) -> Any:
     """``a`` (NumPy, CuPy, nested list) as a ``dtype`` array on ``dev``, refusing unusable types."""
     if a is None:
@@ -45,7 +41,7 @@ def to_device_array(a: Any, dev: Device, dtype: numpy.dtype, name: str) -> Any:
         except (ValueError, TypeError) as exc:
             raise DataTypeError(f"{name} cannot be read as an array ({exc}); pass a rectangular "
                                 "numeric array") from None
-    kind = _kind(src)
+    kind = src.dtype.kind
     if kind in "OUSV" or kind == "M" or kind == "m":
         raise DataTypeError(f"{name} has dtype {src.dtype} ({'strings' if kind in 'US' else 'objects'} "
                             "are not numbers); convert it to a numeric array first")
@@ -129,15 +125,9 @@ def one_hot_host(labels: numpy.ndarray, n_classes: int) -> numpy.ndarray:
     return out
 
 
-def input_device(dev: Device, *arrays: Any) -> Device:
-    """Check the arrays are not mixed (NumPy with CuPy, or two GPUs); return the device they are on."""
-    return device_of(*arrays)
-
-
 def as_model_array(value: Any, target: Any, name: str) -> Any:
     """``value`` checked against the shape of parameter ``target``, on its device and dtype."""
-    from .backend import device_of as _dev  # noqa: PLC0415
-    dev = _dev(target)
+    dev = device_of(target)
     arr = to_device_array(value, dev, target.dtype, name)
     if tuple(arr.shape) != tuple(target.shape):
         raise ShapeError(f"{name} must have shape {tuple(target.shape)}; got {tuple(arr.shape)}")
