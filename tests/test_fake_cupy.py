@@ -1,0 +1,126 @@
+"""gpunn's CUDA-side wiring, run on CPU CI against tests/fakecupy.py (NumPy dressed as CuPy)."""
+from __future__ import annotations
+
+import sys
+
+import fakecupy
+import numpy
+import pytest
+
+import gpunn
+from conftest import host, rng
+from gpunn import backend, check, losses
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Install the fake CuPy as ``cupy`` for gpunn, with one visible 'GPU'; fused kernels off."""
+    if "cupy" in sys.modules and not isinstance(sys.modules["cupy"], fakecupy._Module):
+        pytest.skip("real CuPy is imported here")
+    monkeypatch.setitem(sys.modules, "cupy", fakecupy.cupy)
+    monkeypatch.setattr(backend, "_cupy_module", fakecupy.cupy)
+    monkeypatch.setattr(backend, "_cupy_tried", True)
+    monkeypatch.setattr(backend, "_cupy_import_error", None)
+    monkeypatch.setenv("GPUNN_FUSED", "0")
+    fakecupy.ndarray.reads = 0
+    return fakecupy.cupy
+
+
+def make(device, seed=0):
+    return gpunn.Sequential([gpunn.Dense(6, 9, "tanh"), gpunn.Dense(9, 7, "elu"), gpunn.Dense(7, 3, "softmax")],
+                            device=device, seed=seed)
+
+
+X = rng(0).normal(size=(40, 6))
+Y = rng(1).integers(0, 3, size=40)
+
+
+def test_cuda_device_resolves(fake):
+    assert gpunn.available_devices() == ["cpu", "cuda:0"]
+    assert gpunn.cuda_unavailable_reason() is None
+    assert "out of range" in gpunn.cuda_unavailable_reason(1)
+    d = gpunn.get_device("cuda")
+    assert d == "cuda:0" and d.xp is fake and str(d) == "cuda:0"
+    a = d.asarray([[1.0, 2.0]])
+    assert isinstance(a, fake.ndarray) and gpunn.device_of(a) == d
+    assert isinstance(d.to_host(a), numpy.ndarray) and not isinstance(d.to_host(a), fake.ndarray)
+    with pytest.raises(gpunn.DeviceError, match="mixed"):
+        gpunn.device_of(a, numpy.zeros(1))
+
+
+def test_training_step_never_reads_back(fake):
+    """No host read-back of a device value inside forward/backward/update (each would be a GPU sync)."""
+    net = make("cuda:0")
+    dev = net.device
+    x = dev.asarray(X[:16], dtype=net.dtype)
+    t = dev.asarray(numpy.eye(3)[Y[:16]], dtype=net.dtype)
+    for opt in (gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), gpunn.Adam()):
+        fake.ndarray.reads = 0
+        for _ in range(5):
+            net._forward(x)
+            net._backward(t, losses.get("cross_entropy"))
+            net._update(opt)
+        assert fake.ndarray.reads == 0
+
+
+def test_fit_reads_back_per_epoch_not_per_step(fake):
+    """Read-backs during fit depend on the number of epochs, never on the number of steps."""
+    counts = {}
+    for batch in (20, 4):          # 2 and 10 steps per epoch
+        net = make("cuda:0")
+        fake.ndarray.reads = 0
+        net.fit(X, Y, loss="cross_entropy", epochs=3, batch_size=batch, validation_data=(X[:8], Y[:8]))
+        counts[batch] = fake.ndarray.reads
+    assert counts[20] == counts[4], counts
+
+
+def test_gpu_results_equal_cpu_results(fake):
+    """The fake 'GPU' is NumPy underneath, so the two paths must agree bitwise."""
+    a, b = make("cpu"), make("cuda:0")
+    for net in (a, b):
+        net.fit(X, Y, loss="cross_entropy", optimizer=gpunn.SGD(lr=0.1, momentum=0.9), epochs=3, batch_size=8)
+    assert host(b.flat_parameters()).tobytes() == host(a.flat_parameters()).tobytes()
+    assert isinstance(b.flat_parameters(), fake.ndarray)
+    assert a.history.epochs[-1]["loss"] == b.history.epochs[-1]["loss"]
+
+
+def test_predict_returns_the_input_library(fake):
+    net = make("cuda:0")
+    out_np = net.predict(X)
+    assert type(out_np) is numpy.ndarray
+    out_dev = net.predict(fake.asarray(X))
+    assert isinstance(out_dev, fake.ndarray)
+    numpy.testing.assert_array_equal(host(out_dev), out_np)
+    cpu_net = make("cpu")
+    assert isinstance(cpu_net.predict(fake.asarray(X)), fake.ndarray)
+
+
+def test_move_save_load(fake, tmp_path):
+    net = make("cpu")
+    ref = net.predict(X)
+    net.to("cuda:0")
+    assert net.device == "cuda:0" and isinstance(net.layers[0].W, fake.ndarray)
+    numpy.testing.assert_array_equal(net.predict(X), ref)
+    net.save(tmp_path / "m.npz")
+    back = gpunn.load(tmp_path / "m.npz", device="cuda:0")
+    assert isinstance(back.flat_parameters(), fake.ndarray)
+    numpy.testing.assert_array_equal(back.predict(X), ref)
+
+
+def test_check_and_bench_on_cuda_wiring(fake):
+    ref = check.trace("cpu", "float64", 3)
+    got = check.trace(gpunn.Device("cuda:0"), "float32", 3, fused=False)
+    assert all(check.rel_diff(got[k], ref[k]) < 1e-4 for k in ref)
+    from gpunn.bench import environment, time_workload
+    row = time_workload("lecture", gpunn.Device("cuda:0"), "float32", 4, repeats=1, min_time=0.01)
+    assert row["device"] == "cuda:0" and row["fused"] is False and row["us_per_step"] > 0
+    env = environment("float32")
+    assert env["gpus"][0]["name"] == "Fake GPU" and env["cupy"] == "0.0-fake"
+
+
+def test_inputs_on_another_gpu_are_refused(fake, monkeypatch):
+    net = make("cuda:0")
+    x = fake.asarray(X)
+    monkeypatch.setattr(fake.ndarray, "device", property(lambda self: fakecupy._Dev(1)))
+    with pytest.raises(gpunn.DeviceError, match="cuda:1"):
+        net.predict(x)
