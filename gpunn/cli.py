@@ -144,10 +144,9 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
     X, y = datasets.load(dataset, seed=seed)
     if dataset != "digits":
         X = datasets.standardize(X)
-    n_classes = int(y.max()) + 1 if y.ndim == 1 else y.shape[1]
-    out_units = 1 if loss == "binary_cross_entropy" and n_classes == 2 else n_classes
-    if dataset == "xor":
-        out_units = 1
+    n_classes = int(y.max()) + 1
+    # two classes without softmax: one sigmoid output unit (the lecture's logistic neuron)
+    out_units = 1 if loss != "cross_entropy" and n_classes == 2 else n_classes
     sizes = _csv("integer", layer_spec, int) if layer_spec else [X.shape[1], 32, out_units]
     if sizes[0] != X.shape[1]:
         raise click.BadParameter(f"the data set has {X.shape[1]} features, so --layers must start with "
@@ -156,10 +155,10 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
     layers = [Dense(i, o, activation if k < len(sizes) - 2 else out_act)
               for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
     net = Sequential(layers, device=device, dtype=dtype, seed=seed)
-    if y.ndim == 1 and loss != "cross_entropy":
-        Y = y.reshape(-1, 1).astype(float) if sizes[-1] == 1 else datasets.one_hot(y, sizes[-1])
-    else:
+    if loss == "cross_entropy":
         Y = y
+    else:
+        Y = y.reshape(-1, 1).astype(float) if sizes[-1] == 1 else datasets.one_hot(y, sizes[-1])
     if dataset == "xor":
         Xtr, Xte, Ytr, Yte = X, X, Y, Y
     else:

@@ -144,12 +144,13 @@ def names() -> list[str]:
 
 
 def load(name: str, seed: int = 0) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """A data set by name: ``(X, y)`` with integer labels (XOR: its (4, 1) targets)."""
+    """A data set by name: ``(X, y)`` with integer class labels y of shape (n,)."""
     key = str(name).lower()
     if key == "digits":
         return load_digits()
     if key == "xor":
-        return xor()
+        X, Y = xor()
+        return X, Y.ravel().astype(numpy.int64)
     if key == "moons":
         return two_moons(seed=seed)
     if key == "spirals":

@@ -44,8 +44,10 @@ def test_train_text_save_and_other_datasets(tmp_path):
     r = run("train", "--epochs", "2", "--device", "cpu", "--save", str(p))
     assert r.exit_code == 0, r.output
     assert "test accuracy" in r.output and "on cpu" in r.output and p.exists()
-    r = run("train", "--dataset", "xor", "--loss", "squared_error", "--epochs", "2", "--device", "cpu")
-    assert r.exit_code == 0, r.output
+    for loss in ("squared_error", "cross_entropy", "binary_cross_entropy"):
+        r = run("train", "--dataset", "xor", "--loss", loss, "--epochs", "2", "--device", "cpu", "--json")
+        assert r.exit_code == 0, (loss, r.output)
+        assert json.loads(r.output)["layers"][-1] == (2 if loss == "cross_entropy" else 1)
     r = run("train", "--dataset", "moons", "--loss", "binary_cross_entropy", "--layers", "2,8,1",
             "--epochs", "2", "--optimizer", "adam", "--device", "cpu")
     assert r.exit_code == 0, r.output
@@ -124,3 +126,12 @@ def test_bench_tiny(tmp_path):
         assert row[key] > 0, key
     assert row["batch"] == 2 and row["workload"] == "lecture"
     assert "| workload |" in r.output
+
+
+def test_default_train_reaches_95_percent_on_digits():
+    """The README's main job: the default network on the embedded digits, ≥ 95 % test accuracy."""
+    r = run("train", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["dataset"] == "digits" and out["layers"] == [64, 32, 10] and out["epochs"] == 40
+    assert out["test_accuracy"] >= 0.95, out["test_accuracy"]

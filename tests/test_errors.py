@@ -136,6 +136,16 @@ def test_fit_argument_errors(device, kw, match):
         net.fit(X, LABELS, loss="cross_entropy", **{"epochs": 1, **kw})
 
 
+def test_backward_before_forward_and_wrong_batch(device):
+    net = make(device)
+    with pytest.raises(ConfigError, match="forward"):
+        net.backward(LABELS, "cross_entropy")
+    net.forward(X)
+    with pytest.raises(ShapeError, match="10 samples"):
+        net.backward(LABELS[:4], "cross_entropy")
+    net.backward(LABELS, "cross_entropy")
+
+
 def test_batch_larger_than_data_trains_full_batch(device):
     net = make(device)
     h = net.fit(X, LABELS, loss="cross_entropy", epochs=2, batch_size=1000)
