@@ -61,7 +61,7 @@ class Optimizer:
 
     def snapshot(self) -> tuple[int, dict]:
         """A copy of the state (to roll back a diverged epoch)."""
-        return self.t, {k: v.copy() for k, v in self.state.items() if not k.startswith("scratch")}
+        return self.t, {k: v.copy() for k, v in self.state.items() if "scratch" not in k}
 
     def restore(self, snap: tuple[int, dict]) -> None:
         self.t = snap[0]
@@ -99,7 +99,7 @@ class SGD(Optimizer):
         self.weight_decay = _non_negative("weight_decay", weight_decay)
         if self.nesterov and self.momentum == 0.0:
             raise ConfigError("nesterov=True needs momentum > 0")
-        self._state_names = ("scratch", "velocity") if self.momentum else ("scratch",)
+        self._state_names = ("velocity",) if self.momentum else ()
 
     def update(self, params, grads, decay_mask, ops):
         self._ensure_state(params, ops.xp)
@@ -119,7 +119,7 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """Adam: bias-corrected first and second moment estimates (defaults as in the paper)."""
 
-    _state_names = ("scratch", "scratch2", "m", "v")
+    _state_names = ("m", "v")
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
