@@ -234,9 +234,9 @@ def setup(workload: str, batch: int, names: list[str], dtype: str = "float32", l
 
 
 def agreement(workload: str, batch: int, names: list[str], steps: int = 3, dtype: str = "float32",
-              device: str = "cpu") -> dict:
+              device: str = "cpu", lr: float = 0.1) -> dict:
     """Max |p − p_gpunn| / max|p_gpunn| over all parameters after ``steps`` steps, per contender."""
-    made, skipped = setup(workload, batch, names, dtype, lr=0.5, device=device)
+    made, skipped = setup(workload, batch, names, dtype, lr=lr, device=device)
     for step, _, _ in made.values():
         for _ in range(steps):
             step()
