@@ -42,14 +42,18 @@ class XpOps:
     block: int | None = 1 << 18
 
     def _slices(self, n: int) -> list:
-        size = self.block or n
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        """The blocks of a flat buffer of ``n`` elements (computed once per size)."""
+        cache = self.__dict__.setdefault("_slice_cache", {})
+        slices = cache.get(n)
+        if slices is None:
+            size = self.block or n
+            slices = cache[n] = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        return slices
 
     def _scratch(self, state: dict, name: str, like: Any) -> Any:
         s = state.get(name)
-        size = min(self.block or like.size, like.size)
-        if s is None or s.size < size or s.dtype != like.dtype:
-            s = state[name] = self.xp.empty(size, like.dtype)
+        if s is None:
+            s = state[name] = self.xp.empty(min(self.block or like.size, like.size), like.dtype)
         return s
 
     def _decayed(self, p: Any, g: Any, s: Any, weight_decay: float, mask: Any) -> Any:
@@ -66,7 +70,11 @@ class XpOps:
         s_all = self._scratch(state, "block_scratch", p)
         s2_all = self._scratch(state, "block_scratch2", p) if weight_decay else None
         vel = state.get("velocity")
-        for sl in self._slices(p.size):
+        slices = self._slices(p.size)
+        if len(slices) == 1:   # small networks: no slicing overhead
+            self._sgd(p, g, vel, s_all, s2_all, lr, momentum, nesterov, weight_decay, mask)
+            return
+        for sl in slices:
             n = sl.stop - sl.start
             self._sgd(p[sl], g[sl], None if vel is None else vel[sl], s_all[:n],
                       None if s2_all is None else s2_all[:n], lr, momentum, nesterov, weight_decay,
