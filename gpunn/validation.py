@@ -78,8 +78,14 @@ def targets(Y: Any, dev: Device, dtype: numpy.dtype, loss: Any, n_out: int, n: i
     Cross-entropy takes integer class labels (shape (n,)) or one-hot / probability rows (n, n_out);
     the other losses take (n, n_out), or (n,) when n_out == 1.
     """
-    raw = Y if _is_cupy_array(Y) else numpy.asarray(Y) if not isinstance(Y, numpy.ndarray) else Y
-    if loss.name == "cross_entropy" and getattr(raw, "ndim", 0) == 1:
+    raw = Y if _is_cupy_array(Y) or isinstance(Y, numpy.ndarray) else None
+    if raw is None:
+        try:
+            raw = numpy.asarray(Y)
+        except (ValueError, TypeError) as exc:
+            raise DataTypeError(f"{name} cannot be read as an array ({exc}); pass a rectangular "
+                                "numeric array") from None
+    if loss.name == "cross_entropy" and raw.ndim == 1:
         return _labels_to_one_hot(raw, dev, dtype, n_out, n, name)
     t = to_device_array(Y, dev, dtype, name)
     if t.ndim == 1 and n_out == 1:

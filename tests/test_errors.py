@@ -78,6 +78,8 @@ def test_integer_and_bool_inputs_are_cast(device):
     (numpy.zeros((10, 3, 1)), ShapeError, "needs"),
     (numpy.full((10, 3), numpy.nan), DataError, "NaN"),
     (numpy.full((10, 3), 0.5), DataError, "sum to 1"),
+    ([[1, 2], [3]] * 5, DataTypeError, "cannot be read"),
+    (None, DataError, "None"),
 ])
 def test_bad_targets_cross_entropy(device, Y, err, match):
     net = make(device)
