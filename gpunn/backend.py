@@ -231,7 +231,17 @@ def _warn_fallback(reason: str) -> None:
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
-        warnings.warn(f"gpunn: device 'auto' falls back to cpu: {reason}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"gpunn: device 'auto' falls back to cpu: {reason}", RuntimeWarning,
+                      stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside gpunn, so a warning points at the user's line."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def get_device(spec: str | Device | None = None) -> Device:
