@@ -14,6 +14,7 @@ NaN for |z| up to 1e4 in float32 and float64.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy
@@ -25,8 +26,9 @@ __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "EL
            "get", "names"]
 
 
+@functools.cache
 def _exp_cap(dtype: Any) -> float:
-    """Largest argument whose exp is finite in ``dtype`` (less a margin)."""
+    """Largest argument whose exp is finite in ``dtype`` (less a margin); cached per dtype."""
     return float(numpy.log(numpy.finfo(dtype).max)) - 1.0
 
 
