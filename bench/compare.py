@@ -25,7 +25,7 @@ import numpy
 
 import gpunn
 from gpunn import losses
-from gpunn.bench import WORKLOADS, build, environment, step_flops
+from gpunn.bench import WORKLOADS, build, calls_for, environment, step_flops
 
 
 # -- contenders: make(net, X, T, lr, loss_name) -> (step, params, sync) --------------------------------
@@ -258,17 +258,7 @@ def measure(workload: str, batch: int, names: list[str], rounds: int, min_time: 
         for _ in range(3):
             step()
         sync()
-    counts = {}
-    for name, (step, _, sync) in made.items():
-        n, dt = 1, 0.0
-        while dt < min_time / 4:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                step()
-            sync()
-            dt = time.perf_counter() - t0
-            n *= 2
-        counts[name] = max(1, int(n / 2 * min_time / max(dt, 1e-9)))
+    counts = {name: calls_for(step, sync, min_time) for name, (step, _, sync) in made.items()}
     order = list(made)
     per: dict[str, list[float]] = {name: [] for name in order}
     for r in range(rounds):

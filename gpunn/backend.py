@@ -28,7 +28,7 @@ from .errors import DeviceError, DeviceSpecError
 
 __all__ = [
     "Device", "get_device", "use_device", "available_devices", "cuda_unavailable_reason",
-    "device_of", "array_module", "xp_of", "fused_enabled", "tf32_enabled",
+    "device_of", "array_module", "xp_of", "parse_spec", "fused_enabled", "tf32_enabled",
 ]
 
 _SPEC_RE = re.compile(r"^(cpu|cuda|auto)(?::(\d+))?$")
@@ -98,7 +98,8 @@ def tf32_enabled() -> bool:
     return os.environ.get("CUPY_TF32", "0").strip() not in ("", "0")
 
 
-def _parse(spec: str) -> tuple[str, int]:
+def parse_spec(spec: str) -> tuple[str, int]:
+    """(kind, index) of a device spec; raises DeviceSpecError naming the accepted forms."""
     if not isinstance(spec, str):
         raise DeviceSpecError(f"a device spec must be a string such as {_ACCEPTED}; got {spec!r}")
     m = _SPEC_RE.match(spec.strip().lower())
@@ -120,7 +121,7 @@ class Device:
         if isinstance(spec, Device):
             kind, index = spec.kind, spec.index
         else:
-            kind, index = _parse(spec)
+            kind, index = parse_spec(spec)
         if kind == "auto":
             reason = cuda_unavailable_reason(0)
             if reason is None:

@@ -60,17 +60,7 @@ def timed(fn: Callable[[], None], sync: Callable[[], None], repeats: int, min_ti
     for _ in range(warmup):
         fn()
     sync()
-    n = 1
-    while True:   # calibrate the block length
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        dt = time.perf_counter() - t0
-        if dt >= min_time / 4 or n >= 1 << 20:
-            break
-        n *= 2
-    n = max(1, int(n * min_time / max(dt, 1e-9)))
+    n = calls_for(fn, sync, min_time)
     per = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -79,6 +69,21 @@ def timed(fn: Callable[[], None], sync: Callable[[], None], repeats: int, min_ti
         sync()
         per.append((time.perf_counter() - t0) / n)
     return {"median": statistics.median(per), "min": min(per), "max": max(per), "calls": n}
+
+
+def calls_for(fn: Callable[[], None], sync: Callable[[], None], min_time: float) -> int:
+    """How many calls of ``fn`` (device synchronised at the end) take about ``min_time`` seconds."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        dt = time.perf_counter() - t0
+        if dt >= min_time / 4 or n >= 1 << 20:
+            break
+        n *= 2
+    return max(1, int(n * min_time / max(dt, 1e-9)))
 
 
 def gemm_sequence(net: Sequential, x: Any) -> Callable[[], None]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy
 
-from .backend import Device, cuda_unavailable_reason, tf32_enabled, to_host
+from .backend import Device, cuda_unavailable_reason, parse_spec, tf32_enabled, to_host
 from .layers import Dense
 from .network import Sequential
 from .optim import SGD
@@ -54,12 +54,13 @@ def rel_diff(a: numpy.ndarray, ref: numpy.ndarray) -> float:
     return float(numpy.max(numpy.abs(a - ref))) / scale
 
 
-def backends(devices: list[str], dtypes: list[str], both_fused: bool = True) -> tuple[list[tuple], list[str]]:
+def backends(devices: list[str], dtypes: list[str]) -> tuple[list[tuple], list[str]]:
     """(device, dtype, fused, label) to check, and notes on what was skipped and why."""
     todo, notes = [], []
     for spec in devices:
-        if spec.startswith("cuda"):
-            index = int(spec.split(":")[1]) if ":" in spec else 0
+        kind, index = parse_spec(spec)
+        if kind == "cuda":
+            spec = f"cuda:{index}"
             reason = cuda_unavailable_reason(index)
             if reason is not None:
                 notes.append(f"{spec} skipped: {reason}")
@@ -67,13 +68,10 @@ def backends(devices: list[str], dtypes: list[str], both_fused: bool = True) -> 
             if tf32_enabled():
                 notes.append("CUPY_TF32 is on: float32 GPU products use TF32, expect ~1e-3 differences")
         for dt in dtypes:
-            if spec == "cpu":
-                if dt != "float64":
-                    todo.append(("cpu", dt, None, f"numpy {dt}"))
-                else:
-                    todo.append(("cpu", dt, None, "numpy float64 (rerun)"))
+            if kind != "cuda":   # the float64 row re-runs the reference: a determinism check
+                todo.append(("cpu", dt, None, f"numpy {dt}" + (" (rerun)" if dt == "float64" else "")))
             else:
-                for fused in ((True, False) if both_fused else (True,)):
+                for fused in (True, False):
                     todo.append((spec, dt, fused, f"cupy {spec} {dt} {'fused' if fused else 'unfused'}"))
     return todo, notes
 

@@ -74,14 +74,17 @@ def info(as_json: bool) -> None:
     """
     import os  # noqa: PLC0415
 
-    from .backend import cuda_unavailable_reason  # noqa: PLC0415
+    from .backend import cuda_unavailable_reason, parse_spec  # noqa: PLC0415
     from .bench import environment  # noqa: PLC0415
     env = environment()
     env["devices"] = ["cpu"] + [g["device"] for g in env["gpus"]]
     env["default_device_spec"] = os.environ.get("GPUNN_DEVICE") or "auto"
     spec = env["default_device_spec"]
-    if spec.startswith("cuda"):
-        idx = int(spec.split(":")[1]) if ":" in spec and spec.split(":")[1].isdigit() else 0
+    try:
+        kind, idx = parse_spec(spec)
+    except GpunnError as exc:
+        kind, env["default_device_unusable_reason"] = None, str(exc)
+    if kind == "cuda":
         env["default_device_unusable_reason"] = cuda_unavailable_reason(idx)
     if as_json:
         click.echo(json.dumps(env, indent=2))
@@ -142,8 +145,6 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
     if plot_path:
         _need_matplotlib()
     X, y = datasets.load(dataset, seed=seed)
-    if dataset != "digits":
-        X = datasets.standardize(X)
     n_classes = int(y.max()) + 1
     # two classes without softmax: one sigmoid output unit (the lecture's logistic neuron)
     out_units = 1 if loss != "cross_entropy" and n_classes == 2 else n_classes
@@ -163,6 +164,8 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         Xtr, Xte, Ytr, Yte = X, X, Y, Y
     else:
         Xtr, Xte, Ytr, Yte = datasets.train_test_split(X, Y, test_size=0.25, seed=seed)
+        if dataset != "digits":   # synthetic sets: scale with the training set's statistics only
+            Xtr, Xte = datasets.standardize(Xtr, Xte)
     if lr is None:
         lr = 0.01 if optimizer == "adam" else 0.5 if loss != "squared_error" else 2.0
     opt = optim.SGD(lr=lr, momentum=momentum) if optimizer == "sgd" else optim.Adam(lr=lr)
@@ -259,10 +262,10 @@ def check(devices, dtypes, steps, seed, as_json):
     for dt in dt_list:
         if dt not in ("float32", "float64"):
             raise click.BadParameter(f"dtype must be float32 or float64, got {dt!r}", param_hint="--dtype")
+    from .backend import parse_spec  # noqa: PLC0415
     for d in dev_list:
-        from .backend import _parse  # noqa: PLC0415
         try:
-            _parse(d)
+            parse_spec(d)
         except GpunnError as exc:
             raise click.BadParameter(str(exc), param_hint="--device") from None
     result = run_check(dev_list, dt_list, steps=steps, seed=seed)

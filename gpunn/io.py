@@ -44,37 +44,35 @@ def save(net: Any, path: Any) -> None:
     header["sha256"] = _digest(header, params)
     head = numpy.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=numpy.uint8)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".gpunn-", suffix=".tmp", dir=folder)
+        atomic_write(path, lambda fh: _write_npz(fh, header=head, params=params))
     except OSError as exc:
-        raise SaveError(f"cannot save to {path}: {exc.strerror or exc} (is {folder} writable?)") from None
+        raise SaveError(f"cannot save to {path}: {exc.strerror or exc} (is {folder} writable?); any earlier "
+                        "file there is unchanged") from None
+
+
+def atomic_write(path: Any, write: Any, mode: str = "wb") -> None:
+    """Call ``write(fh)`` on a temporary file beside ``path``, flush it to disk, then rename it over
+    ``path``: a failure at any point (an exception, Ctrl-C) leaves an earlier file intact and no
+    temporary behind. Every file gpunn writes goes through here."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".gpunn-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
     try:
-        with os.fdopen(fd, "wb") as fh:
-            _write_npz(fh, header=head, params=params)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError):
-            raise SaveError(f"cannot save to {path}: {exc}; any earlier file there is unchanged") from None
         raise
 
 
 def write_text_atomic(path: Any, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (for reports and JSON)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".gpunn-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (reports and JSON)."""
+    atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
 def _write_npz(fh: Any, **arrays: Any) -> None:

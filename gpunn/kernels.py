@@ -11,7 +11,9 @@ multiply, column sum, update). Here each of those chains is one kernel:
 
 The arithmetic is the NumPy path's, operation for operation: the same overflow-safe formulas and
 the same order, compiled with ``--fmad=false`` (no fused multiply-add contraction) and without
-fast-math, so fused and unfused results agree to rounding of the transcendental functions.
+fast-math, so fused and unfused results should agree to rounding of the transcendental functions.
+A host emulation checks that in tests/test_kernels.py; on a card, test_fused_matches_unfused_on_gpu
+does (not yet run: no GPU so far).
 Softmax (row-wise) and Adam use the plain ``xp`` code. ``GPUNN_FUSED=0`` or
 ``Sequential(..., fused=False)`` switches all of this off.
 """

@@ -19,6 +19,7 @@ from typing import Any
 from . import activations
 from . import init as initializers
 from .errors import ConfigError
+from .validation import as_model_array
 
 
 class _Buffers:
@@ -82,7 +83,6 @@ class Dense:
     def _assign(self, target: Any, value: Any, name: str) -> None:
         if target is None:
             raise ConfigError("this layer is not part of a network yet; build a gpunn.Sequential first")
-        from .validation import as_model_array  # noqa: PLC0415
         arr = as_model_array(value, target, name)
         target[...] = arr
 

@@ -70,15 +70,12 @@ class History:
     def val_accuracy(self) -> list:
         return self["val_accuracy"]
 
-    def as_dict(self) -> dict:
-        return {"epochs": list(self.epochs), "stopped_early": self.stopped_early, "best_epoch": self.best_epoch}
-
     def __repr__(self) -> str:
         last = self.epochs[-1] if self.epochs else {}
         return f"History({len(self)} epochs, last={last})"
 
 
-def _one_hot_rows(xp: Any, t: Any) -> bool:
+def _one_hot_rows(t: Any) -> bool:
     """True when t is 0/1 valued and each row is a class indicator (so accuracy is meaningful)."""
     if not bool(((t == 0) | (t == 1)).all()):
         return False
@@ -154,8 +151,9 @@ class Sequential:
         init_seq, shuffle_seq = numpy.random.SeedSequence(seed).spawn(2)
         self._shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))
         rng = numpy.random.Generator(numpy.random.PCG64(init_seq))
-        host = numpy.concatenate([numpy.concatenate([layer.initial_weights(rng).ravel(), numpy.zeros(layer.n_out)])
-                                  for layer in layers])
+        host = numpy.zeros(sum(layer.n_in * layer.n_out + layer.n_out for layer in layers))
+        for layer, (w, _) in zip(layers, _layout(layers)):
+            host[w] = layer.initial_weights(rng).ravel()     # biases start at zero
         for layer in layers:
             layer.input_grad = True
         layers[0].input_grad = False     # the first layer computes no input gradient
@@ -173,13 +171,9 @@ class Sequential:
             self._grads = dev.xp.zeros_like(self._params)
         self._decay_mask = None
         self._grad_y = {}
-        off = 0
-        for layer in self.layers:
-            nw = layer.n_in * layer.n_out
+        for layer, (w, b) in zip(self.layers, _layout(self.layers)):
             shape = (layer.n_in, layer.n_out)
-            layer.bind(self._params[off:off + nw].reshape(shape), self._params[off + nw:off + nw + layer.n_out],
-                       self._grads[off:off + nw].reshape(shape), self._grads[off + nw:off + nw + layer.n_out])
-            off += nw + layer.n_out
+            layer.bind(self._params[w].reshape(shape), self._params[b], self._grads[w].reshape(shape), self._grads[b])
 
     @property
     def ops(self) -> Any:
@@ -212,8 +206,9 @@ class Sequential:
     def decay_mask(self) -> Any:
         """1 for weights, 0 for biases, as a flat array (used by weight decay)."""
         if self._decay_mask is None:
-            host = numpy.concatenate([numpy.concatenate([numpy.ones(layer.n_in * layer.n_out),
-                                                         numpy.zeros(layer.n_out)]) for layer in self.layers])
+            host = numpy.zeros(self.n_parameters)
+            for w, _ in _layout(self.layers):
+                host[w] = 1.0
             self._decay_mask = self.device.asarray(host, dtype=self.dtype)
         return self._decay_mask
 
@@ -325,7 +320,7 @@ class Sequential:
     def _evaluate(self, x: Any, t: Any, loss: losses_mod.Loss) -> Evaluation:
         xp = self.xp
         total, correct = 0.0, 0
-        classify = _one_hot_rows(xp, t)
+        classify = _one_hot_rows(t)
         acc = _Accuracy(xp, self.n_out)
         for start in range(0, x.shape[0], 8192):
             xb, tb = x[start:start + 8192], t[start:start + 8192]
@@ -399,7 +394,7 @@ class Sequential:
         batch_size = min(batch_size, n)
         starts = list(range(0, n, batch_size))
         sizes = numpy.array([min(batch_size, n - s) for s in starts], dtype=numpy.float64)
-        classify = _one_hot_rows(xp, t_all)
+        classify = _one_hot_rows(t_all)
         acc = _Accuracy(xp, self.n_out)
         l_all = acc.labels(t_all) if classify else None
         if shuffle:
@@ -491,6 +486,16 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device='{self.device}', dtype='{self.dtype.name}')"
+
+
+def _layout(layers: list) -> list[tuple[slice, slice]]:
+    """Where each layer's W and b live in the flat parameter (and gradient) buffer: W₁, b₁, W₂, b₂, ..."""
+    out, off = [], 0
+    for layer in layers:
+        nw = layer.n_in * layer.n_out
+        out.append((slice(off, off + nw), slice(off + nw, off + nw + layer.n_out)))
+        off += nw + layer.n_out
+    return out
 
 
 def _is_cupy_oom(exc: BaseException) -> bool:

@@ -38,7 +38,7 @@ class XpOps:
     # -- optimisers -----------------------------------------------------------------------------
     #: On the CPU the update walks the flat buffers in cache-sized blocks with one small scratch
     #: array, so the temporaries never leave the cache (same arithmetic, element by element).
-    #: On a GPU one whole-buffer operation per term is cheaper than many launches.
+    #: On a GPU the blocks would only add kernel launches, so each term is one whole-buffer operation.
     block: int | None = 1 << 18
 
     def _slices(self, n: int) -> list:

@@ -1,7 +1,6 @@
 """Pictures: the lecture's Figure 1 (activations and derivatives) and training curves. Needs matplotlib."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy
@@ -17,14 +16,8 @@ def _pyplot():
 
 
 def _save(fig: Any, path: str) -> None:
-    # Render to a temporary file beside the target, then rename: no half-written PNG on failure.
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .io import atomic_write  # noqa: PLC0415
+    atomic_write(path, lambda fh: fig.savefig(fh, dpi=110, format="png"))
 
 
 def plot_activations(path: str) -> None:
