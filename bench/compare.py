@@ -204,15 +204,19 @@ CONTENDERS: dict[str, Callable] = {"gpunn": gpunn_contender, "gpunn-unfused": gp
 DEFAULTS = {"cpu": "gpunn,numpy,torch,sklearn", "cuda": "gpunn,gpunn-unfused,torch"}
 
 
-def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
+def available(names: list[str], device: str = "cpu") -> tuple[list[str], dict[str, str]]:
+    """The contenders that can run on ``device``, and why each other one cannot."""
     ok, skipped = [], {}
     for name in names:
         mod = {"torch": "torch", "sklearn": "sklearn"}.get(name)
         if mod:
             try:
-                __import__(mod)
+                m = __import__(mod)
             except ImportError:
                 skipped[name] = f"{mod} is not installed"
+                continue
+            if name == "torch" and device.startswith("cuda") and not m.cuda.is_available():
+                skipped[name] = f"torch {m.__version__} cannot use CUDA here (a CPU build, or no driver)"
                 continue
         ok.append(name)
     return ok, skipped
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     contenders = args.contenders or DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
-    names, skipped = available([n.strip() for n in contenders.split(",")])
+    names, skipped = available([n.strip() for n in contenders.split(",")], args.device)
     if "gpunn" not in names:
         names.insert(0, "gpunn")
     env = environment(args.dtype)

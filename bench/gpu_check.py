@@ -3,8 +3,9 @@ same card, the cuBLAS matmul ceiling, and evidence that a training step never wa
 
     PYTHONPATH=$PWD python3 bench/gpu_check.py --json out.json
 
-Prints a table last. Never run on CPU CI (it needs CuPy and a device); the logic it shares with
-``gpunn bench`` and ``bench/compare.py`` is tested there.
+Prints a table last and writes the JSON after every stage, so a crash or a timeout keeps what was
+measured; a failing configuration is reported and the next one runs. On CPU CI the whole script runs
+against tests/fakecupy.py (tests/test_bench_script.py), so its logic is checked before card time is spent.
 """
 from __future__ import annotations
 
@@ -19,10 +20,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
 import numpy  # noqa: E402
 
-from gpunn import Device, losses  # noqa: E402
-from gpunn.bench import WORKLOADS, build, environment, time_workload  # noqa: E402
+from gpunn import Device, cuda_unavailable_reason, losses  # noqa: E402
+from gpunn.bench import WORKLOADS, build, environment, step_flops, time_workload  # noqa: E402
 
-CONFIGS = [("lecture", 1), ("lecture", 16), ("mlp", 32), ("mlp", 256), ("mlp", 2048), ("wide", 4096)]
+CONFIGS = "lecture:1,lecture:16,mlp:32,mlp:256,mlp:2048,wide:4096"
+
+
+def parse_configs(text: str) -> list[tuple[str, int]]:
+    """'mlp:256,wide:4096' -> [('mlp', 256), ('wide', 4096)], refusing unknown workloads."""
+    out = []
+    for item in text.split(","):
+        w, _, b = item.strip().partition(":")
+        if w not in WORKLOADS or not b.isdigit() or int(b) < 1:
+            raise SystemExit(f"bad config {item!r}: use WORKLOAD:BATCH with WORKLOAD in {sorted(WORKLOADS)}")
+        out.append((w, int(b)))
+    return out
 
 
 def matmul_ceiling(n: int = 8192) -> dict:
@@ -43,6 +55,8 @@ def matmul_ceiling(n: int = 8192) -> dict:
     out["cupy_tflops"] = 2 * n**3 / float(numpy.median(ts[1:])) / 1e12
     try:
         import torch
+        if not torch.cuda.is_available():
+            raise ImportError("torch cannot use CUDA here")
         torch.backends.cuda.matmul.allow_tf32 = False
         ta = torch.randn(n, n, device="cuda")
         tb = torch.randn(n, n, device="cuda")
@@ -87,57 +101,82 @@ def sync_evidence(workload: str, batch: int, steps: int = 30) -> dict:
             "gpu_done_ms": total * 1e3, "host_ran_ahead": enqueue < 0.5 * total}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.2)
     ap.add_argument("--budget", type=float, default=170.0, help="seconds; remaining configs are skipped")
-    args = ap.parse_args()
+    ap.add_argument("--configs", default=CONFIGS, help="WORKLOAD:BATCH,... (default: %(default)s)")
+    ap.add_argument("--ceiling-n", type=int, default=8192, help="size of the square fp32 GEMM for the ceiling")
+    args = ap.parse_args(argv)
+    configs = parse_configs(args.configs)
+    reason = cuda_unavailable_reason(0)
+    if reason is not None:
+        print(f"gpu_check: needs a usable cuda:0 ({reason})", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     env = environment("float32")
     env["commit"] = compare.commit()
     print("# " + json.dumps(env))
-    ceiling = matmul_ceiling()
-    print(f"# fp32 GEMM 8192^3: cupy {ceiling['cupy_tflops']:.1f} TFLOP/s, torch "
+    report: dict = {"environment": env, "rows": [], "shares": [], "agreement": [], "errors": []}
+
+    def save() -> None:   # after every stage: a crash or a timeout later keeps what was measured
+        if args.json:
+            from gpunn.io import write_text_atomic
+            write_text_atomic(args.json, json.dumps(report, indent=2))
+
+    n = args.ceiling_n
+    ceiling = report["ceiling"] = matmul_ceiling(n)
+    print(f"# fp32 GEMM {n}^3: cupy {ceiling['cupy_tflops']:.1f} TFLOP/s, torch "
           f"{ceiling['torch_tflops'] or float('nan'):.1f} TFLOP/s (TF32 off)")
-    syncs = [sync_evidence("wide", 4096, 10), sync_evidence("mlp", 2048, 50)]
+    # the no-sync evidence on the two configs with the most work per step
+    heavy = sorted(configs, key=lambda c: step_flops(WORKLOADS[c[0]][0], c[1]))[-2:][::-1]
+    syncs = report["sync_evidence"] = [sync_evidence(w, b, 10 if w == "wide" else 50) for w, b in heavy]
     for s in syncs:
         print(f"# no-sync evidence {s['workload']} b{s['batch']}: host enqueued {s['steps']} steps in "
               f"{s['host_enqueue_ms']:.1f} ms, GPU done at {s['gpu_done_ms']:.1f} ms -> "
               f"{'host ran ahead (no sync in the step)' if s['host_ran_ahead'] else 'HOST WAITED'}")
-    names, skipped = compare.available(["gpunn", "gpunn-unfused", "torch"])
-    for n, why in skipped.items():
-        print(f"# {n} skipped: {why}")
+    save()
+    names, skipped = compare.available(["gpunn", "gpunn-unfused", "torch"], "cuda:0")
+    for name, why in skipped.items():
+        print(f"# {name} skipped: {why}")
     failed = False
-    rows, shares = [], []
-    for w, b in CONFIGS:
+    for w, b in configs:
         if time.perf_counter() - start > args.budget:
             print(f"# budget spent: skipped {w} batch {b}")
             continue
-        # a small learning rate keeps the 4096-wide ReLU net far from its kinks over 3 steps
-        check = compare.agreement(w, min(b, 64), names, device="cuda:0", lr=0.01 if w == "wide" else 0.1)
-        for n, d in check["diffs"].items():
-            ok = d <= 1e-4
-            failed |= not ok
-            print(f"agreement {w} b{min(b, 64)} {n}: {d:.2e} {'ok' if ok else 'FAIL'}")
-        rows.append(compare.measure(w, b, names, args.rounds, args.min_time, "float32", "cuda:0"))
-        shares.append(time_workload(w, Device("cuda:0"), "float32", b, repeats=3, min_time=args.min_time))
+        try:
+            # a small learning rate keeps the 4096-wide ReLU net far from its kinks over 3 steps
+            check = compare.agreement(w, min(b, 64), names, device="cuda:0", lr=0.01 if w == "wide" else 0.1)
+            for name, d in check["diffs"].items():
+                ok = d <= 1e-4
+                failed |= not ok
+                report["agreement"].append({"workload": w, "batch": min(b, 64), "contender": name, "diff": d})
+                print(f"agreement {w} b{min(b, 64)} {name}: {d:.2e} {'ok' if ok else 'FAIL'}")
+            row = compare.measure(w, b, names, args.rounds, args.min_time, "float32", "cuda:0")
+            share = time_workload(w, Device("cuda:0"), "float32", b, repeats=3, min_time=args.min_time)
+        except Exception as exc:       # report it and go on: card time is too short to stop at one failure
+            failed = True
+            report["errors"].append({"workload": w, "batch": b, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"ERROR {w} batch {b}: {type(exc).__name__}: {exc}")
+            continue
+        report["rows"].append(row)
+        report["shares"].append(share)
+        save()
+    save()
     print()
     print("| workload | batch | gpunn fused µs | gpunn unfused µs | torch µs | fused/torch speed-up | "
           "fused/unfused | GFLOP/s | GEMM-only GFLOP/s | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r, s in zip(rows, shares):
+    nan = float("nan")
+    for r, s in zip(report["rows"], report["shares"]):
         us = r["us_per_step"]
         sp = r["speedup_gpunn_vs"]
-        print(f"| {r['workload']} | {r['batch']} | {us['gpunn']:.1f} | {us.get('gpunn-unfused', float('nan')):.1f} | "
-              f"{us.get('torch', float('nan')):.1f} | {sp.get('torch', float('nan')):.2f}x | "
-              f"{sp.get('gpunn-unfused', float('nan')):.2f}x | {s['gflops']:.0f} | {s['ceiling_gflops']:.0f} | "
+        print(f"| {r['workload']} | {r['batch']} | {us['gpunn']:.1f} | {us.get('gpunn-unfused', nan):.1f} | "
+              f"{us.get('torch', nan):.1f} | {sp.get('torch', nan):.2f}x | "
+              f"{sp.get('gpunn-unfused', nan):.2f}x | {s['gflops']:.0f} | {s['ceiling_gflops']:.0f} | "
               f"{100 * s['share_of_ceiling']:.0f}% |")
-    if args.json:
-        from gpunn.io import write_text_atomic
-        write_text_atomic(args.json, json.dumps({"environment": env, "ceiling": ceiling, "sync_evidence": syncs,
-                                                 "rows": rows, "shares": shares}, indent=2))
     return 1 if failed or not all(s["host_ran_ahead"] for s in syncs) else 0
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: every backend present, one test id each; CuPy ones skip with the reason."""
 from __future__ import annotations
 
+import fakecupy
 import numpy
 import pytest
 
@@ -13,13 +14,20 @@ BACKENDS = [
     pytest.param("cpu", id="numpy"),
     pytest.param("cuda:0", id="cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(_REASON is not None,
                                                                             reason=f"cupy: {_REASON}")]),
+    # gpunn's CUDA code path on CPU: NumPy dressed as CuPy, fused kernels on the host emulation
+    # (tests/fakecupy.py, tests/emulation.py). Where a real CuPy is there, the real one is tested instead.
+    pytest.param("fake:cuda:0", id="fakecupy", marks=pytest.mark.skipif(
+        fakecupy.real_cupy_loaded(), reason="fakecupy: a real CuPy is loaded and the fake would shadow it")),
 ]
 DTYPE_TOL = {"float32": 1e-5, "float64": 1e-10}
 
 
 @pytest.fixture(params=BACKENDS)
 def device(request) -> gpunn.Device:
-    """A gpunn.Device for each backend present (numpy always; cupy when a GPU is usable)."""
+    """A gpunn.Device for each backend present (numpy always; cupy when a GPU is usable; fakecupy on CPU)."""
+    if request.param.startswith("fake:"):
+        fakecupy.install(request.getfixturevalue("monkeypatch"))
+        return gpunn.get_device(request.param.removeprefix("fake:"))
     return gpunn.get_device(request.param)
 
 
@@ -29,7 +37,8 @@ def fused(request) -> bool:
 
 
 def host(a):
-    return gpunn.to_host(a)
+    """A NumPy copy of ``a``: never a view of a CPU network's buffers, which later steps overwrite."""
+    return numpy.array(gpunn.to_host(a), copy=True)
 
 
 def rng(seed: int = 0) -> numpy.random.Generator:

@@ -3,11 +3,17 @@
 It lets CPU CI run gpunn's CUDA-side wiring (device checks, transfers, the ``cuda:N`` branches of
 the network, save/load, predict's return type) and count every host read-back of a device value
 (``get``, ``float``, ``bool``, ``int``, ``item``) — the operations that would synchronise a real GPU.
+``RawModule`` runs gpunn's fused kernels on the host emulation (tests/emulation.py), which checks
+every launch argument against the kernel's signature, so the fused path's wiring runs on CI too.
+``random``, ``cuda.Event`` and ``cuda.get_elapsed_time`` are enough for bench/gpu_check.py to run.
 It checks gpunn's logic, not CuPy's API: that needs a card (scripts/gpu-check.sh).
 """
 from __future__ import annotations
 
 import contextlib
+import shutil
+import sys
+import time
 import types
 
 import numpy
@@ -101,8 +107,95 @@ class _CudaDevice(contextlib.AbstractContextManager):
         pass
 
 
+class RawModule:
+    """CuPy's RawModule for gpunn's kernel source, backed by the host emulation."""
+
+    def __init__(self, code=None, *, options=(), name_expressions=None, **kwargs):
+        from gpunn import kernels
+        if code != kernels.SOURCE:
+            raise ValueError("the fake RawModule only knows gpunn.kernels.SOURCE")
+        if not isinstance(options, tuple) or not all(isinstance(o, str) for o in options):
+            raise TypeError(f"options must be a tuple of str; got {options!r}")
+        self.options = options
+        self.name_expressions = tuple(name_expressions or ())
+        self.launches: dict[str, int] = {}
+
+    def compile(self, log_stream=None):
+        import emulation
+        emulation.library()
+
+    def get_function(self, name):
+        if name not in self.name_expressions:   # CuPy cannot look up a template instance it was not told of
+            raise KeyError(f"{name!r} is not among the module's name_expressions")
+        import emulation
+
+        def kernel(grid, block, args, **kw):
+            emulation.launch(name, grid, block, args)
+            self.launches[name] = self.launches.get(name, 0) + 1
+        return kernel
+
+
+cupy.RawModule = RawModule
+
+
+class _Random:
+    def __init__(self):
+        self._g = numpy.random.default_rng(0)
+
+    def standard_normal(self, size=None, dtype=float):
+        return self._g.standard_normal(size, dtype=dtype).view(ndarray)
+
+
+cupy.random = _Random()
+
+
+class _Event:
+    def __init__(self, *a, **k):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+def _elapsed_ms(start, end):
+    return (end.t - start.t) * 1e3
+
+
 cupy.cuda = types.SimpleNamespace(
     Device=_CudaDevice,
+    Event=_Event,
+    get_elapsed_time=_elapsed_ms,
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (8 << 30, 16 << 30),
                                   getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 1},
                                   runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0))
+
+
+def real_cupy_loaded() -> bool:
+    return "cupy" in sys.modules and not isinstance(sys.modules["cupy"], _Module)
+
+
+def is_fake(device) -> bool:
+    """Whether ``device`` (a gpunn.Device) runs on this fake."""
+    return device.is_cuda and isinstance(device.xp, _Module)
+
+
+def install(monkeypatch, fused: bool | None = None) -> types.ModuleType:
+    """Make gpunn see this fake as CuPy with one 'GPU', until the test ends (``monkeypatch`` undoes it).
+
+    Fused kernels run on the host emulation when g++ is there (off otherwise, or when ``fused=False``).
+    """
+    from gpunn import backend, kernels
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(backend, "_cupy_module", cupy)
+    monkeypatch.setattr(backend, "_cupy_tried", True)
+    monkeypatch.setattr(backend, "_cupy_import_error", None)
+    monkeypatch.setattr(kernels, "_MODULES", {})
+    if fused is False or shutil.which("g++") is None:
+        monkeypatch.setenv("GPUNN_FUSED", "0")
+    else:
+        monkeypatch.delenv("GPUNN_FUSED", raising=False)
+    ndarray.reads = 0
+    return cupy

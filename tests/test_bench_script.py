@@ -1,9 +1,12 @@
-"""Smoke tests for bench/compare.py: the agreement check and a tiny timed run (no timing assertions)."""
+"""Smoke tests for bench/compare.py and bench/gpu_check.py: agreement checks and tiny timed runs (no timing
+assertions); gpu_check runs on the fake GPU of tests/fakecupy.py."""
 from __future__ import annotations
 
 import json
 import pathlib
 import sys
+
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 import compare  # noqa: E402
@@ -49,3 +52,42 @@ def test_flop_count_skips_first_layer_input_gradient():
     assert step_flops([4, 8, 1], 2) == 2 * 2 * (3 * (32 + 8) - 32)
 
 
+
+
+def test_gpu_check_runs_end_to_end_on_the_fake_gpu(monkeypatch, tmp_path, capsys):
+    """bench/gpu_check.py, as scripts/gpu-check.sh runs it, on fakecupy: a crash here would waste card time."""
+    import fakecupy
+    if fakecupy.real_cupy_loaded():
+        pytest.skip("real CuPy is imported here: run the script itself")
+    fakecupy.install(monkeypatch)
+    import gpu_check
+    out = tmp_path / "gpu.json"
+    rc = gpu_check.main(["--configs", "lecture:16,mlp:32", "--ceiling-n", "64", "--rounds", "1",
+                         "--min-time", "0.001", "--json", str(out)])
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["errors"] == [] and [r["workload"] for r in data["rows"]] == ["lecture", "mlp"]
+    assert len(data["shares"]) == 2 and data["ceiling"]["cupy_tflops"] > 0
+    assert {a["contender"] for a in data["agreement"]} >= {"gpunn-unfused"}
+    assert all(a["diff"] <= 1e-4 for a in data["agreement"])
+    assert [s["workload"] for s in data["sync_evidence"]] == ["mlp", "lecture"]   # the heavier first
+    assert "| mlp | 32 |" in text and "# fp32 GEMM 64^3" in text
+    # the fake runs each step synchronously, so the host cannot run ahead: the script must say so
+    assert "HOST WAITED" in text and rc == 1
+
+
+def test_gpu_check_says_why_it_cannot_run(capsys):
+    import gpu_check
+
+    from gpunn import cuda_unavailable_reason
+    if cuda_unavailable_reason(0) is None:
+        pytest.skip("a GPU is usable here")
+    assert gpu_check.main(["--configs", "mlp:32"]) == 2
+    assert "gpu_check: needs a usable cuda:0 (" in capsys.readouterr().err
+
+
+def test_gpu_check_refuses_unknown_configs():
+    import gpu_check
+    with pytest.raises(SystemExit, match="bad config 'mlpp:3'"):
+        gpu_check.parse_configs("mlp:32,mlpp:3")
+    assert gpu_check.parse_configs(gpu_check.CONFIGS)[-1] == ("wide", 4096)

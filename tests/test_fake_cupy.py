@@ -1,7 +1,7 @@
 """gpunn's CUDA-side wiring, run on CPU CI against tests/fakecupy.py (NumPy dressed as CuPy)."""
 from __future__ import annotations
 
-import sys
+import shutil
 
 import fakecupy
 import numpy
@@ -9,21 +9,15 @@ import pytest
 
 import gpunn
 from conftest import host, rng
-from gpunn import backend, check, losses
+from gpunn import check, losses
 
 
 @pytest.fixture
 def fake(monkeypatch):
     """Install the fake CuPy as ``cupy`` for gpunn, with one visible 'GPU'; fused kernels off."""
-    if "cupy" in sys.modules and not isinstance(sys.modules["cupy"], fakecupy._Module):
+    if fakecupy.real_cupy_loaded():
         pytest.skip("real CuPy is imported here")
-    monkeypatch.setitem(sys.modules, "cupy", fakecupy.cupy)
-    monkeypatch.setattr(backend, "_cupy_module", fakecupy.cupy)
-    monkeypatch.setattr(backend, "_cupy_tried", True)
-    monkeypatch.setattr(backend, "_cupy_import_error", None)
-    monkeypatch.setenv("GPUNN_FUSED", "0")
-    fakecupy.ndarray.reads = 0
-    return fakecupy.cupy
+    return fakecupy.install(monkeypatch, fused=False)
 
 
 def make(device, seed=0):
@@ -124,3 +118,27 @@ def test_inputs_on_another_gpu_are_refused(fake, monkeypatch):
     monkeypatch.setattr(fake.ndarray, "device", property(lambda self: fakecupy._Dev(1)))
     with pytest.raises(gpunn.DeviceError, match="cuda:1"):
         net.predict(x)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed: no kernel emulation")
+def test_fused_step_launches_every_kernel_and_never_reads_back(monkeypatch):
+    """The fused path really runs its kernels (no silent fallback to the xp code) and never syncs."""
+    if fakecupy.real_cupy_loaded():
+        pytest.skip("real CuPy is imported here")
+    fake = fakecupy.install(monkeypatch)
+    net = make("cuda:0")
+    assert net.ops.fused
+    dev = net.device
+    x = dev.asarray(X[:16], dtype=net.dtype)
+    t = dev.asarray(numpy.eye(3)[Y[:16]], dtype=net.dtype)
+    opt = gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    fake.ndarray.reads = 0
+    for _ in range(3):
+        net._forward(x)
+        net._backward(t, losses.get("cross_entropy"))
+        net._update(opt)
+    assert fake.ndarray.reads == 0
+    launched = net.ops.module.launches
+    # tanh and elu layers fused, softmax output in xp code; every layer's bias gradient; one update per step
+    assert launched == {"bias_act_fwd<float, 2>": 3, "bias_act_fwd<float, 6>": 3, "act_bwd<float, 2>": 3,
+                        "act_bwd<float, 6>": 3, "colsum<float>": 9, "sgd_update<float>": 3}, launched

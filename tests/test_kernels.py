@@ -1,17 +1,19 @@
 """The fused CUDA kernels, checked without a GPU where possible.
 
 1. ``nvcc`` compiles the kernel source for sm_90 (catches syntax and type errors on CPU CI).
-2. The same source, compiled as plain C++ with a tiny CUDA emulation (one thread walks each
-   grid-stride loop; colsum's threads run so that the block's row 0 goes last), must compute what the
-   NumPy path computes: this checks indexing, formulas and operation order of every kernel.
+2. The same source, compiled as plain C++ with a tiny CUDA emulation (tests/emulation.py: the launch
+   walks the whole grid, thread by thread, after checking every argument against the kernel's
+   signature), must compute what the NumPy path computes: this checks indexing, formulas and
+   operation order of every kernel. The whole fused network path runs on that emulation in the
+   ``fakecupy`` backend of every device-parametrised test (tests/conftest.py).
 3. On a GPU: fused against unfused results for every activation and loss.
 """
 from __future__ import annotations
 
-import ctypes
 import shutil
 import subprocess
 
+import emulation
 import numpy
 import pytest
 
@@ -22,7 +24,6 @@ from gpunn.backend import Device
 from gpunn.ops import XpOps
 
 NVCC = shutil.which("nvcc")
-GXX = shutil.which("g++")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
@@ -34,73 +35,37 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-EMULATION = r"""
-#include <math.h>
-struct Dim3 { unsigned x, y, z; };
-static Dim3 threadIdx, blockIdx, blockDim, gridDim;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __restrict__
-#define __shared__ static
-#define __syncthreads()
-"""
-
-
-def _emulation_source() -> str:
-    lines = [EMULATION, kernels.SOURCE]
-    for ctype in kernels.CTYPES.values():
-        for a in sorted(set(kernels.ACTIVATION_IDS.values())):
-            lines.append(f"""
-extern "C" void fwd_{ctype}_{a}({ctype}* z, const {ctype}* b, {ctype}* y, long long n, int ncol, {ctype} p,
-                                 {ctype} cap) {{
-    gridDim = {{1, 1, 1}}; blockDim = {{1, 1, 1}}; blockIdx = {{0, 0, 0}}; threadIdx = {{0, 0, 0}};
-    bias_act_fwd<{ctype}, {a}>(z, b, y, n, ncol, p, cap);
-}}
-extern "C" void bwd_{ctype}_{a}(const {ctype}* z, const {ctype}* y, const {ctype}* g, {ctype}* d, long long n,
-                                 {ctype} p, {ctype} q) {{
-    gridDim = {{1, 1, 1}}; blockDim = {{1, 1, 1}}; blockIdx = {{0, 0, 0}}; threadIdx = {{0, 0, 0}};
-    act_bwd<{ctype}, {a}>(z, y, g, d, n, p, q);
-}}""")
-        lines.append(f"""
-extern "C" void colsum_{ctype}(const {ctype}* d, {ctype}* out, int rows, int cols) {{
-    blockDim = {{32, 8, 1}}; gridDim = {{(unsigned)((cols + 31) / 32), 1, 1}};
-    for (unsigned bx = 0; bx < gridDim.x; ++bx)
-        for (int ty = 7; ty >= 0; --ty)
-            for (unsigned tx = 0; tx < 32; ++tx) {{
-                blockIdx = {{bx, 0, 0}}; threadIdx = {{tx, (unsigned)ty, 0}};
-                colsum<{ctype}>(d, out, rows, cols);
-            }}
-}}
-extern "C" void sgd_{ctype}({ctype}* p, const {ctype}* g, {ctype}* v, const {ctype}* mask, long long n,
-                             {ctype} lr, {ctype} mu, {ctype} lr_mu, {ctype} wd, int has_v, int nesterov,
-                             int has_wd) {{
-    gridDim = {{1, 1, 1}}; blockDim = {{1, 1, 1}}; blockIdx = {{0, 0, 0}}; threadIdx = {{0, 0, 0}};
-    sgd_update<{ctype}>(p, g, v, mask, n, lr, mu, lr_mu, wd, has_v, nesterov, has_wd);
-}}""")
-    return "\n".join(lines)
+def test_kernels_compile_with_cupys_nvrtc(monkeypatch):
+    """CuPy's own NVRTC route, with the options it adds for a RawModule (``-ftz=true``, default execution
+    space), accepts the source and maps every name expression to a kernel. Runs wherever CuPy and NVRTC
+    are installed, GPU or not (the target is fixed to sm_90 so no device is asked)."""
+    pytest.importorskip("cupy", reason="CuPy not installed")
+    from cupy.cuda import compiler
+    if not all(hasattr(compiler, f) for f in ("_get_arch_for_options_for_nvrtc", "_compile_using_nvrtc_no_warning",
+                                               "_get_nvrtc_version")):
+        pytest.skip(f"this CuPy ({compiler.__name__}) has another internal compile route")
+    try:
+        compiler._get_nvrtc_version()
+    except Exception as exc:  # noqa: BLE001 - any loader error means: no NVRTC here
+        pytest.skip(f"NVRTC cannot be loaded: {exc}")
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: ("-arch=sm_90", "cubin"))
+    cubin, mapping = compiler._compile_using_nvrtc_no_warning(
+        kernels.SOURCE, options=kernels.OPTIONS + ("-ftz=true",), arch="90",
+        name_expressions=kernels.name_expressions())
+    assert len(cubin) > 1000
+    assert set(mapping) == set(kernels.name_expressions())
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    if GXX is None:
+def emulated():
+    if emulation.GXX is None:
         pytest.skip("g++ not installed")
-    d = tmp_path_factory.mktemp("kernels")
-    src = d / "emulated.cpp"
-    src.write_text(_emulation_source())
-    lib = d / "libemulated.so"
-    r = subprocess.run([GXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", str(src), "-o", str(lib)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return ctypes.CDLL(str(lib))
+    return emulation.library()
 
 
-def _ptr(a):
-    return ctypes.c_void_p(a.ctypes.data)
-
-
-def _sc(dtype, v):
-    return (ctypes.c_float if dtype == numpy.float32 else ctypes.c_double)(v)
+def _launch(expr, n, *args):
+    """A grid-stride kernel launched as gpunn.kernels.FusedOps launches it."""
+    emulation.launch(expr, kernels._grid(n), (kernels.BLOCK,), args)
 
 
 ACTS = [activations.Sigmoid(), activations.Tanh(), activations.ReLU(), activations.LeakyReLU(0.01),
@@ -134,9 +99,8 @@ def test_emulated_kernels_match_numpy_path(emulated, act, dtype):
         if act.name == "identity":
             y_k = z_k
             y_ref = z_ref
-        getattr(emulated, f"fwd_{ctype}_{a}")(_ptr(z_k), _ptr(b), _ptr(y_k), ctypes.c_longlong(z0.size),
-                                              ctypes.c_int(45), _sc(dtype, act.param),
-                                              _sc(dtype, activations._exp_cap(dtype)))
+        _launch(f"bias_act_fwd<{ctype}, {a}>", z0.size, z_k, b, y_k, numpy.int64(z0.size), numpy.int32(45),
+                dtype(act.param), dtype(activations._exp_cap(dtype)))
         numpy.testing.assert_array_equal(z_k, z_ref)
         numpy.testing.assert_allclose(y_k, y_ref, equal_nan=True, **TOL[dtype])
         # backward: δ = f'(z, y) · g
@@ -144,9 +108,8 @@ def test_emulated_kernels_match_numpy_path(emulated, act, dtype):
         d_ref = numpy.empty_like(z0)
         ops.activation_backward(act, z_ref, y_ref, g, d_ref, numpy.empty_like(z0), None)
         d_k = numpy.empty_like(z0)
-        getattr(emulated, f"bwd_{ctype}_{a}")(_ptr(z_ref), _ptr(y_ref), _ptr(g), _ptr(d_k),
-                                              ctypes.c_longlong(z0.size), _sc(dtype, act.param),
-                                              _sc(dtype, 1.0 - act.param))
+        _launch(f"act_bwd<{ctype}, {a}>", z0.size, z_ref, y_ref, g, d_k, numpy.int64(z0.size), dtype(act.param),
+                dtype(1.0 - act.param))
         numpy.testing.assert_allclose(d_k, d_ref, equal_nan=True, **TOL[dtype])
 
 
@@ -155,8 +118,8 @@ def test_emulated_kernels_match_numpy_path(emulated, act, dtype):
 def test_emulated_colsum(emulated, dtype, shape):
     d = rng(4).normal(size=shape).astype(dtype)
     out = numpy.full(shape[1], numpy.nan, dtype)
-    fn = getattr(emulated, f"colsum_{kernels.CTYPES[numpy.dtype(dtype).name]}")
-    fn(_ptr(d), _ptr(out), ctypes.c_int(shape[0]), ctypes.c_int(shape[1]))
+    emulation.launch(f"colsum<{kernels.CTYPES[numpy.dtype(dtype).name]}>", ((shape[1] + 31) // 32,), (32, 8),
+                     (d, out, numpy.int32(shape[0]), numpy.int32(shape[1])))
     ref = d.astype(numpy.float64).sum(axis=0)
     numpy.testing.assert_allclose(out, ref, rtol=1e-4 if dtype == numpy.float32 else 1e-12, atol=1e-5)
 
@@ -175,10 +138,9 @@ def test_emulated_sgd_is_bitwise_the_numpy_update(emulated, dtype, momentum, nes
     state = {"velocity": v_ref}
     ops.sgd_update(p_ref, grad, state, 0.037, momentum, nesterov, wd, mask)
     p_k, v_k = p.copy(), v.copy()
-    getattr(emulated, f"sgd_{kernels.CTYPES[numpy.dtype(dtype).name]}")(
-        _ptr(p_k), _ptr(grad), _ptr(v_k), _ptr(mask), ctypes.c_longlong(n), _sc(dtype, 0.037), _sc(dtype, momentum),
-        _sc(dtype, 0.037 * momentum), _sc(dtype, wd), ctypes.c_int(bool(momentum)), ctypes.c_int(nesterov),
-        ctypes.c_int(bool(wd)))
+    _launch(f"sgd_update<{kernels.CTYPES[numpy.dtype(dtype).name]}>", n, p_k, grad, v_k, mask, numpy.int64(n),
+            dtype(0.037), dtype(momentum), dtype(0.037 * momentum), dtype(wd), numpy.int32(bool(momentum)),
+            numpy.int32(nesterov), numpy.int32(bool(wd)))
     numpy.testing.assert_array_equal(p_k, p_ref)
     if momentum:
         numpy.testing.assert_array_equal(v_k, v_ref)
@@ -227,3 +189,48 @@ def test_fused_matches_unfused_on_gpu(device, hidden, loss, out, dtype):
     for key, ref in results[False].items():
         scale = float(numpy.max(numpy.abs(ref)))
         numpy.testing.assert_allclose(results[True][key], ref, rtol=rtol, atol=rtol * scale, err_msg=key)
+
+
+# -- the launch checker itself (what a real GPU would not report) -----------------------------------------
+def test_signatures_are_parsed_from_the_source():
+    sigs = emulation.signatures()
+    assert set(sigs) == {"bias_act_fwd", "act_bwd", "colsum", "sgd_update"}
+    _, targs, params = emulation.instance("act_bwd<double, 5>")
+    assert targs == ["double", "5"]
+    assert params[0] == ("double", "z", True) and params[4] == ("long long", "n", False)
+    assert params[-1] == ("double", "q", False)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(n=3), "n is long long in the kernel, so it must be passed as numpy.int64; got int"),
+    (dict(n=numpy.int32(3)), "must be passed as numpy.int64; got int32"),
+    (dict(p=numpy.float64(0.5)), "p is float in the kernel"),
+    (dict(d=numpy.zeros(3, numpy.float64)), "argument d must be a C-contiguous float array; got float64"),
+    (dict(d=numpy.zeros(6, numpy.float32)[::2]), "c_contiguous=False"),
+    (dict(d=[0.0, 0.0, 0.0]), "argument d must be a device array; got list"),
+])
+def test_launch_checker_rejects_what_a_gpu_would_misread(emulated, bad, match):
+    a = {k: numpy.ones(3, numpy.float32) for k in "zygd"}
+    a.update(n=numpy.int64(3), p=numpy.float32(0.5), q=numpy.float32(0.5))
+    a.update(bad)
+    args = tuple(a[k] for k in ("z", "y", "g", "d", "n", "p", "q"))
+    with pytest.raises(TypeError, match=match):
+        emulation.launch("act_bwd<float, 1>", (1,), (256,), args)
+
+
+def test_launch_checker_rejects_bad_launches(emulated):
+    args = (numpy.zeros((2, 2), numpy.float32), numpy.zeros(2, numpy.float32), numpy.int32(2), numpy.int32(2))
+    with pytest.raises(ValueError, match="more than 1024 threads"):
+        emulation.launch("colsum<float>", (1,), (64, 32), args)
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        emulation.launch("colsum<float>", (1,), (32, 8), args[:3])
+    with pytest.raises(KeyError, match="no kernel"):
+        emulation.launch("colsum<half>x", (1,), (32, 8), args)
+
+
+def test_too_small_a_colsum_grid_leaves_columns_unwritten(emulated):
+    """The emulation runs exactly the grid it is given, so a launch bug shows up in the results."""
+    d = numpy.ones((5, 70), numpy.float32)
+    out = numpy.full(70, numpy.nan, numpy.float32)
+    emulation.launch("colsum<float>", (2,), (32, 8), (d, out, numpy.int32(5), numpy.int32(70)))
+    assert (out[:64] == 5).all() and numpy.isnan(out[64:]).all()

@@ -1,6 +1,8 @@
 """Property tests over random architectures, activations, losses and batch sizes."""
 from __future__ import annotations
 
+import os
+
 import numpy
 import pytest
 
@@ -8,7 +10,7 @@ import gpunn
 from conftest import gradients, host
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed (pip install -e \".[test]\")")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 HIDDEN = ["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "identity"]
@@ -45,7 +47,11 @@ def data(widths, loss, batch, seed):
     return X, Y
 
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CI runs the same examples every time (a red CI must be reproducible); set GPUNN_HYPOTHESIS_EXPLORE=1
+# to draw new ones, and turn anything that fails into a fixed case.
+EXPLORE = bool(os.environ.get("GPUNN_HYPOTHESIS_EXPLORE"))
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=not EXPLORE,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -79,18 +85,24 @@ def test_gradient_check(p):
 
 @SETTINGS
 @given(problems())
+@example(([1, 1, 4, 7], "leaky_relu", "squared_error", "identity", 1, 3))   # diverges in epoch 3 (found 2026-11-28)
 def test_determinism(p):
     widths, hidden, loss, out, batch, seed = p
     X, Y = data(widths, loss, max(batch, 4), seed)
 
     def train():
+        """The weights, and how training ended: a diverging run must diverge the same way each time."""
         net = build(widths, hidden, out, seed, "float32")
-        net.fit(X, Y, loss=loss, optimizer=gpunn.SGD(lr=0.05, momentum=0.9), epochs=3, batch_size=batch)
-        return host(net.flat_parameters()).tobytes()
+        try:
+            net.fit(X, Y, loss=loss, optimizer=gpunn.SGD(lr=0.05, momentum=0.9), epochs=3, batch_size=batch)
+            ended = "finished"
+        except gpunn.DivergenceError as exc:
+            ended = str(exc)
+        return host(net.flat_parameters()).tobytes(), ended
     assert train() == train()
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=not EXPLORE)
 @given(problems())
 def test_save_load_identical_predictions(tmp_path_factory, p):
     widths, hidden, loss, out, batch, seed = p
