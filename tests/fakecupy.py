@@ -59,16 +59,47 @@ class ndarray(numpy.ndarray):  # noqa: N801 - CuPy's name
     def tolist(self):
         return self._read().tolist()
 
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        # CuPy's ufuncs take device arrays and scalars only: a host array or a list is a TypeError there
+        for x in inputs + tuple(kwargs.get("out", ())):
+            if not isinstance(x, (ndarray, numpy.generic, int, float, bool)):
+                raise TypeError(f"fakecupy: {ufunc.__name__} got a {type(x).__name__} operand; CuPy takes "
+                                "device arrays and scalars only (Unsupported type)")
+        base = tuple(x.view(numpy.ndarray) if isinstance(x, ndarray) else x for x in inputs)
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = tuple(o.view(numpy.ndarray) for o in out)
+        result = getattr(ufunc, method)(*base, **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        if isinstance(result, tuple):
+            return tuple(_wrap(r) for r in result)
+        return _wrap(result)
+
 
 ndarray.__module__ = "cupy._core.core"
 
 
 def _wrap(r):
-    return r.view(ndarray) if type(r) is numpy.ndarray else r
+    if type(r) is numpy.ndarray:
+        return r.view(ndarray)
+    if isinstance(r, numpy.generic):   # CuPy returns 0-d device arrays where NumPy returns scalars
+        return numpy.asarray(r).view(ndarray)
+    return r
+
+
+_TAKES_HOST_DATA = {"array", "asarray", "empty", "zeros", "ones", "full", "arange", "dtype", "finfo", "iinfo",
+                    "result_type", "can_cast", "promote_types", "issubdtype"}
 
 
 def _fn(f):
+    name = getattr(f, "__name__", "")
+
     def wrapped(*a, **k):
+        if name not in _TAKES_HOST_DATA:
+            for x in a + tuple(k.values()):
+                if type(x) is numpy.ndarray:   # a host array where CuPy wants a device array
+                    raise TypeError(f"fakecupy: cupy.{name} got a numpy.ndarray; CuPy refuses host arrays here")
         return _wrap(f(*a, **k))
     return wrapped
 

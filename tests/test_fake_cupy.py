@@ -142,3 +142,15 @@ def test_fused_step_launches_every_kernel_and_never_reads_back(monkeypatch):
     # tanh and elu layers fused, softmax output in xp code; every layer's bias gradient; one update per step
     assert launched == {"bias_act_fwd<float, 2>": 3, "bias_act_fwd<float, 6>": 3, "act_bwd<float, 2>": 3,
                         "act_bwd<float, 6>": 3, "colsum<float>": 9, "sgd_update<float>": 3}, launched
+
+
+def test_the_fake_refuses_host_arrays_like_cupy(fake):
+    """So that a NumPy array slipped into device code fails on CI, as it would on a card."""
+    a = fake.asarray(numpy.ones(3))
+    h = numpy.ones(3)
+    for bad in (lambda: a * h, lambda: fake.multiply(a, h), lambda: fake.add(a, [1.0, 2.0, 3.0]),
+                lambda: fake.take(h, fake.asarray(numpy.array([0, 1]))), lambda: fake.multiply(a, 2.0, out=h)):
+        with pytest.raises(TypeError, match="fakecupy"):
+            bad()
+    assert isinstance(a * 2.0, fake.ndarray) and isinstance(fake.sum(a), fake.ndarray)   # 0-d, as CuPy
+    assert float(fake.sum(a)) == 3.0 and fake.ndarray.reads == 1
