@@ -154,3 +154,42 @@ def test_the_fake_refuses_host_arrays_like_cupy(fake):
             bad()
     assert isinstance(a * 2.0, fake.ndarray) and isinstance(fake.sum(a), fake.ndarray)   # 0-d, as CuPy
     assert float(fake.sum(a)) == 3.0 and fake.ndarray.reads == 1
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed: no kernel emulation")
+def test_agreement_check_passes_on_the_fake_gpu_fused_and_unfused(monkeypatch):
+    """`gpunn check --device cpu,cuda:0` as scripts/gpu-check.sh runs it: rows for fused and unfused."""
+    if fakecupy.real_cupy_loaded():
+        pytest.skip("real CuPy is imported here")
+    fakecupy.install(monkeypatch)
+    result = check.run_check(["cpu", "cuda:0"], ["float32", "float64"], steps=5)
+    labels = {r["backend"] for r in result["rows"]}
+    assert {"cupy cuda:0 float32 fused", "cupy cuda:0 float64 unfused"} <= labels
+    assert result["passed"], [r for r in result["rows"] if not r["passed"]]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed: no kernel emulation")
+def test_cli_train_save_and_bench_on_the_fake_gpu(monkeypatch, tmp_path):
+    """The CLI's cuda:0 paths (training, saving a GPU model, timing) end to end on the fake GPU."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gpunn.cli import main
+    if fakecupy.real_cupy_loaded():
+        pytest.skip("real CuPy is imported here")
+    fakecupy.install(monkeypatch)
+    model = tmp_path / "m.npz"
+    r = CliRunner().invoke(main, ["train", "--device", "cuda:0", "--epochs", "3", "--json", "--save", str(model)])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["device"] == "cuda:0" and out["test_accuracy"] > 0.5 and model.exists()
+    back = gpunn.load(model, device="cpu")
+    assert back.device == "cpu"
+    r = CliRunner().invoke(main, ["bench", "--device", "cuda:0", "--workload", "lecture", "--batch-size", "4",
+                                  "--repeats", "1", "--min-time", "0.001", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["environment"]["gpus"][0]["name"] == "Fake GPU"
+    (row,) = data["rows"]
+    assert (row["device"], row["fused"], row["batch"]) == ("cuda:0", True, 4) and row["us_per_step"] > 0
