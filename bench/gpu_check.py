@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n = args.ceiling_n
     ceiling = report["ceiling"] = matmul_ceiling(n)
-    print(f"# fp32 GEMM {n}^3: cupy {ceiling['cupy_tflops']:.1f} TFLOP/s, torch "
-          f"{ceiling['torch_tflops'] or float('nan'):.1f} TFLOP/s (TF32 off)")
+    torch_rate = "not run" if ceiling["torch_tflops"] is None else f"{ceiling['torch_tflops']:.1f} TFLOP/s"
+    print(f"# fp32 GEMM {n}^3: cupy {ceiling['cupy_tflops']:.1f} TFLOP/s, torch {torch_rate} (TF32 off)")
     # the no-sync evidence on the two configs with the most work per step
     heavy = sorted(configs, key=lambda c: step_flops(WORKLOADS[c[0]][0], c[1]))[-2:][::-1]
     syncs = report["sync_evidence"] = [sync_evidence(w, b, 10 if w == "wide" else 50) for w, b in heavy]
@@ -169,14 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     print("| workload | batch | gpunn fused µs | gpunn unfused µs | torch µs | fused/torch speed-up | "
           "fused/unfused | GFLOP/s | GEMM-only GFLOP/s | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    nan = float("nan")
+    def cell(d: dict, key: str, fmt: str, unit: str = "") -> str:
+        return format(d[key], fmt) + unit if key in d else "-"
     for r, s in zip(report["rows"], report["shares"]):
         us = r["us_per_step"]
         sp = r["speedup_gpunn_vs"]
-        print(f"| {r['workload']} | {r['batch']} | {us['gpunn']:.1f} | {us.get('gpunn-unfused', nan):.1f} | "
-              f"{us.get('torch', nan):.1f} | {sp.get('torch', nan):.2f}x | "
-              f"{sp.get('gpunn-unfused', nan):.2f}x | {s['gflops']:.0f} | {s['ceiling_gflops']:.0f} | "
-              f"{100 * s['share_of_ceiling']:.0f}% |")
+        cells = [r["workload"], r["batch"], f"{us['gpunn']:.1f}", cell(us, "gpunn-unfused", ".1f"),
+                 cell(us, "torch", ".1f"), cell(sp, "torch", ".2f", "x"), cell(sp, "gpunn-unfused", ".2f", "x"),
+                 f"{s['gflops']:.0f}", f"{s['ceiling_gflops']:.0f}", f"{100 * s['share_of_ceiling']:.0f}%"]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     return 1 if failed or not all(s["host_ran_ahead"] for s in syncs) else 0
 
 

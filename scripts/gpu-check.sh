@@ -3,6 +3,8 @@
 # tests, the agreement check, and the benchmark against PyTorch eager. Runs from the source tree and
 # installs nothing. Writes everything under $OUT (default ./gpu-check-out) and prints a summary last.
 #   PYTHONPATH=$PWD bash scripts/gpu-check.sh
+# (GPUNN_COMMIT names the commit where the copy there has no .git.) Back here, turn $OUT into a record:
+#   python scripts/gpu_report.py OUT_DIR --commit $(git rev-parse --short HEAD)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -13,7 +15,8 @@ status=0
 step() { echo; echo "== $1 =="; }
 
 step "1. versions and card" | tee "$OUT/env.txt"
-{ date -u; git rev-parse HEAD 2>/dev/null || true
+{ echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: ${GPUNN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.sm,clocks.max.mem,driver_version --format=csv
   python3 -c "import sys, numpy, cupy; print('python', sys.version.split()[0], 'numpy', numpy.__version__, 'cupy', cupy.__version__)"
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" || true

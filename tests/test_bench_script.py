@@ -9,6 +9,7 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 import compare  # noqa: E402
 
 from gpunn.bench import step_flops  # noqa: E402
@@ -61,7 +62,7 @@ def test_gpu_check_runs_end_to_end_on_the_fake_gpu(monkeypatch, tmp_path, capsys
         pytest.skip("real CuPy is imported here: run the script itself")
     fakecupy.install(monkeypatch)
     import gpu_check
-    out = tmp_path / "gpu.json"
+    out = tmp_path / "gpu-bench.json"
     rc = gpu_check.main(["--configs", "lecture:16,mlp:32", "--ceiling-n", "64", "--rounds", "1",
                          "--min-time", "0.001", "--json", str(out)])
     text = capsys.readouterr().out
@@ -74,6 +75,15 @@ def test_gpu_check_runs_end_to_end_on_the_fake_gpu(monkeypatch, tmp_path, capsys
     assert "| mlp | 32 |" in text and "# fp32 GEMM 64^3" in text
     # the fake runs each step synchronously, so the host cannot run ahead: the script must say so
     assert "HOST WAITED" in text and rc == 1
+    # and the record for bench/results/ is made from that output as it would be from the card's
+    (tmp_path / "env.txt").write_text("date: 2026-11-28T18:00:00Z\ncommit: abc1234\nFake GPU, 16 MiB\n")
+    (tmp_path / "bench.txt").write_text(text)
+    import gpu_report
+    name, md = gpu_report.report(tmp_path)
+    assert name == "2026-11-28-gpu-unknown-gpu.md"          # nvidia-smi's line is not there: no card name
+    assert "- commit: abc1234;" in md and "| mlp | 32 |" in md and "## GPU tests (`pytest-gpu.txt`)" in md
+    assert "| fused ≥ 1.0× PyTorch eager, mlp b256 | not measured | unknown |" in md
+    assert "| no host–device sync inside a step | " in md and "| NOT met |" in md
 
 
 def test_gpu_check_says_why_it_cannot_run(capsys):
@@ -91,3 +101,25 @@ def test_gpu_check_refuses_unknown_configs():
     with pytest.raises(SystemExit, match="bad config 'mlpp:3'"):
         gpu_check.parse_configs("mlp:32,mlpp:3")
     assert gpu_check.parse_configs(gpu_check.CONFIGS)[-1] == ("wide", 4096)
+
+
+def test_gpu_report_judges_the_targets():
+    import gpu_report
+    bench = {"rows": [{"workload": "mlp", "batch": 256, "speedup_gpunn_vs": {"torch": 1.23}},
+                      {"workload": "mlp", "batch": 2048, "speedup_gpunn_vs": {"torch": 0.91}}],
+             "shares": [{"workload": "wide", "batch": 4096, "share_of_ceiling": 0.86, "gflops": 43000,
+                         "ceiling_gflops": 50000}],
+             "sync_evidence": [{"workload": "wide", "batch": 4096, "host_enqueue_ms": 1.0, "gpu_done_ms": 90.0,
+                                "host_ran_ahead": True}]}
+    verdicts = {t: (m, v) for t, m, v in gpu_report.targets(bench)}
+    assert verdicts["fused ≥ 1.0× PyTorch eager, mlp b256"] == ("1.23×", "met")
+    assert verdicts["fused ≥ 1.0× PyTorch eager, mlp b2048"] == ("0.91×", "NOT met")
+    assert verdicts["≥ 80% of the cuBLAS ceiling, wide b4096"] == ("86% (43000 of 50000 GFLOP/s)", "met")
+    assert verdicts["no host–device sync inside a step"][1] == "met"
+    assert gpu_report.card("date: x\nNVIDIA H200, 143771 MiB, 1980 MHz\n") == "NVIDIA H200"
+
+
+def test_gpu_report_refuses_a_folder_that_is_not_gpu_check_output(tmp_path, capsys):
+    import gpu_report
+    assert gpu_report.main([str(tmp_path)]) == 2
+    assert "no env.txt" in capsys.readouterr().err
