@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -286,6 +287,9 @@ def measure(workload: str, batch: int, names: list[str], rounds: int, min_time: 
 
 
 def commit() -> str:
+    """The commit being measured: $GPUNN_COMMIT (for copies without .git, as on the GPU machine), else git's."""
+    if os.environ.get("GPUNN_COMMIT"):
+        return os.environ["GPUNN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
