@@ -42,19 +42,23 @@ def test_cuda_device_resolves(fake):
         gpunn.device_of(a, numpy.zeros(1))
 
 
+def _train_steps(net, opt, steps: int) -> int:
+    """``steps`` training steps on 16 device-resident samples; returns the host read-backs they made."""
+    x = net.device.asarray(X[:16], dtype=net.dtype)
+    t = net.device.asarray(numpy.eye(3)[Y[:16]], dtype=net.dtype)
+    fakecupy.ndarray.reads = 0
+    for _ in range(steps):
+        net._forward(x)
+        net._backward(t, losses.get("cross_entropy"))
+        net._update(opt)
+    return fakecupy.ndarray.reads
+
+
 def test_training_step_never_reads_back(fake):
     """No host read-back of a device value inside forward/backward/update (each would be a GPU sync)."""
     net = make("cuda:0")
-    dev = net.device
-    x = dev.asarray(X[:16], dtype=net.dtype)
-    t = dev.asarray(numpy.eye(3)[Y[:16]], dtype=net.dtype)
     for opt in (gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), gpunn.Adam()):
-        fake.ndarray.reads = 0
-        for _ in range(5):
-            net._forward(x)
-            net._backward(t, losses.get("cross_entropy"))
-            net._update(opt)
-        assert fake.ndarray.reads == 0
+        assert _train_steps(net, opt, 5) == 0
 
 
 def test_fit_reads_back_per_epoch_not_per_step(fake):
@@ -125,19 +129,10 @@ def test_fused_step_launches_every_kernel_and_never_reads_back(monkeypatch):
     """The fused path really runs its kernels (no silent fallback to the xp code) and never syncs."""
     if fakecupy.real_cupy_loaded():
         pytest.skip("real CuPy is imported here")
-    fake = fakecupy.install(monkeypatch)
+    fakecupy.install(monkeypatch)
     net = make("cuda:0")
     assert net.ops.fused
-    dev = net.device
-    x = dev.asarray(X[:16], dtype=net.dtype)
-    t = dev.asarray(numpy.eye(3)[Y[:16]], dtype=net.dtype)
-    opt = gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    fake.ndarray.reads = 0
-    for _ in range(3):
-        net._forward(x)
-        net._backward(t, losses.get("cross_entropy"))
-        net._update(opt)
-    assert fake.ndarray.reads == 0
+    assert _train_steps(net, gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), 3) == 0
     launched = net.ops.module.launches
     # tanh and elu layers fused, softmax output in xp code; every layer's bias gradient; one update per step
     assert launched == {"bias_act_fwd<float, 2>": 3, "bias_act_fwd<float, 6>": 3, "act_bwd<float, 2>": 3,
