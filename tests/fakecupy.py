@@ -213,10 +213,10 @@ def is_fake(device) -> bool:
     return device.is_cuda and isinstance(device.xp, _Module)
 
 
-def install(monkeypatch, fused: bool | None = None) -> types.ModuleType:
+def install(monkeypatch, fused: bool = True) -> types.ModuleType:
     """Make gpunn see this fake as CuPy with one 'GPU', until the test ends (``monkeypatch`` undoes it).
 
-    Fused kernels run on the host emulation when g++ is there (off otherwise, or when ``fused=False``).
+    Fused kernels run on the host emulation where g++ is there (off otherwise, or with ``fused=False``).
     """
     from gpunn import backend, kernels
     monkeypatch.setitem(sys.modules, "cupy", cupy)
