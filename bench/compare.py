@@ -26,7 +26,8 @@ import numpy
 
 import gpunn
 from gpunn import losses
-from gpunn.bench import WORKLOADS, build, calls_for, environment, step_flops
+from gpunn.activations import _exp_cap
+from gpunn.bench import WORKLOADS, build, calls_for, environment, format_table, step_flops
 
 
 # -- contenders: make(net, X, T, lr, loss_name) -> (step, params, sync) --------------------------------
@@ -66,7 +67,7 @@ def numpy_contender(net, X, T, lr, loss_name):
     gb = [numpy.empty_like(b) for b in bs]
     col = numpy.empty((B, 1), dt)
     inv_b = 1.0 / B
-    cap = float(numpy.log(numpy.finfo(dt).max)) - 1.0
+    cap = _exp_cap(dt)                   # the same exponent cap as gpunn's sigmoid
 
     def step():
         a = x
@@ -364,16 +365,7 @@ def _table(results: list[dict], names: list[str], markdown: bool) -> None:
         cells += [f"{r['us_per_step'][n]:.1f}" if n in r["us_per_step"] else "-" for n in names]
         cells += [f"{r['speedup_gpunn_vs'][n]:.2f}x" if n in r["speedup_gpunn_vs"] else "-" for n in names[1:]]
         rows.append(cells)
-    if markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for c in rows:
-            print("| " + " | ".join(c) + " |")
-    else:
-        w = [max(len(h), *(len(c[i]) for c in rows)) for i, h in enumerate(head)]
-        print("  ".join(h.rjust(x) for h, x in zip(head, w)))
-        for c in rows:
-            print("  ".join(v.rjust(x) for v, x in zip(c, w)))
+    print(format_table(head, rows, markdown))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
 import numpy  # noqa: E402
 
-from gpunn import Device, cuda_unavailable_reason, losses  # noqa: E402
-from gpunn.bench import WORKLOADS, build, environment, step_flops, time_workload  # noqa: E402
+from gpunn import Device, cuda_unavailable_reason  # noqa: E402
+from gpunn.bench import WORKLOADS, environment, format_table, step_flops, time_workload  # noqa: E402
 
 CONFIGS = "lecture:1,lecture:16,mlp:32,mlp:256,mlp:2048,wide:4096"
 
@@ -37,40 +37,43 @@ def parse_configs(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def _tflops(n: int, timed_call) -> float:
+    """n³ fp32 GEMM rate from ``timed_call()`` (seconds of one product): median of 5 after one warm-up."""
+    ts = [timed_call() for _ in range(6)]
+    return 2 * n**3 / float(numpy.median(ts[1:])) / 1e12
+
+
 def matmul_ceiling(n: int = 8192) -> dict:
-    """fp32 GEMM rate of CuPy (cuBLAS) and torch.mm at n³, TF32 off, median of 5, CUDA events."""
+    """fp32 GEMM rate of CuPy (cuBLAS) and torch.mm at n³, TF32 off, timed with CUDA events."""
     import cupy as cp
-    out = {}
     a = cp.random.standard_normal((n, n), dtype=cp.float32)
     b = cp.random.standard_normal((n, n), dtype=cp.float32)
     c = cp.empty((n, n), cp.float32)
-    ts = []
-    for _ in range(6):
+
+    def cupy_call() -> float:
         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
         e0.record()
         cp.matmul(a, b, out=c)
         e1.record()
         e1.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
-    out["cupy_tflops"] = 2 * n**3 / float(numpy.median(ts[1:])) / 1e12
+        return cp.cuda.get_elapsed_time(e0, e1) / 1e3
+    out = {"cupy_tflops": _tflops(n, cupy_call), "torch_tflops": None}
     try:
         import torch
-        if not torch.cuda.is_available():
-            raise ImportError("torch cannot use CUDA here")
+    except ImportError:
+        return out
+    if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = False
-        ta = torch.randn(n, n, device="cuda")
-        tb = torch.randn(n, n, device="cuda")
-        ts = []
-        for _ in range(6):
+        ta, tb = torch.randn(n, n, device="cuda"), torch.randn(n, n, device="cuda")
+
+        def torch_call() -> float:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             torch.mm(ta, tb)
             e1.record()
             e1.synchronize()
-            ts.append(e0.elapsed_time(e1) / 1e3)
-        out["torch_tflops"] = 2 * n**3 / float(numpy.median(ts[1:])) / 1e12
-    except ImportError:
-        out["torch_tflops"] = None
+            return e0.elapsed_time(e1) / 1e3
+        out["torch_tflops"] = _tflops(n, torch_call)
     return out
 
 
@@ -80,25 +83,33 @@ def sync_evidence(workload: str, batch: int, steps: int = 30) -> dict:
     A step that synchronised (``.get()``, ``float()``, ``bool()`` of a device value) would make the
     host wait for each step, so enqueue time ≈ total time. Without syncs the host runs ahead.
     """
-    dev = Device("cuda:0")
-    net, X, T, loss, opt = build(workload, dev, "float32", batch)
-    x, t = dev.asarray(X, dtype=net.dtype), dev.asarray(T, dtype=net.dtype)
-    lossf = losses.get(WORKLOADS[workload][3])
+    made, _ = compare.setup(workload, batch, ["gpunn"], device="cuda:0")
+    step, _, sync = made["gpunn"]          # the same fused training step that is timed against torch
     for _ in range(3):
-        net._forward(x)
-        net._backward(t, lossf)
-        net._update(opt)
-    dev.synchronize()
+        step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        net._forward(x)
-        net._backward(t, lossf)
-        net._update(opt)
+        step()
     enqueue = time.perf_counter() - t0
-    dev.synchronize()
+    sync()
     total = time.perf_counter() - t0
     return {"workload": workload, "batch": batch, "steps": steps, "host_enqueue_ms": enqueue * 1e3,
             "gpu_done_ms": total * 1e3, "host_ran_ahead": enqueue < 0.5 * total}
+
+
+HEAD = ["workload", "batch", "gpunn fused µs", "gpunn unfused µs", "torch µs", "fused/torch speed-up",
+        "fused/unfused", "GFLOP/s", "GEMM-only GFLOP/s", "share of ceiling"]
+
+
+def _row(r: dict, s: dict) -> list:
+    """One table row from compare.measure's result ``r`` and time_workload's ``s`` ('-': did not run)."""
+    def cell(d: dict, key: str, fmt: str, unit: str = "") -> str:
+        return format(d[key], fmt) + unit if key in d else "-"
+    us, sp = r["us_per_step"], r["speedup_gpunn_vs"]
+    return [r["workload"], r["batch"], f"{us['gpunn']:.1f}", cell(us, "gpunn-unfused", ".1f"),
+            cell(us, "torch", ".1f"), cell(sp, "torch", ".2f", "x"), cell(sp, "gpunn-unfused", ".2f", "x"),
+            f"{s['gflops']:.0f}", f"{s['ceiling_gflops']:.0f}", f"{100 * s['share_of_ceiling']:.0f}%"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,18 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     save()
     print()
-    print("| workload | batch | gpunn fused µs | gpunn unfused µs | torch µs | fused/torch speed-up | "
-          "fused/unfused | GFLOP/s | GEMM-only GFLOP/s | share of ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    def cell(d: dict, key: str, fmt: str, unit: str = "") -> str:
-        return format(d[key], fmt) + unit if key in d else "-"
-    for r, s in zip(report["rows"], report["shares"]):
-        us = r["us_per_step"]
-        sp = r["speedup_gpunn_vs"]
-        cells = [r["workload"], r["batch"], f"{us['gpunn']:.1f}", cell(us, "gpunn-unfused", ".1f"),
-                 cell(us, "torch", ".1f"), cell(sp, "torch", ".2f", "x"), cell(sp, "gpunn-unfused", ".2f", "x"),
-                 f"{s['gflops']:.0f}", f"{s['ceiling_gflops']:.0f}", f"{100 * s['share_of_ceiling']:.0f}%"]
-        print("| " + " | ".join(str(c) for c in cells) + " |")
+    print(format_table(HEAD, [_row(r, s) for r, s in zip(report["rows"], report["shares"])], markdown=True))
     return 1 if failed or not all(s["host_ran_ahead"] for s in syncs) else 0
 
 

@@ -71,6 +71,16 @@ def timed(fn: Callable[[], None], sync: Callable[[], None], repeats: int, min_ti
     return {"median": statistics.median(per), "min": min(per), "max": max(per), "calls": n}
 
 
+def format_table(head: list[str], rows: list[list], markdown: bool = False) -> str:
+    """A results table as Markdown, or as right-aligned plain columns (every benchmark prints through here)."""
+    cells = [[str(c) for c in row] for row in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(c) + " |" for c in cells])
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in [head, *cells])
+
+
 def calls_for(fn: Callable[[], None], sync: Callable[[], None], min_time: float) -> int:
     """How many calls of ``fn`` (device synchronised at the end) take about ``min_time`` seconds."""
     n = 1
@@ -183,9 +193,8 @@ def _blas() -> str | None:
     except ImportError:
         return None
     blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    blas.sort(key=lambda i: "numpy" not in str(i.get("filepath", "")))   # NumPy's own BLAS first
-    for info in blas:
-        if info.get("user_api") == "blas":
-            return (f"{info.get('internal_api')} {info.get('version')} ({info.get('architecture')}, "
-                    f"{info.get('num_threads')} threads)")
-    return None
+    if not blas:
+        return None
+    info = min(blas, key=lambda i: "numpy" not in str(i.get("filepath", "")))   # NumPy's own BLAS first
+    return (f"{info.get('internal_api')} {info.get('version')} ({info.get('architecture')}, "
+            f"{info.get('num_threads')} threads)")

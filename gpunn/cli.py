@@ -376,16 +376,8 @@ def _print_table(rows: list[dict], markdown: bool) -> None:
              str(r["batch"]), f"{r['us_per_step']:.1f}", f"{r['us_min']:.0f}-{r['us_max']:.0f}",
              f"{r['samples_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['ceiling_gflops']:.1f}",
              f"{100 * r['share_of_ceiling']:.0f}%", f"{r['h2d_ms']:.2f}"] for r in rows]
-    if markdown:
-        click.echo("| " + " | ".join(head) + " |")
-        click.echo("|" + "---|" * len(head))
-        for b in body:
-            click.echo("| " + " | ".join(b) + " |")
-        return
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for b in body:
-        click.echo("  ".join(c.rjust(w) for c, w in zip(b, widths)))
+    from .bench import format_table  # noqa: PLC0415
+    click.echo(format_table(head, body, markdown))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,8 +12,9 @@ multiply, column sum, update). Here each of those chains is one kernel:
 The arithmetic is the NumPy path's, operation for operation: the same overflow-safe formulas and
 the same order, compiled with ``--fmad=false`` (no fused multiply-add contraction) and without
 fast-math, so fused and unfused results should agree to rounding of the transcendental functions.
-A host emulation checks that in tests/test_kernels.py; on a card, test_fused_matches_unfused_on_gpu
-does (not yet run: no GPU so far).
+A host emulation (tests/emulation.py) checks that on CPU CI, kernel by kernel and, through the
+``fakecupy`` test backend, in whole training steps; on a card test_fused_matches_unfused_on_gpu does
+(not yet run there: no GPU so far).
 Softmax (row-wise) and Adam use the plain ``xp`` code. ``GPUNN_FUSED=0`` or
 ``Sequential(..., fused=False)`` switches all of this off.
 """
@@ -197,64 +198,83 @@ def _grid(n: int) -> tuple[int]:
 
 
 class FusedOps(XpOps):
-    """XpOps with single-kernel versions of the elementwise chains and the SGD update."""
+    """XpOps with single-kernel versions of the elementwise chains and the SGD update.
+
+    Everything a launch needs besides its arrays (the kernel, its scalar arguments, the grid) depends
+    only on the activation, the dtype and the buffer sizes, so it is built once and cached: the host
+    work per launch is a few dictionary lookups.
+    """
 
     fused = True
 
     def __init__(self, device: Any):
         super().__init__(device)
         self.module = module(device)
-        self._fns: dict[str, Any] = {}
+        self._act_args: dict[tuple, tuple] = {}     # (kernel, activation, param, dtype) -> (fn, scalars)
+        self._sizes: dict[tuple, tuple] = {}        # shape -> (grid, size arguments)
+        self._sgd_last: tuple = (None, None)        # (dtype, hyper-parameters), (fn, scalars): one slot,
+        #                                             so a learning-rate schedule cannot grow a cache
+        self._colsum: dict[Any, Any] = {}           # dtype -> fn
 
-    def _fn(self, name: str) -> Any:
-        fn = self._fns.get(name)
-        if fn is None:
-            fn = self._fns[name] = self.module.get_function(name)
-        return fn
+    def _activation(self, kernel: str, act: Any, dtype: Any) -> tuple | None:
+        """(kernel function, T p, T third) for ``act``, or None where no kernel covers it (softmax)."""
+        key = (kernel, act.name, act.param, dtype)
+        hit = self._act_args.get(key)
+        if hit is None:
+            a = ACTIVATION_IDS.get(act.name)
+            if a is None:
+                return None
+            t = numpy.dtype(dtype).type
+            third = _exp_cap(dtype) if kernel == "bias_act_fwd" else 1.0 - act.param   # cap, or q = 1 − p
+            fn = self.module.get_function(f"{kernel}<{CTYPES[numpy.dtype(dtype).name]}, {a}>")
+            hit = self._act_args[key] = (fn, t(act.param), t(third))
+        return hit
 
-    @staticmethod
-    def _scalar(dtype: Any, value: float) -> Any:
-        return numpy.dtype(dtype).type(value)
+    def _size(self, shape: tuple) -> tuple:
+        """(grid, int64 element count, int32 column count) for a (rows, cols) buffer."""
+        hit = self._sizes.get(shape)
+        if hit is None:
+            n = shape[0] * shape[1]
+            hit = self._sizes[shape] = (_grid(n), numpy.int64(n), numpy.int32(shape[1]), numpy.int32(shape[0]))
+        return hit
 
     def bias_activation(self, act, z, b, y, col):
-        a = ACTIVATION_IDS.get(act.name)
-        if a is None or not (z.flags.c_contiguous and y.flags.c_contiguous and b.flags.c_contiguous):
+        k = self._activation("bias_act_fwd", act, z.dtype)
+        if k is None or not (z.flags.c_contiguous and y.flags.c_contiguous and b.flags.c_contiguous):
             return super().bias_activation(act, z, b, y, col)
-        ctype = CTYPES[z.dtype.name]
-        n = z.size
-        s = self._scalar
-        self._fn(f"bias_act_fwd<{ctype}, {a}>")(
-            _grid(n), (BLOCK,), (z, b, y, numpy.int64(n), numpy.int32(z.shape[1]), s(z.dtype, act.param),
-                                 s(z.dtype, _exp_cap(z.dtype))))
+        fn, p, cap = k
+        grid, n, ncol, _ = self._size(z.shape)
+        fn(grid, (BLOCK,), (z, b, y, n, ncol, p, cap))
         return y
 
     def activation_backward(self, act, z, y, grad, out, scratch, col):
-        a = ACTIVATION_IDS.get(act.name)
-        if a is None or not all(v.flags.c_contiguous for v in (z, y, grad, out)):
+        k = self._activation("act_bwd", act, z.dtype)
+        if k is None or not all(v.flags.c_contiguous for v in (z, y, grad, out)):
             return super().activation_backward(act, z, y, grad, out, scratch, col)
-        ctype = CTYPES[z.dtype.name]
-        n = z.size
-        s = self._scalar
-        self._fn(f"act_bwd<{ctype}, {a}>")(_grid(n), (BLOCK,), (z, y, grad, out, numpy.int64(n),
-                                                                s(z.dtype, act.param), s(z.dtype, 1.0 - act.param)))
+        fn, p, q = k
+        grid, n, _, _ = self._size(z.shape)
+        fn(grid, (BLOCK,), (z, y, grad, out, n, p, q))
         return out
 
     def column_sum(self, delta, out):
         if not (delta.flags.c_contiguous and out.flags.c_contiguous):
             return super().column_sum(delta, out)
-        rows, cols = delta.shape
-        self._fn(f"colsum<{CTYPES[delta.dtype.name]}>")(((cols + 31) // 32,), (32, 8),
-                                                         (delta, out, numpy.int32(rows), numpy.int32(cols)))
+        fn = self._colsum.get(delta.dtype)
+        if fn is None:
+            fn = self._colsum[delta.dtype] = self.module.get_function(f"colsum<{CTYPES[delta.dtype.name]}>")
+        _, _, cols, rows = self._size(delta.shape)
+        fn(((delta.shape[1] + 31) // 32,), (32, 8), (delta, out, rows, cols))
         return out
 
     def sgd_update(self, p, g, state, lr, momentum, nesterov, weight_decay, mask):
-        s = self._scalar
         dt = p.dtype
-        v = state.get("velocity", p)
-        m = mask if mask is not None else p
-        n = p.size
-        self._fn(f"sgd_update<{CTYPES[dt.name]}>")(
-            _grid(n), (BLOCK,),
-            (p, g, v, m, numpy.int64(n), s(dt, lr), s(dt, momentum), s(dt, lr * momentum), s(dt, weight_decay),
-             numpy.int32(1 if momentum else 0), numpy.int32(1 if nesterov else 0),
-             numpy.int32(1 if weight_decay else 0)))
+        key = (dt, lr, momentum, nesterov, weight_decay)
+        if self._sgd_last[0] != key:
+            t = dt.type
+            self._sgd_last = key, (
+                self.module.get_function(f"sgd_update<{CTYPES[dt.name]}>"),
+                (t(lr), t(momentum), t(lr * momentum), t(weight_decay), numpy.int32(1 if momentum else 0),
+                 numpy.int32(1 if nesterov else 0), numpy.int32(1 if weight_decay else 0)))
+        fn, scalars = self._sgd_last[1]
+        grid, n, _, _ = self._size((1, p.size))
+        fn(grid, (BLOCK,), (p, g, state.get("velocity", p), mask if mask is not None else p, n) + scalars)

@@ -375,7 +375,7 @@ class Sequential:
             if _is_cupy_oom(exc):
                 raise OutOfMemoryError(
                     f"{dev} ran out of memory training with batch_size={batch_size} and "
-                    f"{x_size(X)} samples ({exc}); use a smaller batch size, fewer or narrower layers, "
+                    f"{_n_samples(X)} samples ({exc}); use a smaller batch size, fewer or narrower layers, "
                     "or float32") from None
             raise
 
@@ -425,7 +425,7 @@ class Sequential:
                     if classify:
                         step_correct[k] = acc.count(y, ls[s:s + batch_size])
                     self._update(optimizer)
-                losses_host = to_host(step_loss).astype(numpy.float64)    # the one read-back per epoch
+                losses_host = to_host(step_loss).astype(numpy.float64)    # read back once per epoch, not per step
                 if not numpy.all(numpy.isfinite(losses_host)):
                     self._diverged(epoch, losses_host, snap, optimizer, xs, ts, starts, batch_size, loss)
                 record = {"epoch": epoch + 1, "loss": float(losses_host @ sizes / n)}
@@ -503,7 +503,8 @@ def _is_cupy_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" and type(exc).__module__.split(".")[0] == "cupy"
 
 
-def x_size(X: Any) -> int:
+def _n_samples(X: Any) -> int:
+    """len(X), or 0 where X has none (the figure is only for the out-of-memory message)."""
     try:
         return len(X)
     except TypeError:

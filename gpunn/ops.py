@@ -18,6 +18,7 @@ class XpOps:
     def __init__(self, device: Any):
         self.device = device
         self.xp = device.xp
+        self._slice_cache: dict[int, list] = {}
         if device.is_cuda:
             self.block = None
 
@@ -43,11 +44,10 @@ class XpOps:
 
     def _slices(self, n: int) -> list:
         """The blocks of a flat buffer of ``n`` elements (computed once per size)."""
-        cache = self.__dict__.setdefault("_slice_cache", {})
-        slices = cache.get(n)
+        slices = self._slice_cache.get(n)
         if slices is None:
             size = self.block or n
-            slices = cache[n] = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+            slices = self._slice_cache[n] = [slice(i, min(i + size, n)) for i in range(0, n, size)]
         return slices
 
     def _scratch(self, state: dict, name: str, like: Any) -> Any:

@@ -26,6 +26,15 @@ def check_dtype(dtype: Any) -> numpy.dtype:
     return dt
 
 
+def _read_array(a: Any, name: str) -> numpy.ndarray:
+    """A list, scalar or array-like as a NumPy array, or DataTypeError when it is not rectangular."""
+    try:
+        return numpy.asarray(a)
+    except (ValueError, TypeError) as exc:
+        raise DataTypeError(f"{name} cannot be read as an array ({exc}); pass a rectangular "
+                            "numeric array") from None
+
+
 def to_device_array(a: Any, dev: Device, dtype: numpy.dtype, name: str) -> Any:
     """``a`` (NumPy, CuPy, nested list) as a ``dtype`` array on ``dev``, refusing unusable types."""
     if a is None:
@@ -36,11 +45,7 @@ def to_device_array(a: Any, dev: Device, dtype: numpy.dtype, name: str) -> Any:
                               f"move it with gpunn.get_device('{dev}').asarray({name}) or net.to(...)")
         src = a
     else:
-        try:
-            src = numpy.asarray(a)
-        except (ValueError, TypeError) as exc:
-            raise DataTypeError(f"{name} cannot be read as an array ({exc}); pass a rectangular "
-                                "numeric array") from None
+        src = _read_array(a, name)
     kind = src.dtype.kind
     if kind in "OUSV" or kind == "M" or kind == "m":
         raise DataTypeError(f"{name} has dtype {src.dtype} ({'strings' if kind in 'US' else 'objects'} "
@@ -78,13 +83,7 @@ def targets(Y: Any, dev: Device, dtype: numpy.dtype, loss: Any, n_out: int, n: i
     Cross-entropy takes integer class labels (shape (n,)) or one-hot / probability rows (n, n_out);
     the other losses take (n, n_out), or (n,) when n_out == 1.
     """
-    raw = Y if _is_cupy_array(Y) or isinstance(Y, numpy.ndarray) else None
-    if raw is None:
-        try:
-            raw = numpy.asarray(Y)
-        except (ValueError, TypeError) as exc:
-            raise DataTypeError(f"{name} cannot be read as an array ({exc}); pass a rectangular "
-                                "numeric array") from None
+    raw = Y if _is_cupy_array(Y) or isinstance(Y, numpy.ndarray) else _read_array(Y, name)
     if loss.name == "cross_entropy" and raw.ndim == 1:
         return _labels_to_one_hot(raw, dev, dtype, n_out, n, name)
     t = to_device_array(Y, dev, dtype, name)

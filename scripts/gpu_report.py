@@ -109,7 +109,8 @@ def report(out: Path, commit: str | None = None) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="the folder scripts/gpu-check.sh wrote ($OUT)")
-    ap.add_argument("--commit", default=None, help="the commit the card ran (default: from gpu-bench.json)")
+    ap.add_argument("--commit", default=None,
+                    help="the commit the card ran (default: env.txt's, else gpu-bench.json's)")
     ap.add_argument("--print", dest="to_stdout", action="store_true", help="print instead of writing a file")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)

@@ -1,6 +1,8 @@
 """Shared fixtures: every backend present, one test id each; CuPy ones skip with the reason."""
 from __future__ import annotations
 
+import shutil
+
 import fakecupy
 import numpy
 import pytest
@@ -29,6 +31,24 @@ def device(request) -> gpunn.Device:
         fakecupy.install(request.getfixturevalue("monkeypatch"))
         return gpunn.get_device(request.param.removeprefix("fake:"))
     return gpunn.get_device(request.param)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """gpunn's CUDA path on the fake CuPy, with the fused kernels on the host emulation."""
+    if fakecupy.real_cupy_loaded():
+        pytest.skip("real CuPy is imported here: the fake would shadow it")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed: no kernel emulation for the fused kernels")
+    return fakecupy.install(monkeypatch)
+
+
+@pytest.fixture
+def fake_gpu_unfused(monkeypatch):
+    """The fake CuPy with the fused kernels off (plain xp code only)."""
+    if fakecupy.real_cupy_loaded():
+        pytest.skip("real CuPy is imported here: the fake would shadow it")
+    return fakecupy.install(monkeypatch, fused=False)
 
 
 @pytest.fixture(params=[pytest.param(True, id="fused"), pytest.param(False, id="unfused")])

@@ -55,12 +55,8 @@ def test_flop_count_skips_first_layer_input_gradient():
 
 
 
-def test_gpu_check_runs_end_to_end_on_the_fake_gpu(monkeypatch, tmp_path, capsys):
+def test_gpu_check_runs_end_to_end_on_the_fake_gpu(fake_gpu, tmp_path, capsys):
     """bench/gpu_check.py, as scripts/gpu-check.sh runs it, on fakecupy: a crash here would waste card time."""
-    import fakecupy
-    if fakecupy.real_cupy_loaded():
-        pytest.skip("real CuPy is imported here: run the script itself")
-    fakecupy.install(monkeypatch)
     import gpu_check
     out = tmp_path / "gpu-bench.json"
     rc = gpu_check.main(["--configs", "lecture:16,mlp:32", "--ceiling-n", "64", "--rounds", "1",

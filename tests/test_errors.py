@@ -287,4 +287,4 @@ def test_patience_stops_and_restores_best(device):
 
 
 def test_network_helpers():
-    assert network.x_size([1, 2, 3]) == 3 and network.x_size(3) == 0
+    assert network._n_samples([1, 2, 3]) == 3 and network._n_samples(3) == 0

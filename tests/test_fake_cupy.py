@@ -1,8 +1,6 @@
 """gpunn's CUDA-side wiring, run on CPU CI against tests/fakecupy.py (NumPy dressed as CuPy)."""
 from __future__ import annotations
 
-import shutil
-
 import fakecupy
 import numpy
 import pytest
@@ -13,11 +11,9 @@ from gpunn import check, losses
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    """Install the fake CuPy as ``cupy`` for gpunn, with one visible 'GPU'; fused kernels off."""
-    if fakecupy.real_cupy_loaded():
-        pytest.skip("real CuPy is imported here")
-    return fakecupy.install(monkeypatch, fused=False)
+def fake(fake_gpu_unfused):
+    """The fake CuPy (one visible 'GPU'), fused kernels off: these tests are about the xp path's wiring."""
+    return fake_gpu_unfused
 
 
 def make(device, seed=0):
@@ -124,12 +120,8 @@ def test_inputs_on_another_gpu_are_refused(fake, monkeypatch):
         net.predict(x)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed: no kernel emulation")
-def test_fused_step_launches_every_kernel_and_never_reads_back(monkeypatch):
+def test_fused_step_launches_every_kernel_and_never_reads_back(fake_gpu):
     """The fused path really runs its kernels (no silent fallback to the xp code) and never syncs."""
-    if fakecupy.real_cupy_loaded():
-        pytest.skip("real CuPy is imported here")
-    fakecupy.install(monkeypatch)
     net = make("cuda:0")
     assert net.ops.fused
     assert _train_steps(net, gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), 3) == 0
@@ -151,29 +143,21 @@ def test_the_fake_refuses_host_arrays_like_cupy(fake):
     assert float(fake.sum(a)) == 3.0 and fake.ndarray.reads == 1
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed: no kernel emulation")
-def test_agreement_check_passes_on_the_fake_gpu_fused_and_unfused(monkeypatch):
+def test_agreement_check_passes_on_the_fake_gpu_fused_and_unfused(fake_gpu):
     """`gpunn check --device cpu,cuda:0` as scripts/gpu-check.sh runs it: rows for fused and unfused."""
-    if fakecupy.real_cupy_loaded():
-        pytest.skip("real CuPy is imported here")
-    fakecupy.install(monkeypatch)
     result = check.run_check(["cpu", "cuda:0"], ["float32", "float64"], steps=5)
     labels = {r["backend"] for r in result["rows"]}
     assert {"cupy cuda:0 float32 fused", "cupy cuda:0 float64 unfused"} <= labels
     assert result["passed"], [r for r in result["rows"] if not r["passed"]]
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed: no kernel emulation")
-def test_cli_train_save_and_bench_on_the_fake_gpu(monkeypatch, tmp_path):
+def test_cli_train_save_and_bench_on_the_fake_gpu(fake_gpu, tmp_path):
     """The CLI's cuda:0 paths (training, saving a GPU model, timing) end to end on the fake GPU."""
     import json
 
     from click.testing import CliRunner
 
     from gpunn.cli import main
-    if fakecupy.real_cupy_loaded():
-        pytest.skip("real CuPy is imported here")
-    fakecupy.install(monkeypatch)
     model = tmp_path / "m.npz"
     r = CliRunner().invoke(main, ["train", "--device", "cuda:0", "--epochs", "3", "--json", "--save", str(model)])
     assert r.exit_code == 0, r.output
@@ -188,3 +172,18 @@ def test_cli_train_save_and_bench_on_the_fake_gpu(monkeypatch, tmp_path):
     assert data["environment"]["gpus"][0]["name"] == "Fake GPU"
     (row,) = data["rows"]
     assert (row["device"], row["fused"], row["batch"]) == ("cuda:0", True, 4) and row["us_per_step"] > 0
+
+
+def test_fused_update_follows_a_changed_learning_rate(fake_gpu):
+    """The fused update caches its scalar arguments: a new learning rate (a schedule) must still apply."""
+    nets = {"cpu": make("cpu"), "cuda:0": make("cuda:0")}
+    for net in nets.values():
+        opt = gpunn.SGD(lr=0.1, momentum=0.9)
+        for lr in (0.1, 0.02, 0.5):
+            opt.lr = lr
+            net.forward(X[:16])
+            net.backward(Y[:16], "cross_entropy")
+            net.step(opt)
+    ref, got = (host(n.flat_parameters()) for n in nets.values())
+    numpy.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert not numpy.allclose(ref, host(make("cpu").flat_parameters()), atol=1e-3)   # the steps moved it

@@ -56,6 +56,17 @@ def test_kernels_compile_with_cupys_nvrtc(monkeypatch):
     assert set(mapping) == set(kernels.name_expressions())
 
 
+def test_cupy_signatures_take_the_out_arguments_gpunn_passes():
+    """Where CuPy is installed (GPU or not): the routines gpunn calls with ``out=`` accept it, and
+    RawModule takes gpunn's options and name expressions."""
+    import inspect
+    cupy = pytest.importorskip("cupy", reason="CuPy not installed")
+    for name in ("take", "argmax", "sum", "max", "matmul"):
+        assert "out" in inspect.signature(getattr(cupy, name)).parameters, name
+    mod = cupy.RawModule(code=kernels.SOURCE, options=kernels.OPTIONS, name_expressions=kernels.name_expressions())
+    assert mod.options == kernels.OPTIONS and len(mod.name_expressions) == len(kernels.name_expressions())
+
+
 @pytest.fixture(scope="module")
 def emulated():
     if emulation.GXX is None:
