@@ -26,7 +26,7 @@ import numpy
 
 import gpunn
 from gpunn import losses
-from gpunn.activations import _exp_cap
+from gpunn.activations import exp_cap
 from gpunn.bench import WORKLOADS, build, calls_for, environment, format_table, step_flops
 
 
@@ -39,9 +39,7 @@ def gpunn_contender(net, X, T, lr, loss_name):
     opt = gpunn.SGD(lr=lr)
 
     def step():
-        net._forward(x)
-        net._backward(t, loss)
-        net._update(opt)
+        net.train_step(x, t, loss, opt)
 
     def params():
         return [gpunn.to_host(p).astype(numpy.float64) for p in net.parameters()]
@@ -67,7 +65,7 @@ def numpy_contender(net, X, T, lr, loss_name):
     gb = [numpy.empty_like(b) for b in bs]
     col = numpy.empty((B, 1), dt)
     inv_b = 1.0 / B
-    cap = _exp_cap(dt)                   # the same exponent cap as gpunn's sigmoid
+    cap = exp_cap(dt)                   # the same exponent cap as gpunn's sigmoid
 
     def step():
         a = x
@@ -127,7 +125,7 @@ def _no_sync():
 
 
 def torch_contender(net, X, T, lr, loss_name):
-    import torch  # noqa: PLC0415
+    import torch
     torch.set_float32_matmul_precision("highest")          # no TF32, as gpunn
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cpu" if not net.device.is_cuda else f"cuda:{net.device.index}"
@@ -178,7 +176,7 @@ def torch_contender(net, X, T, lr, loss_name):
 
 
 def sklearn_contender(net, X, T, lr, loss_name):
-    from sklearn.neural_network import MLPClassifier  # noqa: PLC0415
+    from sklearn.neural_network import MLPClassifier
     if net.device.is_cuda:
         raise ValueError("scikit-learn runs on the CPU only")
     if loss_name != "cross_entropy" or any(layer.activation.name not in ("sigmoid", "softmax") for layer in net.layers):
@@ -319,12 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.dtype)
     env.update({"commit": commit(), "date": time.strftime("%Y-%m-%d"), "machine": platform.node()})
     try:
-        import torch  # noqa: PLC0415
+        import torch
         env["torch"] = f"{torch.__version__} ({torch.get_num_threads()} threads)"
     except ImportError:
         env["torch"] = None
     try:
-        import sklearn  # noqa: PLC0415
+        import sklearn
         env["sklearn"] = sklearn.__version__
     except ImportError:
         env["sklearn"] = None
@@ -351,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.check_only:
         _table(results, names, args.markdown)
     if args.json:
-        from gpunn.io import write_text_atomic  # noqa: PLC0415
+        from gpunn.io import write_text_atomic
         write_text_atomic(args.json, json.dumps({"environment": env, "results": results}, indent=2))
     return 1 if failed else 0
 

@@ -17,9 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import compare  # noqa: E402
 import numpy  # noqa: E402
 
+import compare  # noqa: E402
 from gpunn import Device, cuda_unavailable_reason  # noqa: E402
 from gpunn.bench import WORKLOADS, environment, format_table, step_flops, time_workload  # noqa: E402
 

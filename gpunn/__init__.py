@@ -30,22 +30,14 @@ from .errors import (
     ShapeError,
 )
 from .layers import Dense
-from .network import Evaluation, History, Sequential
+from .network import Evaluation, History, Sequential, load, mlp
 from .optim import SGD, Adam
-
-__version__ = "0.1.0"
-
-
-def load(path, device=None):
-    """Load a network saved with :meth:`Sequential.save` onto ``device`` (see :mod:`gpunn.io`)."""
-    from .io import load as _load  # noqa: PLC0415
-    return _load(path, device=device)
-
+from .version import __version__
 
 __all__ = [
     "Adam", "ConfigError", "DataError", "DataTypeError", "Dense", "Device", "DeviceError", "DeviceSpecError",
     "DivergenceError", "Evaluation", "GpunnError", "History", "ModelFileError", "OutOfMemoryError", "SGD",
     "SaveError", "Sequential", "ShapeError", "activations", "array_module", "available_devices",
-    "cuda_unavailable_reason", "device_of", "get_device", "init", "load", "losses", "optim", "to_host",
+    "cuda_unavailable_reason", "device_of", "get_device", "init", "load", "losses", "mlp", "optim", "to_host",
     "use_device", "__version__",
 ]

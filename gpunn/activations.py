@@ -23,11 +23,11 @@ from .backend import xp_of
 from .errors import ConfigError, unknown_name
 
 __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "ELU", "Identity", "Softmax",
-           "get", "names"]
+           "exp_cap", "get", "names"]
 
 
 @functools.cache
-def _exp_cap(dtype: Any) -> float:
+def exp_cap(dtype: Any) -> float:
     """Largest argument whose exp is finite in ``dtype`` (less a margin); cached per dtype."""
     return float(numpy.log(numpy.finfo(dtype).max)) - 1.0
 
@@ -35,12 +35,10 @@ def _exp_cap(dtype: Any) -> float:
 class Activation:
     """Base class: ``forward`` computes y = f(z); ``backward`` computes δ = f′(z) ⊙ ∂E/∂y (eq 11).
 
-    Subclasses set ``name`` and ``kernel_id`` (the activation's number in the fused CUDA kernels)
-    and, when parameterised, ``param`` (leaky ReLU's α, ELU's a).
+    Subclasses set ``name`` and, when parameterised, ``param`` (leaky ReLU's α, ELU's a).
     """
 
     name = ""
-    kernel_id = 0
     param = 0.0
     #: True when ``backward`` needs a scratch array of z's shape (it is then passed as ``scratch``).
     needs_scratch = False
@@ -96,13 +94,13 @@ class Activation:
 class Sigmoid(Activation):
     """Logistic function σ(z) = 1 / (1 + e^(−z)) (lecture §1); f′ = y(1 − y) (eq 6)."""
 
-    name, kernel_id = "sigmoid", 1
+    name = "sigmoid"
 
     def forward(self, z, out, col=None):
         xp = xp_of(z)
         # e^(−z) overflows only where σ(z) underflows anyway: cap the exponent instead of warning.
         xp.negative(z, out=out)
-        xp.minimum(out, _exp_cap(z.dtype), out=out)
+        xp.minimum(out, exp_cap(z.dtype), out=out)
         xp.exp(out, out=out)
         out += 1.0
         return xp.reciprocal(out, out=out)
@@ -117,7 +115,7 @@ class Sigmoid(Activation):
 class Tanh(Activation):
     """Hyperbolic tangent (eq 1); f′ = 1 − y²."""
 
-    name, kernel_id = "tanh", 2
+    name = "tanh"
 
     def forward(self, z, out, col=None):
         return xp_of(z).tanh(z, out=out)
@@ -131,7 +129,7 @@ class Tanh(Activation):
 class ReLU(Activation):
     """Rectifier max(0, z) (eq 2); f′ = 1 where z > 0, else 0."""
 
-    name, kernel_id = "relu", 3
+    name = "relu"
 
     def forward(self, z, out, col=None):
         return xp_of(z).maximum(z, 0.0, out=out)
@@ -143,7 +141,7 @@ class ReLU(Activation):
 class LeakyReLU(Activation):
     """Leaky rectifier: z where z > 0, else αz (eq 3, α = 0.01); f′ = 1 or α."""
 
-    name, kernel_id = "leaky_relu", 4
+    name = "leaky_relu"
 
     def __init__(self, alpha: float = 0.01):
         alpha = float(alpha)
@@ -170,7 +168,7 @@ class LeakyReLU(Activation):
 class Softplus(Activation):
     """Smooth rectifier log(1 + e^z) (eq 4); f′ = σ(z) = 1 − e^(−y)."""
 
-    name, kernel_id = "softplus", 5
+    name = "softplus"
 
     def forward(self, z, out, col=None):
         # logaddexp(0, z) = max(z, 0) + log1p(e^(−|z|)): never overflows.
@@ -187,7 +185,7 @@ class Softplus(Activation):
 class ELU(Activation):
     """Exponential linear unit: z where z ≥ 0, else a(e^z − 1) (eq 5); f′ = 1 or y + a."""
 
-    name, kernel_id = "elu", 6
+    name = "elu"
     needs_scratch = True
 
     def __init__(self, a: float = 1.0):
@@ -233,7 +231,7 @@ class ELU(Activation):
 class Identity(Activation):
     """No activation, y = z (linear output units); f′ = 1."""
 
-    name, kernel_id = "identity", 0
+    name = "identity"
 
     def forward(self, z, out, col=None):
         if out is not z:
@@ -258,7 +256,7 @@ class Softmax(Activation):
     ``forward`` leaves log Σ e^z (the log-partition, used by the loss) in ``col[:, 0]``.
     """
 
-    name, kernel_id = "softmax", 7
+    name = "softmax"
     rowwise = True
 
     def forward(self, z, out, col=None):

@@ -25,10 +25,11 @@ from typing import Any
 import numpy
 
 from .errors import DeviceError, DeviceSpecError
+from .types import Array, ArrayModule
 
 __all__ = [
-    "Device", "get_device", "use_device", "available_devices", "cuda_unavailable_reason",
-    "device_of", "array_module", "xp_of", "parse_spec", "fused_enabled", "tf32_enabled",
+    "Device", "get_device", "use_device", "available_devices", "cuda_unavailable_reason", "cupy_module",
+    "device_of", "array_module", "is_cupy_array", "xp_of", "parse_spec", "tf32_enabled", "to_host",
 ]
 
 _SPEC_RE = re.compile(r"^(cpu|cuda|auto)(?::(\d+))?$")
@@ -42,14 +43,14 @@ _warned_fallback = False
 _default_spec: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpunn_device", default=None)
 
 
-def _cupy() -> Any:
+def cupy_module() -> ArrayModule | None:
     """Import CuPy once; return the module, or None (the reason is kept for messages)."""
     global _cupy_module, _cupy_import_error, _cupy_tried
     with _lock:
         if not _cupy_tried:
             _cupy_tried = True
             try:
-                import cupy  # noqa: PLC0415 - lazy on purpose: CuPy is an optional extra
+                import cupy  # lazy on purpose: CuPy is an optional extra
                 _cupy_module = cupy
             except Exception as exc:  # ImportError, or a broken install raising anything
                 _cupy_import_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -58,7 +59,7 @@ def _cupy() -> Any:
 
 def _cuda_device_count() -> tuple[int, str | None]:
     """(number of usable CUDA devices, reason when there are none)."""
-    cp = _cupy()
+    cp = cupy_module()
     if cp is None:
         if _cupy_import_error and "No module named 'cupy'" in _cupy_import_error:
             return 0, ("CuPy is not installed; install a CUDA extra: pip install 'gpunn[cuda12]' "
@@ -88,11 +89,6 @@ def available_devices() -> list[str]:
     return ["cpu"] + [f"cuda:{i}" for i in range(count)]
 
 
-def fused_enabled() -> bool:
-    """Whether CUDA devices use gpunn's fused kernels (``GPUNN_FUSED=0`` turns them off)."""
-    return os.environ.get("GPUNN_FUSED", "1").strip() not in ("0", "false", "no", "off")
-
-
 def tf32_enabled() -> bool:
     """Whether CuPy was told to use TF32 for float32 matrix products (``CUPY_TF32=1``; off by default)."""
     return os.environ.get("CUPY_TF32", "0").strip() not in ("", "0")
@@ -113,11 +109,13 @@ class Device:
 
     ``Device("cuda:1")`` parses and validates (raising :class:`DeviceError` when CUDA is unusable);
     ``Device("auto")`` resolves to ``cuda:0`` or ``cpu``. Two devices are equal when kind and index are.
+    A device is a place (arrays, transfers, synchronisation); how layers compute on it is chosen by
+    :func:`gpunn.ops.ops_for`.
     """
 
-    __slots__ = ("_kind", "_index", "_ops", "_fused")
+    __slots__ = ("_kind", "_index")
 
-    def __init__(self, spec: str | Device = "cpu", *, fused: bool | None = None):
+    def __init__(self, spec: str | Device = "cpu"):
         if isinstance(spec, Device):
             kind, index = spec.kind, spec.index
         else:
@@ -135,8 +133,6 @@ class Device:
                 raise DeviceError(f"cannot use cuda:{index}: {reason}")
         object.__setattr__(self, "_kind", kind)
         object.__setattr__(self, "_index", index)
-        object.__setattr__(self, "_ops", None)
-        object.__setattr__(self, "_fused", fused_enabled() if fused is None else bool(fused))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Device is immutable")
@@ -154,26 +150,9 @@ class Device:
         return self._kind == "cuda"
 
     @property
-    def xp(self) -> Any:
+    def xp(self) -> ArrayModule:
         """The array namespace: ``numpy`` for cpu, ``cupy`` for cuda."""
-        return _cupy() if self.is_cuda else numpy
-
-    @property
-    def fused(self) -> bool:
-        """Whether this device runs gpunn's fused CUDA kernels (always False on cpu)."""
-        return self.is_cuda and self._fused
-
-    @property
-    def ops(self) -> Any:
-        """The elementwise/update operations for this device (see :mod:`gpunn.ops`)."""
-        if self._ops is None:
-            from . import ops  # noqa: PLC0415 - ops imports backend
-            object.__setattr__(self, "_ops", ops.ops_for(self))
-        return self._ops
-
-    def with_fused(self, fused: bool) -> Device:
-        """The same device with fused kernels switched on or off."""
-        return Device(self, fused=fused)
+        return cupy_module() if self.is_cuda else numpy
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, str):
@@ -196,21 +175,21 @@ class Device:
         """A context manager making this CUDA device current (a no-op on cpu)."""
         if self.is_cuda:
             return self.xp.cuda.Device(self.index)
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
 
-    def asarray(self, a: Any, dtype: Any = None) -> Any:
+    def asarray(self, a: Any, dtype: Any = None) -> Array:
         """``a`` (NumPy, CuPy, list, scalar) as an array of this device, copying only when needed."""
         if not self.is_cuda:
-            if _is_cupy_array(a):
+            if is_cupy_array(a):
                 a = a.get()
             return numpy.asarray(a, dtype=dtype)
         cp = self.xp
-        if _is_cupy_array(a) and a.device.id != self.index:
+        if is_cupy_array(a) and a.device.id != self.index:
             a = a.get()  # through the host: always correct, and cross-GPU moves are rare here
         with cp.cuda.Device(self.index):
             return cp.asarray(a, dtype=dtype)
 
-    def to_host(self, a: Any) -> numpy.ndarray:
+    def to_host(self, a: Array) -> numpy.ndarray:
         """``a`` as a NumPy array on the host."""
         return to_host(a)
 
@@ -220,12 +199,13 @@ class Device:
             self.xp.cuda.Device(self.index).synchronize()
 
 
-_CPU = Device("cpu", fused=False)
+_CPU = Device("cpu")
+_NO_CONTEXT = contextlib.nullcontext()   # reusable: entering it does nothing
 
 
-def to_host(a: Any) -> numpy.ndarray:
+def to_host(a: Array) -> numpy.ndarray:
     """Any array (NumPy or CuPy) as a NumPy array."""
-    return a.get() if _is_cupy_array(a) else numpy.asarray(a)
+    return a.get() if is_cupy_array(a) else numpy.asarray(a)
 
 
 def _warn_fallback(reason: str) -> None:
@@ -266,7 +246,8 @@ def use_device(spec: str | Device) -> Iterator[Device]:
         _default_spec.reset(token)
 
 
-def _is_cupy_array(a: Any) -> bool:
+def is_cupy_array(a: Any) -> bool:
+    """Whether ``a`` is a CuPy array."""
     # Recognise CuPy arrays without importing CuPy: only a module already imported can have made one.
     return "cupy" in sys.modules and type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "device")
 
@@ -281,7 +262,7 @@ def device_of(*arrays: Any) -> Device:
     for a in arrays:
         if a is None:
             continue
-        if _is_cupy_array(a):
+        if is_cupy_array(a):
             cuda_ids.add(int(a.device.id))
         else:
             host = True
@@ -296,12 +277,12 @@ def device_of(*arrays: Any) -> Device:
     return _CPU
 
 
-def array_module(*arrays: Any) -> Any:
+def array_module(*arrays: Any) -> ArrayModule:
     """The array namespace (``numpy`` or ``cupy``) of ``arrays``; see :func:`device_of`."""
     return device_of(*arrays).xp
 
 
-def xp_of(a: Any) -> Any:
+def xp_of(a: Array) -> ArrayModule:
     """``numpy`` or ``cupy`` for one array, without mixing checks: the training step's fast path."""
     cp = _cupy_module
     return cp if cp is not None and isinstance(a, cp.ndarray) else numpy

@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy
 
-from .backend import Device, _cupy, tf32_enabled
-from .layers import Dense
-from .network import Sequential
+from . import losses
+from .backend import Device, available_devices, cuda_unavailable_reason, cupy_module, tf32_enabled
+from .network import Sequential, mlp
 from .optim import SGD
+from .types import Array
+from .version import __version__
 
 #: name → (layer sizes, hidden activation, output activation, loss, batch sizes)
 WORKLOADS: dict[str, tuple] = {
@@ -38,19 +40,17 @@ def step_flops(sizes: list[int], batch: int) -> int:
     return 2 * batch * (3 * fwd - pairs[0][0] * pairs[0][1])
 
 
-def build(workload: str, device: Any, dtype: str, batch: int, seed: int = 0, fused: bool | None = None):
-    """(net, x, t, loss, optimizer) for one workload: random data made on the spot, on the device."""
+def build(workload: str, device: Any, dtype: str, batch: int, seed: int = 0,
+          fused: bool | None = None) -> tuple[Sequential, numpy.ndarray, numpy.ndarray, losses.Loss, SGD]:
+    """(net, X, T, loss, optimizer) for one workload: random host data made on the spot."""
     sizes, hidden, out_act, loss, _ = WORKLOADS[workload]
-    layers = [Dense(i, o, hidden if k < len(sizes) - 2 else out_act)
-              for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
-    net = Sequential(layers, device=device, dtype=dtype, seed=seed, fused=fused)
+    net = mlp(sizes, activation=hidden, output=out_act, device=device, dtype=dtype, seed=seed, fused=fused)
     rng = numpy.random.Generator(numpy.random.PCG64(seed + 7))
     X = rng.normal(size=(batch, sizes[0]))
     if loss == "cross_entropy":
         T = numpy.eye(sizes[-1])[rng.integers(0, sizes[-1], size=batch)]
     else:
         T = rng.uniform(size=(batch, sizes[-1]))
-    from . import losses  # noqa: PLC0415
     return net, X, T, losses.get(loss), SGD(lr=1e-3)
 
 
@@ -96,7 +96,7 @@ def calls_for(fn: Callable[[], None], sync: Callable[[], None], min_time: float)
     return max(1, int(n * min_time / max(dt, 1e-9)))
 
 
-def gemm_sequence(net: Sequential, x: Any) -> Callable[[], None]:
+def gemm_sequence(net: Sequential, x: Array) -> Callable[[], None]:
     """The step's matrix products alone, on the net's own buffers (the ceiling's workload)."""
     xp = net.xp
     ops = []
@@ -128,16 +128,14 @@ def time_workload(workload: str, device: Any, dtype: str, batch: int, repeats: i
         h2d = time.perf_counter() - t0
 
         def step() -> None:
-            net._forward(x)
-            net._backward(t, loss)
-            net._update(opt)
+            net.train_step(x, t, loss, opt)
         step()
         r = timed(step, dev.synchronize, repeats, min_time)
         g = timed(gemm_sequence(net, x), dev.synchronize, repeats, min_time)
     sizes = WORKLOADS[workload][0]
     flops = step_flops(sizes, batch)
     us = r["median"] * 1e6
-    return {"workload": workload, "device": str(dev), "fused": dev.fused, "dtype": dtype, "batch": batch,
+    return {"workload": workload, "device": str(dev), "fused": net.fused, "dtype": dtype, "batch": batch,
             "us_per_step": us, "us_min": r["min"] * 1e6, "us_max": r["max"] * 1e6,
             "samples_per_s": batch / r["median"], "gflops": flops / r["median"] / 1e9,
             "ceiling_gflops": flops / g["median"] / 1e9, "share_of_ceiling": g["median"] / r["median"],
@@ -146,8 +144,6 @@ def time_workload(workload: str, device: Any, dtype: str, batch: int, repeats: i
 
 def environment(dtype: str | None = None) -> dict:
     """Versions and hardware for benchmark headers and ``gpunn info``."""
-    from . import __version__  # noqa: PLC0415
-    from .backend import available_devices, cuda_unavailable_reason  # noqa: PLC0415
     env: dict[str, Any] = {"gpunn": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
                            "cpu": _cpu_model(), "cores": os.cpu_count(), "blas": _blas(),
                            "tf32": tf32_enabled(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
@@ -155,7 +151,7 @@ def environment(dtype: str | None = None) -> dict:
         env["dtype"] = dtype
     reason = cuda_unavailable_reason()
     env["cuda_unavailable_reason"] = reason
-    cp = _cupy() if reason is None else None
+    cp = cupy_module() if reason is None else None
     env["cupy"] = getattr(cp, "__version__", None) if cp is not None else None
     env["gpus"] = []
     if cp is not None:
@@ -189,7 +185,7 @@ def _cpu_model() -> str:
 
 def _blas() -> str | None:
     try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415
+        from threadpoolctl import threadpool_info
     except ImportError:
         return None
     blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]

@@ -72,10 +72,10 @@ def info(as_json: bool) -> None:
     Example:
       GPUNN_DEVICE=cuda:0 gpunn info
     """
-    import os  # noqa: PLC0415
+    import os
 
-    from .backend import cuda_unavailable_reason, parse_spec  # noqa: PLC0415
-    from .bench import environment  # noqa: PLC0415
+    from .backend import cuda_unavailable_reason, parse_spec
+    from .bench import environment
     env = environment()
     env["devices"] = ["cpu"] + [g["device"] for g in env["gpus"]]
     env["default_device_spec"] = os.environ.get("GPUNN_DEVICE") or "auto"
@@ -141,7 +141,7 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
       gpunn train --layers 64,64,10 --activation relu --optimizer adam --epochs 20 --save digits.npz
       gpunn train --dataset moons --loss binary_cross_entropy --layers 2,16,1 --plot curves.png
     """
-    from . import Dense, Sequential, datasets  # noqa: PLC0415
+    from . import datasets, mlp
     if plot_path:
         _need_matplotlib()
     X, y = datasets.load(dataset, seed=seed)
@@ -153,9 +153,7 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         raise click.BadParameter(f"the data set has {X.shape[1]} features, so --layers must start with "
                                  f"{X.shape[1]}", param_hint="--layers")
     out_act = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}.get(loss, "sigmoid")
-    layers = [Dense(i, o, activation if k < len(sizes) - 2 else out_act)
-              for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
-    net = Sequential(layers, device=device, dtype=dtype, seed=seed)
+    net = mlp(sizes, activation=activation, output=out_act, device=device, dtype=dtype, seed=seed)
     if loss == "cross_entropy":
         Y = y
     else:
@@ -184,7 +182,7 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         net.save(save_path)
         summary["saved"] = save_path
     if plot_path:
-        from .plots import plot_history  # noqa: PLC0415
+        from .plots import plot_history
         plot_history(history, plot_path)
         summary["plot"] = plot_path
     if as_json:
@@ -232,7 +230,7 @@ class _progress_printer:
 
 def _need_matplotlib() -> None:
     try:
-        import matplotlib  # noqa: F401, PLC0415
+        import matplotlib
     except ImportError:
         raise click.UsageError("plotting needs matplotlib: pip install 'gpunn[plot]'") from None
 
@@ -256,13 +254,13 @@ def check(devices, dtypes, steps, seed, as_json):
     Example:
       gpunn check --device cpu,cuda:0 --steps 50
     """
-    from .check import run_check  # noqa: PLC0415
+    from .check import run_check
     dev_list = _csv("device", devices)
     dt_list = _csv("dtype", dtypes)
     for dt in dt_list:
         if dt not in ("float32", "float64"):
             raise click.BadParameter(f"dtype must be float32 or float64, got {dt!r}", param_hint="--dtype")
-    from .backend import parse_spec  # noqa: PLC0415
+    from .backend import parse_spec
     for d in dev_list:
         try:
             parse_spec(d)
@@ -301,7 +299,7 @@ def plot_activations_cmd(path: str) -> None:
       gpunn plot activations activations.png
     """
     _need_matplotlib()
-    from .plots import plot_activations  # noqa: PLC0415
+    from .plots import plot_activations
     plot_activations(path)
     click.echo(f"wrote {path}")
 
@@ -329,8 +327,8 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
       gpunn bench --workload mlp --device cpu --batch-size 256,2048
       gpunn bench --workload lecture,mlp,wide --device cuda:0 --json bench.json --markdown
     """
-    from .backend import Device  # noqa: PLC0415
-    from .bench import WORKLOADS, environment, time_workload  # noqa: PLC0415
+    from .backend import Device
+    from .bench import WORKLOADS, environment, time_workload
     names = _csv("workload", workloads)
     for w in names:
         if w not in WORKLOADS:
@@ -350,7 +348,7 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
                 rows.append(time_workload(w, dev, dtype, b, repeats=repeats, min_time=min_time, fused=fused))
     _print_table(rows, markdown)
     if json_path:
-        from .io import write_text_atomic  # noqa: PLC0415
+        from .io import write_text_atomic
         write_text_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=2))
         click.echo(f"wrote {json_path}", err=True)
 
@@ -376,7 +374,7 @@ def _print_table(rows: list[dict], markdown: bool) -> None:
              str(r["batch"]), f"{r['us_per_step']:.1f}", f"{r['us_min']:.0f}-{r['us_max']:.0f}",
              f"{r['samples_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['ceiling_gflops']:.1f}",
              f"{100 * r['share_of_ceiling']:.0f}%", f"{r['h2d_ms']:.2f}"] for r in rows]
-    from .bench import format_table  # noqa: PLC0415
+    from .bench import format_table
     click.echo(format_table(head, body, markdown))
 
 

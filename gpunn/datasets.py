@@ -155,5 +155,5 @@ def load(name: str, seed: int = 0) -> tuple[numpy.ndarray, numpy.ndarray]:
         return two_moons(seed=seed)
     if key == "spirals":
         return two_spirals(seed=seed)
-    from .errors import unknown_name  # noqa: PLC0415
+    from .errors import unknown_name
     raise unknown_name("data set", name, names())

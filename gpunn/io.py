@@ -1,11 +1,12 @@
-"""Saving and loading networks: one ``.npz`` holding the flat parameters and a JSON header.
+"""Files: the model file format and atomic writes. Knows bytes on disk, not networks.
 
-The header records the format name and version, the gpunn version, the dtype, each layer's sizes,
-activation (with its parameters) and initialiser, and a SHA-256 of the header and parameters, so a
-truncated, tampered or foreign file is rejected with a message naming the problem. Files are read with
+A model file is one ``.npz`` holding the flat parameters and a JSON header. The header records the
+format name and version, the gpunn version, the network's configuration (dtype, each layer's sizes,
+activation with its parameters, initialiser) and a SHA-256 of the header and parameters, so a
+truncated, corrupt or foreign file is rejected with a message naming the problem. Files are read with
 ``allow_pickle=False``: nothing in a model file is ever unpickled or executed. Writes go to a
 temporary file in the same folder, then replace the target in one rename: a failed save leaves any
-earlier file of that name intact.
+earlier file of that name intact. :meth:`gpunn.Sequential.save` and :func:`gpunn.load` build on this.
 """
 from __future__ import annotations
 
@@ -18,30 +19,30 @@ from typing import Any
 
 import numpy
 
-from .backend import to_host
-from .errors import GpunnError, ModelFileError, SaveError
+from .errors import ModelFileError, SaveError
+from .version import __version__
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "atomic_write", "write_text_atomic", "write_model", "read_model"]
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
 
 
-def _digest(header: dict, params: numpy.ndarray) -> str:
+def digest(header: dict, params: numpy.ndarray) -> str:
     body = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode()
     return hashlib.sha256(body + numpy.ascontiguousarray(params).tobytes()).hexdigest()
 
 
-def save(net: Any, path: Any) -> None:
-    """Write ``net`` to ``path`` atomically (temporary file + rename)."""
-    from . import __version__  # noqa: PLC0415
+def write_model(path: Any, config: dict, params: numpy.ndarray) -> None:
+    """Write a model file: ``config`` (JSON-able; its ``dtype`` names the parameters' dtype) and the flat
+    host array ``params``, atomically (temporary file + rename)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SaveError(f"cannot save to {path}: folder {folder} does not exist; create it first")
-    params = to_host(net.flat_parameters())
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "gpunn_version": __version__,
-              "dtype": net.dtype.name, "layers": [layer.config() for layer in net.layers],
-              "n_parameters": int(params.size)}
-    header["sha256"] = _digest(header, params)
+              **config, "n_parameters": int(params.size)}
+    header["sha256"] = digest(header, params)
     head = numpy.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=numpy.uint8)
     try:
         atomic_write(path, lambda fh: _write_npz(fh, header=head, params=params))
@@ -79,10 +80,8 @@ def _write_npz(fh: Any, **arrays: Any) -> None:
     numpy.savez(fh, **arrays)
 
 
-def load(path: Any, device: Any = None) -> Any:
-    """Read a network saved by :func:`save` onto ``device`` (default: the default device)."""
-    from .layers import Dense  # noqa: PLC0415
-    from .network import Sequential  # noqa: PLC0415
+def read_model(path: Any) -> tuple[dict, numpy.ndarray]:
+    """(header, flat parameters) of a model file, after checking its format, version and checksum."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelFileError(f"no model file at {path}")
@@ -119,21 +118,10 @@ def load(path: Any, device: Any = None) -> Any:
         raise ModelFileError(f"{path} has model format version {version!r}; this gpunn reads version "
                              f"{FORMAT_VERSION} (saved by gpunn {header.get('gpunn_version')}); "
                              "load it with a matching gpunn version")
-    if header.get("sha256") != _digest(header, params):
+    if header.get("sha256") != digest(header, params):
         raise ModelFileError(f"{path} failed its checksum: the header or the weights were changed after "
                              "saving (tampered or corrupt)")
-    try:
-        layers = [Dense(c["n_in"], c["n_out"], activation=c["activation"], init=c.get("init"))
-                  for c in header["layers"]]
-        net = Sequential(layers, device=device, dtype=header["dtype"], seed=0)
-    except (KeyError, TypeError) as exc:
-        raise ModelFileError(f"{path} has an invalid layer description ({exc})") from None
-    except GpunnError as exc:
-        if type(exc).__name__ in ("DeviceError", "DeviceSpecError"):
-            raise
-        raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
-    if params.shape != (net.n_parameters,) or params.dtype.name != header["dtype"]:
+    if params.ndim != 1 or params.dtype.name != header.get("dtype"):
         raise ModelFileError(f"{path}: parameters have shape {params.shape} and dtype {params.dtype}, but the "
-                             f"layers need ({net.n_parameters},) {header['dtype']}")
-    net.flat_parameters()[...] = net.device.asarray(params)
-    return net
+                             f"header describes a flat {header.get('dtype')} array")
+    return header, params

@@ -13,9 +13,9 @@ The arithmetic is the NumPy path's, operation for operation: the same overflow-s
 the same order, compiled with ``--fmad=false`` (no fused multiply-add contraction) and without
 fast-math, so fused and unfused results should agree to rounding of the transcendental functions.
 A host emulation (tests/emulation.py) checks that on CPU CI, kernel by kernel and, through the
-``fakecupy`` test backend, in whole training steps; on a card test_fused_matches_unfused_on_gpu does
-(not yet run there: no GPU so far).
-Softmax (row-wise) and Adam use the plain ``xp`` code. ``GPUNN_FUSED=0`` or
+``fakecupy`` test backend, in whole training steps; on a card test_fused_matches_unfused_on_gpu does.
+This module holds the kernels and their launches only; :class:`gpunn.ops.FusedOps` decides when to
+use them (softmax and Adam stay plain ``xp`` code). ``GPUNN_FUSED=0`` or
 ``Sequential(..., fused=False)`` switches all of this off.
 """
 from __future__ import annotations
@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy
 
-from .activations import _exp_cap
-from .ops import XpOps
+from .activations import Activation, exp_cap
+from .types import Array
 
+#: The activation template argument A of the kernels: the one place that numbers the activations.
 ACTIVATION_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "relu": 3, "leaky_relu": 4, "softplus": 5, "elu": 6}
 CTYPES = {"float32": "float", "float64": "double"}
 OPTIONS = ("--fmad=false",)   # CuPy adds -ftz=true and its default C++ standard itself
@@ -197,18 +198,16 @@ def _grid(n: int) -> tuple[int]:
     return (max(1, min((n + BLOCK - 1) // BLOCK, 1 << 20)),)
 
 
-class FusedOps(XpOps):
-    """XpOps with single-kernel versions of the elementwise chains and the SGD update.
+class FusedKernels:
+    """Launches of the compiled kernels on one device.
 
     Everything a launch needs besides its arrays (the kernel, its scalar arguments, the grid) depends
     only on the activation, the dtype and the buffer sizes, so it is built once and cached: the host
-    work per launch is a few dictionary lookups.
+    work per launch is a few dictionary lookups. Each launch method returns False, launching nothing,
+    where no kernel covers the case (softmax, a non-contiguous view); the caller then runs the ``xp`` code.
     """
 
-    fused = True
-
     def __init__(self, device: Any):
-        super().__init__(device)
         self.module = module(device)
         self._act_args: dict[tuple, tuple] = {}     # (kernel, activation, param, dtype) -> (fn, scalars)
         self._sizes: dict[tuple, tuple] = {}        # shape -> (grid, size arguments)
@@ -216,7 +215,7 @@ class FusedOps(XpOps):
         #                                             so a learning-rate schedule cannot grow a cache
         self._colsum: dict[Any, Any] = {}           # dtype -> fn
 
-    def _activation(self, kernel: str, act: Any, dtype: Any) -> tuple | None:
+    def _activation(self, kernel: str, act: Activation, dtype: Any) -> tuple | None:
         """(kernel function, T p, T third) for ``act``, or None where no kernel covers it (softmax)."""
         key = (kernel, act.name, act.param, dtype)
         hit = self._act_args.get(key)
@@ -225,48 +224,53 @@ class FusedOps(XpOps):
             if a is None:
                 return None
             t = numpy.dtype(dtype).type
-            third = _exp_cap(dtype) if kernel == "bias_act_fwd" else 1.0 - act.param   # cap, or q = 1 − p
+            third = exp_cap(dtype) if kernel == "bias_act_fwd" else 1.0 - act.param   # cap, or q = 1 − p
             fn = self.module.get_function(f"{kernel}<{CTYPES[numpy.dtype(dtype).name]}, {a}>")
             hit = self._act_args[key] = (fn, t(act.param), t(third))
         return hit
 
     def _size(self, shape: tuple) -> tuple:
-        """(grid, int64 element count, int32 column count) for a (rows, cols) buffer."""
+        """(grid, int64 element count, int32 column count, int32 row count) for a (rows, cols) buffer."""
         hit = self._sizes.get(shape)
         if hit is None:
             n = shape[0] * shape[1]
             hit = self._sizes[shape] = (_grid(n), numpy.int64(n), numpy.int32(shape[1]), numpy.int32(shape[0]))
         return hit
 
-    def bias_activation(self, act, z, b, y, col):
+    def bias_activation(self, act: Activation, z: Array, b: Array, y: Array) -> bool:
+        """z ← z + b, y = f(z) in one kernel."""
         k = self._activation("bias_act_fwd", act, z.dtype)
         if k is None or not (z.flags.c_contiguous and y.flags.c_contiguous and b.flags.c_contiguous):
-            return super().bias_activation(act, z, b, y, col)
+            return False
         fn, p, cap = k
         grid, n, ncol, _ = self._size(z.shape)
         fn(grid, (BLOCK,), (z, b, y, n, ncol, p, cap))
-        return y
+        return True
 
-    def activation_backward(self, act, z, y, grad, out, scratch, col):
+    def activation_backward(self, act: Activation, z: Array, y: Array, grad: Array, out: Array) -> bool:
+        """δ = f′(z) ⊙ grad in one kernel."""
         k = self._activation("act_bwd", act, z.dtype)
         if k is None or not all(v.flags.c_contiguous for v in (z, y, grad, out)):
-            return super().activation_backward(act, z, y, grad, out, scratch, col)
+            return False
         fn, p, q = k
         grid, n, _, _ = self._size(z.shape)
         fn(grid, (BLOCK,), (z, y, grad, out, n, p, q))
-        return out
+        return True
 
-    def column_sum(self, delta, out):
+    def column_sum(self, delta: Array, out: Array) -> bool:
+        """out = Σ over the rows of delta, in a fixed order."""
         if not (delta.flags.c_contiguous and out.flags.c_contiguous):
-            return super().column_sum(delta, out)
+            return False
         fn = self._colsum.get(delta.dtype)
         if fn is None:
             fn = self._colsum[delta.dtype] = self.module.get_function(f"colsum<{CTYPES[delta.dtype.name]}>")
         _, _, cols, rows = self._size(delta.shape)
         fn(((delta.shape[1] + 31) // 32,), (32, 8), (delta, out, rows, cols))
-        return out
+        return True
 
-    def sgd_update(self, p, g, state, lr, momentum, nesterov, weight_decay, mask):
+    def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
+                   momentum: float, nesterov: bool, weight_decay: float) -> None:
+        """:meth:`gpunn.optim.SGD.update`'s formula over the whole flat buffer, in one kernel."""
         dt = p.dtype
         key = (dt, lr, momentum, nesterov, weight_decay)
         if self._sgd_last[0] != key:
@@ -277,4 +281,5 @@ class FusedOps(XpOps):
                  numpy.int32(1 if nesterov else 0), numpy.int32(1 if weight_decay else 0)))
         fn, scalars = self._sgd_last[1]
         grid, n, _, _ = self._size((1, p.size))
-        fn(grid, (BLOCK,), (p, g, state.get("velocity", p), mask if mask is not None else p, n) + scalars)
+        fn(grid, (BLOCK,), (p, g, velocity if velocity is not None else p, mask if mask is not None else p, n)
+           + scalars)

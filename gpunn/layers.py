@@ -16,24 +16,35 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy
+
 from . import activations
 from . import init as initializers
 from .errors import ConfigError
+from .ops import XpOps
+from .types import Array, ArrayModule
 from .validation import as_model_array
 
+__all__ = ["Dense", "Buffers"]
 
-class _Buffers:
-    """Per-batch-size work arrays of one layer."""
+
+class Buffers:
+    """Work arrays of one layer for one batch size: z, y and (for training) δ, ∂E/∂x and scratch."""
 
     __slots__ = ("z", "y", "delta", "dx", "scratch", "col")
 
-    def __init__(self, xp: Any, batch: int, n_in: int, n_out: int, dtype: Any, act: Any, input_grad: bool):
+    def __init__(self, xp: ArrayModule, batch: int, n_in: int, n_out: int, dtype: numpy.dtype,
+                 act: activations.Activation, input_grad: bool, training: bool = True):
         self.z = xp.empty((batch, n_out), dtype)
         self.y = self.z if act.name == "identity" else xp.empty((batch, n_out), dtype)
-        self.delta = xp.empty((batch, n_out), dtype)
-        self.dx = xp.empty((batch, n_in), dtype) if input_grad else None
-        self.scratch = xp.empty((batch, n_out), dtype) if act.needs_scratch else None
         self.col = xp.empty((batch, 2), dtype) if act.rowwise else None
+        self.delta = xp.empty((batch, n_out), dtype) if training else None
+        self.dx = xp.empty((batch, n_in), dtype) if training and input_grad else None
+        self.scratch = xp.empty((batch, n_out), dtype) if training and act.needs_scratch else None
+
+    def rows(self, n: int) -> tuple[Array, Array, Array | None]:
+        """(z, y, col) views of the first ``n`` rows (C-contiguous, like the whole arrays)."""
+        return self.z[:n], self.y[:n], None if self.col is None else self.col[:n]
 
 
 class Dense:
@@ -59,18 +70,27 @@ class Dense:
         self.activation = activations.get(activation)
         self.init = init if init is not None else initializers.default_for(self.activation.name)
         initializers.get(self.init)  # validate the name now, not at the first fit
-        self._W = self._b = self._gW = self._gb = None
-        self._bufs: dict[int, _Buffers] = {}
+        self._W: Array = None
+        self._b: Array = None
+        self._gW: Array = None
+        self._gb: Array = None
+        self._bufs: dict[int, Buffers] = {}
+        self._infer_bufs: Buffers | None = None
         self.input_grad = True      # the network turns it off for the first layer
-        self.x = self.z = self.y = self.delta = self.col = None
+        self.x: Array = None
+        self.z: Array = None
+        self.y: Array = None
+        self.delta: Array = None
+        self.col: Array = None
 
     # -- parameters (views into the network's flat buffers) ---------------------------------------
-    def bind(self, W: Any, b: Any, grad_W: Any, grad_b: Any) -> None:
+    def bind(self, W: Array, b: Array, grad_W: Array, grad_b: Array) -> None:
         """Use these arrays (views of the network's flat parameter/gradient buffers) as W, b and grads."""
         self._W, self._b, self._gW, self._gb = W, b, grad_W, grad_b
         self._bufs.clear()
+        self._infer_bufs = None
 
-    def initial_weights(self, rng: Any) -> Any:
+    def initial_weights(self, rng: numpy.random.Generator) -> numpy.ndarray:
         """Draw this layer's initial W on the host (float64)."""
         return initializers.get(self.init)(rng, self.n_in, self.n_out)
 
@@ -80,30 +100,52 @@ class Dense:
     grad_W = property(lambda self: self._gW, doc="∂E/∂W after backward (eq 8)")
     grad_b = property(lambda self: self._gb, doc="∂E/∂b after backward")
 
-    def _assign(self, target: Any, value: Any, name: str) -> None:
+    def _assign(self, target: Array, value: Any, name: str) -> None:
         if target is None:
             raise ConfigError("this layer is not part of a network yet; build a gpunn.Sequential first")
         arr = as_model_array(value, target, name)
         target[...] = arr
 
     # -- the pass ---------------------------------------------------------------------------------
-    def buffers(self, xp: Any, batch: int) -> _Buffers:
+    def buffers(self, xp: ArrayModule, batch: int) -> Buffers:
+        """The training buffers for ``batch`` rows (made on first use, then reused)."""
         bufs = self._bufs.get(batch)
         if bufs is None:
-            bufs = _Buffers(xp, batch, self.n_in, self.n_out, self._W.dtype, self.activation, self.input_grad)
+            bufs = Buffers(xp, batch, self.n_in, self.n_out, self._W.dtype, self.activation, self.input_grad)
             self._bufs[batch] = bufs
         return bufs
 
-    def forward(self, x: Any, ops: Any) -> Any:
-        """y = f(x·W + b) for a batch x of shape (batch, n_in); returns the layer's y buffer."""
-        xp = ops.xp
-        bufs = self.buffers(xp, x.shape[0])
-        xp.matmul(x, self._W, out=bufs.z)                         # z_j = Σ_i w_ij y_i
-        ops.bias_activation(self.activation, bufs.z, self._b, bufs.y, bufs.col)
+    def _pre_activation(self, x: Array, z: Array, y: Array, col: Array | None, ops: XpOps) -> Array:
+        """z = x·W + b, y = f(z): a neuron's weighted inputs plus bias, then its activation (§1.1)."""
+        ops.xp.matmul(x, self._W, out=z)                           # z_j = Σ_i w_ij y_i
+        return ops.bias_activation(self.activation, z, self._b, y, col)
+
+    def forward(self, x: Array, ops: XpOps) -> Array:
+        """y = f(x·W + b) for a batch x of shape (batch, n_in); returns the layer's y buffer.
+
+        The layer keeps ``x, z, y`` for :meth:`backward` (and for a reader: lecture §2 step 2).
+        """
+        bufs = self.buffers(ops.xp, x.shape[0])
+        self._pre_activation(x, bufs.z, bufs.y, bufs.col, ops)
         self.x, self.z, self.y, self.col = x, bufs.z, bufs.y, bufs.col
         return bufs.y
 
-    def backward(self, grad_y: Any, ops: Any, delta_ready: bool = False) -> Any:
+    def infer(self, x: Array, ops: XpOps) -> tuple[Array, Array]:
+        """(z, y) for a batch x, in inference buffers: the training buffers and ``x, z, y`` stay as they were.
+
+        The same operations as :meth:`forward` (fused kernels on a GPU). The buffers grow to the largest
+        batch seen and are reused; the result is overwritten by the next call.
+        """
+        n = x.shape[0]
+        bufs = self._infer_bufs
+        if bufs is None or bufs.z.shape[0] < n:
+            bufs = self._infer_bufs = Buffers(ops.xp, n, self.n_in, self.n_out, self._W.dtype, self.activation,
+                                              input_grad=False, training=False)
+        z, y, col = bufs.rows(n)
+        self._pre_activation(x, z, y, col, ops)
+        return z, y
+
+    def backward(self, grad_y: Array, ops: XpOps, delta_ready: bool = False) -> Array | None:
         """From ∂E/∂y of this layer's outputs, compute δ, grad_W, grad_b; return ∂E/∂x (or None).
 
         With ``delta_ready`` the loss has already written this layer's δ (y − y* forms).

@@ -1,4 +1,4 @@
-"""The multi-layer network (lecture §1.2) and its training loop (backpropagation, lecture §2).
+"""The multi-layer network (lecture §1.2) and its training step (backpropagation, lecture §2).
 
 :class:`Sequential` keeps all weights and biases in one flat buffer on its device (each layer's W and
 b are views into it), and all gradients in another, so an optimiser step is a few whole-buffer
@@ -8,103 +8,31 @@ operations. The lecture's loop is available one step at a time::
     net.backward(Y, "squared_error")     # steps 3–4: δ of the output (eq 13) and hidden nodes (eq 14)
     net.step(gpunn.SGD(lr=0.5))          # step 5: w ← w − η δ y (eq 15)
 
-and :meth:`Sequential.fit` repeats it over shuffled minibatches ("return to 2 unless you are satisfied").
+:meth:`Sequential.train_step` does all three on one batch without a host sync, and
+:meth:`Sequential.fit` repeats it over shuffled minibatches (:mod:`gpunn.training`).
 """
 from __future__ import annotations
 
-import math
-import sys
-import time
+import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy
 
+from . import io, optim, training
 from . import losses as losses_mod
-from . import optim
-from .backend import _is_cupy_array, device_of, get_device, to_host
-from .errors import ConfigError, DivergenceError, OutOfMemoryError, ShapeError
+from .backend import Device, device_of, get_device, is_cupy_array, to_host
+from .errors import ConfigError, DeviceError, DeviceSpecError, GpunnError, ModelFileError, OutOfMemoryError, ShapeError
 from .layers import Dense
+from .ops import XpOps, ops_for
+from .training import Evaluation, History
+from .types import Array, ArrayLike, ArrayModule
 from .validation import check_dtype, features, positive_int, targets
 
-__all__ = ["Sequential", "History", "Evaluation"]
+__all__ = ["Sequential", "mlp", "load", "History", "Evaluation"]
 
-
-class Evaluation(NamedTuple):
-    """Mean loss and, for classification targets, accuracy (a fraction in [0, 1]; else None)."""
-
-    loss: float
-    accuracy: float | None
-
-
-class History:
-    """Per-epoch records of a :meth:`Sequential.fit` run."""
-
-    def __init__(self) -> None:
-        self.epochs: list[dict] = []
-        self.stopped_early = False
-        self.best_epoch: int | None = None
-
-    def append(self, record: dict) -> None:
-        self.epochs.append(record)
-
-    def __getitem__(self, key: str) -> list:
-        return [r.get(key) for r in self.epochs]
-
-    def __len__(self) -> int:
-        return len(self.epochs)
-
-    @property
-    def loss(self) -> list[float]:
-        return self["loss"]
-
-    @property
-    def accuracy(self) -> list:
-        return self["accuracy"]
-
-    @property
-    def val_loss(self) -> list:
-        return self["val_loss"]
-
-    @property
-    def val_accuracy(self) -> list:
-        return self["val_accuracy"]
-
-    def __repr__(self) -> str:
-        last = self.epochs[-1] if self.epochs else {}
-        return f"History({len(self)} epochs, last={last})"
-
-
-def _one_hot_rows(t: Any) -> bool:
-    """True when t is 0/1 valued and each row is a class indicator (so accuracy is meaningful)."""
-    if not bool(((t == 0) | (t == 1)).all()):
-        return False
-    return t.shape[1] == 1 or bool((t.sum(axis=1) == 1).all())
-
-
-class _Accuracy:
-    """Counts correct predictions per step into device buffers, without allocating."""
-
-    def __init__(self, xp: Any, n_out: int):
-        self.xp, self.binary = xp, n_out == 1
-        self._bufs: dict[int, tuple] = {}
-
-    def labels(self, t: Any) -> Any:
-        return t[:, 0] > 0.5 if self.binary else self.xp.argmax(t, axis=1)
-
-    def count(self, y: Any, labels: Any) -> Any:
-        xp, b = self.xp, y.shape[0]
-        bufs = self._bufs.get(b)
-        if bufs is None:
-            pred = xp.empty(b, bool if self.binary else labels.dtype)
-            bufs = self._bufs[b] = (pred, xp.empty(b, bool))
-        pred, same = bufs
-        if self.binary:
-            xp.greater(y[:, 0], 0.5, out=pred)
-        else:
-            xp.argmax(y, axis=1, out=pred)
-        xp.equal(pred, labels, out=same)
-        return xp.count_nonzero(same)
+#: Rows per chunk in predict/evaluate: bounds the inference buffers' memory.
+INFER_CHUNK = 8192
 
 
 class Sequential:
@@ -122,65 +50,59 @@ class Sequential:
         a seed gives the same start and the same batches on every device.
     fused : bool, optional
         Use fused CUDA kernels on a GPU (default: on unless ``GPUNN_FUSED=0``).
+
+    ``predict`` and ``evaluate`` may be called from several threads at once; the training methods
+    (``forward``, ``backward``, ``step``, ``train_step``, ``fit``) must not run concurrently on one network.
     """
 
-    def __init__(self, layers: list, device: Any = None, dtype: Any = "float32", seed: int | None = None,
-                 fused: bool | None = None):
-        layers = list(layers)
-        if not layers:
-            raise ConfigError("a Sequential network needs at least one layer")
-        for k, layer in enumerate(layers):
-            if not isinstance(layer, Dense):
-                raise ConfigError(f"layer {k} is a {type(layer).__name__}, not a gpunn.Dense")
-        for k in range(len(layers) - 1):
-            if layers[k].n_out != layers[k + 1].n_in:
-                raise ShapeError(f"layer {k} has n_out={layers[k].n_out} but layer {k + 1} has "
-                                 f"n_in={layers[k + 1].n_in}; consecutive sizes must chain")
-        if len({id(layer) for layer in layers}) != len(layers):
-            raise ConfigError("the same Dense object appears twice; create one per position")
-        for layer in layers[:-1]:
-            if layer.activation.rowwise:
-                raise ConfigError("softmax can only be the activation of the last layer")
-        self.layers = layers
+    def __init__(self, layers: list[Dense], device: str | Device | None = None, dtype: Any = "float32",
+                 seed: int | None = None, fused: bool | None = None):
+        self.layers = _checked_layers(layers)
         self.dtype = check_dtype(dtype)
-        dev = get_device(device)
-        self.device = dev if fused is None else dev.with_fused(fused)
-        if seed is not None:
-            seed = positive_int("seed", seed, allow_zero=True)
-        self.seed = seed
-        init_seq, shuffle_seq = numpy.random.SeedSequence(seed).spawn(2)
-        self._shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))
+        self.device = get_device(device)
+        self._fused_choice = fused
+        self.seed = None if seed is None else positive_int("seed", seed, allow_zero=True)
+        init_seq, shuffle_seq = numpy.random.SeedSequence(self.seed).spawn(2)
+        #: the seeded host generator of the minibatch order (used by :meth:`fit`)
+        self.shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))
         rng = numpy.random.Generator(numpy.random.PCG64(init_seq))
-        host = numpy.zeros(sum(layer.n_in * layer.n_out + layer.n_out for layer in layers))
-        for layer, (w, _) in zip(layers, _layout(layers)):
+        host = numpy.zeros(sum(layer.n_in * layer.n_out + layer.n_out for layer in self.layers))
+        for layer, (w, _) in zip(self.layers, _layout(self.layers)):
             host[w] = layer.initial_weights(rng).ravel()     # biases start at zero
-        for layer in layers:
-            layer.input_grad = True
-        layers[0].input_grad = False     # the first layer computes no input gradient
+        for k, layer in enumerate(self.layers):
+            layer.input_grad = k > 0      # the first layer computes no input gradient
+        self._infer_lock = threading.Lock()
         self._bind(host)
         self.optimizer: optim.Optimizer | None = None
         self.loss: losses_mod.Loss | None = None
         self.history: History | None = None
-        self._grad_y: dict[int, Any] = {}
+        self._step_loss: Any = None
 
     # -- parameters -------------------------------------------------------------------------------
-    def _bind(self, host_params: Any) -> None:
+    def _bind(self, host_params: numpy.ndarray) -> None:
         dev = self.device
+        self._ops: XpOps = ops_for(dev, self._fused_choice)
         with dev.activate():
             self._params = dev.asarray(host_params, dtype=self.dtype)
             self._grads = dev.xp.zeros_like(self._params)
-        self._decay_mask = None
-        self._grad_y = {}
+        self._decay_mask: Array = None
+        self._grad_y: dict[int, Array] = {}
         for layer, (w, b) in zip(self.layers, _layout(self.layers)):
             shape = (layer.n_in, layer.n_out)
             layer.bind(self._params[w].reshape(shape), self._params[b], self._grads[w].reshape(shape), self._grads[b])
 
     @property
-    def ops(self) -> Any:
-        return self.device.ops
+    def ops(self) -> XpOps:
+        """The compute operations this network runs with (:func:`gpunn.ops.ops_for` of its device)."""
+        return self._ops
 
     @property
-    def xp(self) -> Any:
+    def fused(self) -> bool:
+        """Whether the network runs gpunn's fused CUDA kernels."""
+        return self._ops.fused
+
+    @property
+    def xp(self) -> ArrayModule:
         return self.device.xp
 
     @property
@@ -195,15 +117,20 @@ class Sequential:
     def n_parameters(self) -> int:
         return int(self._params.size)
 
-    def parameters(self) -> list:
+    def parameters(self) -> list[Array]:
         """[W₁, b₁, W₂, b₂, ...]: views of the live parameters on the model's device."""
         return [p for layer in self.layers for p in (layer.W, layer.b)]
 
-    def flat_parameters(self) -> Any:
+    def flat_parameters(self) -> Array:
         """All parameters as one flat array (a view; W then b, layer by layer)."""
         return self._params
 
-    def decay_mask(self) -> Any:
+    def flat_gradients(self) -> Array:
+        """All gradients ∂E/∂w of the last backward pass as one flat array, laid out as
+        :meth:`flat_parameters` (a view: what the optimiser reads, and what data-parallel training sums)."""
+        return self._grads
+
+    def decay_mask(self) -> Array:
         """1 for weights, 0 for biases, as a flat array (used by weight decay)."""
         if self._decay_mask is None:
             host = numpy.zeros(self.n_parameters)
@@ -212,58 +139,89 @@ class Sequential:
             self._decay_mask = self.device.asarray(host, dtype=self.dtype)
         return self._decay_mask
 
-    def to(self, device: Any) -> Sequential:
+    def to(self, device: str | Device, fused: bool | None = None) -> Sequential:
         """Move the network to ``device`` (in place); returns self. Optimiser state starts afresh."""
         new = get_device(device)
-        if new == self.device and new.fused == self.device.fused:
+        if new == self.device and fused == self._fused_choice:
             return self
         host = to_host(self._params)
-        self.device = new
+        self.device, self._fused_choice = new, fused
         self._bind(host)
         return self
 
     # -- the lecture's step ----------------------------------------------------------------------
-    def _forward(self, x: Any) -> Any:
-        ops = self.ops
+    def _forward(self, x: Array) -> Array:
+        """Step 2: each layer's y = f(x·W + b) from the layer below's y."""
         for layer in self.layers:
-            x = layer.forward(x, ops)
+            x = layer.forward(x, self._ops)
         return x
 
-    def _backward(self, t: Any, loss: losses_mod.Loss) -> Any:
-        out = self.layers[-1]
+    def _backward(self, t: Array, loss: losses_mod.Loss) -> Array:
+        """Steps 3–4: the output δ from the loss (eq 13), then each hidden layer's δ (eq 14)."""
+        out, xp = self.layers[-1], self._ops.xp
         b = t.shape[0]
         gy = self._grad_y.get(b)
         if gy is None:
-            gy = self._grad_y[b] = self.xp.empty((b, self.n_out), self.dtype)
-        bufs = out.buffers(self.xp, b)
-        value, direct = loss.backward(out, t, gy, bufs.delta)
-        ops = self.ops
-        grad = out.backward(gy, ops, delta_ready=direct)
+            gy = self._grad_y[b] = xp.empty((b, self.n_out), self.dtype)
+        value, direct = loss.backward(out, t, gy, out.buffers(xp, b).delta)
+        grad = out.backward(gy, self._ops, delta_ready=direct)
         for layer in reversed(self.layers[:-1]):
-            grad = layer.backward(grad, ops)
+            grad = layer.backward(grad, self._ops)
         return value
 
     def _update(self, optimizer: optim.Optimizer) -> None:
+        """Step 5: the optimiser's update of every weight (eq 15 for SGD)."""
         mask = self.decay_mask() if getattr(optimizer, "weight_decay", 0.0) else None
-        optimizer.update(self._params, self._grads, mask, self.ops)
+        optimizer.update(self._params, self._grads, mask, self._ops)
 
-    def forward(self, X: Any) -> Any:
+    def train_step(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss,
+                   optimizer: optim.Optimizer) -> Array:
+        """One forward, backward and update on one batch (lecture §2 steps 2–5); returns the batch's
+        mean loss as a 0-d array on the model's device, without waiting for the device.
+
+        X and Y that are already arrays of the model's device and dtype, shaped (batch, n_in) and
+        (batch, n_out), are used as they are (no checks that would read values back from a GPU);
+        anything else goes through the full checks of :meth:`fit` first.
+        """
+        if loss is not self._step_loss:     # checked once per loss object, not every step
+            loss = _loss_for(loss, self.layers[-1].activation)
+            self._step_loss = loss
+        if not isinstance(optimizer, optim.Optimizer):
+            raise ConfigError(f"optimizer must be a gpunn optimiser such as gpunn.SGD(lr=0.1); got {optimizer!r}")
+        x, t = self._batch(X, Y, loss)
+        with self.device.activate():
+            self._forward(x)
+            value = self._backward(t, loss)
+            self._update(optimizer)
+        return value
+
+    def _batch(self, X: Any, Y: Any, loss: losses_mod.Loss) -> tuple[Array, Array]:
+        """(x, t) ready for a step: the arrays themselves when they already fit, else checked copies."""
+        dev, array_type = self.device, self.xp.ndarray
+        if (type(X) is array_type and type(Y) is array_type and X.dtype == self.dtype and Y.dtype == self.dtype
+                and X.ndim == 2 and X.shape[1] == self.n_in and Y.shape == (X.shape[0], self.n_out)
+                and (not dev.is_cuda or X.device.id == Y.device.id == dev.index)):
+            return X, Y
+        device_of(X, Y)
+        x = features(X, dev, self.dtype, self.n_in)
+        return x, targets(Y, dev, self.dtype, loss, self.n_out, x.shape[0])
+
+    def forward(self, X: ArrayLike) -> Array:
         """Forward pass (lecture §2 step 2) on a batch; returns the output y (a copy, on the model's device).
 
         Each layer's ``x, z, y`` stay readable until the next forward of the same batch size.
         """
-        self._check_input_device(X)
+        device_of(X)
         x = features(X, self.device, self.dtype, self.n_in)
         with self.device.activate():
             return self._forward(x).copy()
 
-    def backward(self, Y: Any, loss: Any = "squared_error") -> float:
+    def backward(self, Y: ArrayLike, loss: str | losses_mod.Loss = "squared_error") -> float:
         """Backward pass for targets Y of the last forward (steps 3–4, eqs 13–14); returns the mean loss.
 
         Each layer's ``delta``, ``grad_W`` and ``grad_b`` hold the results afterwards.
         """
-        loss = losses_mod.get(loss)
-        loss.check_activation(self.layers[-1].activation)
+        loss = _loss_for(loss, self.layers[-1].activation)
         if self.layers[-1].y is None:
             raise ConfigError("call forward(X) before backward(Y)")
         n = self.layers[-1].y.shape[0]
@@ -279,62 +237,59 @@ class Sequential:
         with self.device.activate():
             self._update(optimizer)
 
-    # -- conveniences -----------------------------------------------------------------------------
-    def _check_input_device(self, *arrays: Any) -> None:
-        device_of(*arrays)  # raises on NumPy/CuPy mixing or two GPUs
+    # -- inference: the same ops as training, in chunks, in the layers' inference buffers ----------
+    def _infer_chunks(self, x: Array, chunk: int, use: Callable[[slice, Array, Array], None]) -> None:
+        """Call ``use(rows, z, y)`` with the last layer's z and y for each chunk of x (under the lock)."""
+        with self._infer_lock, self.device.activate():
+            for start in range(0, x.shape[0], chunk):
+                a = x[start:start + chunk]
+                z = a
+                for layer in self.layers:
+                    z, a = layer.infer(a, self._ops)
+                use(slice(start, start + a.shape[0]), z, a)
 
-    def predict(self, X: Any, batch_size: int = 8192) -> Any:
-        """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X."""
-        self._check_input_device(X)
+    def predict(self, X: ArrayLike, batch_size: int = INFER_CHUNK) -> Array:
+        """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X.
+
+        Computed ``batch_size`` rows at a time (this bounds the working memory).
+        """
+        batch_size = positive_int("batch_size", batch_size)
+        device_of(X)
         x = features(X, self.device, self.dtype, self.n_in)
-        with self.device.activate():
-            y = self._infer(x, batch_size)
-        return device_of(X).asarray(y) if _is_cupy_array(X) else to_host(y)
+        out = self.xp.empty((x.shape[0], self.n_out), self.dtype)
 
-    def _infer(self, x: Any, batch_size: int = 8192) -> Any:
-        """Forward pass in chunks, without the training buffers (allocates; leaves layer state alone)."""
-        outs = [self._infer_with_z(x[s:s + batch_size])[1] for s in range(0, x.shape[0], batch_size)]
-        return outs[0] if len(outs) == 1 else self.xp.concatenate(outs)
+        def keep(rows: slice, z: Array, y: Array) -> None:
+            out[rows] = y
+        self._infer_chunks(x, batch_size, keep)
+        return device_of(X).asarray(out) if is_cupy_array(X) else to_host(out)
 
-    def _infer_with_z(self, x: Any) -> tuple[Any, Any]:
-        """(z, y) of the last layer for a batch x, allocating fresh arrays."""
-        xp = self.xp
-        a, z = x, None
-        for layer in self.layers:
-            z = a @ layer.W
-            z += layer.b
-            col = xp.empty((z.shape[0], 2), z.dtype) if layer.activation.rowwise else None
-            a = layer.activation.forward(z, xp.empty_like(z), col)
-        return z, a
-
-    def evaluate(self, X: Any, Y: Any, loss: Any = None) -> Evaluation:
+    def evaluate(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss | None = None) -> Evaluation:
         """Mean loss (the one used in :meth:`fit`, else squared error) and accuracy on (X, Y)."""
-        loss = losses_mod.get(loss if loss is not None else (self.loss or "squared_error"))
-        loss.check_activation(self.layers[-1].activation)
-        self._check_input_device(X, Y)
+        loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
+        device_of(X, Y)
         x = features(X, self.device, self.dtype, self.n_in)
         t = targets(Y, self.device, self.dtype, loss, self.n_out, x.shape[0])
-        with self.device.activate():
-            return self._evaluate(x, t, loss)
+        return self.evaluate_prepared(x, t, loss)
 
-    def _evaluate(self, x: Any, t: Any, loss: losses_mod.Loss) -> Evaluation:
-        xp = self.xp
-        total, correct = 0.0, 0
-        classify = _one_hot_rows(t)
-        acc = _Accuracy(xp, self.n_out)
-        for start in range(0, x.shape[0], 8192):
-            xb, tb = x[start:start + 8192], t[start:start + 8192]
-            z, y = self._infer_with_z(xb)
-            total += float(loss.value(z, y, tb)) * xb.shape[0]
+    def evaluate_prepared(self, x: Array, t: Array, loss: losses_mod.Loss) -> Evaluation:
+        """:meth:`evaluate` for arrays already checked and on the device (as :meth:`fit` holds them)."""
+        total, correct = [0.0], [0]
+        classify = training.is_classification(t)
+        acc = training.Accuracy(self.xp, self.n_out)
+
+        def score(rows: slice, z: Array, y: Array) -> None:
+            total[0] += float(loss.value(z, y, t[rows])) * y.shape[0]
             if classify:
-                correct += int(acc.count(y, acc.labels(tb)))
+                correct[0] += int(acc.count(y, acc.labels(t[rows])))
+        self._infer_chunks(x, INFER_CHUNK, score)
         n = x.shape[0]
-        return Evaluation(total / n, correct / n if classify else None)
+        return Evaluation(total[0] / n, correct[0] / n if classify else None)
 
     # -- training ---------------------------------------------------------------------------------
-    def fit(self, X: Any, Y: Any, loss: Any = "squared_error", optimizer: Any = None, epochs: int = 10,
-            batch_size: int = 32, shuffle: bool = True, validation_data: tuple | None = None,
-            patience: int | None = None, progress: bool | Callable[[dict], None] = False) -> History:
+    def fit(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss = "squared_error",
+            optimizer: optim.Optimizer | str | None = None, epochs: int = 10, batch_size: int = 32,
+            shuffle: bool = True, validation_data: tuple | None = None, patience: int | None = None,
+            progress: bool | Callable[[dict], None] = False) -> History:
         """Train with minibatch backpropagation; returns a :class:`History` (also kept as ``self.history``).
 
         Parameters
@@ -355,130 +310,57 @@ class Sequential:
         epoch and step; the weights are left at the last state that gave a finite loss. On
         KeyboardInterrupt the weights and ``self.history`` are those of the last finished epoch.
         """
-        loss = losses_mod.get(loss)
-        loss.check_activation(self.layers[-1].activation)
+        loss = _loss_for(loss, self.layers[-1].activation)
         optimizer = optim.get(optimizer, **({} if optimizer is not None else {"lr": 0.1}))
         epochs = positive_int("epochs", epochs, allow_zero=True)
         batch_size = positive_int("batch_size", batch_size)
         if patience is not None:
             patience = positive_int("patience", patience)
-        self._check_input_device(X, Y)
-        dev = self.device
+        device_of(X, Y)
         self.loss, self.optimizer = loss, optimizer
         try:
             # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
             # per-operation overflow warnings would only be noise on the way there.
-            with dev.activate(), numpy.errstate(over="ignore", invalid="ignore"):
-                return self._fit(X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
-                                 patience, progress)
+            with self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
+                return training.fit(self, X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
+                                    patience, progress)
         except Exception as exc:
             if _is_cupy_oom(exc):
                 raise OutOfMemoryError(
-                    f"{dev} ran out of memory training with batch_size={batch_size} and "
+                    f"{self.device} ran out of memory training with batch_size={batch_size} and "
                     f"{_n_samples(X)} samples ({exc}); use a smaller batch size, fewer or narrower layers, "
                     "or float32") from None
             raise
 
-    def _fit(self, X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data, patience, progress):
-        dev, xp = self.device, self.xp
-        x_all = features(X, dev, self.dtype, self.n_in)
-        n = x_all.shape[0]
-        t_all = targets(Y, dev, self.dtype, loss, self.n_out, n)
-        val = None
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise ConfigError("validation_data must be a pair (X_val, Y_val)")
-            self._check_input_device(*validation_data)
-            xv = features(validation_data[0], dev, self.dtype, self.n_in, "X_val")
-            val = (xv, targets(validation_data[1], dev, self.dtype, loss, self.n_out, xv.shape[0], "Y_val"))
-        batch_size = min(batch_size, n)
-        starts = list(range(0, n, batch_size))
-        sizes = numpy.array([min(batch_size, n - s) for s in starts], dtype=numpy.float64)
-        classify = _one_hot_rows(t_all)
-        acc = _Accuracy(xp, self.n_out)
-        l_all = acc.labels(t_all) if classify else None
-        if shuffle:
-            xs, ts = xp.empty_like(x_all), xp.empty_like(t_all)
-            ls = xp.empty_like(l_all) if classify else None
-        else:
-            xs, ts, ls = x_all, t_all, l_all
-        step_loss = xp.empty(len(starts), dtype=self.dtype)
-        step_correct = xp.zeros(len(starts), dtype=numpy.int64)
-        history = History()
-        self.history = history
-        best = (math.inf, None, None)
-        bad_epochs = 0
-        for epoch in range(epochs):
-            t0 = time.perf_counter()
-            snap = (self._params.copy(), optimizer.snapshot())
-            if shuffle:
-                idx = dev.asarray(self._shuffle_rng.permutation(n))
-                xp.take(x_all, idx, axis=0, out=xs)
-                xp.take(t_all, idx, axis=0, out=ts)
-                if classify:
-                    xp.take(l_all, idx, axis=0, out=ls)
-            try:
-                for k, s in enumerate(starts):
-                    x, t = xs[s:s + batch_size], ts[s:s + batch_size]
-                    y = self._forward(x)
-                    step_loss[k] = self._backward(t, loss)
-                    if classify:
-                        step_correct[k] = acc.count(y, ls[s:s + batch_size])
-                    self._update(optimizer)
-                losses_host = to_host(step_loss).astype(numpy.float64)    # read back once per epoch, not per step
-                if not numpy.all(numpy.isfinite(losses_host)):
-                    self._diverged(epoch, losses_host, snap, optimizer, xs, ts, starts, batch_size, loss)
-                record = {"epoch": epoch + 1, "loss": float(losses_host @ sizes / n)}
-                record["accuracy"] = float(to_host(step_correct).sum() / n) if classify else None
-                if val is not None:
-                    ev = self._evaluate(val[0], val[1], loss)
-                    record["val_loss"], record["val_accuracy"] = ev.loss, ev.accuracy
-                record["seconds"] = time.perf_counter() - t0
-            except KeyboardInterrupt:
-                self._restore(snap, optimizer)   # weights of the last finished epoch, as in the history
-                raise
-            history.append(record)
-            _report(progress, record)
-            if patience is not None:
-                monitored = record.get("val_loss", record["loss"])
-                if monitored < best[0]:
-                    best, bad_epochs = (monitored, self._params.copy(), epoch + 1), 0
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= patience:
-                        history.stopped_early = True
-                        break
-        if patience is not None and best[1] is not None:
-            self._params[...] = best[1]
-            history.best_epoch = best[2]
-        return history
-
-    def _restore(self, snap: tuple, optimizer: optim.Optimizer) -> None:
-        self._params[...] = snap[0]
-        optimizer.restore(snap[1])
-
-    def _diverged(self, epoch, losses_host, snap, optimizer, xs, ts, starts, batch_size, loss) -> None:
-        """Roll back to the last parameters that gave a finite loss, then raise DivergenceError."""
-        k = int(numpy.flatnonzero(~numpy.isfinite(losses_host))[0])
-        # Replay the epoch's first k − 1 steps from its start (same batches, same arithmetic): the
-        # parameters are then those that gave step k − 1 its finite loss. A first step that fails
-        # leaves the parameters as the epoch began.
-        self._restore(snap, optimizer)
-        for s in starts[:max(k - 1, 0)]:
-            self._forward(xs[s:s + batch_size])
-            self._backward(ts[s:s + batch_size], loss)
-            self._update(optimizer)
-        what = "NaN" if numpy.isnan(losses_host[k]) else "infinite"
-        raise DivergenceError(
-            f"the loss became {what} at epoch {epoch + 1}, step {k + 1}; training stopped and the weights "
-            "were left at the last finite state. Lower the learning rate, standardise the inputs, or use "
-            "a loss that suits the output activation")
-
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: Any) -> None:
-        """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`gpunn.load`."""
-        from .io import save  # noqa: PLC0415
-        save(self, path)
+        """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
+        io.write_model(path, self.config(), to_host(self._params))
+
+    @classmethod
+    def load(cls, path: Any, device: str | Device | None = None) -> Sequential:
+        """Read a network saved by :meth:`save` onto ``device`` (default: the default device)."""
+        header, params = io.read_model(path)
+        try:
+            net = cls.from_config(header, device=device)
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"{path} has an invalid layer description ({exc})") from None
+        except (DeviceError, DeviceSpecError):
+            raise
+        except GpunnError as exc:
+            raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
+        if params.shape != (net.n_parameters,):
+            raise ModelFileError(f"{path}: parameters have shape {params.shape}, but the layers need "
+                                 f"({net.n_parameters},)")
+        net._params[...] = net.device.asarray(params)
+        return net
+
+    @classmethod
+    def from_config(cls, config: dict, device: str | Device | None = None, seed: int | None = 0) -> Sequential:
+        """A network of the layers and dtype in ``config`` (as :meth:`config` returns it), freshly initialised."""
+        layers = [Dense(c["n_in"], c["n_out"], activation=c["activation"], init=c.get("init"))
+                  for c in config["layers"]]
+        return cls(layers, device=device, dtype=config["dtype"], seed=seed)
 
     def config(self) -> dict:
         return {"layers": [layer.config() for layer in self.layers], "dtype": self.dtype.name}
@@ -488,7 +370,56 @@ class Sequential:
         return f"Sequential([{inner}], device='{self.device}', dtype='{self.dtype.name}')"
 
 
-def _layout(layers: list) -> list[tuple[slice, slice]]:
+def mlp(sizes: list[int], activation: Any = "sigmoid", output: Any = "softmax", init: str | None = None,
+        **sequential_kwargs: Any) -> Sequential:
+    """A multi-layer perceptron: ``Dense`` layers of the given sizes, input to output.
+
+    ``mlp([784, 512, 512, 10], activation="relu", output="softmax", device="cuda:0", seed=0)`` has two
+    hidden ReLU layers of 512 and a softmax output of 10; other keywords go to :class:`Sequential`.
+    """
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ConfigError(f"mlp needs at least two sizes (inputs and outputs); got {sizes!r}")
+    layers = [Dense(n_in, n_out, activation if k < len(sizes) - 2 else output, init=init)
+              for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    return Sequential(layers, **sequential_kwargs)
+
+
+def load(path: Any, device: str | Device | None = None) -> Sequential:
+    """Load a network saved with :meth:`Sequential.save` onto ``device``."""
+    return Sequential.load(path, device=device)
+
+
+def _checked_layers(layers: Any) -> list[Dense]:
+    layers = list(layers)
+    if not layers:
+        raise ConfigError("a Sequential network needs at least one layer")
+    for k, layer in enumerate(layers):
+        if not isinstance(layer, Dense):
+            raise ConfigError(f"layer {k} is a {type(layer).__name__}, not a gpunn.Dense")
+    for k in range(len(layers) - 1):
+        if layers[k].n_out != layers[k + 1].n_in:
+            raise ShapeError(f"layer {k} has n_out={layers[k].n_out} but layer {k + 1} has "
+                             f"n_in={layers[k + 1].n_in}; consecutive sizes must chain")
+    if len({id(layer) for layer in layers}) != len(layers):
+        raise ConfigError("the same Dense object appears twice; create one per position")
+    for layer in layers[:-1]:
+        if layer.activation.rowwise:
+            raise ConfigError("softmax can only be the activation of the last layer")
+    if layers[-1].activation.rowwise and layers[-1].n_out == 1:
+        raise ConfigError("softmax over a single output is always 1; use activation='sigmoid' for one "
+                          "output unit (with binary_cross_entropy), or give the last layer two or more outputs")
+    return layers
+
+
+def _loss_for(loss: str | losses_mod.Loss, activation: Any) -> losses_mod.Loss:
+    """The loss named ``loss``, refused (ConfigError) when it does not suit the output activation."""
+    loss = losses_mod.get(loss)
+    loss.check_activation(activation)
+    return loss
+
+
+def _layout(layers: list[Dense]) -> list[tuple[slice, slice]]:
     """Where each layer's W and b live in the flat parameter (and gradient) buffer: W₁, b₁, W₂, b₂, ..."""
     out, off = [], 0
     for layer in layers:
@@ -509,18 +440,3 @@ def _n_samples(X: Any) -> int:
         return len(X)
     except TypeError:
         return 0
-
-
-def _report(progress: Any, record: dict) -> None:
-    if callable(progress):
-        progress(record)
-    elif progress:
-        parts = [f"epoch {record['epoch']}", f"loss {record['loss']:.5f}"]
-        if record.get("accuracy") is not None:
-            parts.append(f"acc {record['accuracy']:.4f}")
-        if record.get("val_loss") is not None:
-            parts.append(f"val_loss {record['val_loss']:.5f}")
-        if record.get("val_accuracy") is not None:
-            parts.append(f"val_acc {record['val_accuracy']:.4f}")
-        parts.append(f"{record['seconds']:.2f}s")
-        print("  ".join(parts), file=sys.stderr)

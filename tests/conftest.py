@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import shutil
 
-import fakecupy
-import numpy
 import pytest
 
+import fakecupy
 import gpunn
 from gpunn.backend import cuda_unavailable_reason
 
@@ -56,37 +55,7 @@ def fused(request) -> bool:
     return request.param
 
 
-def host(a):
-    """A NumPy copy of ``a``: never a view of a CPU network's buffers, which later steps overwrite."""
-    return numpy.array(gpunn.to_host(a), copy=True)
-
-
-def rng(seed: int = 0) -> numpy.random.Generator:
-    return numpy.random.Generator(numpy.random.PCG64(seed))
-
-
 @pytest.fixture(autouse=True)
 def _reset_fallback_warning(monkeypatch):
     # The auto-fallback warning is once per process; tests that look for it reset the flag.
     yield
-
-
-def gradients(net, X, Y, loss: str, h: float = 1e-6):
-    """(analytic, numeric) gradients of the mean loss over the flat parameters, by central differences."""
-    net.forward(X)
-    net.backward(Y, loss)
-    analytic = host(net._grads).copy()
-    p = net.flat_parameters()
-    p0 = host(p).copy()
-    numeric = numpy.empty_like(p0)
-    for i in range(p0.size):
-        vals = []
-        for s in (h, -h):
-            q = p0.copy()
-            q[i] += s
-            p[...] = net.device.asarray(q)
-            net.forward(X)
-            vals.append(net.backward(Y, loss))
-        numeric[i] = (vals[0] - vals[1]) / (2 * h)
-    p[...] = net.device.asarray(p0)
-    return analytic, numeric

@@ -5,8 +5,9 @@ import numpy
 import pytest
 
 import gpunn
-from gpunn import backend
+from gpunn import backend, ops
 from gpunn.errors import DeviceError, DeviceSpecError, GpunnError
+from helpers import FakeCupyArray
 
 
 @pytest.mark.parametrize("spec", ["gpu", "cuda:x", "cuda:-1", "cpu:0", "cuda:", "", "CUDA 0", "auto:1"])
@@ -112,16 +113,6 @@ def test_host_data_is_cpu():
     assert gpunn.array_module(numpy.zeros(2)) is numpy
 
 
-class FakeCupyArray:
-    """Looks like a CuPy array to the module-name check, without CuPy."""
-
-    def __init__(self, dev_id):
-        self.device = type("D", (), {"id": dev_id})()
-
-
-FakeCupyArray.__module__ = "cupy._core.core"
-
-
 def test_mixing_numpy_and_cupy_is_refused(monkeypatch):
     import sys
     import types
@@ -134,7 +125,7 @@ def test_mixing_numpy_and_cupy_is_refused(monkeypatch):
 
 def test_fused_switch(monkeypatch):
     monkeypatch.setenv("GPUNN_FUSED", "0")
-    assert backend.fused_enabled() is False
+    assert ops.fused_enabled() is False
     monkeypatch.setenv("GPUNN_FUSED", "1")
-    assert backend.fused_enabled() is True
-    assert gpunn.Device("cpu").fused is False    # fused kernels exist only on CUDA
+    assert ops.fused_enabled() is True
+    assert ops.ops_for(gpunn.Device("cpu"), fused=True).fused is False    # fused kernels exist only on CUDA

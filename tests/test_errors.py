@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import re
 
-import fakecupy
 import numpy
 import pytest
 
+import fakecupy
 import gpunn
-from conftest import host, rng
 from gpunn import network
 from gpunn.errors import (
     ConfigError,
@@ -20,6 +19,7 @@ from gpunn.errors import (
     OutOfMemoryError,
     ShapeError,
 )
+from helpers import host, rng
 
 
 def make(device="cpu", out="softmax", n_out=3, dtype="float32"):
@@ -174,7 +174,7 @@ def test_mixed_numpy_and_cupy_in_one_call(monkeypatch):
     import sys
     import types
 
-    from test_backend import FakeCupyArray
+    from helpers import FakeCupyArray
     monkeypatch.setitem(sys.modules, "cupy", sys.modules.get("cupy") or types.ModuleType("cupy"))
     net = make()
     with pytest.raises(DeviceError, match="mixed"):
@@ -201,7 +201,7 @@ def test_cupy_out_of_memory_becomes_a_clear_error(monkeypatch):
 
     def boom(*a, **k):
         raise OutOfMemoryError("Out of memory allocating 4,294,967,296 bytes (allocated so far: 0 bytes).")
-    monkeypatch.setattr(net, "_fit", boom)
+    monkeypatch.setattr(net, "train_step", boom)
     with pytest.raises(gpunn.OutOfMemoryError, match="batch_size=64.*4,294,967,296 bytes") as exc:
         net.fit(X, LABELS, loss="cross_entropy", batch_size=64)
     assert isinstance(exc.value, MemoryError) and issubclass(OutOfMemoryError, Exception)
@@ -251,13 +251,13 @@ def test_keyboard_interrupt_keeps_last_finished_epoch(device, monkeypatch):
     net = make(device)
     net.fit(X, LABELS, loss="cross_entropy", epochs=1, batch_size=2)   # warm buffers
     calls = {"n": 0}
-    real = net._update
+    real = net.train_step
 
-    def update(opt):
+    def train_step(*args):
         calls["n"] += 1
         if calls["n"] == 13:        # in the third epoch (5 steps per epoch)
             raise KeyboardInterrupt
-        real(opt)
+        return real(*args)
     records = []
     snapshots = []
 
@@ -265,7 +265,7 @@ def test_keyboard_interrupt_keeps_last_finished_epoch(device, monkeypatch):
         records.append(rec)
         snapshots.append(host(net.flat_parameters()).copy())
     with monkeypatch.context() as m:
-        m.setattr(net, "_update", update)
+        m.setattr(net, "train_step", train_step)
         with pytest.raises(KeyboardInterrupt):
             net.fit(X, LABELS, loss="cross_entropy", epochs=5, batch_size=2, progress=progress)
     assert len(net.history) == 2 and len(records) == 2

@@ -1,13 +1,13 @@
 """gpunn's CUDA-side wiring, run on CPU CI against tests/fakecupy.py (NumPy dressed as CuPy)."""
 from __future__ import annotations
 
-import fakecupy
 import numpy
 import pytest
 
+import fakecupy
 import gpunn
-from conftest import host, rng
 from gpunn import check, losses
+from helpers import host, rng
 
 
 @pytest.fixture
@@ -44,9 +44,7 @@ def _train_steps(net, opt, steps: int) -> int:
     t = net.device.asarray(numpy.eye(3)[Y[:16]], dtype=net.dtype)
     fakecupy.ndarray.reads = 0
     for _ in range(steps):
-        net._forward(x)
-        net._backward(t, losses.get("cross_entropy"))
-        net._update(opt)
+        net.train_step(x, t, losses.get("cross_entropy"), opt)
     return fakecupy.ndarray.reads
 
 
@@ -125,7 +123,7 @@ def test_fused_step_launches_every_kernel_and_never_reads_back(fake_gpu):
     net = make("cuda:0")
     assert net.ops.fused
     assert _train_steps(net, gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), 3) == 0
-    launched = net.ops.module.launches
+    launched = net.ops.kernels.module.launches
     # tanh and elu layers fused, softmax output in xp code; every layer's bias gradient; one update per step
     assert launched == {"bias_act_fwd<float, 2>": 3, "bias_act_fwd<float, 6>": 3, "act_bwd<float, 2>": 3,
                         "act_bwd<float, 6>": 3, "colsum<float>": 9, "sgd_update<float>": 3}, launched

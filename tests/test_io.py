@@ -10,9 +10,9 @@ import numpy
 import pytest
 
 import gpunn
-from conftest import host, rng
 from gpunn import io as gio
 from gpunn.errors import ModelFileError, SaveError
+from helpers import host, rng
 
 X = rng(0).normal(size=(7, 3))
 
@@ -125,7 +125,7 @@ def test_tampered_header(tmp_path):
 def test_wrong_version(tmp_path):
     p, header, params = _saved(tmp_path)
     header["format_version"] = 99
-    header["sha256"] = gio._digest(header, params)
+    header["sha256"] = gio.digest(header, params)
     _write(p, header, params)
     with pytest.raises(ModelFileError, match="version 99"):
         gpunn.load(p)

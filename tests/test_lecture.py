@@ -9,8 +9,8 @@ import numpy
 import pytest
 
 import gpunn
-from conftest import gradients, host, rng
 from gpunn import activations
+from helpers import gradients, host, rng
 
 HIDDEN = ["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "identity",
           {"name": "leaky_relu", "alpha": 0.2}, {"name": "elu", "a": 0.5}, {"name": "elu", "a": 1.7}]

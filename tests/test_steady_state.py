@@ -9,8 +9,8 @@ import numpy
 import pytest
 
 import gpunn
-from conftest import rng
 from gpunn import losses
+from helpers import rng
 
 CASES = [("sigmoid", "sigmoid", "squared_error", gpunn.SGD(lr=0.1)),
          ("tanh", "softmax", "cross_entropy", gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)),
@@ -29,9 +29,7 @@ def _step_peak(hidden, out, loss, opt, B, width=64):
     opt.reset()
 
     def step():
-        net._forward(x)
-        net._backward(t, lossf)
-        net._update(opt)
+        net.train_step(x, t, lossf, opt)
     for _ in range(3):
         step()
     tracemalloc.start()
@@ -79,7 +77,7 @@ def test_fit_reuses_buffers_across_epochs():
     assert max(steady) - min(steady) < 64 * 32 * 4, peaks
 
 
-COMPUTE_MODULES = ["activations.py", "layers.py", "losses.py", "optim.py", "ops.py", "network.py"]
+COMPUTE_MODULES = ["activations.py", "layers.py", "losses.py", "optim.py", "ops.py", "network.py", "training.py"]
 
 
 @pytest.mark.parametrize("name", COMPUTE_MODULES)
@@ -88,7 +86,8 @@ def test_compute_code_uses_xp_not_numpy(name):
     src = (pathlib.Path(gpunn.__file__).parent / name).read_text()
     allowed = {"numpy.log", "numpy.finfo", "numpy.isfinite", "numpy.random", "numpy.concatenate",
                "numpy.ones", "numpy.zeros", "numpy.array", "numpy.float64", "numpy.int64", "numpy.flatnonzero",
-               "numpy.isnan", "numpy.errstate", "numpy.all", "np.array"}  # np.array: a doctest
+               "numpy.isnan", "numpy.errstate", "numpy.all", "np.array",  # np.array: a doctest
+               "numpy.dtype", "numpy.ndarray"}   # in annotations of host-side values
     used = set(re.findall(r"\bnumpy\.[a-z_0-9]+", src)) | set(re.findall(r"\bnp\.[a-z_0-9]+", src))
     assert used <= allowed, used - allowed
     assert "import cupy" not in src

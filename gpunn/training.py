@@ -1,0 +1,286 @@
+"""The training loop (lecture §2: "return to 2 unless you are satisfied") around a network's public step.
+
+:func:`fit` repeats :meth:`gpunn.Sequential.train_step` over shuffled minibatches, epoch after epoch,
+with validation, early stopping, divergence roll-back and progress reports. It is written against that
+public step and a few other public methods, so it knows nothing of how a step computes: this module
+sits below :mod:`gpunn.network` and never imports it.
+
+Per-step losses and correct counts stay on the device and are read back once per epoch.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy
+
+from .backend import Device, device_of, to_host
+from .errors import ConfigError, DivergenceError
+from .losses import Loss
+from .optim import Optimizer
+from .types import Array, ArrayModule
+from .validation import features, targets
+
+__all__ = ["History", "Evaluation", "Accuracy", "is_classification", "fit"]
+
+
+class Evaluation(NamedTuple):
+    """Mean loss and, for classification targets, accuracy (a fraction in [0, 1]; else None)."""
+
+    loss: float
+    accuracy: float | None
+
+
+class History:
+    """Per-epoch records of a :meth:`Sequential.fit` run."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+        self.stopped_early = False
+        self.best_epoch: int | None = None
+
+    def append(self, record: dict) -> None:
+        self.epochs.append(record)
+
+    def __getitem__(self, key: str) -> list:
+        return [r.get(key) for r in self.epochs]
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def loss(self) -> list[float]:
+        return self["loss"]
+
+    @property
+    def accuracy(self) -> list:
+        return self["accuracy"]
+
+    @property
+    def val_loss(self) -> list:
+        return self["val_loss"]
+
+    @property
+    def val_accuracy(self) -> list:
+        return self["val_accuracy"]
+
+    def __repr__(self) -> str:
+        last = self.epochs[-1] if self.epochs else {}
+        return f"History({len(self)} epochs, last={last})"
+
+
+def is_classification(t: Array) -> bool:
+    """True when targets t are 0/1 valued and each row is a class indicator (so accuracy is meaningful)."""
+    if not bool(((t == 0) | (t == 1)).all()):
+        return False
+    return t.shape[1] == 1 or bool((t.sum(axis=1) == 1).all())
+
+
+class Accuracy:
+    """Counts correct predictions per batch into device buffers, without allocating per step."""
+
+    def __init__(self, xp: ArrayModule, n_out: int):
+        self.xp, self.binary = xp, n_out == 1
+        self._bufs: dict[int, tuple] = {}
+
+    def labels(self, t: Array) -> Array:
+        """Class labels of target rows: argmax, or t > 0.5 for one output."""
+        return t[:, 0] > 0.5 if self.binary else self.xp.argmax(t, axis=1)
+
+    def count(self, y: Array, labels: Array) -> Array:
+        """Number of rows of outputs y whose predicted class is ``labels`` (a device scalar)."""
+        xp, b = self.xp, y.shape[0]
+        bufs = self._bufs.get(b)
+        if bufs is None:
+            pred = xp.empty(b, bool if self.binary else labels.dtype)
+            bufs = self._bufs[b] = (pred, xp.empty(b, bool))
+        pred, same = bufs
+        if self.binary:
+            xp.greater(y[:, 0], 0.5, out=pred)
+        else:
+            xp.argmax(y, axis=1, out=pred)
+        xp.equal(pred, labels, out=same)
+        return xp.count_nonzero(same)
+
+
+@dataclass
+class _Data:
+    """A training set on the device, the buffers its shuffled copy goes into, and its minibatches."""
+
+    x: Array
+    t: Array
+    labels: Array | None          # class labels when the targets are classes (for accuracy), else None
+    xs: Array                     # the epoch's (shuffled) order of x, t, labels
+    ts: Array
+    ls: Array | None
+    starts: list[int]
+    batch_size: int
+    sizes: numpy.ndarray          # samples per minibatch (float64, to weight the step losses)
+    step_loss: Array              # per-step losses and correct counts, on the device
+    step_correct: Array
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    def batches(self) -> list[tuple[int, slice]]:
+        return [(k, slice(s, s + self.batch_size)) for k, s in enumerate(self.starts)]
+
+
+def _prepare(net: Any, X: Any, Y: Any, loss: Loss, batch_size: int, shuffle: bool) -> _Data:
+    dev: Device = net.device
+    xp = dev.xp
+    x = features(X, dev, net.dtype, net.n_in)
+    n = x.shape[0]
+    t = targets(Y, dev, net.dtype, loss, net.n_out, n)
+    labels = Accuracy(xp, net.n_out).labels(t) if is_classification(t) else None
+    if shuffle:
+        xs, ts = xp.empty_like(x), xp.empty_like(t)
+        ls = xp.empty_like(labels) if labels is not None else None
+    else:
+        xs, ts, ls = x, t, labels
+    batch_size = min(batch_size, n)
+    starts = list(range(0, n, batch_size))
+    sizes = numpy.array([min(batch_size, n - s) for s in starts], dtype=numpy.float64)
+    return _Data(x, t, labels, xs, ts, ls, starts, batch_size, sizes,
+                 xp.empty(len(starts), dtype=net.dtype), xp.zeros(len(starts), dtype=numpy.int64))
+
+
+def _validation(net: Any, validation_data: Any, loss: Loss) -> tuple[Array, Array] | None:
+    if validation_data is None:
+        return None
+    if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+        raise ConfigError("validation_data must be a pair (X_val, Y_val)")
+    device_of(*validation_data)       # raises on NumPy/CuPy mixing or two GPUs
+    xv = features(validation_data[0], net.device, net.dtype, net.n_in, "X_val")
+    tv = targets(validation_data[1], net.device, net.dtype, loss, net.n_out, xv.shape[0], "Y_val")
+    return xv, tv
+
+
+def _shuffle(data: _Data, xp: ArrayModule, dev: Device, rng: numpy.random.Generator) -> None:
+    """Put this epoch's permutation of the training set into the shuffle buffers (seeded host generator)."""
+    idx = dev.asarray(rng.permutation(data.n))
+    xp.take(data.x, idx, axis=0, out=data.xs)
+    xp.take(data.t, idx, axis=0, out=data.ts)
+    if data.labels is not None:
+        xp.take(data.labels, idx, axis=0, out=data.ls)
+
+
+def _run_epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, acc: Accuracy) -> numpy.ndarray:
+    """One pass over the minibatches; returns the step losses (read back once, as float64)."""
+    for k, sl in data.batches():
+        data.step_loss[k] = net.train_step(data.xs[sl], data.ts[sl], loss, optimizer)
+        if data.ls is not None:
+            data.step_correct[k] = acc.count(net.layers[-1].y, data.ls[sl])
+    return to_host(data.step_loss).astype(numpy.float64)
+
+
+def _diverged(net: Any, data: _Data, losses_host: numpy.ndarray, epoch: int, snap: tuple, loss: Loss,
+              optimizer: Optimizer) -> DivergenceError:
+    """Roll back to the last parameters that gave a finite loss; return the DivergenceError to raise.
+
+    Replays the epoch's first k − 1 steps from its start (same batches, same arithmetic), so the
+    parameters are those that gave step k − 1 its finite loss; a first step that fails leaves the
+    parameters as the epoch began.
+    """
+    k = int(numpy.flatnonzero(~numpy.isfinite(losses_host))[0])
+    _restore(net, snap, optimizer)
+    for _, sl in data.batches()[:max(k - 1, 0)]:
+        net.train_step(data.xs[sl], data.ts[sl], loss, optimizer)
+    what = "NaN" if numpy.isnan(losses_host[k]) else "infinite"
+    return DivergenceError(
+        f"the loss became {what} at epoch {epoch + 1}, step {k + 1}; training stopped and the weights "
+        "were left at the last finite state. Lower the learning rate, standardise the inputs, or use "
+        "a loss that suits the output activation")
+
+
+def _restore(net: Any, snap: tuple, optimizer: Optimizer) -> None:
+    net.flat_parameters()[...] = snap[0]
+    optimizer.restore(snap[1])
+
+
+def _epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, epoch: int, shuffle: bool,
+           val: tuple | None, acc: Accuracy) -> dict:
+    """Train one epoch and return its record; on Ctrl-C or divergence the parameters are rolled back."""
+    t0 = time.perf_counter()
+    snap = (net.flat_parameters().copy(), optimizer.snapshot())
+    try:
+        if shuffle:
+            _shuffle(data, net.xp, net.device, net.shuffle_rng)
+        losses_host = _run_epoch(net, data, loss, optimizer, acc)
+        if not numpy.all(numpy.isfinite(losses_host)):
+            raise _diverged(net, data, losses_host, epoch, snap, loss, optimizer)
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(losses_host @ data.sizes / data.n)}
+        record["accuracy"] = (float(to_host(data.step_correct).sum() / data.n)
+                              if data.labels is not None else None)
+        if val is not None:
+            ev = net.evaluate_prepared(val[0], val[1], loss)
+            record["val_loss"], record["val_accuracy"] = ev.loss, ev.accuracy
+        record["seconds"] = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        _restore(net, snap, optimizer)     # weights of the last finished epoch, as in the history
+        raise
+    return record
+
+
+class _EarlyStopping:
+    """Stop when the monitored loss has not improved for ``patience`` epochs; keep the best weights."""
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+        self.best, self.weights, self.epoch, self.bad = math.inf, None, None, 0
+
+    def should_stop(self, record: dict, params: Array) -> bool:
+        if self.patience is None:
+            return False
+        monitored = record.get("val_loss", record["loss"])
+        if monitored < self.best:
+            self.best, self.weights, self.epoch, self.bad = monitored, params.copy(), record["epoch"], 0
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def restore_best(self, params: Array, history: History) -> None:
+        if self.weights is not None:
+            params[...] = self.weights
+            history.best_epoch = self.epoch
+
+
+def fit(net: Any, X: Any, Y: Any, loss: Loss, optimizer: Optimizer, epochs: int, batch_size: int,
+        shuffle: bool, validation_data: Any, patience: int | None,
+        progress: bool | Callable[[dict], None]) -> History:
+    """The loop behind :meth:`gpunn.Sequential.fit` (arguments already checked there)."""
+    data = _prepare(net, X, Y, loss, batch_size, shuffle)
+    val = _validation(net, validation_data, loss)
+    acc = Accuracy(net.xp, net.n_out)
+    history = net.history = History()
+    stopping = _EarlyStopping(patience)
+    for epoch in range(epochs):
+        record = _epoch(net, data, loss, optimizer, epoch, shuffle, val, acc)
+        history.append(record)
+        report(progress, record)
+        if stopping.should_stop(record, net.flat_parameters()):
+            history.stopped_early = True
+            break
+    stopping.restore_best(net.flat_parameters(), history)
+    return history
+
+
+def report(progress: bool | Callable[[dict], None], record: dict) -> None:
+    """Hand an epoch's record to ``progress``: a callable gets it, True prints one line to stderr."""
+    if callable(progress):
+        progress(record)
+    elif progress:
+        parts = [f"epoch {record['epoch']}", f"loss {record['loss']:.5f}"]
+        if record.get("accuracy") is not None:
+            parts.append(f"acc {record['accuracy']:.4f}")
+        if record.get("val_loss") is not None:
+            parts.append(f"val_loss {record['val_loss']:.5f}")
+        if record.get("val_accuracy") is not None:
+            parts.append(f"val_acc {record['val_accuracy']:.4f}")
+        parts.append(f"{record['seconds']:.2f}s")
+        print("  ".join(parts), file=sys.stderr)
