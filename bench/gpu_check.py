@@ -17,11 +17,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy  # noqa: E402
+import numpy
 
-import compare  # noqa: E402
-from gpunn import Device, cuda_unavailable_reason  # noqa: E402
-from gpunn.bench import WORKLOADS, environment, format_table, step_flops, time_workload  # noqa: E402
+import compare
+from gpunn import Device, cuda_unavailable_reason
+from gpunn.bench import WORKLOADS, environment, format_table, step_flops, time_workload
 
 CONFIGS = "lecture:1,lecture:16,mlp:32,mlp:256,mlp:2048,wide:4096"
 

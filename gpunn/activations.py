@@ -15,19 +15,19 @@ NaN for |z| up to 1e4 in float32 and float64.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import numpy
 
 from .backend import xp_of
 from .errors import ConfigError, unknown_name
+from .types import Array, DTypeLike
 
 __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "ELU", "Identity", "Softmax",
-           "exp_cap", "get", "names"]
+           "ActivationSpec", "exp_cap", "get", "names"]
 
 
 @functools.cache
-def exp_cap(dtype: Any) -> float:
+def exp_cap(dtype: DTypeLike) -> float:
     """Largest argument whose exp is finite in ``dtype`` (less a margin); cached per dtype."""
     return float(numpy.log(numpy.finfo(dtype).max)) - 1.0
 
@@ -46,29 +46,30 @@ class Activation:
     rowwise = False
 
     # -- the vectorised, in-place interface used by layers --------------------------------------
-    def forward(self, z: Any, out: Any, col: Any = None) -> Any:  # pragma: no cover - abstract
+    def forward(self, z: Array, out: Array, col: Array | None = None) -> Array:  # pragma: no cover - abstract
         """Write f(z) into ``out`` (same shape as z); ``col`` is a (batch, 2) scratch array."""
         raise NotImplementedError
 
-    def derivative(self, z: Any, y: Any, out: Any) -> Any:  # pragma: no cover - abstract
+    def derivative(self, z: Array, y: Array, out: Array) -> Array:  # pragma: no cover - abstract
         """Write f′(z) into ``out``, using z and/or y = f(z)."""
         raise NotImplementedError
 
-    def backward(self, z: Any, y: Any, grad: Any, out: Any, scratch: Any = None, col: Any = None) -> Any:
+    def backward(self, z: Array, y: Array, grad: Array, out: Array, scratch: Array | None = None,
+                 col: Array | None = None) -> Array:
         """Write δ = f′(z) ⊙ grad into ``out`` (eq 11: δ_j = f′(z_j) ∂E/∂y_j); ``out`` is not ``grad``."""
         self.derivative(z, y, out)
         out *= grad
         return out
 
     # -- convenience for people and plots (allocates) ----------------------------------------------
-    def __call__(self, z: Any) -> Any:
+    def __call__(self, z: Array) -> Array:
         xp = xp_of(z)
         z = xp.asarray(z, dtype=float) if xp.asarray(z).dtype.kind != "f" else xp.asarray(z)
         out = xp.empty_like(z)
         col = xp.empty((z.shape[0], 2), z.dtype) if self.rowwise else None
         return self.forward(z, out, col)
 
-    def grad(self, z: Any) -> Any:
+    def grad(self, z: Array) -> Array:
         """f′(z), elementwise (for plotting and tests)."""
         xp = xp_of(z)
         z = xp.asarray(z, dtype=float) if xp.asarray(z).dtype.kind != "f" else xp.asarray(z)
@@ -295,7 +296,11 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(spec: str | Activation | dict | type[Activation] | None) -> Activation:
+#: What names an activation: a name, a config dict, a class, an instance (None: identity).
+ActivationSpec = str | dict | type[Activation] | Activation | None
+
+
+def get(spec: ActivationSpec) -> Activation:
     """An activation from a name (``"relu"``), a config dict, a class or an instance."""
     if spec is None:
         return Identity()

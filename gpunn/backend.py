@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import threading
+import types
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -114,6 +115,8 @@ class Device:
     """
 
     __slots__ = ("_kind", "_index")
+    _kind: str
+    _index: int
 
     def __init__(self, spec: str | Device = "cpu"):
         if isinstance(spec, Device):
@@ -219,7 +222,8 @@ def _warn_fallback(reason: str) -> None:
 def _caller_level() -> int:
     """The stacklevel of the first frame outside gpunn, so a warning points at the user's line."""
     here = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
         frame, level = frame.f_back, level + 1
     return level

@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy
 
+from .activations import ActivationSpec
 from .backend import Device, cuda_unavailable_reason, parse_spec, tf32_enabled, to_host
 from .layers import Dense
 from .network import Sequential
 from .optim import SGD
 
-ARCH = [(37, 64, "tanh"), (64, 48, "sigmoid"), (48, 32, {"name": "elu", "a": 0.7}), (32, 5, "softmax")]
+ARCH: list[tuple[int, int, ActivationSpec]] = [
+    (37, 64, "tanh"), (64, 48, "sigmoid"), (48, 32, {"name": "elu", "a": 0.7}), (32, 5, "softmax")]
 BATCH = 33            # odd sizes catch indexing bugs
 #: tolerances on max|a − ref| / max|ref|: one step, and the weights after N steps
 TOLERANCES = {"float32": {"step": 1e-5, "trained": 1e-4}, "float64": {"step": 1e-10, "trained": 1e-9}}
@@ -56,7 +58,8 @@ def rel_diff(a: numpy.ndarray, ref: numpy.ndarray) -> float:
 
 def backends(devices: list[str], dtypes: list[str]) -> tuple[list[tuple], list[str]]:
     """(device, dtype, fused, label) to check, and notes on what was skipped and why."""
-    todo, notes = [], []
+    todo: list[tuple[str, str, bool | None, str]] = []
+    notes: list[str] = []
     for spec in devices:
         kind, index = parse_spec(spec)
         if kind == "cuda":

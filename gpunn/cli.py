@@ -6,16 +6,25 @@ options get click's usage message and exit 2.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+import os
 import sys
 import time
+from typing import Any
 
 import click
 
-from . import activations, losses, optim
+from . import activations, datasets, losses, optim
+from .backend import Device, cuda_unavailable_reason, parse_spec
+from .bench import WORKLOADS, environment, format_table, time_workload
+from .check import run_check
 from .errors import GpunnError
+from .io import write_text_atomic
+from .network import mlp
+from .plots import plot_activations, plot_history
 
-EPILOG_STYLE = {"context_settings": {"help_option_names": ["-h", "--help"]}}
+EPILOG_STYLE: dict[str, Any] = {"context_settings": {"help_option_names": ["-h", "--help"]}}
 
 
 def _friendly(fn):
@@ -72,10 +81,6 @@ def info(as_json: bool) -> None:
     Example:
       GPUNN_DEVICE=cuda:0 gpunn info
     """
-    import os
-
-    from .backend import cuda_unavailable_reason, parse_spec
-    from .bench import environment
     env = environment()
     env["devices"] = ["cpu"] + [g["device"] for g in env["gpus"]]
     env["default_device_spec"] = os.environ.get("GPUNN_DEVICE") or "auto"
@@ -141,35 +146,16 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
       gpunn train --layers 64,64,10 --activation relu --optimizer adam --epochs 20 --save digits.npz
       gpunn train --dataset moons --loss binary_cross_entropy --layers 2,16,1 --plot curves.png
     """
-    from . import datasets, mlp
     if plot_path:
         _need_matplotlib()
-    X, y = datasets.load(dataset, seed=seed)
-    n_classes = int(y.max()) + 1
-    # two classes without softmax: one sigmoid output unit (the lecture's logistic neuron)
-    out_units = 1 if loss != "cross_entropy" and n_classes == 2 else n_classes
-    sizes = _csv("integer", layer_spec, int) if layer_spec else [X.shape[1], 32, out_units]
-    if sizes[0] != X.shape[1]:
-        raise click.BadParameter(f"the data set has {X.shape[1]} features, so --layers must start with "
-                                 f"{X.shape[1]}", param_hint="--layers")
+    sizes, (Xtr, Xte, Ytr, Yte) = _train_data(dataset, layer_spec, loss, seed)
     out_act = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}.get(loss, "sigmoid")
     net = mlp(sizes, activation=activation, output=out_act, device=device, dtype=dtype, seed=seed)
-    if loss == "cross_entropy":
-        Y = y
-    else:
-        Y = y.reshape(-1, 1).astype(float) if sizes[-1] == 1 else datasets.one_hot(y, sizes[-1])
-    if dataset == "xor":
-        Xtr, Xte, Ytr, Yte = X, X, Y, Y
-    else:
-        Xtr, Xte, Ytr, Yte = datasets.train_test_split(X, Y, test_size=0.25, seed=seed)
-        if dataset != "digits":   # synthetic sets: scale with the training set's statistics only
-            Xtr, Xte = datasets.standardize(Xtr, Xte)
     if lr is None:
         lr = 0.01 if optimizer == "adam" else 0.5 if loss != "squared_error" else 2.0
     opt = optim.SGD(lr=lr, momentum=momentum) if optimizer == "sgd" else optim.Adam(lr=lr)
-    progress = _progress_printer(epochs, as_json)
     t0 = time.perf_counter()
-    with progress as report:
+    with _progress_printer(epochs, as_json) as report:
         history = net.fit(Xtr, Ytr, loss=loss, optimizer=opt, epochs=epochs, batch_size=batch_size,
                           validation_data=(Xte, Yte), progress=report)
     seconds = time.perf_counter() - t0
@@ -182,7 +168,6 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         net.save(save_path)
         summary["saved"] = save_path
     if plot_path:
-        from .plots import plot_history
         plot_history(history, plot_path)
         summary["plot"] = plot_path
     if as_json:
@@ -197,12 +182,34 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         click.echo(f"wrote curves to {plot_path}")
 
 
+def _train_data(dataset: str, layer_spec: str | None, loss: str, seed: int) -> tuple[list[int], tuple]:
+    """(layer sizes, (X_train, X_test, Y_train, Y_test)) for ``gpunn train``."""
+    X, y = datasets.load(dataset, seed=seed)
+    n_classes = int(y.max()) + 1
+    # two classes without softmax: one sigmoid output unit (the lecture's logistic neuron)
+    out_units = 1 if loss != "cross_entropy" and n_classes == 2 else n_classes
+    sizes = _csv("integer", layer_spec, int) if layer_spec else [X.shape[1], 32, out_units]
+    if sizes[0] != X.shape[1]:
+        raise click.BadParameter(f"the data set has {X.shape[1]} features, so --layers must start with "
+                                 f"{X.shape[1]}", param_hint="--layers")
+    if loss == "cross_entropy":
+        Y = y
+    else:
+        Y = y.reshape(-1, 1).astype(float) if sizes[-1] == 1 else datasets.one_hot(y, sizes[-1])
+    if dataset == "xor":
+        return sizes, (X, X, Y, Y)
+    Xtr, Xte, Ytr, Yte = datasets.train_test_split(X, Y, test_size=0.25, seed=seed)
+    if dataset != "digits":   # synthetic sets: scale with the training set's statistics only
+        Xtr, Xte = datasets.standardize(Xtr, Xte)
+    return sizes, (Xtr, Xte, Ytr, Yte)
+
+
 class _progress_printer:
     """A click progress bar on a terminal, one line per epoch otherwise, nothing with --json."""
 
     def __init__(self, epochs: int, quiet: bool):
         self.epochs, self.quiet = epochs, quiet
-        self.bar = None
+        self.bar: Any = None
 
     def __enter__(self):
         if not self.quiet and sys.stderr.isatty():
@@ -229,10 +236,8 @@ class _progress_printer:
 
 
 def _need_matplotlib() -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise click.UsageError("plotting needs matplotlib: pip install 'gpunn[plot]'") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise click.UsageError("plotting needs matplotlib: pip install 'gpunn[plot]'")
 
 
 # -- check ------------------------------------------------------------------------------------------
@@ -254,13 +259,11 @@ def check(devices, dtypes, steps, seed, as_json):
     Example:
       gpunn check --device cpu,cuda:0 --steps 50
     """
-    from .check import run_check
     dev_list = _csv("device", devices)
     dt_list = _csv("dtype", dtypes)
     for dt in dt_list:
         if dt not in ("float32", "float64"):
             raise click.BadParameter(f"dtype must be float32 or float64, got {dt!r}", param_hint="--dtype")
-    from .backend import parse_spec
     for d in dev_list:
         try:
             parse_spec(d)
@@ -299,7 +302,6 @@ def plot_activations_cmd(path: str) -> None:
       gpunn plot activations activations.png
     """
     _need_matplotlib()
-    from .plots import plot_activations
     plot_activations(path)
     click.echo(f"wrote {path}")
 
@@ -327,8 +329,6 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
       gpunn bench --workload mlp --device cpu --batch-size 256,2048
       gpunn bench --workload lecture,mlp,wide --device cuda:0 --json bench.json --markdown
     """
-    from .backend import Device
-    from .bench import WORKLOADS, environment, time_workload
     names = _csv("workload", workloads)
     for w in names:
         if w not in WORKLOADS:
@@ -348,7 +348,6 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
                 rows.append(time_workload(w, dev, dtype, b, repeats=repeats, min_time=min_time, fused=fused))
     _print_table(rows, markdown)
     if json_path:
-        from .io import write_text_atomic
         write_text_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=2))
         click.echo(f"wrote {json_path}", err=True)
 
@@ -374,7 +373,6 @@ def _print_table(rows: list[dict], markdown: bool) -> None:
              str(r["batch"]), f"{r['us_per_step']:.1f}", f"{r['us_min']:.0f}-{r['us_max']:.0f}",
              f"{r['samples_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['ceiling_gflops']:.1f}",
              f"{100 * r['share_of_ceiling']:.0f}%", f"{r['h2d_ms']:.2f}"] for r in rows]
-    from .bench import format_table
     click.echo(format_table(head, body, markdown))
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy
 
-from .errors import ConfigError, DataError, ShapeError
+from .errors import ConfigError, DataError, ShapeError, unknown_name
+from .validation import one_hot_host
 
 __all__ = ["load_digits", "xor", "two_spirals", "two_moons", "train_test_split", "standardize", "one_hot",
            "read_idx", "names", "load"]
@@ -104,12 +105,10 @@ def one_hot(labels: Any, n_classes: int | None = None) -> numpy.ndarray:
     k = int(lab.max()) + 1 if n_classes is None else int(n_classes)
     if lab.size and lab.max() >= k:
         raise DataError(f"label {int(lab.max())} does not fit n_classes={k}")
-    out = numpy.zeros((lab.shape[0], k))
-    out[numpy.arange(lab.shape[0]), lab] = 1.0
-    return out
+    return one_hot_host(lab, k)
 
 
-_IDX_TYPES = {0x08: numpy.uint8, 0x09: numpy.int8, 0x0B: numpy.dtype(">i2"), 0x0C: numpy.dtype(">i4"),
+_IDX_TYPES: dict[int, Any] = {0x08: numpy.uint8, 0x09: numpy.int8, 0x0B: numpy.dtype(">i2"), 0x0C: numpy.dtype(">i4"),
               0x0D: numpy.dtype(">f4"), 0x0E: numpy.dtype(">f8")}
 
 
@@ -155,5 +154,4 @@ def load(name: str, seed: int = 0) -> tuple[numpy.ndarray, numpy.ndarray]:
         return two_moons(seed=seed)
     if key == "spirals":
         return two_spirals(seed=seed)
-    from .errors import unknown_name
     raise unknown_name("data set", name, names())

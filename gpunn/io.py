@@ -15,11 +15,13 @@ import json
 import os
 import tempfile
 import zipfile
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 import numpy
 
 from .errors import ModelFileError, SaveError
+from .types import PathLike
 from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "atomic_write", "write_text_atomic", "write_model", "read_model"]
@@ -33,7 +35,7 @@ def digest(header: dict, params: numpy.ndarray) -> str:
     return hashlib.sha256(body + numpy.ascontiguousarray(params).tobytes()).hexdigest()
 
 
-def write_model(path: Any, config: dict, params: numpy.ndarray) -> None:
+def write_model(path: PathLike, config: dict, params: numpy.ndarray) -> None:
     """Write a model file: ``config`` (JSON-able; its ``dtype`` names the parameters' dtype) and the flat
     host array ``params``, atomically (temporary file + rename)."""
     path = os.fspath(path)
@@ -51,7 +53,7 @@ def write_model(path: Any, config: dict, params: numpy.ndarray) -> None:
                         "file there is unchanged") from None
 
 
-def atomic_write(path: Any, write: Any, mode: str = "wb") -> None:
+def atomic_write(path: PathLike, write: Callable[[IO[Any]], object], mode: str = "wb") -> None:
     """Call ``write(fh)`` on a temporary file beside ``path``, flush it to disk, then rename it over
     ``path``: a failure at any point (an exception, Ctrl-C) leaves an earlier file intact and no
     temporary behind. Every file gpunn writes goes through here."""
@@ -71,16 +73,16 @@ def atomic_write(path: Any, write: Any, mode: str = "wb") -> None:
         raise
 
 
-def write_text_atomic(path: Any, text: str) -> None:
+def write_text_atomic(path: PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (reports and JSON)."""
     atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
-def _write_npz(fh: Any, **arrays: Any) -> None:
-    numpy.savez(fh, **arrays)
+def _write_npz(fh: IO[bytes], header: numpy.ndarray, params: numpy.ndarray) -> None:
+    numpy.savez(fh, header=header, params=params)
 
 
-def read_model(path: Any) -> tuple[dict, numpy.ndarray]:
+def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
     """(header, flat parameters) of a model file, after checking its format, version and checksum."""
     path = os.fspath(path)
     if not os.path.exists(path):

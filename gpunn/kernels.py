@@ -25,7 +25,8 @@ from typing import Any
 import numpy
 
 from .activations import Activation, exp_cap
-from .types import Array
+from .backend import Device
+from .types import Array, DTypeLike
 
 #: The activation template argument A of the kernels: the one place that numbers the activations.
 ACTIVATION_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "relu": 3, "leaky_relu": 4, "softplus": 5, "elu": 6}
@@ -182,7 +183,7 @@ def instantiation_source() -> str:
 _MODULES: dict[int, Any] = {}
 
 
-def module(device: Any) -> Any:
+def module(device: Device) -> Any:
     """The compiled RawModule for ``device`` (compiled on first use, before any timing)."""
     mod = _MODULES.get(device.index)
     if mod is None:
@@ -207,7 +208,7 @@ class FusedKernels:
     where no kernel covers the case (softmax, a non-contiguous view); the caller then runs the ``xp`` code.
     """
 
-    def __init__(self, device: Any):
+    def __init__(self, device: Device):
         self.module = module(device)
         self._act_args: dict[tuple, tuple] = {}     # (kernel, activation, param, dtype) -> (fn, scalars)
         self._sizes: dict[tuple, tuple] = {}        # shape -> (grid, size arguments)
@@ -215,7 +216,7 @@ class FusedKernels:
         #                                             so a learning-rate schedule cannot grow a cache
         self._colsum: dict[Any, Any] = {}           # dtype -> fn
 
-    def _activation(self, kernel: str, act: Activation, dtype: Any) -> tuple | None:
+    def _activation(self, kernel: str, act: Activation, dtype: DTypeLike) -> tuple | None:
         """(kernel function, T p, T third) for ``act``, or None where no kernel covers it (softmax)."""
         key = (kernel, act.name, act.param, dtype)
         hit = self._act_args.get(key)

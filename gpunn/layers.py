@@ -62,7 +62,8 @@ class Dense:
     After a forward and backward pass the layer exposes ``W, b, z, y, delta, grad_W, grad_b``.
     """
 
-    def __init__(self, n_in: int, n_out: int, activation: Any = "sigmoid", init: str | None = None):
+    def __init__(self, n_in: int, n_out: int, activation: activations.ActivationSpec = "sigmoid",
+                 init: str | None = None):
         for name, v in (("n_in", n_in), ("n_out", n_out)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"Dense {name} must be a positive integer; got {v!r}")

@@ -9,10 +9,10 @@
 """
 from __future__ import annotations
 
-from typing import Any
-
+from .activations import Activation
 from .backend import xp_of
 from .errors import ConfigError, unknown_name
+from .types import Array, OutputLayer
 
 __all__ = ["Loss", "SquaredError", "BinaryCrossEntropy", "CrossEntropy", "get", "names"]
 
@@ -26,14 +26,15 @@ class Loss:
     #: True when targets are class labels (integer or one-hot), so accuracy means something
     classification = False
 
-    def check_activation(self, act: Any) -> None:
+    def check_activation(self, act: Activation) -> None:
         """Raise ConfigError if this loss cannot be used after ``act``."""
 
-    def backward(self, layer: Any, t: Any, grad_y: Any, delta: Any) -> tuple[Any, bool]:  # pragma: no cover
+    def backward(self, layer: OutputLayer, t: Array, grad_y: Array,
+                 delta: Array) -> tuple[Array, bool]:  # pragma: no cover
         """Return (mean loss, direct): if direct, ``delta`` holds the output δ, else ``grad_y`` holds ∂E/∂y."""
         raise NotImplementedError
 
-    def value(self, z: Any, y: Any, t: Any) -> Any:  # pragma: no cover
+    def value(self, z: Array, y: Array, t: Array) -> Array:  # pragma: no cover
         """Mean loss of outputs y (pre-activations z) against targets t (allocating; for evaluation)."""
         raise NotImplementedError
 

@@ -21,12 +21,13 @@ import numpy
 
 from . import io, optim, training
 from . import losses as losses_mod
+from .activations import Activation, ActivationSpec
 from .backend import Device, device_of, get_device, is_cupy_array, to_host
 from .errors import ConfigError, DeviceError, DeviceSpecError, GpunnError, ModelFileError, OutOfMemoryError, ShapeError
 from .layers import Dense
 from .ops import XpOps, ops_for
 from .training import Evaluation, History
-from .types import Array, ArrayLike, ArrayModule
+from .types import Array, ArrayLike, ArrayModule, DTypeLike, PathLike
 from .validation import check_dtype, features, positive_int, targets
 
 __all__ = ["Sequential", "mlp", "load", "History", "Evaluation"]
@@ -55,7 +56,7 @@ class Sequential:
     (``forward``, ``backward``, ``step``, ``train_step``, ``fit``) must not run concurrently on one network.
     """
 
-    def __init__(self, layers: list[Dense], device: str | Device | None = None, dtype: Any = "float32",
+    def __init__(self, layers: list[Dense], device: str | Device | None = None, dtype: DTypeLike = "float32",
                  seed: int | None = None, fused: bool | None = None):
         self.layers = _checked_layers(layers)
         self.dtype = check_dtype(dtype)
@@ -76,7 +77,7 @@ class Sequential:
         self.optimizer: optim.Optimizer | None = None
         self.loss: losses_mod.Loss | None = None
         self.history: History | None = None
-        self._step_loss: Any = None
+        self._step_loss: losses_mod.Loss | None = None
 
     # -- parameters -------------------------------------------------------------------------------
     def _bind(self, host_params: numpy.ndarray) -> None:
@@ -195,7 +196,7 @@ class Sequential:
             self._update(optimizer)
         return value
 
-    def _batch(self, X: Any, Y: Any, loss: losses_mod.Loss) -> tuple[Array, Array]:
+    def _batch(self, X: ArrayLike, Y: ArrayLike, loss: losses_mod.Loss) -> tuple[Array, Array]:
         """(x, t) ready for a step: the arrays themselves when they already fit, else checked copies."""
         dev, array_type = self.device, self.xp.ndarray
         if (type(X) is array_type and type(Y) is array_type and X.dtype == self.dtype and Y.dtype == self.dtype
@@ -333,12 +334,12 @@ class Sequential:
             raise
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, path: Any) -> None:
+    def save(self, path: PathLike) -> None:
         """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
         io.write_model(path, self.config(), to_host(self._params))
 
     @classmethod
-    def load(cls, path: Any, device: str | Device | None = None) -> Sequential:
+    def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
         """Read a network saved by :meth:`save` onto ``device`` (default: the default device)."""
         header, params = io.read_model(path)
         try:
@@ -370,7 +371,8 @@ class Sequential:
         return f"Sequential([{inner}], device='{self.device}', dtype='{self.dtype.name}')"
 
 
-def mlp(sizes: list[int], activation: Any = "sigmoid", output: Any = "softmax", init: str | None = None,
+def mlp(sizes: list[int], activation: ActivationSpec = "sigmoid", output: ActivationSpec = "softmax",
+        init: str | None = None,
         **sequential_kwargs: Any) -> Sequential:
     """A multi-layer perceptron: ``Dense`` layers of the given sizes, input to output.
 
@@ -385,7 +387,7 @@ def mlp(sizes: list[int], activation: Any = "sigmoid", output: Any = "softmax", 
     return Sequential(layers, **sequential_kwargs)
 
 
-def load(path: Any, device: str | Device | None = None) -> Sequential:
+def load(path: PathLike, device: str | Device | None = None) -> Sequential:
     """Load a network saved with :meth:`Sequential.save` onto ``device``."""
     return Sequential.load(path, device=device)
 
@@ -412,7 +414,7 @@ def _checked_layers(layers: Any) -> list[Dense]:
     return layers
 
 
-def _loss_for(loss: str | losses_mod.Loss, activation: Any) -> losses_mod.Loss:
+def _loss_for(loss: str | losses_mod.Loss, activation: Activation) -> losses_mod.Loss:
     """The loss named ``loss``, refused (ConfigError) when it does not suit the output activation."""
     loss = losses_mod.get(loss)
     loss.check_activation(activation)

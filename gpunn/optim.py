@@ -80,9 +80,11 @@ class Optimizer:
             size = params.size if ops.device.is_cuda else min(BLOCK, params.size)
             self._scratch += [xp.empty(size, params.dtype) for _ in range(scratch - len(self._scratch))]
 
-    def _blocks(self, *arrays: Array | None) -> Iterator[tuple]:
-        """The flat ``arrays`` cut into matching blocks, each followed by the scratch arrays cut to size."""
-        n = arrays[0].size
+    def _blocks(self, params: Array, *others: Array | None) -> Iterator[tuple]:
+        """``params`` and the flat ``others`` (None stays None) cut into matching blocks, each followed by
+        the scratch arrays cut to the block's size."""
+        arrays = (params, *others)
+        n = params.size
         size = self._scratch[0].size if self._scratch else n
         if size >= n:               # one block (small networks, GPUs): no slicing
             yield arrays + tuple(self._scratch)
@@ -153,9 +155,9 @@ class SGD(Optimizer):
         for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):
             self._step(ops.xp, w, g, v, mask, s, s2[0] if s2 else None)
 
-    def _step(self, xp: ArrayModule, w: Array, g: Array, v: Array | None, mask: Array | None, s: Array,
-              s2: Array | None) -> None:
-        """One block of the update, in place; ``s``, ``s2`` are scratch arrays of the block's size."""
+    def _step(self, xp: ArrayModule, w: Array, g: Array, v: Array, mask: Array, s: Array, s2: Array) -> None:
+        """One block of the update, in place: weights w, gradients g, velocity v (None without momentum),
+        decay mask (None without weight decay); ``s``, ``s2`` are scratch arrays of the block's size."""
         lr, mu, wd = self.lr, self.momentum, self.weight_decay
         if wd:                                # g ← g + λ·w on weights (mask 1), not biases (mask 0)
             xp.multiply(w, mask, out=s2)

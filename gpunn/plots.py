@@ -6,6 +6,7 @@ from typing import Any
 import numpy
 
 from . import activations
+from .io import atomic_write
 
 
 def _pyplot():
@@ -16,7 +17,6 @@ def _pyplot():
 
 
 def _save(fig: Any, path: str) -> None:
-    from .io import atomic_write
     atomic_write(path, lambda fh: fig.savefig(fh, dpi=110, format="png"))
 
 

@@ -5,7 +5,8 @@ typed by what it means rather than by one library's class.
 """
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+import os
+from typing import Any, Protocol, TypeAlias
 
 #: A NumPy or CuPy ``ndarray`` on the model's device.
 Array: TypeAlias = Any
@@ -16,4 +17,17 @@ ArrayLike: TypeAlias = Any
 #: A NumPy dtype, or a name such as ``"float32"``.
 DTypeLike: TypeAlias = Any
 
-__all__ = ["Array", "ArrayLike", "ArrayModule", "DTypeLike"]
+#: A file path as gpunn's file functions accept it.
+PathLike: TypeAlias = "str | os.PathLike[str]"
+
+
+class OutputLayer(Protocol):
+    """What a loss reads from the output layer after a forward pass: z, y = f(z), and (softmax) its
+    log-partition in ``col[:, 0]``."""
+
+    z: Array
+    y: Array
+    col: Array | None
+
+
+__all__ = ["Array", "ArrayLike", "ArrayModule", "DTypeLike", "OutputLayer", "PathLike"]

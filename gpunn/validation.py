@@ -5,17 +5,21 @@ refused. Shapes, lengths, NaN/inf and class labels are checked with messages tha
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy
 
 from .backend import Device, device_of, is_cupy_array
 from .errors import ConfigError, DataError, DataTypeError, DeviceError, ShapeError
+from .types import Array, ArrayLike, ArrayModule, DTypeLike
+
+if TYPE_CHECKING:
+    from .losses import Loss
 
 FLOAT_DTYPES = ("float32", "float64")
 
 
-def check_dtype(dtype: Any) -> numpy.dtype:
+def check_dtype(dtype: DTypeLike) -> numpy.dtype:
     """The model dtype: float32 or float64."""
     try:
         dt = numpy.dtype(dtype)
@@ -26,7 +30,7 @@ def check_dtype(dtype: Any) -> numpy.dtype:
     return dt
 
 
-def _read_array(a: Any, name: str) -> numpy.ndarray:
+def _read_array(a: ArrayLike, name: str) -> numpy.ndarray:
     """A list, scalar or array-like as a NumPy array, or DataTypeError when it is not rectangular."""
     try:
         return numpy.asarray(a)
@@ -35,7 +39,7 @@ def _read_array(a: Any, name: str) -> numpy.ndarray:
                             "numeric array") from None
 
 
-def to_device_array(a: Any, dev: Device, dtype: numpy.dtype, name: str) -> Any:
+def to_device_array(a: ArrayLike, dev: Device, dtype: numpy.dtype, name: str) -> Array:
     """``a`` (NumPy, CuPy, nested list) as a ``dtype`` array on ``dev``, refusing unusable types."""
     if a is None:
         raise DataError(f"{name} is None; pass an array")
@@ -56,13 +60,13 @@ def to_device_array(a: Any, dev: Device, dtype: numpy.dtype, name: str) -> Any:
     return dev.asarray(src, dtype=dtype)
 
 
-def check_finite(xp: Any, a: Any, name: str) -> None:
+def check_finite(xp: ArrayModule, a: Array, name: str) -> None:
     if not bool(xp.isfinite(a).all()):
         bad = int(xp.count_nonzero(~xp.isfinite(a)))
         raise DataError(f"{name} contains {bad} NaN or infinite value(s); clean or impute them first")
 
 
-def features(X: Any, dev: Device, dtype: numpy.dtype, n_in: int, name: str = "X") -> Any:
+def features(X: ArrayLike, dev: Device, dtype: numpy.dtype, n_in: int, name: str = "X") -> Array:
     """Validate inputs X of shape (n_samples, n_in) and place them on ``dev``."""
     x = to_device_array(X, dev, dtype, name)
     if x.ndim != 2:
@@ -77,7 +81,8 @@ def features(X: Any, dev: Device, dtype: numpy.dtype, n_in: int, name: str = "X"
     return x
 
 
-def targets(Y: Any, dev: Device, dtype: numpy.dtype, loss: Any, n_out: int, n: int, name: str = "Y") -> Any:
+def targets(Y: ArrayLike, dev: Device, dtype: numpy.dtype, loss: Loss, n_out: int, n: int,
+            name: str = "Y") -> Array:
     """Validate targets for ``loss`` and return them as (n, n_out) ``dtype`` rows on ``dev``.
 
     Cross-entropy takes integer class labels (shape (n,)) or one-hot / probability rows (n, n_out);
@@ -106,7 +111,7 @@ def targets(Y: Any, dev: Device, dtype: numpy.dtype, loss: Any, n_out: int, n: i
     return t
 
 
-def _labels_to_one_hot(raw: Any, dev: Device, dtype: numpy.dtype, n_out: int, n: int, name: str) -> Any:
+def _labels_to_one_hot(raw: Array, dev: Device, dtype: numpy.dtype, n_out: int, n: int, name: str) -> Array:
     lab = raw.get() if is_cupy_array(raw) else numpy.asarray(raw)
     if lab.dtype.kind not in "iub":
         if lab.dtype.kind != "f":
@@ -125,12 +130,13 @@ def _labels_to_one_hot(raw: Any, dev: Device, dtype: numpy.dtype, n_out: int, n:
 
 
 def one_hot_host(labels: numpy.ndarray, n_classes: int) -> numpy.ndarray:
+    """Integer labels (n,), already checked to lie in 0..n_classes − 1, as one-hot float64 rows (n, n_classes)."""
     out = numpy.zeros((labels.shape[0], n_classes))
     out[numpy.arange(labels.shape[0]), labels] = 1.0
     return out
 
 
-def as_model_array(value: Any, target: Any, name: str) -> Any:
+def as_model_array(value: ArrayLike, target: Array, name: str) -> Array:
     """``value`` checked against the shape of parameter ``target``, on its device and dtype."""
     dev = device_of(target)
     arr = to_device_array(value, dev, target.dtype, name)

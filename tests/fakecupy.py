@@ -24,7 +24,7 @@ class _Dev:
         self.id = i
 
 
-class ndarray(numpy.ndarray):  # noqa: N801 - CuPy's name
+class ndarray(numpy.ndarray):
     reads = 0      # host read-backs since the last reset
 
     @property

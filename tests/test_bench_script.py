@@ -10,8 +10,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
-import compare  # noqa: E402
-from gpunn.bench import step_flops  # noqa: E402
+import compare
+from gpunn.bench import step_flops
 
 
 def test_contenders_agree_with_gpunn():
