@@ -1,0 +1,131 @@
+"""The network's public surface: mlp(), train_step(), flat_gradients(), and the inference path."""
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy
+import pytest
+
+import fakecupy
+import gpunn
+from helpers import host, rng
+
+X = rng(0).normal(size=(50, 6))
+LABELS = rng(1).integers(0, 3, size=50)
+
+
+def test_mlp_builds_the_layers_it_is_asked_for(device):
+    net = gpunn.mlp([6, 9, 7, 3], activation="tanh", output="softmax", init="small", device=device, seed=0)
+    assert [(layer.n_in, layer.n_out, layer.activation.name, layer.init) for layer in net.layers] == [
+        (6, 9, "tanh", "small"), (9, 7, "tanh", "small"), (7, 3, "softmax", "small")]
+    assert net.device == device and net.n_parameters == 6 * 9 + 9 + 9 * 7 + 7 + 7 * 3 + 3
+    with pytest.raises(gpunn.ConfigError, match="two sizes"):
+        gpunn.mlp([4])
+
+
+def test_softmax_over_one_output_is_refused():
+    with pytest.raises(gpunn.ConfigError, match="single output"):
+        gpunn.mlp([3, 1], output="softmax")
+
+
+def _prepared(net, n=16):
+    x = net.device.asarray(X[:n], dtype=net.dtype)
+    t = net.device.asarray(numpy.eye(3)[LABELS[:n]], dtype=net.dtype)
+    return x, t
+
+
+def test_train_step_is_forward_backward_update(device):
+    a = gpunn.mlp([6, 8, 3], activation="relu", device=device, dtype="float64", seed=2)
+    b = gpunn.mlp([6, 8, 3], activation="relu", device=device, dtype="float64", seed=2)
+    x, t = _prepared(a)
+    opt_a, opt_b = gpunn.SGD(lr=0.2, momentum=0.9), gpunn.SGD(lr=0.2, momentum=0.9)
+    for _ in range(3):
+        loss = a.train_step(x, t, "cross_entropy", opt_a)
+        b.forward(X[:16])
+        expected = b.backward(LABELS[:16], "cross_entropy")
+        b.step(opt_b)
+        assert getattr(loss, "ndim", 0) == 0 and float(loss) == pytest.approx(expected, rel=1e-12)
+    numpy.testing.assert_array_equal(host(a.flat_parameters()), host(b.flat_parameters()))
+    numpy.testing.assert_array_equal(host(a.flat_gradients()), host(b.flat_gradients()))
+
+
+def test_train_step_checks_what_it_is_given(device):
+    net = gpunn.mlp([6, 8, 3], device=device, seed=0)
+    opt = gpunn.SGD(lr=0.1)
+    loss = net.train_step(X[:5].tolist(), LABELS[:5], "cross_entropy", opt)   # lists and labels: checked copies
+    assert numpy.isfinite(float(loss))
+    with pytest.raises(gpunn.ShapeError):
+        net.train_step(X[:5, :4], LABELS[:5], "cross_entropy", opt)
+    with pytest.raises(gpunn.DataError, match="NaN"):
+        net.train_step(numpy.full((2, 6), numpy.nan), LABELS[:2], "cross_entropy", opt)
+    with pytest.raises(gpunn.ConfigError, match="optimiser"):
+        net.train_step(X[:5], LABELS[:5], "cross_entropy", "sgd")
+    with pytest.raises(gpunn.ConfigError, match="softmax"):
+        net.train_step(X[:5], LABELS[:5], "binary_cross_entropy", opt)
+
+
+def test_flat_gradients_lay_out_as_the_parameters(device):
+    net = gpunn.mlp([6, 5, 3], device=device, dtype="float64", seed=0)
+    net.forward(X[:10])
+    net.backward(LABELS[:10], "cross_entropy")
+    per_layer = numpy.concatenate([host(a).ravel() for layer in net.layers for a in (layer.grad_W, layer.grad_b)])
+    numpy.testing.assert_array_equal(host(net.flat_gradients()), per_layer)
+
+
+def test_predict_and_evaluate_leave_the_training_pass_alone(device):
+    net = gpunn.mlp([6, 8, 3], activation="elu", device=device, dtype="float64", seed=0)
+    net.forward(X[:16])
+    net.backward(LABELS[:16], "cross_entropy")
+    seen = [{k: host(getattr(layer, k)) for k in ("x", "z", "y", "delta", "grad_W")} for layer in net.layers]
+    net.predict(X)                     # 50 rows: another batch size
+    net.predict(X[:16])                # the training pass's batch size
+    net.evaluate(X, LABELS, "cross_entropy")
+    for layer, before in zip(net.layers, seen):
+        for k, v in before.items():
+            numpy.testing.assert_array_equal(host(getattr(layer, k)), v, err_msg=k)
+
+
+def test_predict_matches_a_formula_written_here(device):
+    net = gpunn.mlp([6, 8, 3], activation="tanh", device=device, dtype="float64", seed=3)
+    W1, b1, W2, b2 = (host(p) for p in net.parameters())
+    z = numpy.tanh(X @ W1 + b1) @ W2 + b2
+    expected = numpy.exp(z) / numpy.exp(z).sum(axis=1, keepdims=True)
+    for batch_size in (50, 7, 1):      # whole, chunks with a remainder, one row at a time
+        numpy.testing.assert_allclose(host(net.predict(X, batch_size=batch_size)), expected, rtol=1e-12)
+    ev = net.evaluate(X, LABELS, "cross_entropy")
+    assert ev.loss == pytest.approx(-numpy.mean(numpy.log(expected[numpy.arange(50), LABELS])), rel=1e-12)
+    assert ev.accuracy == pytest.approx(numpy.mean(expected.argmax(axis=1) == LABELS))
+
+
+def test_predict_from_several_threads_gives_each_caller_its_own_result():
+    net = gpunn.mlp([6, 32, 3], activation="relu", device="cpu", dtype="float64", seed=0)
+    inputs = [rng(10 + k).normal(size=(200 + k, 6)) for k in range(8)]
+    expected = [net.predict(x, batch_size=64) for x in inputs]
+    got = [None] * len(inputs)
+
+    def work(k):
+        for _ in range(20):
+            got[k] = net.predict(inputs[k], batch_size=64)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)      # switch threads as often as possible: races show up
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for g, e in zip(got, expected):
+        numpy.testing.assert_array_equal(g, e)
+
+
+def test_inference_runs_the_fused_kernels(fake_gpu):
+    net = gpunn.mlp([6, 9, 3], activation="tanh", device="cuda:0", seed=0)
+    assert net.fused
+    launches = net.ops.kernels.module.launches
+    launches.clear()
+    fakecupy.ndarray.reads = 0
+    net.predict(fake_gpu.asarray(X))
+    assert launches == {"bias_act_fwd<float, 2>": 1}, launches        # hidden layer fused; softmax in xp code

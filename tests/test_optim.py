@@ -1,0 +1,94 @@
+"""Each optimiser's update against a formula written in the test (shares no code with gpunn.optim),
+and against PyTorch's optimisers when PyTorch is installed."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import gpunn
+from gpunn.ops import ops_for
+from helpers import host, rng
+
+N = 300_003        # more than one CPU block (gpunn.optim.BLOCK), and not a multiple of it
+STEPS = 4
+
+
+def _problem(device, n=N):
+    g = rng(11)
+    w = g.normal(size=n)
+    grads = [g.normal(size=n) for _ in range(STEPS)]
+    mask = (g.uniform(size=n) > 0.25).astype(float)    # 1 = weight, 0 = bias
+    return w, grads, mask
+
+
+def _run(device, opt, w, grads, mask):
+    """gpunn's update, STEPS times, on flat float64 buffers of ``device``."""
+    dev = gpunn.get_device(device)
+    p = dev.asarray(w, dtype="float64")
+    m = dev.asarray(mask, dtype="float64") if getattr(opt, "weight_decay", 0.0) else None
+    ops = ops_for(dev)
+    for g in grads:
+        opt.update(p, dev.asarray(g, dtype="float64"), m, ops)
+    return host(p)
+
+
+SGD_CASES = [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, nesterov=True),
+             dict(lr=0.1, weight_decay=0.01), dict(lr=0.02, momentum=0.5, nesterov=True, weight_decay=0.003)]
+
+
+@pytest.mark.parametrize("kw", SGD_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_sgd_matches_the_written_formula(device, kw):
+    w, grads, mask = _problem(device)
+    lr, mu, wd, nesterov = kw["lr"], kw.get("momentum", 0.0), kw.get("weight_decay", 0.0), kw.get("nesterov", False)
+    ref, v = w.copy(), numpy.zeros_like(w)
+    for g in grads:
+        g = g + wd * mask * ref                     # L2 decay on weights only
+        v = mu * v + g                              # velocity (PyTorch's convention)
+        ref = ref - lr * ((g + mu * v) if nesterov else v)  # eq (15) when mu = 0: w ← w − η ∂E/∂w
+    got = _run(device, gpunn.SGD(**kw), w, grads, mask)
+    numpy.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+
+
+ADAM_CASES = [dict(lr=0.01), dict(lr=0.003, betas=(0.8, 0.99), eps=1e-6), dict(lr=0.01, weight_decay=0.05)]
+
+
+@pytest.mark.parametrize("kw", ADAM_CASES, ids=["defaults", "betas-eps", "weight-decay"])
+def test_adam_matches_the_paper(device, kw):
+    w, grads, mask = _problem(device)
+    lr, (b1, b2), eps, wd = kw["lr"], kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8), kw.get("weight_decay", 0.0)
+    ref, m, v = w.copy(), numpy.zeros_like(w), numpy.zeros_like(w)
+    for t, g in enumerate(grads, start=1):           # Kingma & Ba, Algorithm 1
+        g = g + wd * mask * ref
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        ref = ref - lr * m_hat / (numpy.sqrt(v_hat) + eps)
+    got = _run(device, gpunn.Adam(**kw), w, grads, mask)
+    numpy.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_fit_step_is_eq15_on_the_biases_too(device):
+    """One full-batch step of fit moves every parameter by exactly −η·∂E/∂w (weights and biases)."""
+    g = rng(3)
+    X, y = g.normal(size=(12, 4)), g.integers(0, 3, 12)
+    net = gpunn.mlp([4, 5, 3], activation="tanh", device=device, dtype="float64", seed=1)
+    net.forward(X)
+    net.backward(y, "cross_entropy")
+    before, grad = host(net.flat_parameters()), host(net.flat_gradients())
+    net.fit(X, y, loss="cross_entropy", optimizer=gpunn.SGD(lr=0.3), epochs=1, batch_size=12, shuffle=False)
+    numpy.testing.assert_allclose(host(net.flat_parameters()), before - 0.3 * grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind,kw", [("sgd", SGD_CASES[2]), ("sgd", SGD_CASES[4]), ("adam", ADAM_CASES[0])])
+def test_optimisers_match_pytorch(kind, kw):
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: the PyTorch cross-check is skipped")
+    w, grads, mask = _problem("cpu", n=1000)
+    tw = torch.tensor(w, requires_grad=True)
+    wd = kw.get("weight_decay", 0.0)
+    cls = torch.optim.SGD if kind == "sgd" else torch.optim.Adam
+    topt = cls([tw], **{k: v for k, v in kw.items() if k != "weight_decay"})
+    for g in grads:
+        tw.grad = torch.tensor(g) + wd * torch.tensor(mask) * tw.detach()
+        topt.step()
+    ours = gpunn.SGD(**kw) if kind == "sgd" else gpunn.Adam(**kw)
+    numpy.testing.assert_allclose(_run("cpu", ours, w, grads, mask), tw.detach().numpy(), rtol=1e-12, atol=1e-14)
