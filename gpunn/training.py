@@ -161,70 +161,103 @@ def _validation(net: Any, validation_data: Any, loss: Loss) -> tuple[Array, Arra
     return xv, tv
 
 
-def _shuffle(data: _Data, xp: ArrayModule, dev: Device, rng: numpy.random.Generator) -> None:
-    """Put this epoch's permutation of the training set into the shuffle buffers (seeded host generator)."""
-    idx = dev.asarray(rng.permutation(data.n))
+def _permute(data: _Data, xp: ArrayModule, dev: Device, perm: numpy.ndarray) -> None:
+    """Put the training set, in the order ``perm``, into the shuffle buffers."""
+    idx = dev.asarray(perm)
     xp.take(data.x, idx, axis=0, out=data.xs)
     xp.take(data.t, idx, axis=0, out=data.ts)
     if data.labels is not None:
         xp.take(data.labels, idx, axis=0, out=data.ls)
 
 
-def _run_epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, acc: Accuracy) -> numpy.ndarray:
-    """One pass over the minibatches; returns the step losses (read back once, as float64)."""
+@dataclass
+class _Start:
+    """What an epoch started from: parameters, optimiser state and batch order (to roll back or replay)."""
+
+    params: Array
+    optimizer: tuple
+    perm: numpy.ndarray | None
+
+
+def _run_epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, acc: Accuracy) -> tuple[numpy.ndarray, bool]:
+    """One pass over the minibatches; returns the step losses (float64) and whether the parameters are
+    finite afterwards, read back together once."""
     for k, sl in data.batches():
         data.step_loss[k] = net.train_step(data.xs[sl], data.ts[sl], loss, optimizer)
         if data.ls is not None:
             data.step_correct[k] = acc.count(net.layers[-1].y, data.ls[sl])
-    return to_host(data.step_loss).astype(numpy.float64)
+    finite = bool(net.xp.isfinite(net.flat_parameters()).all())
+    return to_host(data.step_loss).astype(numpy.float64), finite
 
 
-def _diverged(net: Any, data: _Data, losses_host: numpy.ndarray, epoch: int, snap: tuple, loss: Loss,
-              optimizer: Optimizer) -> DivergenceError:
-    """Roll back to the last parameters that gave a finite loss; return the DivergenceError to raise.
-
-    Replays the epoch's first k − 1 steps from its start (same batches, same arithmetic), so the
-    parameters are those that gave step k − 1 its finite loss; a first step that fails leaves the
-    parameters as the epoch began.
-    """
-    k = int(numpy.flatnonzero(~numpy.isfinite(losses_host))[0])
-    _restore(net, snap, optimizer)
-    for _, sl in data.batches()[:max(k - 1, 0)]:
+def _replay(net: Any, data: _Data, start: _Start, steps: int, loss: Loss, optimizer: Optimizer) -> None:
+    """Go back to ``start`` and redo its epoch's first ``steps`` steps (same batches, same arithmetic)."""
+    net.flat_parameters()[...] = start.params
+    optimizer.restore(start.optimizer)
+    if start.perm is not None:
+        _permute(data, net.xp, net.device, start.perm)
+    for _, sl in data.batches()[:steps]:
         net.train_step(data.xs[sl], data.ts[sl], loss, optimizer)
-    what = "NaN" if numpy.isnan(losses_host[k]) else "infinite"
+
+
+def _diverged(net: Any, data: _Data, losses: numpy.ndarray, epoch: int, starts: tuple[_Start, _Start | None],
+              loss: Loss, optimizer: Optimizer) -> DivergenceError:
+    """Roll back to the last parameters whose loss was finite; return the DivergenceError to raise.
+
+    Step k's loss is that of the parameters before its update. With the first non-finite loss at step k
+    of this epoch, the last finite one was step k − 1's: this epoch's start plus k − 1 updates. At k = 0
+    it was the previous epoch's last step (its start plus n − 1 updates); in the first epoch the initial
+    weights stay. Non-finite weights after the last update count as a non-finite loss at step n.
+    """
+    this, previous = starts
+    bad = numpy.flatnonzero(~numpy.isfinite(losses))
+    k = int(bad[0]) if bad.size else len(losses)
+    if k > 0:
+        _replay(net, data, this, k - 1, loss, optimizer)
+    elif previous is not None:
+        _replay(net, data, previous, len(losses) - 1, loss, optimizer)
+    else:
+        _replay(net, data, this, 0, loss, optimizer)
+    if k == len(losses):
+        what = f"the weights became non-finite in the update of epoch {epoch + 1}, step {k}"
+    else:
+        kind = "NaN" if numpy.isnan(losses[k]) else "infinite"
+        what = f"the loss became {kind} at epoch {epoch + 1}, step {k + 1}"
     return DivergenceError(
-        f"the loss became {what} at epoch {epoch + 1}, step {k + 1}; training stopped and the weights "
-        "were left at the last finite state. Lower the learning rate, standardise the inputs, or use "
-        "a loss that suits the output activation")
-
-
-def _restore(net: Any, snap: tuple, optimizer: Optimizer) -> None:
-    net.flat_parameters()[...] = snap[0]
-    optimizer.restore(snap[1])
+        f"{what}; training stopped and the weights were left at the last state whose loss was finite. "
+        "Lower the learning rate, standardise the inputs, or use a loss that suits the output activation")
 
 
 def _epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, epoch: int, shuffle: bool,
-           val: tuple | None, acc: Accuracy) -> dict:
-    """Train one epoch and return its record; on Ctrl-C or divergence the parameters are rolled back."""
+           val: tuple | None, acc: Accuracy, previous: _Start | None) -> tuple[dict, _Start]:
+    """Train one epoch; return its record and what it started from. On Ctrl-C the parameters are those
+    of the epoch's start; on divergence those of the last finite loss (DivergenceError)."""
     t0 = time.perf_counter()
-    snap = (net.flat_parameters().copy(), optimizer.snapshot())
+    start = _Start(net.flat_parameters().copy(), optimizer.snapshot(),
+                   net.shuffle_rng.permutation(data.n) if shuffle else None)
     try:
-        if shuffle:
-            _shuffle(data, net.xp, net.device, net.shuffle_rng)
-        losses_host = _run_epoch(net, data, loss, optimizer, acc)
-        if not numpy.all(numpy.isfinite(losses_host)):
-            raise _diverged(net, data, losses_host, epoch, snap, loss, optimizer)
+        if start.perm is not None:
+            _permute(data, net.xp, net.device, start.perm)
+        losses_host, finite = _run_epoch(net, data, loss, optimizer, acc)
+        if not (finite and numpy.all(numpy.isfinite(losses_host))):
+            raise _diverged(net, data, losses_host, epoch, (start, previous), loss, optimizer)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(losses_host @ data.sizes / data.n)}
         record["accuracy"] = (float(to_host(data.step_correct).sum() / data.n)
                               if data.labels is not None else None)
         if val is not None:
             ev = net.evaluate_prepared(val[0], val[1], loss)
+            if not math.isfinite(ev.loss):
+                _replay(net, data, start, 0, loss, optimizer)
+                raise DivergenceError(
+                    f"the validation loss became {'NaN' if math.isnan(ev.loss) else 'infinite'} at epoch "
+                    f"{epoch + 1}; the weights were rolled back to that epoch's start, whose training loss was "
+                    "finite. Lower the learning rate or standardise the inputs")
             record["val_loss"], record["val_accuracy"] = ev.loss, ev.accuracy
         record["seconds"] = time.perf_counter() - t0
     except KeyboardInterrupt:
-        _restore(net, snap, optimizer)     # weights of the last finished epoch, as in the history
+        _replay(net, data, start, 0, loss, optimizer)    # weights of the last finished epoch, as in the history
         raise
-    return record
+    return record, start
 
 
 class _EarlyStopping:
@@ -259,8 +292,9 @@ def fit(net: Any, X: Any, Y: Any, loss: Loss, optimizer: Optimizer, epochs: int,
     acc = Accuracy(net.xp, net.n_out)
     history = net.history = History()
     stopping = _EarlyStopping(patience)
+    previous = None
     for epoch in range(epochs):
-        record = _epoch(net, data, loss, optimizer, epoch, shuffle, val, acc)
+        record, previous = _epoch(net, data, loss, optimizer, epoch, shuffle, val, acc, previous)
         history.append(record)
         report(progress, record)
         if stopping.should_stop(record, net.flat_parameters()):

@@ -288,3 +288,67 @@ def test_patience_stops_and_restores_best(device):
 
 def test_network_helpers():
     assert network._n_samples([1, 2, 3]) == 3 and network._n_samples(3) == 0
+
+
+# -- divergence: the weights after fit are finite and are the last ones whose loss was finite ---------
+def _replayed(device, dtype, X, Y, steps, lr, batch_size):
+    """Independent replay: a fresh network, ``steps`` train_step calls over the batches in order."""
+    net = gpunn.Sequential([gpunn.Dense(4, 8, "identity"), gpunn.Dense(8, 2, "identity")], device=device,
+                           dtype=dtype, seed=0)
+    opt = gpunn.SGD(lr=lr)
+    n_batches = -(-len(X) // batch_size)
+    losses = []
+    for g in range(steps + 1):
+        b = g % n_batches
+        xb, yb = X[b * batch_size:(b + 1) * batch_size], Y[b * batch_size:(b + 1) * batch_size]
+        before = host(net.flat_parameters())
+        with numpy.errstate(all="ignore"):
+            losses.append(float(net.train_step(xb, yb, "squared_error", opt)))
+    return before, losses
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch_size", [8, 64], ids=["8-steps-per-epoch", "1-step-per-epoch"])
+def test_divergence_leaves_exactly_the_last_finite_state(device, dtype, batch_size):
+    g = rng(2)
+    X, Y = g.normal(size=(64, 4)) * 10, g.normal(size=(64, 2)) * 10
+    lr = 0.35 if batch_size == 8 else 0.3
+    net = gpunn.Sequential([gpunn.Dense(4, 8, "identity"), gpunn.Dense(8, 2, "identity")], device=device,
+                           dtype=dtype, seed=0)
+    with pytest.raises(DivergenceError) as exc:
+        net.fit(X, Y, loss="squared_error", optimizer=gpunn.SGD(lr=lr), epochs=400, batch_size=batch_size,
+                shuffle=False)
+    epoch, step = map(int, re.search(r"epoch (\d+), step (\d+)", str(exc.value)).groups())
+    failing = (epoch - 1) * (64 // batch_size) + step - 1            # 0-based global index of the failing step
+    assert "loss became" in str(exc.value) and failing >= 1
+    params, losses = _replayed(device, dtype, X, Y, failing - 1, lr, batch_size)
+    assert numpy.isfinite(losses[-1]), losses[-3:]                    # the state left has a finite loss ...
+    numpy.testing.assert_array_equal(host(net.flat_parameters()), params)   # ... and it is exactly that state
+    _, more = _replayed(device, dtype, X, Y, failing, lr, batch_size)
+    assert not numpy.isfinite(more[-1])                               # and the step named is the one that failed
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_last_update_that_overflows_is_caught(device, dtype):
+    """All losses finite, but the epoch's last update makes the weights infinite: fit must not return them."""
+    g = rng(5)
+    X, Y = g.normal(size=(16, 4)) * 10, g.normal(size=(16, 2)) * 10
+    net = gpunn.Sequential([gpunn.Dense(4, 8, "identity"), gpunn.Dense(8, 2, "identity")], device=device,
+                           dtype=dtype, seed=0)
+    start = host(net.flat_parameters())
+    lr = float(numpy.finfo(dtype).max) / 4         # η·∂E/∂w overflows wherever |∂E/∂w| > 4
+    with pytest.raises(DivergenceError, match=r"weights became non-finite in the update of epoch 1, step 1"):
+        net.fit(X, Y, loss="squared_error", optimizer=gpunn.SGD(lr=lr), epochs=1, batch_size=16)
+    numpy.testing.assert_array_equal(host(net.flat_parameters()), start)
+
+
+def test_an_infinite_validation_loss_stops_training(device):
+    g = rng(6)
+    X, Y = g.normal(size=(32, 4)), g.normal(size=(32, 2))
+    Xv = numpy.full((4, 4), 1e30)                                    # finite, but z·z overflows float32
+    net = gpunn.Sequential([gpunn.Dense(4, 8, "identity"), gpunn.Dense(8, 2, "identity")], device=device,
+                           seed=0)
+    with pytest.raises(DivergenceError, match="validation loss became infinite at epoch 1"):
+        net.fit(X, Y, loss="squared_error", epochs=3, batch_size=8, validation_data=(Xv, Y[:4]))
+    assert numpy.all(numpy.isfinite(host(net.flat_parameters())))
+    assert len(net.history) == 0

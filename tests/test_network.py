@@ -129,3 +129,21 @@ def test_inference_runs_the_fused_kernels(fake_gpu):
     fakecupy.ndarray.reads = 0
     net.predict(fake_gpu.asarray(X))
     assert launches == {"bias_act_fwd<float, 2>": 1}, launches        # hidden layer fused; softmax in xp code
+
+
+def test_fit_shuffles_each_epoch_in_the_seeded_order(device):
+    """fit(shuffle=True) = train_step over each epoch's permutation, drawn from the seed's second stream."""
+    net = gpunn.mlp([6, 8, 3], activation="tanh", device=device, dtype="float64", seed=7)
+    ref = gpunn.mlp([6, 8, 3], activation="tanh", device=device, dtype="float64", seed=7)
+    net.fit(X, LABELS, loss="cross_entropy", optimizer=gpunn.SGD(lr=0.1), epochs=2, batch_size=16)
+    order = numpy.random.Generator(numpy.random.PCG64(numpy.random.SeedSequence(7).spawn(2)[1]))
+    opt = gpunn.SGD(lr=0.1)
+    for _ in range(2):
+        perm = order.permutation(len(X))
+        for s in range(0, len(X), 16):
+            ref.train_step(X[perm[s:s + 16]], LABELS[perm[s:s + 16]], "cross_entropy", opt)
+    numpy.testing.assert_array_equal(host(net.flat_parameters()), host(ref.flat_parameters()))
+    unshuffled = gpunn.mlp([6, 8, 3], activation="tanh", device=device, dtype="float64", seed=7)
+    unshuffled.fit(X, LABELS, loss="cross_entropy", optimizer=gpunn.SGD(lr=0.1), epochs=2, batch_size=16,
+                   shuffle=False)
+    assert not numpy.array_equal(host(unshuffled.flat_parameters()), host(net.flat_parameters()))
