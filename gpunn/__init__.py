@@ -17,6 +17,7 @@ from .backend import (
     use_device,
 )
 from .errors import (
+    ConcurrencyError,
     ConfigError,
     DataError,
     DataTypeError,
@@ -35,7 +36,8 @@ from .optim import SGD, Adam
 from .version import __version__
 
 __all__ = [
-    "Adam", "ConfigError", "DataError", "DataTypeError", "Dense", "Device", "DeviceError", "DeviceSpecError",
+    "Adam", "ConcurrencyError", "ConfigError", "DataError", "DataTypeError", "Dense", "Device", "DeviceError",
+    "DeviceSpecError",
     "DivergenceError", "Evaluation", "GpunnError", "History", "ModelFileError", "OutOfMemoryError", "SGD",
     "SaveError", "Sequential", "ShapeError", "activations", "array_module", "available_devices",
     "cuda_unavailable_reason", "device_of", "get_device", "init", "load", "losses", "mlp", "optim", "to_host",

@@ -42,6 +42,10 @@ class DivergenceError(GpunnError, FloatingPointError):
     """Training produced a NaN or infinite loss; the weights are left at the last finite state."""
 
 
+class ConcurrencyError(GpunnError, RuntimeError):
+    """A network is used from another thread while one thread is training it."""
+
+
 class OutOfMemoryError(GpunnError, MemoryError):
     """The device ran out of memory; the message names the batch size and the bytes asked for."""
 

@@ -14,6 +14,7 @@ Buffers are made once per batch size and written with ``out=``: a step allocates
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy
@@ -77,6 +78,7 @@ class Dense:
         self._gb: Array = None
         self._bufs: dict[int, Buffers] = {}
         self._infer_bufs: Buffers | None = None
+        self._network: weakref.ref | None = None
         self.input_grad = True      # the network turns it off for the first layer
         self.x: Array = None
         self.z: Array = None
@@ -85,6 +87,15 @@ class Dense:
         self.col: Array = None
 
     # -- parameters (views into the network's flat buffers) ---------------------------------------
+    def attach(self, network: object) -> None:
+        """Make this layer part of ``network``; a layer already in another live network is refused, since
+        its W and b are views of that network's parameters (sharing would silently rebind them)."""
+        current = self._network() if self._network is not None else None
+        if current is not None and current is not network:
+            raise ConfigError(f"{self!r} already belongs to another network (its W and b are views of that "
+                              "network's parameters); create new layers, or copy.deepcopy the network")
+        self._network = weakref.ref(network)
+
     def bind(self, W: Array, b: Array, grad_W: Array, grad_b: Array) -> None:
         """Use these arrays (views of the network's flat parameter/gradient buffers) as W, b and grads."""
         self._W, self._b, self._gW, self._gb = W, b, grad_W, grad_b

@@ -23,7 +23,16 @@ from . import io, optim, training
 from . import losses as losses_mod
 from .activations import Activation, ActivationSpec
 from .backend import Device, device_of, get_device, is_cupy_array, to_host
-from .errors import ConfigError, DeviceError, DeviceSpecError, GpunnError, ModelFileError, OutOfMemoryError, ShapeError
+from .errors import (
+    ConcurrencyError,
+    ConfigError,
+    DeviceError,
+    DeviceSpecError,
+    GpunnError,
+    ModelFileError,
+    OutOfMemoryError,
+    ShapeError,
+)
 from .layers import Dense
 from .ops import XpOps, ops_for
 from .training import Evaluation, History
@@ -34,6 +43,37 @@ __all__ = ["Sequential", "mlp", "load", "History", "Evaluation"]
 
 #: Rows per chunk in predict/evaluate: bounds the inference buffers' memory.
 INFER_CHUNK = 8192
+
+
+class _OneTrainer:
+    """Admits one thread at a time to a network's training methods (re-entrant for that thread); any
+    other thread gets a ConcurrencyError instead of silently mixing its steps with the first one's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def busy_elsewhere(self) -> bool:
+        """Whether another thread is training right now."""
+        owner = self._owner
+        return owner is not None and owner != threading.get_ident()
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            self._depth += 1
+            return
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrencyError("this network is being trained in another thread; its training methods "
+                                   "(forward, backward, step, train_step, fit) take one thread at a time")
+        self._owner, self._depth = me, 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._lock.release()
 
 
 class Sequential:
@@ -59,6 +99,8 @@ class Sequential:
     def __init__(self, layers: list[Dense], device: str | Device | None = None, dtype: DTypeLike = "float32",
                  seed: int | None = None, fused: bool | None = None):
         self.layers = _checked_layers(layers)
+        for layer in self.layers:
+            layer.attach(self)
         self.dtype = check_dtype(dtype)
         self.device = get_device(device)
         self._fused_choice = fused
@@ -73,6 +115,7 @@ class Sequential:
         for k, layer in enumerate(self.layers):
             layer.input_grad = k > 0      # the first layer computes no input gradient
         self._infer_lock = threading.Lock()
+        self._trainer = _OneTrainer()
         self._bind(host)
         self.optimizer: optim.Optimizer | None = None
         self.loss: losses_mod.Loss | None = None
@@ -172,6 +215,7 @@ class Sequential:
 
     def _update(self, optimizer: optim.Optimizer) -> None:
         """Step 5: the optimiser's update of every weight (eq 15 for SGD)."""
+        optimizer.attach(self)
         mask = self.decay_mask() if getattr(optimizer, "weight_decay", 0.0) else None
         optimizer.update(self._params, self._grads, mask, self._ops)
 
@@ -190,7 +234,7 @@ class Sequential:
         if not isinstance(optimizer, optim.Optimizer):
             raise ConfigError(f"optimizer must be a gpunn optimiser such as gpunn.SGD(lr=0.1); got {optimizer!r}")
         x, t = self._batch(X, Y, loss)
-        with self.device.activate():
+        with self._trainer, self.device.activate():
             self._forward(x)
             value = self._backward(t, loss)
             self._update(optimizer)
@@ -214,7 +258,7 @@ class Sequential:
         """
         device_of(X)
         x = features(X, self.device, self.dtype, self.n_in)
-        with self.device.activate():
+        with self._trainer, self.device.activate():
             return self._forward(x).copy()
 
     def backward(self, Y: ArrayLike, loss: str | losses_mod.Loss = "squared_error") -> float:
@@ -227,20 +271,23 @@ class Sequential:
             raise ConfigError("call forward(X) before backward(Y)")
         n = self.layers[-1].y.shape[0]
         t = targets(Y, self.device, self.dtype, loss, self.n_out, n)
-        with self.device.activate():
+        with self._trainer, self.device.activate():
             return float(self._backward(t, loss))
 
     def step(self, optimizer: optim.Optimizer | None = None) -> None:
         """Update the weights from the last backward pass (step 5, eq 15); default ``SGD(lr=0.1)``."""
         if optimizer is None:
             optimizer = self.optimizer or optim.SGD(lr=0.1)
-        self.optimizer = optimizer
-        with self.device.activate():
+        with self._trainer, self.device.activate():
             self._update(optimizer)
+        self.optimizer = optimizer
 
     # -- inference: the same ops as training, in chunks, in the layers' inference buffers ----------
     def _infer_chunks(self, x: Array, chunk: int, use: Callable[[slice, Array, Array], None]) -> None:
         """Call ``use(rows, z, y)`` with the last layer's z and y for each chunk of x (under the lock)."""
+        if self._trainer.busy_elsewhere():
+            raise ConcurrencyError("this network is being trained in another thread; predict and evaluate "
+                                   "would see weights in the middle of an update; wait for training to finish")
         with self._infer_lock, self.device.activate():
             for start in range(0, x.shape[0], chunk):
                 a = x[start:start + chunk]
@@ -318,11 +365,10 @@ class Sequential:
         if patience is not None:
             patience = positive_int("patience", patience)
         device_of(X, Y)
-        self.loss, self.optimizer = loss, optimizer
         try:
             # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
             # per-operation overflow warnings would only be noise on the way there.
-            with self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
+            with self._trainer, self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
                 return training.fit(self, X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
                                     patience, progress)
         except Exception as exc:

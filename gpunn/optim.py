@@ -15,6 +15,7 @@ that makes a plain SGD step 285 µs instead of 400 µs, and a momentum step 525 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,6 +67,21 @@ class Optimizer:
         self.t = 0
         self._bound: Array = None
         self._scratch: list[Array] = []
+        self._owner: weakref.ref | None = None
+
+    def attach(self, owner: object) -> None:
+        """Record that ``owner`` (a network) is trained by this optimiser.
+
+        Its state (momentum, moments, step count) belongs to one network: another live network gets a
+        ConfigError instead of silently sharing or resetting it. :meth:`reset` frees the optimiser.
+        """
+        current = self._owner() if self._owner is not None else None
+        if current is owner:
+            return
+        if current is not None:
+            raise ConfigError("this optimiser already trains another network and holds its state (momentum, "
+                              "moments); create one optimiser per network, or call optimizer.reset() first")
+        self._owner = weakref.ref(owner)
 
     def _prepare(self, params: Array, ops: XpOps, scratch: int) -> None:
         """Make the state for ``params`` (if new) and ``scratch`` scratch arrays: one CPU block each, or
@@ -113,6 +129,7 @@ class Optimizer:
         self.state = {}
         self.t = 0
         self._scratch = []
+        self._owner = None
 
     def config(self) -> dict:
         raise NotImplementedError  # pragma: no cover

@@ -289,6 +289,7 @@ def fit(net: Any, X: Any, Y: Any, loss: Loss, optimizer: Optimizer, epochs: int,
     """The loop behind :meth:`gpunn.Sequential.fit` (arguments already checked there)."""
     data = _prepare(net, X, Y, loss, batch_size, shuffle)
     val = _validation(net, validation_data, loss)
+    net.loss, net.optimizer = loss, optimizer      # recorded once the data passed its checks
     acc = Accuracy(net.xp, net.n_out)
     history = net.history = History()
     stopping = _EarlyStopping(patience)

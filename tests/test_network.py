@@ -147,3 +147,64 @@ def test_fit_shuffles_each_epoch_in_the_seeded_order(device):
     unshuffled.fit(X, LABELS, loss="cross_entropy", optimizer=gpunn.SGD(lr=0.1), epochs=2, batch_size=16,
                    shuffle=False)
     assert not numpy.array_equal(host(unshuffled.flat_parameters()), host(net.flat_parameters()))
+
+
+# -- ownership and threads: refused, never silently mixed -------------------------------------------------
+def test_one_optimiser_trains_one_network(device):
+    a, b = (gpunn.mlp([6, 8, 3], device=device, seed=s) for s in (0, 1))
+    opt = gpunn.SGD(lr=0.1, momentum=0.9)
+    a.fit(X, LABELS, loss="cross_entropy", optimizer=opt, epochs=1)
+    with pytest.raises(gpunn.ConfigError, match="one optimiser per network"):
+        b.fit(X, LABELS, loss="cross_entropy", optimizer=opt, epochs=1)
+    with pytest.raises(gpunn.ConfigError, match="one optimiser per network"):
+        b.train_step(X[:4], LABELS[:4], "cross_entropy", opt)
+    opt.reset()                               # an explicit reset frees it, momentum and all
+    b.fit(X, LABELS, loss="cross_entropy", optimizer=opt, epochs=1)
+    assert opt.t == 2                         # 50 samples, batch 32: two steps, counted from zero again
+
+
+def test_a_layer_belongs_to_one_network():
+    layer = gpunn.Dense(6, 3, "softmax")
+    first = gpunn.Sequential([layer], device="cpu", seed=0)
+    with pytest.raises(gpunn.ConfigError, match="already belongs to another network"):
+        gpunn.Sequential([layer], device="cpu", seed=1)
+    assert first.layers[0].W is not None
+    del first
+    import gc
+    gc.collect()
+    gpunn.Sequential([layer], device="cpu", seed=1)     # the first network is gone: the layer is free
+
+
+def test_a_fit_refused_for_its_data_changes_nothing(device):
+    net = gpunn.mlp([6, 8, 3], device=device, seed=0)
+    net.fit(X, LABELS, loss="cross_entropy", epochs=1)
+    before = (net.loss, net.optimizer, net.history, host(net.flat_parameters()))
+    with pytest.raises(gpunn.DataError):
+        net.fit(X, numpy.full(50, 7), loss="cross_entropy", optimizer=gpunn.Adam(), epochs=1)
+    assert (net.loss, net.optimizer, net.history) == before[:3]
+    numpy.testing.assert_array_equal(host(net.flat_parameters()), before[3])
+
+
+def test_training_from_a_second_thread_is_refused():
+    net = gpunn.mlp([6, 8, 3], device="cpu", seed=0)
+    inside, release = threading.Event(), threading.Event()
+
+    def progress(record):
+        inside.set()
+        release.wait(10)
+    worker = threading.Thread(target=net.fit, args=(X, LABELS),
+                              kwargs=dict(loss="cross_entropy", epochs=2, progress=progress))
+    worker.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(gpunn.ConcurrencyError, match="another thread"):
+            net.train_step(X[:4], LABELS[:4], "cross_entropy", gpunn.SGD())
+        with pytest.raises(gpunn.ConcurrencyError):
+            net.forward(X)
+        with pytest.raises(gpunn.ConcurrencyError, match="predict and evaluate"):
+            net.predict(X)
+    finally:
+        release.set()
+        worker.join(10)
+    assert len(net.history) == 2
+    net.predict(X)                             # free again once the fit is over
