@@ -1,129 +1,312 @@
-"""Files: the model file format and atomic writes. Knows bytes on disk, not networks.
+"""Files: the model file format, safe reading of untrusted files, and atomic writes. Knows bytes on
+disk, not networks.
 
-A model file is one ``.npz`` holding the flat parameters and a JSON header. The header records the
-format name and version, the gpunn version, the network's configuration (dtype, each layer's sizes,
-activation with its parameters, initialiser) and a SHA-256 of the header and parameters, so a
-truncated, corrupt or foreign file is rejected with a message naming the problem. Files are read with
-``allow_pickle=False``: nothing in a model file is ever unpickled or executed. Writes go to a
-temporary file in the same folder, then replace the target in one rename: a failed save leaves any
-earlier file of that name intact. :meth:`gpunn.Sequential.save` and :func:`gpunn.load` build on this.
+A model file is an ``.npz`` (a zip archive of two stored ``.npy`` members): ``header``, UTF-8 JSON
+bytes, and ``params``, the flat float32/float64 parameters. The header records the format name and
+version, the gpunn version, the network's configuration (dtype, each layer's sizes, activation with
+its parameters, initialiser) and a SHA-256 of the header and parameters. The checksum detects
+accidents (truncation, corruption, a file of another format); it is no defence against deliberate
+tampering, since whoever edits the file can recompute it. What a file can do to the reader is bounded
+instead: :func:`read_model` opens regular files only (never blocking on a FIFO or device), reads no
+member larger than the file itself (members must be stored, not compressed, so nothing inflates),
+checks every ``.npy`` header's dtype and shape against the bytes really there before reading them,
+never unpickles, and turns every malformed input into :class:`~gpunn.errors.ModelFileError`.
+
+Writes (:func:`atomic_write`) go to a temporary file beside the target, then replace it in one rename:
+a failed or killed save leaves any earlier file intact. They write through symbolic links, refuse
+special files and read-only files, give a new file the umask's permissions and keep an existing
+file's mode, and remove temporaries left behind by killed saves. :meth:`gpunn.Sequential.save` and
+:func:`gpunn.load` build on this module.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
+import struct
+import threading
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import IO, Any
 
 import numpy
+from numpy.lib import format as npy_format
 
 from .errors import ModelFileError, SaveError
 from .types import PathLike
 from .version import __version__
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "atomic_write", "write_text_atomic", "write_model", "read_model"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "digest", "read_model",
+           "write_model", "write_text_atomic"]
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
+#: Largest JSON header a model file may have (a real one is a few hundred bytes per layer).
+MAX_HEADER_BYTES = 1 << 20
+_MEMBERS = {"header.npy", "params.npy"}
+#: Everything a malformed zip archive or .npy member can raise while it is parsed.
+_PARSE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, TypeError, KeyError,
+                 IndexError, NotImplementedError, RuntimeError, OverflowError, SyntaxError, struct.error,
+                 zlib.error, UnicodeDecodeError, RecursionError)
 
 
 def digest(header: dict, params: numpy.ndarray) -> str:
+    """SHA-256 of the header (without its ``sha256`` field, keys sorted) and the parameters' bytes."""
     body = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode()
     return hashlib.sha256(body + numpy.ascontiguousarray(params).tobytes()).hexdigest()
 
 
+# -- writing ------------------------------------------------------------------------------------------
 def write_model(path: PathLike, config: dict, params: numpy.ndarray) -> None:
     """Write a model file: ``config`` (JSON-able; its ``dtype`` names the parameters' dtype) and the flat
-    host array ``params``, atomically (temporary file + rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SaveError(f"cannot save to {path}: folder {folder} does not exist; create it first")
+    host array ``params``, atomically."""
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "gpunn_version": __version__,
               **config, "n_parameters": int(params.size)}
     header["sha256"] = digest(header, params)
     head = numpy.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=numpy.uint8)
-    try:
-        atomic_write(path, lambda fh: _write_npz(fh, header=head, params=params))
-    except OSError as exc:
-        raise SaveError(f"cannot save to {path}: {exc.strerror or exc} (is {folder} writable?); any earlier "
-                        "file there is unchanged") from None
-
-
-def atomic_write(path: PathLike, write: Callable[[IO[Any]], object], mode: str = "wb") -> None:
-    """Call ``write(fh)`` on a temporary file beside ``path``, flush it to disk, then rename it over
-    ``path``: a failure at any point (an exception, Ctrl-C) leaves an earlier file intact and no
-    temporary behind. Every file gpunn writes goes through here."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".gpunn-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_text_atomic(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (reports and JSON)."""
-    atomic_write(path, lambda fh: fh.write(text), mode="w")
+    atomic_write(path, lambda fh: _write_npz(fh, head, params))
 
 
 def _write_npz(fh: IO[bytes], header: numpy.ndarray, params: numpy.ndarray) -> None:
     numpy.savez(fh, header=header, params=params)
 
 
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (reports and JSON)."""
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object]) -> None:
+    """Call ``write(fh)`` on a temporary file beside ``path``, flush it to disk, then rename it over
+    ``path``. Every file gpunn writes goes through here.
+
+    Raises :class:`~gpunn.errors.SaveError` (naming ``path``) for a path that cannot be written: a
+    missing folder, a folder, a special file (FIFO, device, socket), a read-only file, a bad path
+    value. Any earlier file stays intact and no temporary is left behind, also on Ctrl-C.
+    """
+    shown = _path_text(path, SaveError, "save to")
+    target = os.path.realpath(shown)            # write through symbolic links: the link stays a link
+    folder, name = os.path.split(target)
+    mode = _mode_for(shown, target, folder)
+    _remove_stale_temporaries(folder, name)
+    tmp = os.path.join(folder, f".{name}.gpunn-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+    except OSError as exc:
+        hint = f" (is {folder} writable?)" if isinstance(exc, PermissionError) else ""
+        raise SaveError(f"cannot save to {shown}: {exc.strerror or exc}{hint}; any earlier file there is "
+                        "unchanged") from None
+
+
+def _mode_for(shown: str, target: str, folder: str) -> int:
+    """The permission bits the saved file gets; SaveError where the target cannot be replaced."""
+    if not os.path.isdir(folder):
+        raise SaveError(f"cannot save to {shown}: folder {folder} does not exist; create it first")
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+    except OSError as exc:
+        raise SaveError(f"cannot save to {shown}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SaveError(f"cannot save to {shown}: it is a folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise SaveError(f"cannot save to {shown}: it is a special file ({_kind(st.st_mode)}), not a regular "
+                        "file; gpunn never replaces those")
+    if not st.st_mode & 0o222:
+        raise SaveError(f"cannot save to {shown}: the file is read-only (mode {stat.filemode(st.st_mode)}); "
+                        "make it writable or save elsewhere")
+    return stat.S_IMODE(st.st_mode)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc says it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(folder: str, name: str) -> None:
+    """Delete temporaries of earlier saves to ``name`` whose process no longer runs (killed saves)."""
+    prefix = f".{name}.gpunn-"
+    try:
+        entries = [e for e in os.listdir(folder) if e.startswith(prefix) and e.endswith(".tmp")]
+    except OSError:
+        return
+    for entry in entries:
+        pid_text = entry[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+            _unlink_quietly(os.path.join(folder, entry))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- reading ------------------------------------------------------------------------------------------
 def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
-    """(header, flat parameters) of a model file, after checking its format, version and checksum."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ModelFileError(f"no model file at {path}")
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(f"{path} is not a gpunn model file (not an .npz archive); it may be truncated "
-                             "or of another format")
+    """(header, flat parameters) of a model file, after checking its format, version and checksum.
+
+    Time and memory are bounded by the file's real size; anything malformed is a ModelFileError.
+    """
+    shown = _path_text(path, ModelFileError, "load")
+    with _open_regular(shown) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            head, params = _read_members(fh, size, shown)
+        except ModelFileError:
+            raise
+        except _PARSE_ERRORS as exc:
+            raise ModelFileError(f"{shown} is truncated or corrupt ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]})") from None
     try:
-        with numpy.load(path, allow_pickle=False) as data:
-            keys = set(data.files)
-            if not {"header", "params"} <= keys:
-                raise ModelFileError(f"{path} is an .npz archive but not a gpunn model (arrays: "
-                                     f"{sorted(keys)}; expected 'header' and 'params')")
-            head = data["header"]
-            params = data["params"]
-    except ModelFileError:
-        raise
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise ModelFileError(f"{path} contains pickled Python objects; gpunn never unpickles, refusing "
-                                 "to load it") from None
-        raise ModelFileError(f"{path} is corrupt: {exc}") from None
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as exc:
-        raise ModelFileError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
-    try:
-        header = json.loads(bytes(head.astype(numpy.uint8)).decode())
+        header = json.loads(bytes(head).decode("utf-8"))
         if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path} has an unreadable header ({exc}); the file is corrupt or tampered") from None
+            raise ValueError("not a JSON object")
+    except (ValueError, RecursionError) as exc:
+        raise ModelFileError(f"{shown} has an unreadable header ({type(exc).__name__}: {str(exc)[:100]}); the "
+                             "file is corrupt") from None
+    _check_header(header, params, shown)
+    return header, params
+
+
+def _open_regular(shown: str) -> IO[bytes]:
+    """Open ``shown`` for reading without blocking, and only if it is a regular file."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(shown, flags)
+    except FileNotFoundError:
+        raise ModelFileError(f"no model file at {shown}") from None
+    except PermissionError:
+        raise ModelFileError(f"cannot read {shown}: permission denied") from None
+    except OSError as exc:
+        if exc.errno == errno.EISDIR:
+            raise ModelFileError(f"{shown} is a folder, not a model file") from None
+        raise ModelFileError(f"cannot read {shown}: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else f"a special file ({_kind(mode)})"
+        raise ModelFileError(f"{shown} is {kind}, not a model file")
+    return os.fdopen(fd, "rb")
+
+
+def _read_members(fh: IO[bytes], size: int, shown: str) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """The header and params arrays of the archive, each checked before its bytes are read."""
+    if not zipfile.is_zipfile(fh):
+        raise ModelFileError(f"{shown} is not a gpunn model file (not an .npz archive); it may be truncated "
+                             "or of another format")
+    fh.seek(0)
+    with zipfile.ZipFile(fh) as zf:
+        infos = {info.filename: info for info in zf.infolist()}
+        if set(infos) != _MEMBERS:
+            raise ModelFileError(f"{shown} is an .npz archive but not a gpunn model (members: "
+                                 f"{sorted(infos)[:10]}; expected {sorted(_MEMBERS)})")
+        for info in infos.values():
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.file_size > size:
+                raise ModelFileError(f"{shown}: member {info.filename} is compressed, encrypted or larger than "
+                                     "the file; gpunn writes stored members only, so this file is not one of its")
+        head = _read_npy(zf, infos["header.npy"], ("u",), MAX_HEADER_BYTES, shown)
+        params = _read_npy(zf, infos["params.npy"], ("f",), size, shown)
+    return head, params
+
+
+def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: tuple[str, ...], limit: int,
+              shown: str) -> numpy.ndarray:
+    """A 1-D ``.npy`` member of a plain dtype of ``kinds``, read only after its header proved to describe
+    exactly the bytes the member holds (at most ``limit``)."""
+    with zf.open(info) as stream:
+        version = npy_format.read_magic(stream)
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+        name = info.filename.removesuffix(".npy")
+        if dtype.hasobject:
+            raise ModelFileError(f"{shown}: {name} holds pickled Python objects; gpunn never unpickles, so it "
+                                 "refuses the file")
+        if (dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in kinds or dtype.hasobject
+                or len(shape) != 1):
+            raise ModelFileError(f"{shown}: {name} is an array of shape {shape} and dtype {dtype}; a gpunn model "
+                                 f"holds a flat array of plain {'/'.join(kinds)} numbers there")
+        nbytes = int(shape[0]) * dtype.itemsize
+        if nbytes > limit or nbytes != info.file_size - stream.tell():
+            raise ModelFileError(f"{shown}: {name} claims {shape[0]} elements ({nbytes} bytes) but the member "
+                                 f"holds {info.file_size - stream.tell()} bytes; the file is corrupt")
+        data = stream.read(nbytes + 1)          # reading to the end makes zipfile check the CRC
+    return numpy.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
+
+
+def _check_header(header: dict, params: numpy.ndarray, shown: str) -> None:
     if header.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a gpunn model (format {header.get('format')!r})")
+        raise ModelFileError(f"{shown} is not a gpunn model (format {str(header.get('format'))[:50]!r})")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
-        raise ModelFileError(f"{path} has model format version {version!r}; this gpunn reads version "
-                             f"{FORMAT_VERSION} (saved by gpunn {header.get('gpunn_version')}); "
+        raise ModelFileError(f"{shown} has model format version {str(version)[:20]}; this gpunn reads "
+                             f"version {FORMAT_VERSION} (saved by gpunn {str(header.get('gpunn_version'))[:20]}); "
                              "load it with a matching gpunn version")
     if header.get("sha256") != digest(header, params):
-        raise ModelFileError(f"{path} failed its checksum: the header or the weights were changed after "
-                             "saving (tampered or corrupt)")
-    if params.ndim != 1 or params.dtype.name != header.get("dtype"):
-        raise ModelFileError(f"{path}: parameters have shape {params.shape} and dtype {params.dtype}, but the "
-                             f"header describes a flat {header.get('dtype')} array")
-    return header, params
+        raise ModelFileError(f"{shown} failed its checksum: the header or the weights were changed after "
+                             "saving (corrupt, or edited)")
+    if params.dtype.name != header.get("dtype"):
+        raise ModelFileError(f"{shown}: parameters are {params.dtype}, but the header says "
+                             f"{str(header.get('dtype'))[:20]}")
+    if not numpy.all(numpy.isfinite(params)):
+        raise ModelFileError(f"{shown} holds {int(numpy.count_nonzero(~numpy.isfinite(params)))} NaN or "
+                             "infinite weight(s); a trained gpunn network never has them")
+
+
+# -- paths --------------------------------------------------------------------------------------------
+def _path_text(path: Any, error: type[Exception], verb: str) -> str:
+    """``path`` as a str (bytes are decoded as the file system does); ``error`` for anything else."""
+    try:
+        text = os.fsdecode(os.fspath(path))
+    except (TypeError, ValueError, UnicodeError):
+        raise error(f"cannot {verb} {path!r}: a path must be a str or os.PathLike") from None
+    if "\0" in text or not text:
+        raise error(f"cannot {verb} {text!r}: {'a path cannot contain a NUL byte' if text else 'the path is empty'}")
+    return text
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy
 
@@ -28,7 +28,6 @@ from .errors import (
     ConfigError,
     DeviceError,
     DeviceSpecError,
-    GpunnError,
     ModelFileError,
     OutOfMemoryError,
     ShapeError,
@@ -386,19 +385,19 @@ class Sequential:
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
-        """Read a network saved by :meth:`save` onto ``device`` (default: the default device)."""
+        """Read a network saved by :meth:`save` onto ``device`` (default: the default device).
+
+        Every malformed file is a :class:`~gpunn.errors.ModelFileError`, found with time and memory bounded
+        by the file's size (see :mod:`gpunn.io`).
+        """
         header, params = io.read_model(path)
+        _check_layer_sizes(header, params.size, path)      # before anything is allocated from the header
         try:
             net = cls.from_config(header, device=device)
-        except (KeyError, TypeError) as exc:
-            raise ModelFileError(f"{path} has an invalid layer description ({exc})") from None
-        except (DeviceError, DeviceSpecError):
-            raise
-        except GpunnError as exc:
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, (DeviceError, DeviceSpecError)):
+                raise
             raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
-        if params.shape != (net.n_parameters,):
-            raise ModelFileError(f"{path}: parameters have shape {params.shape}, but the layers need "
-                                 f"({net.n_parameters},)")
         net._params[...] = net.device.asarray(params)
         return net
 
@@ -458,6 +457,30 @@ def _checked_layers(layers: Any) -> list[Dense]:
         raise ConfigError("softmax over a single output is always 1; use activation='sigmoid' for one "
                           "output unit (with binary_cross_entropy), or give the last layer two or more outputs")
     return layers
+
+
+def _check_layer_sizes(header: dict, n_params: int, path: Any) -> None:
+    """ModelFileError unless the header's layers are Dense layers that chain and hold exactly ``n_params``
+    parameters (so nothing larger than the file's own parameters is ever allocated)."""
+    layers = header.get("layers")
+    if not isinstance(layers, list) or not layers or len(layers) > n_params:
+        raise ModelFileError(f"{path} has no valid layer list in its header")
+    total, previous = 0, None
+    for k, c in enumerate(layers):
+        n_in, n_out = (c.get("n_in"), c.get("n_out")) if isinstance(c, dict) else (None, None)
+        if not (isinstance(c, dict) and c.get("type") == "Dense" and _size(n_in) and _size(n_out)):
+            raise ModelFileError(f"{path}: layer {k} is not a Dense layer with positive sizes "
+                                 f"({str(c)[:120]}); this gpunn knows Dense layers only")
+        if previous is not None and n_in != previous:
+            raise ModelFileError(f"{path}: layer {k} has n_in={n_in} but the layer before has n_out={previous}")
+        total += n_in * n_out + n_out
+        previous = n_out
+    if total != n_params:
+        raise ModelFileError(f"{path}: the layers need {total} parameters but the file holds {n_params}")
+
+
+def _size(v: Any) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def _loss_for(loss: str | losses_mod.Loss, activation: Activation) -> losses_mod.Loss:
