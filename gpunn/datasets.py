@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import math
+import os
 import struct
-from typing import Any
+import zlib
+from typing import IO, Any
 
 import numpy
 
 from .errors import ConfigError, DataError, ShapeError, unknown_name
+from .io import open_regular
 from .validation import one_hot_host
 
 __all__ = ["load_digits", "xor", "two_spirals", "two_moons", "train_test_split", "standardize", "one_hot",
@@ -113,28 +117,56 @@ _IDX_TYPES: dict[int, Any] = {0x08: numpy.uint8, 0x09: numpy.int8, 0x0B: numpy.d
 
 
 def read_idx(path: Any) -> numpy.ndarray:
-    """Read an MNIST-format IDX file (raw or ``.gz``) into an array of its stored shape."""
-    path = str(path)
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    """Read an MNIST-format IDX file (raw or ``.gz``) into an array of its stored shape.
+
+    The header is checked first; then exactly the bytes it announces are read (a gzip stream is never
+    inflated past them), so work and memory are bounded by the header. Any malformed file is a DataError.
+    """
+    with open_regular(path, DataError, "IDX file") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw  # type: ignore[assignment]
+        try:
+            dtype, shape, nbytes = _idx_header(fh, path)
+            if not gzipped and nbytes != os.fstat(raw.fileno()).st_size - 4 - 4 * len(shape):
+                raise DataError(f"{path} is truncated or padded: its header announces {nbytes} data bytes for "
+                                f"shape {shape}, the file holds {os.fstat(raw.fileno()).st_size - 4 - 4 * len(shape)}")
+            body = _read_exactly(fh, nbytes, path)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise DataError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    return numpy.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_header(fh: IO[bytes], path: Any) -> tuple[numpy.dtype, tuple[int, ...], int]:
+    """(element dtype, shape, data bytes) from an IDX header; the size is computed in Python integers."""
+    magic = fh.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
-    code, ndim = data[2], data[3]
+    code, ndim = magic[2], magic[3]
     if code not in _IDX_TYPES:
         raise DataError(f"{path}: unknown IDX element type 0x{code:02x}")
-    if len(data) < 4 + 4 * ndim:
+    dims = fh.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DataError(f"{path} is truncated (header)")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", dims)
     dtype = numpy.dtype(_IDX_TYPES[code])
-    count = int(numpy.prod(shape)) if shape else 1
-    body = data[4 + 4 * ndim:]
-    if len(body) != count * dtype.itemsize:
-        raise DataError(f"{path} is truncated or padded: expected {count * dtype.itemsize} data bytes for "
-                        f"shape {shape}, found {len(body)}")
-    return numpy.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def _read_exactly(fh: IO[bytes], nbytes: int, path: Any) -> bytes:
+    """The next ``nbytes`` of ``fh``, read in chunks (memory grows only with data that really arrives),
+    and a DataError if the stream ends before or goes on after them."""
+    chunks, have = [], 0
+    while have <= nbytes:
+        chunk = fh.read(min(1 << 24, nbytes + 1 - have))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        have += len(chunk)
+    if have != nbytes:
+        raise DataError(f"{path} is truncated or padded: its header announces {nbytes} data bytes, "
+                        f"{'found only ' + str(have) if have < nbytes else 'but more follow'}")
+    return b"".join(chunks)
 
 
 def names() -> list[str]:

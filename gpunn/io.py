@@ -40,7 +40,7 @@ from .errors import ModelFileError, SaveError
 from .types import PathLike
 from .version import __version__
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "digest", "read_model",
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "digest", "open_regular", "read_model",
            "write_model", "write_text_atomic"]
 
 FORMAT = "gpunn-model"
@@ -188,7 +188,7 @@ def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
     Time and memory are bounded by the file's real size; anything malformed is a ModelFileError.
     """
     shown = _path_text(path, ModelFileError, "load")
-    with _open_regular(shown) as fh:
+    with open_regular(shown) as fh:
         size = os.fstat(fh.fileno()).st_size
         try:
             head, params = _read_members(fh, size, shown)
@@ -208,24 +208,26 @@ def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
     return header, params
 
 
-def _open_regular(shown: str) -> IO[bytes]:
-    """Open ``shown`` for reading without blocking, and only if it is a regular file."""
+def open_regular(path: PathLike, error: type[Exception] = ModelFileError, what: str = "model file") -> IO[bytes]:
+    """Open ``path`` for reading without blocking, and only if it is a regular file; ``error`` (naming
+    ``what`` was expected) for a missing file, a folder, a special file, permission denied, a bad path."""
+    shown = _path_text(path, error, "read")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(shown, flags)
     except FileNotFoundError:
-        raise ModelFileError(f"no model file at {shown}") from None
+        raise error(f"no {what} at {shown}") from None
     except PermissionError:
-        raise ModelFileError(f"cannot read {shown}: permission denied") from None
+        raise error(f"cannot read {shown}: permission denied") from None
     except OSError as exc:
         if exc.errno == errno.EISDIR:
-            raise ModelFileError(f"{shown} is a folder, not a model file") from None
-        raise ModelFileError(f"cannot read {shown}: {exc.strerror or exc}") from None
+            raise error(f"{shown} is a folder, not a {what}") from None
+        raise error(f"cannot read {shown}: {exc.strerror or exc}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         kind = "a folder" if stat.S_ISDIR(mode) else f"a special file ({_kind(mode)})"
-        raise ModelFileError(f"{shown} is {kind}, not a model file")
+        raise error(f"{shown} is {kind}, not a {what}")
     return os.fdopen(fd, "rb")
 
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import tracemalloc
+import zlib
 
 import numpy
 import pytest
@@ -83,3 +86,37 @@ def test_read_idx_rejects_bad_files(tmp_path):
     p.write_bytes(bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 0]))
     with pytest.raises(DataError, match="element type"):
         datasets.read_idx(p)
+
+
+def test_read_idx_hostile_files(tmp_path):
+    p = tmp_path / "f"
+    # dimensions whose product is 2**64, which wraps to 0 in int64: must not pass as an empty body
+    p.write_bytes(bytes([0, 0, 0x08, 4]) + struct.pack(">4I", 2**16, 2**16, 2**16, 2**16))
+    with pytest.raises(DataError, match="truncated or padded"):
+        datasets.read_idx(p)
+    good = _idx(numpy.arange(100, dtype=numpy.uint8), 0x08)
+    for bad in (gzip.compress(good)[:-9], gzip.compress(good)[:15], b"\x1f\x8b" + b"\x00" * 30):
+        p.write_bytes(bad)                                        # truncated or corrupt gzip streams
+        with pytest.raises(DataError, match="truncated|corrupt"):
+            datasets.read_idx(p)
+    # a small gzip that inflates to 256 MiB behind a header announcing 10 bytes: never inflated in full
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = comp.compress(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 10))
+    zeros = bytes(1 << 20)
+    for _ in range(256):
+        bomb += comp.compress(zeros)
+    p.write_bytes(bomb + comp.flush())
+    assert p.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="more follow"):
+            datasets.read_idx(p)
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(DataError, match="special file"):
+        datasets.read_idx(tmp_path / "fifo")
+    with pytest.raises(DataError, match="no IDX file"):
+        datasets.read_idx(tmp_path / "missing")
