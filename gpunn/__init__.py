@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from . import activations, init, losses, optim
+from . import activations, datasets, init, losses, optim
 from .backend import (
     Device,
     array_module,
@@ -40,6 +40,7 @@ __all__ = [
     "DeviceSpecError",
     "DivergenceError", "Evaluation", "GpunnError", "History", "ModelFileError", "OutOfMemoryError", "SGD",
     "SaveError", "Sequential", "ShapeError", "activations", "array_module", "available_devices",
-    "cuda_unavailable_reason", "device_of", "get_device", "init", "load", "losses", "mlp", "optim", "to_host",
+    "cuda_unavailable_reason", "datasets", "device_of", "get_device", "init", "load", "losses", "mlp", "optim",
+    "to_host",
     "use_device", "__version__",
 ]

@@ -19,7 +19,7 @@ import functools
 import numpy
 
 from .backend import xp_of
-from .errors import ConfigError, unknown_name
+from .errors import ConfigError, ShapeError, unknown_name
 from .types import Array, DTypeLike
 
 __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "ELU", "Identity", "Softmax",
@@ -30,6 +30,13 @@ __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "EL
 def exp_cap(dtype: DTypeLike) -> float:
     """Largest argument whose exp is finite in ``dtype`` (less a margin); cached per dtype."""
     return float(numpy.log(numpy.finfo(dtype).max)) - 1.0
+
+
+def _number(what: str, value: object) -> float:
+    """``value`` as a float (a real number, not a bool or a string), else ConfigError."""
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.integer, numpy.floating)):
+        raise ConfigError(f"{what} must be a number; got {value!r}")
+    return float(value)
 
 
 class Activation:
@@ -63,8 +70,14 @@ class Activation:
 
     # -- convenience for people and plots (allocates) ----------------------------------------------
     def __call__(self, z: Array) -> Array:
+        """f(z) for an array of any shape (row-wise activations: a 1-D array is one row)."""
         xp = xp_of(z)
         z = xp.asarray(z, dtype=float) if xp.asarray(z).dtype.kind != "f" else xp.asarray(z)
+        if self.rowwise and z.ndim != 2:
+            if z.ndim != 1:
+                raise ShapeError(f"{self.name} works on rows: pass a 1-D row or a 2-D (rows, classes) array; "
+                                 f"got shape {tuple(z.shape)}")
+            return self(z.reshape(1, -1)).reshape(-1)
         out = xp.empty_like(z)
         col = xp.empty((z.shape[0], 2), z.dtype) if self.rowwise else None
         return self.forward(z, out, col)
@@ -145,7 +158,7 @@ class LeakyReLU(Activation):
     name = "leaky_relu"
 
     def __init__(self, alpha: float = 0.01):
-        alpha = float(alpha)
+        alpha = _number("leaky_relu alpha", alpha)
         if not (0.0 <= alpha < 1.0):
             raise ConfigError(f"leaky_relu alpha must be in [0, 1); got {alpha}")
         self.alpha = self.param = alpha
@@ -190,7 +203,7 @@ class ELU(Activation):
     needs_scratch = True
 
     def __init__(self, a: float = 1.0):
-        a = float(a)
+        a = _number("elu parameter a", a)
         if not (a > 0.0 and numpy.isfinite(a)):
             raise ConfigError(f"elu parameter a must be a positive finite number; got {a}")
         self.a = self.param = a

@@ -77,7 +77,15 @@ def train_test_split(X: Any, y: Any, test_size: float = 0.25, seed: int | None =
     n = X.shape[0]
     if y.shape[0] != n:
         raise ShapeError(f"X has {n} samples but y has {y.shape[0]}")
-    n_test = int(round(test_size * n)) if isinstance(test_size, float) else int(test_size)
+    if isinstance(test_size, (bool, numpy.bool_)) or not isinstance(test_size, (int, float, numpy.integer,
+                                                                                   numpy.floating)):
+        raise ConfigError(f"test_size must be a fraction in (0, 1) or a whole number of samples; got {test_size!r}")
+    if isinstance(test_size, (float, numpy.floating)):
+        if not 0.0 < test_size < 1.0:
+            raise ConfigError(f"test_size as a fraction must be in (0, 1); got {test_size!r}")
+        n_test = int(round(test_size * n))
+    else:
+        n_test = int(test_size)
     if not 0 < n_test < n:
         raise ConfigError(f"test_size gives {n_test} test samples out of {n}; it must leave both parts non-empty")
     perm = _rng(seed).permutation(n)

@@ -121,12 +121,13 @@ def _labels_to_one_hot(raw: Array, dev: Device, dtype: numpy.dtype, n_out: int, 
                             "values")
     if lab.shape[0] != n:
         raise ShapeError(f"X has {n} samples but {name} has {lab.shape[0]}; they must match")
-    lab = lab.astype(numpy.int64)
-    if lab.size and (lab.min() < 0 or lab.max() >= n_out):
-        bad = lab[(lab < 0) | (lab >= n_out)][0]
-        raise DataError(f"class label {bad} in {name} is out of range: the last layer has n_out={n_out}, "
+    out_of_range = (lab < 0) | (lab >= n_out)            # checked before any cast, which could wrap
+    if out_of_range.any():
+        bad = lab[out_of_range][0]
+        shown = int(bad) if lab.dtype.kind in "iub" or abs(float(bad)) < 2**53 else f"{float(bad):g}"
+        raise DataError(f"class label {shown} in {name} is out of range: the last layer has n_out={n_out}, "
                         f"so labels must be in 0..{n_out - 1}")
-    return dev.asarray(one_hot_host(lab, n_out), dtype=dtype)
+    return dev.asarray(one_hot_host(lab.astype(numpy.int64), n_out), dtype=dtype)
 
 
 def one_hot_host(labels: numpy.ndarray, n_classes: int) -> numpy.ndarray:

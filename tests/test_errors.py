@@ -352,3 +352,39 @@ def test_an_infinite_validation_loss_stops_training(device):
         net.fit(X, Y, loss="squared_error", epochs=3, batch_size=8, validation_data=(Xv, Y[:4]))
     assert numpy.all(numpy.isfinite(host(net.flat_parameters())))
     assert len(net.history) == 0
+
+
+# -- API edges: gpunn errors, never raw ones ---------------------------------------------------------
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: gpunn.activations.LeakyReLU(alpha="abc"), gpunn.ConfigError, "must be a number"),
+    (lambda: gpunn.activations.ELU(a="x"), gpunn.ConfigError, "must be a number"),
+    (lambda: gpunn.activations.ELU(a=True), gpunn.ConfigError, "must be a number"),
+    (lambda: gpunn.Dense(True, 3), gpunn.ConfigError, "positive integer"),
+    (lambda: gpunn.datasets.train_test_split(X, LABELS, test_size=float("nan")), gpunn.ConfigError, "test_size"),
+    (lambda: gpunn.datasets.train_test_split(X, LABELS, test_size="0.2"), gpunn.ConfigError, "test_size"),
+    (lambda: gpunn.datasets.train_test_split(X, LABELS, test_size=None), gpunn.ConfigError, "test_size"),
+    (lambda: gpunn.datasets.train_test_split(X, LABELS, test_size=1.5), gpunn.ConfigError, "test_size"),
+    (lambda: gpunn.activations.get("softmax")(numpy.zeros((2, 2, 2))), gpunn.ShapeError, "rows"),
+])
+def test_api_edges_raise_gpunn_errors(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, None, "8"])
+def test_predict_batch_size_is_checked(batch_size):
+    with pytest.raises(gpunn.ConfigError, match="batch_size"):
+        make("cpu").predict(X, batch_size=batch_size)
+
+
+def test_api_edges_that_now_work():
+    layer = gpunn.Dense(numpy.int64(4), numpy.int32(3), "softmax")       # NumPy integers are integers
+    assert (layer.n_in, layer.n_out) == (4, 3) and type(layer.n_in) is int
+    p = gpunn.activations.get("softmax")(numpy.array([1.0, 2.0, 3.0]))   # a 1-D array is one row
+    numpy.testing.assert_allclose(p, numpy.exp([1, 2, 3]) / numpy.exp([1, 2, 3]).sum())
+    assert gpunn.datasets.train_test_split(X, LABELS, test_size=numpy.float32(0.5))[1].shape[0] == 5
+
+
+def test_a_huge_float_label_is_reported_as_it_is():
+    with pytest.raises(gpunn.DataError, match=r"class label 1e\+20 in Y is out of range"):
+        make("cpu").fit(X, numpy.array([1e20] + [0.0] * 9), loss="cross_entropy", epochs=1)
