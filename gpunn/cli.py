@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -16,13 +17,13 @@ from typing import Any
 import click
 
 from . import activations, datasets, losses, optim
-from .backend import Device, cuda_unavailable_reason, parse_spec
+from .backend import Device, available_devices, cuda_unavailable_reason, parse_spec
 from .bench import WORKLOADS, environment, format_table, time_workload
 from .check import run_check
 from .errors import GpunnError
-from .io import write_text_atomic
+from .io import check_writable, write_text_atomic
 from .network import mlp
-from .plots import plot_activations, plot_history
+from .plots import format_of, plot_activations, plot_history
 
 EPILOG_STYLE: dict[str, Any] = {"context_settings": {"help_option_names": ["-h", "--help"]}}
 
@@ -34,10 +35,12 @@ def _friendly(fn):
         ctx = click.get_current_context()
         try:
             return fn(*args, **kwargs)
-        except (GpunnError, OSError) as exc:
+        except (GpunnError, OSError, MemoryError) as exc:
             if ctx.find_root().params.get("debug"):
                 raise
-            click.echo(f"gpunn: error: {exc}", err=True)
+            text = str(exc) if not isinstance(exc, MemoryError) else (
+                f"out of memory ({exc or 'MemoryError'}); use smaller layers or batches")
+            click.echo(f"gpunn: error: {text}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("gpunn: interrupted", err=True)
@@ -46,13 +49,63 @@ def _friendly(fn):
 
 
 def _csv(kind: str, value: str, convert=str) -> list:
+    """Comma-separated items; BadParameter (exit 2) for an empty item or one ``convert`` refuses."""
+    parts = [v.strip() for v in value.split(",")]
+    if not any(parts):
+        raise click.BadParameter(f"expected at least one {kind}")
+    if not all(parts):
+        raise click.BadParameter(f"empty item in {value!r}: expected comma-separated {kind}s")
     try:
-        items = [convert(v.strip()) for v in value.split(",") if v.strip()]
+        return [convert(v) for v in parts]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated {kind}s, got {value!r}") from None
-    if not items:
-        raise click.BadParameter(f"expected at least one {kind}")
-    return items
+
+
+def _device_spec(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> str | None:
+    """Check device specs (one, or comma-separated) when the options are parsed: exit 2 if malformed."""
+    if value is None:
+        return None
+    for spec in _csv("device", value):
+        try:
+            parse_spec(spec)
+        except GpunnError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _positive(kind: str):
+    def convert(v: str) -> int:
+        n = int(v)
+        if n < 1:
+            raise ValueError(v)
+        return n
+    convert.__name__ = kind
+    return convert
+
+
+def _writable(path: str | None, option: str, picture: bool = False) -> None:
+    """BadParameter now (exit 2, before any work) if ``path`` could not be written at the end."""
+    if path is None:
+        return
+    try:
+        if picture:
+            format_of(path)
+        check_writable(path)
+    except GpunnError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _json(data: object) -> str:
+    """JSON that is valid JSON: a non-finite number becomes null."""
+    def clean(v: object) -> object:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(data), indent=2, allow_nan=False)
 
 
 @click.group(**EPILOG_STYLE)
@@ -125,7 +178,8 @@ def info(as_json: bool) -> None:
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--epochs", type=click.IntRange(min=0), default=40, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: $GPUNN_DEVICE or auto).")
+@click.option("--device", default=None, callback=_device_spec,
+              help="cpu, cuda, cuda:N or auto (default: $GPUNN_DEVICE or auto).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--save", "save_path", type=click.Path(dir_okay=False), default=None, help="Save the model here.")
@@ -148,6 +202,8 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
     """
     if plot_path:
         _need_matplotlib()
+    _writable(save_path, "--save")
+    _writable(plot_path, "--plot", picture=True)
     sizes, (Xtr, Xte, Ytr, Yte) = _train_data(dataset, layer_spec, loss, seed)
     out_act = {"cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}.get(loss, "sigmoid")
     net = mlp(sizes, activation=activation, output=out_act, device=device, dtype=dtype, seed=seed)
@@ -168,10 +224,11 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         net.save(save_path)
         summary["saved"] = save_path
     if plot_path:
-        plot_history(history, plot_path)
+        plot_history(history, plot_path, title=f"{dataset}: {'-'.join(map(str, sizes))} {activation}, {loss}, "
+                                              f"{optimizer} lr={lr:g}, batch {batch_size}, seed {seed}")
         summary["plot"] = plot_path
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(_json(summary))
         return
     acc = f"{result.accuracy * 100:.2f} %" if result.accuracy is not None else "n/a"
     click.echo(f"test accuracy {acc}, test loss {result.loss:.4f}, {len(history)} epochs in {seconds:.2f} s "
@@ -188,7 +245,8 @@ def _train_data(dataset: str, layer_spec: str | None, loss: str, seed: int) -> t
     n_classes = int(y.max()) + 1
     # two classes without softmax: one sigmoid output unit (the lecture's logistic neuron)
     out_units = 1 if loss != "cross_entropy" and n_classes == 2 else n_classes
-    sizes = _csv("integer", layer_spec, int) if layer_spec else [X.shape[1], 32, out_units]
+    sizes = _csv("positive integer", layer_spec, _positive("positive integer")) if layer_spec \
+        else [X.shape[1], 32, out_units]
     if sizes[0] != X.shape[1]:
         raise click.BadParameter(f"the data set has {X.shape[1]} features, so --layers must start with "
                                  f"{X.shape[1]}", param_hint="--layers")
@@ -242,8 +300,9 @@ def _need_matplotlib() -> None:
 
 # -- check ------------------------------------------------------------------------------------------
 @main.command(**EPILOG_STYLE)
-@click.option("--device", "devices", default="cpu,cuda", show_default=True,
-              help="Comma-separated devices to check against the NumPy float64 reference.")
+@click.option("--device", "devices", default=None, callback=_device_spec,
+              help="Comma-separated devices to check against the NumPy float64 reference (default: every "
+                   "usable device). A device named here that cannot be used fails the check.")
 @click.option("--dtype", "dtypes", default="float32,float64", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -259,28 +318,24 @@ def check(devices, dtypes, steps, seed, as_json):
     Example:
       gpunn check --device cpu,cuda:0 --steps 50
     """
-    dev_list = _csv("device", devices)
+    dev_list = _csv("device", devices) if devices else available_devices()
     dt_list = _csv("dtype", dtypes)
     for dt in dt_list:
         if dt not in ("float32", "float64"):
             raise click.BadParameter(f"dtype must be float32 or float64, got {dt!r}", param_hint="--dtype")
-    for d in dev_list:
-        try:
-            parse_spec(d)
-        except GpunnError as exc:
-            raise click.BadParameter(str(exc), param_hint="--device") from None
     result = run_check(dev_list, dt_list, steps=steps, seed=seed)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(_json(result))
     else:
-        click.echo(f"agreement with NumPy float64 after {steps} SGD steps (seed {seed})")
+        click.echo(f"agreement with NumPy float64: steps 1 and {steps} of {steps} SGD steps (seed {seed})")
         click.echo(f"{'backend':<34} {'quantity':<24} {'max rel diff':>13} {'tolerance':>10}  result")
         for r in result["rows"]:
             click.echo(f"{r['backend']:<34} {r['quantity']:<24} {r['max_rel_diff']:>13.3e} "
                        f"{r['tolerance']:>10.0e}  {'pass' if r['passed'] else 'FAIL'}")
         for note in result["notes"]:
             click.echo(f"note: {note}")
-        click.echo("all passed" if result["passed"] else "FAILED")
+        click.echo("all passed" if result["passed"] else "FAILED"
+                   + (": a device asked for was not checked" if result["skipped"] else ""))
     if not result["passed"]:
         sys.exit(1)
 
@@ -302,6 +357,7 @@ def plot_activations_cmd(path: str) -> None:
       gpunn plot activations activations.png
     """
     _need_matplotlib()
+    _writable(path, "PATH", picture=True)
     plot_activations(path)
     click.echo(f"wrote {path}")
 
@@ -310,7 +366,8 @@ def plot_activations_cmd(path: str) -> None:
 @main.command(**EPILOG_STYLE)
 @click.option("--workload", "workloads", default="lecture,mlp", show_default=True,
               help="Comma-separated: lecture, mlp, wide.")
-@click.option("--device", "devices", default="cpu", show_default=True, help="Comma-separated devices.")
+@click.option("--device", "devices", default="cpu", show_default=True, callback=_device_spec,
+              help="Comma-separated devices.")
 @click.option("--batch-size", "batch_sizes", default=None,
               help="Comma-separated batch sizes (default: the workload's).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
@@ -334,9 +391,7 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
         if w not in WORKLOADS:
             raise click.BadParameter(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}",
                                      param_hint="--workload")
-    sizes = _csv("integer", batch_sizes, int) if batch_sizes else None
-    if sizes and min(sizes) < 1:
-        raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch-size")
+    sizes = _csv("positive integer", batch_sizes, _positive("positive integer")) if batch_sizes else None
     devs = [Device(d) for d in _csv("device", devices)]
     env = environment(dtype)
     _print_header(env)
@@ -348,7 +403,7 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
                 rows.append(time_workload(w, dev, dtype, b, repeats=repeats, min_time=min_time, fused=fused))
     _print_table(rows, markdown)
     if json_path:
-        write_text_atomic(json_path, json.dumps({"environment": env, "rows": rows}, indent=2))
+        write_text_atomic(json_path, _json({"environment": env, "rows": rows}))
         click.echo(f"wrote {json_path}", err=True)
 
 

@@ -40,8 +40,8 @@ from .errors import ModelFileError, SaveError
 from .types import PathLike
 from .version import __version__
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "digest", "open_regular", "read_model",
-           "write_model", "write_text_atomic"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "check_writable", "digest",
+           "open_regular", "read_model", "write_model", "write_text_atomic"]
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
@@ -110,6 +110,13 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object]) -> None:
         hint = f" (is {folder} writable?)" if isinstance(exc, PermissionError) else ""
         raise SaveError(f"cannot save to {shown}: {exc.strerror or exc}{hint}; any earlier file there is "
                         "unchanged") from None
+
+
+def check_writable(path: PathLike) -> None:
+    """SaveError now if :func:`atomic_write` could not replace ``path`` (checked before long work)."""
+    shown = _path_text(path, SaveError, "save to")
+    target = os.path.realpath(shown)
+    _mode_for(shown, target, os.path.dirname(target))
 
 
 def _mode_for(shown: str, target: str, folder: str) -> int:

@@ -1,11 +1,13 @@
 """Pictures: the lecture's Figure 1 (activations and derivatives) and training curves. Needs matplotlib."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy
 
 from . import activations
+from .errors import ConfigError
 from .io import atomic_write
 
 
@@ -16,8 +18,22 @@ def _pyplot():
     return plt
 
 
+#: The picture formats a plot path may name by its extension.
+FORMATS = ("png", "svg", "pdf")
+
+
+def format_of(path: str) -> str:
+    """The picture format ``path``'s extension names; ConfigError for any other extension."""
+    ext = os.path.splitext(str(path))[1].lower().lstrip(".")
+    if ext not in FORMATS:
+        raise ConfigError(f"cannot tell the picture format of {path!r}: end the name with "
+                          f"{', '.join('.' + f for f in FORMATS)}")
+    return ext
+
+
 def _save(fig: Any, path: str) -> None:
-    atomic_write(path, lambda fh: fig.savefig(fh, dpi=110, format="png"))
+    fmt = format_of(path)
+    atomic_write(path, lambda fh: fig.savefig(fh, dpi=110, format=fmt))
 
 
 def plot_activations(path: str) -> None:
@@ -44,8 +60,8 @@ def plot_activations(path: str) -> None:
     plt.close(fig)
 
 
-def plot_history(history: Any, path: str) -> None:
-    """Loss (and accuracy, when there is one) per epoch, training and validation."""
+def plot_history(history: Any, path: str, title: str | None = None) -> None:
+    """Loss (and accuracy, when there is one) per epoch, training and validation; ``title`` on top."""
     plt = _pyplot()
     epochs = history["epoch"]
     has_acc = any(a is not None for a in history["accuracy"] + history["val_accuracy"])
@@ -67,6 +83,8 @@ def plot_history(history: Any, path: str) -> None:
         axes[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy")
         axes[1].legend()
         axes[1].grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

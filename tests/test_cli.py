@@ -72,10 +72,11 @@ def test_plot_activations(tmp_path):
 def test_check_cpu():
     r = run("check", "--steps", "3")
     assert r.exit_code == 0, r.output
-    assert "numpy float32" in r.output and "all passed" in r.output
+    assert "numpy float32" in r.output and "all passed" in r.output and "step 3 grad_W[0]" in r.output
     from gpunn.backend import cuda_unavailable_reason
-    if cuda_unavailable_reason() is not None:
-        assert "skipped" in r.output
+    if cuda_unavailable_reason() is not None:          # a check that checked nothing must not pass
+        r = run("check", "--steps", "2", "--device", "cpu,cuda:0")
+        assert r.exit_code == 1 and "cuda:0 was not checked" in r.output and "FAILED" in r.output, r.output
     r = run("check", "--steps", "2", "--device", "cpu", "--json")
     res = json.loads(r.output)
     assert res["passed"] and all(row["max_rel_diff"] <= row["tolerance"] for row in res["rows"])
@@ -85,7 +86,10 @@ def test_check_cpu():
     ["train", "--epochs", "-1"], ["train", "--batch-size", "0"], ["train", "--activation", "swish"],
     ["train", "--dtype", "float16"], ["train", "--lr", "abc"], ["bench", "--workload", "huge"],
     ["check", "--dtype", "float16"], ["check", "--device", "gpu"], ["train", "--layers", "3,4,10"],
-    ["train", "--nonsense"],
+    ["train", "--nonsense"], ["train", "--layers", "64,,10"], ["train", "--layers", "64,0,10"],
+    ["train", "--device", "gpu"], ["bench", "--device", "cpu,tpu"], ["bench", "--batch-size", "0"],
+    ["train", "--save", "/nonexistent-folder/m.npz"], ["train", "--plot", "curves.jpg"],
+    ["plot", "activations", "a.gif"],
 ])
 def test_bad_options_exit_2_with_usage(args):
     r = run(*args)
@@ -97,8 +101,8 @@ def test_runtime_errors_exit_1_one_line(tmp_path):
     r = run("train", "--epochs", "1", "--device", "cpu", "--lr", "-1")
     assert r.exit_code == 1
     assert r.output.count("\n") == 1 and "lr must be" in r.output
-    r = run("train", "--epochs", "1", "--device", "cpu", "--save", str(tmp_path / "missing" / "m.npz"))
-    assert r.exit_code == 1 and "does not exist" in r.output
+    r = run("train", "--epochs", "1", "--device", "cpu", "--layers", "64,100000000,100000,10")
+    assert r.exit_code == 1 and "out of memory" in r.output and "Traceback" not in r.output
 
 
 def test_debug_flag_shows_traceback():
@@ -135,3 +139,18 @@ def test_default_train_reaches_95_percent_on_digits():
     out = json.loads(r.output)
     assert out["dataset"] == "digits" and out["layers"] == [64, 32, 10] and out["epochs"] == 40
     assert out["test_accuracy"] >= 0.95, out["test_accuracy"]
+
+
+@pytest.mark.parametrize("ext,magic", [("png", b"\x89PNG"), ("svg", b"<?xml"), ("pdf", b"%PDF")])
+def test_plots_are_written_in_the_format_their_extension_names(tmp_path, ext, magic):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install 'gpunn[plot]')")
+    p = tmp_path / f"a.{ext}"
+    r = run("plot", "activations", str(p))
+    assert r.exit_code == 0, r.output
+    assert p.read_bytes().startswith(magic)
+
+
+def test_json_output_is_strict_json(tmp_path):
+    r = run("train", "--dataset", "xor", "--epochs", "2", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    json.loads(r.output, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
