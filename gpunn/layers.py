@@ -178,5 +178,18 @@ class Dense:
         return {"type": "Dense", "n_in": self.n_in, "n_out": self.n_out,
                 "activation": self.activation.config(), "init": self.init}
 
+    @classmethod
+    def from_config(cls, config: dict) -> Dense:
+        """A fresh layer from :meth:`config`'s dict."""
+        return cls(config["n_in"], config["n_out"], activation=config["activation"], init=config.get("init"))
+
+    def __getstate__(self) -> dict:
+        # The weights belong to the network (views of its flat buffer); a layer pickles as its configuration.
+        return self.config()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["n_in"], state["n_out"], activation=state["activation"],  # type: ignore[misc]
+                      init=state.get("init"))
+
     def __repr__(self) -> str:
         return f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r})"

@@ -38,10 +38,17 @@ from .training import Evaluation, History
 from .types import Array, ArrayLike, ArrayModule, DTypeLike, PathLike
 from .validation import check_dtype, features, positive_int, targets
 
-__all__ = ["Sequential", "mlp", "load", "History", "Evaluation"]
+__all__ = ["Sequential", "Summary", "mlp", "load", "History", "Evaluation"]
 
 #: Rows per chunk in predict/evaluate: bounds the inference buffers' memory.
 INFER_CHUNK = 8192
+
+
+class Summary(str):
+    """The text of :meth:`Sequential.summary`; at a Python prompt it shows as the table itself."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 class _OneTrainer:
@@ -333,7 +340,7 @@ class Sequential:
         return Evaluation(total[0] / n, correct[0] / n if classify else None)
 
     # -- training ---------------------------------------------------------------------------------
-    def fit(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss = "squared_error",
+    def fit(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss | None = None,
             optimizer: optim.Optimizer | str | None = None, epochs: int = 10, batch_size: int = 32,
             shuffle: bool = True, validation_data: tuple | None = None, patience: int | None = None,
             progress: bool | Callable[[dict], None] = False) -> History:
@@ -344,7 +351,10 @@ class Sequential:
         X : array of shape (n_samples, n_in)
         Y : array of shape (n_samples, n_out), or integer labels (n_samples,) for cross-entropy
         loss : {"squared_error", "binary_cross_entropy", "cross_entropy"} or Loss
-        optimizer : Optimizer or name, default SGD(lr=0.1)
+            Default: the loss of the last fit (or of the loaded model file), else squared error.
+        optimizer : Optimizer or name
+            Default: the optimiser of the last fit (it continues with its state) or of the loaded model
+            file, else SGD(lr=0.1).
         epochs : int >= 0
         batch_size : int >= 1; a batch size above n_samples trains on the whole set at once.
         shuffle : bool, reshuffle the samples every epoch (from the seeded host generator).
@@ -357,8 +367,10 @@ class Sequential:
         epoch and step; the weights are left at the last state that gave a finite loss. On
         KeyboardInterrupt the weights and ``self.history`` are those of the last finished epoch.
         """
-        loss = _loss_for(loss, self.layers[-1].activation)
-        optimizer = optim.get(optimizer, **({} if optimizer is not None else {"lr": 0.1}))
+        loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
+        if optimizer is None:
+            optimizer = self.optimizer or optim.SGD(lr=0.1)
+        optimizer = optim.get(optimizer)
         epochs = positive_int("epochs", epochs, allow_zero=True)
         batch_size = positive_int("batch_size", batch_size)
         if patience is not None:
@@ -381,7 +393,9 @@ class Sequential:
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
         """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
-        io.write_model(path, self.config(), to_host(self._params))
+        extra = {"loss": self.loss.name if self.loss else None,
+                 "optimizer": self.optimizer.config() if self.optimizer else None}
+        io.write_model(path, {**self.config(), **extra}, to_host(self._params))
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
@@ -399,17 +413,52 @@ class Sequential:
                 raise
             raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
         net._params[...] = net.device.asarray(params)
+        try:
+            net.loss = losses_mod.get(header["loss"]) if header.get("loss") else None
+            net.optimizer = optim.from_config(header["optimizer"]) if header.get("optimizer") else None
+            if net.loss is not None:
+                net.loss.check_activation(net.layers[-1].activation)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ModelFileError(f"{path} has an invalid loss or optimiser description: {exc}") from None
         return net
 
     @classmethod
     def from_config(cls, config: dict, device: str | Device | None = None, seed: int | None = 0) -> Sequential:
         """A network of the layers and dtype in ``config`` (as :meth:`config` returns it), freshly initialised."""
-        layers = [Dense(c["n_in"], c["n_out"], activation=c["activation"], init=c.get("init"))
-                  for c in config["layers"]]
-        return cls(layers, device=device, dtype=config["dtype"], seed=seed)
+        return cls([Dense.from_config(c) for c in config["layers"]], device=device, dtype=config["dtype"], seed=seed)
 
     def config(self) -> dict:
+        """The architecture: each layer's configuration and the dtype (what :meth:`from_config` takes)."""
         return {"layers": [layer.config() for layer in self.layers], "dtype": self.dtype.name}
+
+    def summary(self) -> Summary:
+        """A table of the layers: sizes, activations, parameter counts and the total (shows itself at a prompt)."""
+        head = ["#", "layer", "inputs -> outputs", "activation", "weights", "biases", "parameters"]
+        rows = [[str(k), "Dense", f"{layer.n_in} -> {layer.n_out}", repr(layer.activation),
+                 f"{layer.n_in * layer.n_out:,}", f"{layer.n_out:,}", f"{layer.n_in * layer.n_out + layer.n_out:,}"]
+                for k, layer in enumerate(self.layers)]
+        rows.append(["", "total", "", "", "", "", f"{self.n_parameters:,}"])
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = [f"Sequential on {self.device}, {self.dtype.name}" + (", fused CUDA kernels" if self.fused else "")]
+        for r in [head, *rows]:
+            lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        return Summary("\n".join(lines))
+
+    # -- pickle and copy.deepcopy: through host arrays, onto the same device ----------------------
+    def __getstate__(self) -> dict:
+        return {"config": self.config(), "params": numpy.array(to_host(self._params), copy=True),
+                "device": str(self.device), "fused": self._fused_choice, "seed": self.seed,
+                "shuffle_rng": self.shuffle_rng.bit_generator.state, "loss": self.loss.name if self.loss else None,
+                "optimizer": self.optimizer, "history": self.history}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__([Dense.from_config(c) for c in state["config"]["layers"]],  # type: ignore[misc]
+                      device=state["device"], dtype=state["config"]["dtype"], seed=state["seed"],
+                      fused=state["fused"])
+        self._params[...] = self.device.asarray(state["params"])
+        self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
+        self.loss = losses_mod.get(state["loss"]) if state["loss"] else None
+        self.optimizer, self.history = state["optimizer"], state["history"]
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)

@@ -19,22 +19,34 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import numpy
+
+from .backend import to_host
 from .errors import ConfigError, unknown_name
 from .ops import XpOps
+from .schedules import Schedule
+from .schedules import from_config as schedule_from_config
 from .types import Array, ArrayModule
 
-__all__ = ["Optimizer", "SGD", "Adam", "get", "names"]
+__all__ = ["Optimizer", "SGD", "Adam", "from_config", "get", "names"]
 
 
 def _checked(name: str, value: Any, ok: Any, requirement: str) -> float:
     """``value`` as a float satisfying ``ok``, else a ConfigError saying what is required."""
     try:
-        v = float(value)
+        v = math.nan if isinstance(value, (str, bytes, bool)) else float(value)
     except (TypeError, ValueError):
         v = math.nan
     if not ok(v):
         raise ConfigError(f"{name} must be {requirement}; got {value!r}")
     return v
+
+
+def _learning_rate(value: Any) -> float | Schedule:
+    """A learning rate: a positive number, or a schedule (a function of the global step)."""
+    if isinstance(value, Schedule):
+        return value
+    return _positive_float("lr", value)
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -68,6 +80,30 @@ class Optimizer:
         self._bound: Array = None
         self._scratch: list[Array] = []
         self._owner: weakref.ref | None = None
+        self._pending: tuple[int, dict] | None = None
+
+    def host_state(self) -> tuple[int, dict[str, numpy.ndarray]]:
+        """(steps taken, state arrays as host copies): what a checkpoint or a pickle keeps."""
+        if self._pending is not None:
+            return self._pending
+        return self.t, {k: numpy.array(to_host(v), copy=True) for k, v in self.state.items()}
+
+    def load_state(self, t: int, arrays: dict[str, numpy.ndarray]) -> None:
+        """Take this state (from :meth:`host_state`) for the network trained next: it replaces the state at
+        the first update, moved to that network's device."""
+        self.reset()
+        self._pending = (int(t), {k: numpy.array(v) for k, v in arrays.items()})
+        self.t = int(t)
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("state", "_bound", "_scratch", "_owner",
+                                                                       "_pending")}
+        state["_pending"] = self.host_state()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.state, self._bound, self._scratch, self._owner = {}, None, [], None
 
     def attach(self, owner: object) -> None:
         """Record that ``owner`` (a network) is trained by this optimiser.
@@ -88,8 +124,13 @@ class Optimizer:
         the whole buffer on a GPU, where blocks would only add kernel launches."""
         xp = ops.xp
         if self._bound is not params:   # a new network (or one moved to another device)
-            self.state = {name: xp.zeros_like(params) for name in self._state_names}
-            self.t = 0
+            pending, self._pending = self._pending, None
+            if pending is not None and all(pending[1][k].shape == params.shape for k in self._state_names):
+                self.t = pending[0]      # state loaded from a pickle or a checkpoint: moved to this device
+                self.state = {k: ops.device.asarray(pending[1][k], dtype=params.dtype) for k in self._state_names}
+            else:
+                self.state = {name: xp.zeros_like(params) for name in self._state_names}
+                self.t = 0
             self._bound = params
             self._scratch = []
         if len(self._scratch) < scratch:
@@ -109,6 +150,16 @@ class Optimizer:
             stop = min(start + size, n)
             yield tuple(None if a is None else a[start:stop] for a in arrays) + \
                 tuple(s[:stop - start] for s in self._scratch)
+
+    lr: float | Schedule = 0.0
+
+    def current_lr(self) -> float:
+        """η for the next step: the number, or the schedule at the number of steps taken so far."""
+        lr = self.lr
+        return float(lr(self.t)) if isinstance(lr, Schedule) else lr
+
+    def _lr_config(self) -> float | dict:
+        return self.lr.config() if isinstance(self.lr, Schedule) else self.lr
 
     def update(self, params: Array, grads: Array, decay_mask: Array | None, ops: XpOps) -> None:
         """Apply one step to ``params`` from ``grads`` (flat buffers of the same size)."""
@@ -130,6 +181,7 @@ class Optimizer:
         self.t = 0
         self._scratch = []
         self._owner = None
+        self._pending = None
 
     def config(self) -> dict:
         raise NotImplementedError  # pragma: no cover
@@ -153,7 +205,7 @@ class SGD(Optimizer):
     def __init__(self, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0):
         super().__init__()
-        self.lr = _positive_float("lr", lr)
+        self.lr = _learning_rate(lr)
         self.momentum = _unit_interval("momentum", momentum)
         self.nesterov = bool(nesterov)
         self.weight_decay = _non_negative("weight_decay", weight_decay)
@@ -163,19 +215,21 @@ class SGD(Optimizer):
 
     def update(self, params, grads, decay_mask, ops):
         self._prepare(params, ops, scratch=2 if self.weight_decay else 1)
+        lr = self.current_lr()
         self.t += 1
         velocity = self.state.get("velocity")
         if ops.fused:   # the formula below as one CUDA kernel (gpunn/kernels.py, sgd_update)
-            ops.kernels.sgd_update(params, grads, velocity, decay_mask, self.lr, self.momentum,
+            ops.kernels.sgd_update(params, grads, velocity, decay_mask, lr, self.momentum,
                                    self.nesterov, self.weight_decay)
             return
         for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):
-            self._step(ops.xp, w, g, v, mask, s, s2[0] if s2 else None)
+            self._step(ops.xp, lr, w, g, v, mask, s, s2[0] if s2 else None)
 
-    def _step(self, xp: ArrayModule, w: Array, g: Array, v: Array, mask: Array, s: Array, s2: Array) -> None:
+    def _step(self, xp: ArrayModule, lr: float, w: Array, g: Array, v: Array, mask: Array, s: Array,
+              s2: Array) -> None:
         """One block of the update, in place: weights w, gradients g, velocity v (None without momentum),
         decay mask (None without weight decay); ``s``, ``s2`` are scratch arrays of the block's size."""
-        lr, mu, wd = self.lr, self.momentum, self.weight_decay
+        mu, wd = self.momentum, self.weight_decay
         if wd:                                # g ← g + λ·w on weights (mask 1), not biases (mask 0)
             xp.multiply(w, mask, out=s2)
             s2 *= wd
@@ -190,7 +244,7 @@ class SGD(Optimizer):
             w -= xp.multiply(v if mu else g, lr, out=s)
 
     def config(self) -> dict:
-        return {"name": "sgd", "lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
+        return {"name": "sgd", "lr": self._lr_config(), "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay}
 
     def __repr__(self) -> str:
@@ -210,7 +264,7 @@ class Adam(Optimizer):
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__()
-        self.lr = _positive_float("lr", lr)
+        self.lr = _learning_rate(lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ConfigError(f"betas must be a pair (beta1, beta2); got {betas!r}")
         self.beta1 = _unit_interval("beta1", betas[0])
@@ -220,12 +274,13 @@ class Adam(Optimizer):
 
     def update(self, params, grads, decay_mask, ops):
         self._prepare(params, ops, scratch=2)
+        lr = self.current_lr()
         self.t += 1
         for block in self._blocks(params, grads, self.state["m"], self.state["v"], decay_mask):
-            self._step(ops.xp, *block)
+            self._step(ops.xp, lr, *block)
 
-    def _step(self, xp: ArrayModule, w: Array, g: Array, m: Array, v: Array, mask: Array | None, s: Array,
-              s2: Array) -> None:
+    def _step(self, xp: ArrayModule, lr: float, w: Array, g: Array, m: Array, v: Array, mask: Array | None,
+              s: Array, s2: Array) -> None:
         """One block of the update, in place; ``s``, ``s2`` are scratch arrays of the block's size."""
         b1, b2, t = self.beta1, self.beta2, self.t
         if self.weight_decay:                 # g ← g + λ·w on weights, not biases
@@ -242,11 +297,11 @@ class Adam(Optimizer):
         s *= 1.0 / math.sqrt(1.0 - b2 ** t)
         s += self.eps
         xp.divide(m, s, out=s)                # w ← w − η/(1 − β₁ᵗ) · m / (√v̂ + ε)
-        s *= self.lr / (1.0 - b1 ** t)
+        s *= lr / (1.0 - b1 ** t)
         w -= s
 
     def config(self) -> dict:
-        return {"name": "adam", "lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps,
+        return {"name": "adam", "lr": self._lr_config(), "betas": [self.beta1, self.beta2], "eps": self.eps,
                 "weight_decay": self.weight_decay}
 
     def __repr__(self) -> str:
@@ -258,6 +313,20 @@ _REGISTRY = {"sgd": SGD, "adam": Adam}
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def from_config(config: dict) -> Optimizer:
+    """An optimiser (without state) from :meth:`Optimizer.config`'s dict."""
+    params = dict(config)
+    name = params.pop("name", None)
+    if isinstance(params.get("lr"), dict):
+        params["lr"] = schedule_from_config(params["lr"])
+    if "betas" in params and isinstance(params["betas"], list):
+        params["betas"] = tuple(params["betas"])
+    try:
+        return get(name, **params)
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters {params} for optimiser {name!r}: {exc}") from None
 
 
 def get(spec: str | Optimizer | None, **kwargs: Any) -> Optimizer:

@@ -208,3 +208,52 @@ def test_training_from_a_second_thread_is_refused():
         worker.join(10)
     assert len(net.history) == 2
     net.predict(X)                             # free again once the fit is over
+
+
+# -- what Keras, PyTorch and scikit-learn users expect --------------------------------------------------
+def _trained(device):
+    net = gpunn.mlp([6, 8, 3], activation="relu", device=device, seed=4)
+    net.fit(X, LABELS, loss="cross_entropy", optimizer=gpunn.SGD(lr=0.1, momentum=0.9), epochs=2, batch_size=16)
+    return net
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_pickle_and_deepcopy_continue_exactly_like_the_original(device, how):
+    import copy
+    import pickle
+    net = _trained(device)
+    twin = pickle.loads(pickle.dumps(net)) if how == "pickle" else copy.deepcopy(net)
+    assert twin.device == net.device and twin is not net and twin.optimizer is not net.optimizer
+    numpy.testing.assert_array_equal(host(twin.predict(X)), host(net.predict(X)))
+    assert twin.loss.name == "cross_entropy" and len(twin.history) == 2
+    for n in (net, twin):                              # same momentum, same shuffling stream: same future
+        n.fit(X, LABELS, epochs=2, batch_size=16)
+    numpy.testing.assert_array_equal(host(twin.flat_parameters()), host(net.flat_parameters()))
+
+
+def test_a_loaded_classifier_remembers_its_loss_and_optimiser(device, tmp_path):
+    net = _trained(device)
+    net.save(tmp_path / "m.npz")
+    back = gpunn.load(tmp_path / "m.npz", device=device)
+    assert back.evaluate(X, LABELS) == net.evaluate(X, LABELS)         # labels: cross-entropy, not squared error
+    assert back.optimizer.config() == net.optimizer.config()
+    back.fit(X, LABELS, epochs=1)                                       # keeps training with the same settings
+
+
+def test_model_files_without_loss_or_optimiser_still_load(tmp_path):
+    net = gpunn.mlp([6, 8, 3], device="cpu", seed=0)
+    gpunn.io.write_model(tmp_path / "old.npz", net.config(), host(net.flat_parameters()))
+    back = gpunn.load(tmp_path / "old.npz", device="cpu")
+    assert back.loss is None and back.optimizer is None
+    numpy.testing.assert_array_equal(host(back.predict(X)), host(net.predict(X)))
+
+
+def test_summary_tables_the_layers():
+    net = gpunn.mlp([64, 32, 10], activation="relu", device="cpu", seed=0)
+    text = net.summary()
+    assert repr(text) == str(text)
+    lines = str(text).splitlines()
+    assert lines[0] == "Sequential on cpu, float32"
+    assert lines[2].split() == ["0", "Dense", "64", "->", "32", "ReLU()", "2,048", "32", "2,080"]
+    assert lines[3].split() == ["1", "Dense", "32", "->", "10", "Softmax()", "320", "10", "330"]
+    assert lines[4].split() == ["total", f"{64 * 32 + 32 + 32 * 10 + 10:,}"]

@@ -1,0 +1,120 @@
+"""Learning-rate schedules: the learning rate η as a function of the global step (counted from 0).
+
+Each schedule is a callable ``schedule(step) -> float``; an optimiser takes one wherever it takes a
+number (``gpunn.SGD(lr=gpunn.schedules.CosineDecay(0.5, total_steps=1000))``) and asks it for η once per
+step, on the host: on a GPU a changing η is a new kernel argument, never a recompilation or a sync.
+
+    >>> from gpunn.schedules import CosineDecay
+    >>> s = CosineDecay(0.5, total_steps=100)
+    >>> s(0), s(50), s(100)
+    (0.5, 0.25, 0.0)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import ConfigError, unknown_name
+
+__all__ = ["Schedule", "StepDecay", "ExponentialDecay", "CosineDecay", "from_config", "names"]
+
+
+def _positive(name: str, value: Any, integer: bool = False) -> Any:
+    ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise ConfigError(f"{name} must be {kind}; got {value!r}")
+    return value if integer else float(value)
+
+
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name} must be a number in (0, 1]; got {value!r}")
+    return float(value)
+
+
+class Schedule:
+    """Base class: ``__call__(step)`` gives η for the global step ``step`` (0, 1, 2, ...)."""
+
+    name = ""
+
+    def __call__(self, step: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"name": self.name, **{k: v for k, v in vars(self).items()}}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(vars(self).items()))))
+
+
+class StepDecay(Schedule):
+    """η = initial · factor^⌊step / every⌋: multiplied by ``factor`` every ``every`` steps."""
+
+    name = "step_decay"
+
+    def __init__(self, initial: float, factor: float = 0.5, every: int = 1000):
+        self.initial = _positive("initial", initial)
+        self.factor = _fraction("factor", factor)
+        self.every = _positive("every", every, integer=True)
+
+    def __call__(self, step: int) -> float:
+        return self.initial * self.factor ** (step // self.every)
+
+
+class ExponentialDecay(Schedule):
+    """η = initial · rate^(step / every): a smooth decay by ``rate`` every ``every`` steps (Keras's form)."""
+
+    name = "exponential_decay"
+
+    def __init__(self, initial: float, rate: float = 0.96, every: int = 1000):
+        self.initial = _positive("initial", initial)
+        self.rate = _fraction("rate", rate)
+        self.every = _positive("every", every, integer=True)
+
+    def __call__(self, step: int) -> float:
+        return self.initial * self.rate ** (step / self.every)
+
+
+class CosineDecay(Schedule):
+    """η = final + (initial − final) · ½(1 + cos(π · min(step, total_steps) / total_steps)): from ``initial``
+    at step 0 down to ``final`` at ``total_steps``, then constant."""
+
+    name = "cosine_decay"
+
+    def __init__(self, initial: float, total_steps: int, final: float = 0.0):
+        self.initial = _positive("initial", initial)
+        self.total_steps = _positive("total_steps", total_steps, integer=True)
+        if isinstance(final, bool) or not isinstance(final, (int, float)) or not 0.0 <= final <= self.initial:
+            raise ConfigError(f"final must be a number in [0, initial]; got {final!r}")
+        self.final = float(final)
+
+    def __call__(self, step: int) -> float:
+        progress = min(step, self.total_steps) / self.total_steps
+        return self.final + (self.initial - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+_REGISTRY: dict[str, type[Schedule]] = {cls.name: cls for cls in (StepDecay, ExponentialDecay, CosineDecay)}
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def from_config(config: dict) -> Schedule:
+    """A schedule from :meth:`Schedule.config`'s dict."""
+    params = dict(config)
+    name = params.pop("name", None)
+    if name not in _REGISTRY:
+        raise unknown_name("schedule", name, names())
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters {params} for schedule {name!r}: {exc}") from None
