@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from . import activations, datasets, init, losses, optim, schedules
+from . import activations, callbacks, datasets, init, losses, optim, schedules
 from .backend import (
     Device,
     array_module,
@@ -41,7 +41,7 @@ __all__ = [
     "DivergenceError", "Evaluation", "GpunnError", "History", "ModelFileError", "OutOfMemoryError", "SGD",
     "SaveError", "Sequential", "ShapeError", "activations", "array_module", "available_devices",
     "cuda_unavailable_reason", "datasets", "device_of", "get_device", "init", "load", "losses", "mlp", "optim",
-    "schedules",
+    "callbacks", "schedules",
     "to_host",
     "use_device", "__version__",
 ]

@@ -30,7 +30,7 @@ import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import IO, Any
 
 import numpy
@@ -41,38 +41,46 @@ from .types import PathLike
 from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "check_writable", "digest",
-           "open_regular", "read_model", "write_model", "write_text_atomic"]
+           "open_regular", "read_archive", "read_model", "write_archive", "write_model", "write_text_atomic"]
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
 #: Largest JSON header a model file may have (a real one is a few hundred bytes per layer).
 MAX_HEADER_BYTES = 1 << 20
-_MEMBERS = {"header.npy", "params.npy"}
 #: Everything a malformed zip archive or .npy member can raise while it is parsed.
 _PARSE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, TypeError, KeyError,
                  IndexError, NotImplementedError, RuntimeError, OverflowError, SyntaxError, struct.error,
                  zlib.error, UnicodeDecodeError, RecursionError)
 
 
-def digest(header: dict, params: numpy.ndarray) -> str:
-    """SHA-256 of the header (without its ``sha256`` field, keys sorted) and the parameters' bytes."""
-    body = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode()
-    return hashlib.sha256(body + numpy.ascontiguousarray(params).tobytes()).hexdigest()
+def digest(header: dict, arrays: numpy.ndarray | dict[str, numpy.ndarray]) -> str:
+    """SHA-256 of the header (without its ``sha256`` field, keys sorted) and the arrays' bytes (by name)."""
+    if not isinstance(arrays, dict):
+        arrays = {"params": arrays}
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(arrays):
+        h.update(numpy.ascontiguousarray(arrays[name]).tobytes())
+    return h.hexdigest()
 
 
 # -- writing ------------------------------------------------------------------------------------------
 def write_model(path: PathLike, config: dict, params: numpy.ndarray) -> None:
     """Write a model file: ``config`` (JSON-able; its ``dtype`` names the parameters' dtype) and the flat
     host array ``params``, atomically."""
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "gpunn_version": __version__,
-              **config, "n_parameters": int(params.size)}
-    header["sha256"] = digest(header, params)
+    write_archive(path, FORMAT, {**config, "n_parameters": int(params.size)}, {"params": params})
+
+
+def write_archive(path: PathLike, fmt: str, header: dict, arrays: dict[str, numpy.ndarray]) -> None:
+    """Write ``header`` (JSON-able; stamped with the format ``fmt``, its version and a SHA-256) and the
+    flat float ``arrays`` by name, as one archive, atomically."""
+    header = {"format": fmt, "format_version": FORMAT_VERSION, "gpunn_version": __version__, **header}
+    header["sha256"] = digest(header, arrays)
     head = numpy.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=numpy.uint8)
-    atomic_write(path, lambda fh: _write_npz(fh, head, params))
+    atomic_write(path, lambda fh: _write_npz(fh, head, arrays))
 
 
-def _write_npz(fh: IO[bytes], header: numpy.ndarray, params: numpy.ndarray) -> None:
-    numpy.savez(fh, header=header, params=params)
+def _write_npz(fh: IO[bytes], header: numpy.ndarray, arrays: dict[str, numpy.ndarray]) -> None:
+    numpy.savez(fh, header=header, **arrays)  # type: ignore[arg-type]
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
@@ -194,11 +202,19 @@ def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
 
     Time and memory are bounded by the file's real size; anything malformed is a ModelFileError.
     """
+    header, arrays = read_archive(path, FORMAT, {"params"})
+    return header, arrays["params"]
+
+
+def read_archive(path: PathLike, fmt: str, required: set[str], optional: Set[str] = frozenset(),
+                 what: str = "gpunn model") -> tuple[dict, dict[str, numpy.ndarray]]:
+    """(header, arrays) of an archive written by :func:`write_archive` in format ``fmt``, holding the
+    ``required`` arrays and any of the ``optional`` ones, all finite and of the header's ``dtype``."""
     shown = _path_text(path, ModelFileError, "load")
-    with open_regular(shown) as fh:
+    with open_regular(shown, what=f"{what} file") as fh:
         size = os.fstat(fh.fileno()).st_size
         try:
-            head, params = _read_members(fh, size, shown)
+            head, arrays = _read_members(fh, size, shown, required, optional, what)
         except ModelFileError:
             raise
         except _PARSE_ERRORS as exc:
@@ -211,8 +227,8 @@ def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
     except (ValueError, RecursionError) as exc:
         raise ModelFileError(f"{shown} has an unreadable header ({type(exc).__name__}: {str(exc)[:100]}); the "
                              "file is corrupt") from None
-    _check_header(header, params, shown)
-    return header, params
+    _check_header(header, arrays, shown, fmt, what)
+    return header, arrays
 
 
 def open_regular(path: PathLike, error: type[Exception] = ModelFileError, what: str = "model file") -> IO[bytes]:
@@ -238,24 +254,28 @@ def open_regular(path: PathLike, error: type[Exception] = ModelFileError, what: 
     return os.fdopen(fd, "rb")
 
 
-def _read_members(fh: IO[bytes], size: int, shown: str) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """The header and params arrays of the archive, each checked before its bytes are read."""
+def _read_members(fh: IO[bytes], size: int, shown: str, required: Set[str], optional: Set[str],
+                  what: str) -> tuple[numpy.ndarray, dict[str, numpy.ndarray]]:
+    """The header and the named arrays of the archive, each checked before its bytes are read."""
     if not zipfile.is_zipfile(fh):
-        raise ModelFileError(f"{shown} is not a gpunn model file (not an .npz archive); it may be truncated "
+        raise ModelFileError(f"{shown} is not a {what} file (not an .npz archive); it may be truncated "
                              "or of another format")
     fh.seek(0)
     with zipfile.ZipFile(fh) as zf:
         infos = {info.filename: info for info in zf.infolist()}
-        if set(infos) != _MEMBERS:
-            raise ModelFileError(f"{shown} is an .npz archive but not a gpunn model (members: "
-                                 f"{sorted(infos)[:10]}; expected {sorted(_MEMBERS)})")
+        expected = sorted(f"{n}.npy" for n in {"header"} | required)
+        names = set(infos)
+        if not set(expected) <= names or not names <= {f"{n}.npy" for n in {"header"} | required | optional}:
+            raise ModelFileError(f"{shown} is an .npz archive but not a {what} (members: "
+                                 f"{sorted(infos)[:10]}; expected {expected})")
         for info in infos.values():
             if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.file_size > size:
                 raise ModelFileError(f"{shown}: member {info.filename} is compressed, encrypted or larger than "
                                      "the file; gpunn writes stored members only, so this file is not one of its")
         head = _read_npy(zf, infos["header.npy"], ("u",), MAX_HEADER_BYTES, shown)
-        params = _read_npy(zf, infos["params.npy"], ("f",), size, shown)
-    return head, params
+        arrays = {name.removesuffix(".npy"): _read_npy(zf, info, ("f",), size, shown)
+                  for name, info in infos.items() if name != "header.npy"}
+    return head, arrays
 
 
 def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: tuple[str, ...], limit: int,
@@ -282,23 +302,23 @@ def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: tuple[str, ...]
     return numpy.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
-def _check_header(header: dict, params: numpy.ndarray, shown: str) -> None:
-    if header.get("format") != FORMAT:
-        raise ModelFileError(f"{shown} is not a gpunn model (format {str(header.get('format'))[:50]!r})")
+def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fmt: str, what: str) -> None:
+    if header.get("format") != fmt:
+        raise ModelFileError(f"{shown} is not a {what} (format {str(header.get('format'))[:50]!r})")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelFileError(f"{shown} has model format version {str(version)[:20]}; this gpunn reads "
                              f"version {FORMAT_VERSION} (saved by gpunn {str(header.get('gpunn_version'))[:20]}); "
                              "load it with a matching gpunn version")
-    if header.get("sha256") != digest(header, params):
+    if header.get("sha256") != digest(header, arrays):
         raise ModelFileError(f"{shown} failed its checksum: the header or the weights were changed after "
                              "saving (corrupt, or edited)")
-    if params.dtype.name != header.get("dtype"):
-        raise ModelFileError(f"{shown}: parameters are {params.dtype}, but the header says "
-                             f"{str(header.get('dtype'))[:20]}")
-    if not numpy.all(numpy.isfinite(params)):
-        raise ModelFileError(f"{shown} holds {int(numpy.count_nonzero(~numpy.isfinite(params)))} NaN or "
-                             "infinite weight(s); a trained gpunn network never has them")
+    for name, a in arrays.items():
+        if a.dtype.name != header.get("dtype"):
+            raise ModelFileError(f"{shown}: {name} is {a.dtype}, but the header says {str(header.get('dtype'))[:20]}")
+        if not numpy.all(numpy.isfinite(a)):
+            raise ModelFileError(f"{shown}: {name} holds {int(numpy.count_nonzero(~numpy.isfinite(a)))} NaN or "
+                                 "infinite value(s); a trained gpunn network never has them")
 
 
 # -- paths --------------------------------------------------------------------------------------------

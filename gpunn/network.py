@@ -23,6 +23,7 @@ from . import io, optim, training
 from . import losses as losses_mod
 from .activations import Activation, ActivationSpec
 from .backend import Device, device_of, get_device, is_cupy_array, to_host
+from .callbacks import checked as checked_callbacks
 from .errors import (
     ConcurrencyError,
     ConfigError,
@@ -343,7 +344,8 @@ class Sequential:
     def fit(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss | None = None,
             optimizer: optim.Optimizer | str | None = None, epochs: int = 10, batch_size: int = 32,
             shuffle: bool = True, validation_data: tuple | None = None, patience: int | None = None,
-            progress: bool | Callable[[dict], None] = False) -> History:
+            progress: bool | Callable[[dict], None] = False, callbacks: list | None = None,
+            checkpoint: PathLike | None = None) -> History:
         """Train with minibatch backpropagation; returns a :class:`History` (also kept as ``self.history``).
 
         Parameters
@@ -362,6 +364,11 @@ class Sequential:
         patience : int, stop when the validation loss (training loss without validation data) has not
             improved for this many epochs, and restore the best weights.
         progress : bool or callable; True prints one line per epoch to stderr, a callable gets each record.
+        callbacks : list of objects with ``on_epoch_end(record)`` (:mod:`gpunn.callbacks`); one returning
+            True stops training after that epoch.
+        checkpoint : path; after every epoch everything needed to continue is written there atomically,
+            and a run started again with the same path and settings resumes from it
+            (:mod:`gpunn.checkpoint`): the result is bitwise the same as an uninterrupted run's.
 
         A NaN or infinite loss stops training with :class:`~gpunn.errors.DivergenceError` naming the
         epoch and step; the weights are left at the last state that gave a finite loss. On
@@ -375,13 +382,14 @@ class Sequential:
         batch_size = positive_int("batch_size", batch_size)
         if patience is not None:
             patience = positive_int("patience", patience)
+        callbacks = checked_callbacks(callbacks)
         device_of(X, Y)
         try:
             # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
             # per-operation overflow warnings would only be noise on the way there.
             with self._trainer, self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
                 return training.fit(self, X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
-                                    patience, progress)
+                                    patience, progress, callbacks, checkpoint)
         except Exception as exc:
             if _is_cupy_oom(exc):
                 raise OutOfMemoryError(

@@ -19,7 +19,9 @@ from typing import Any, NamedTuple
 import numpy
 
 from .backend import Device, device_of, to_host
+from .checkpoint import Checkpoint, run_config
 from .errors import ConfigError, DivergenceError
+from .io import check_writable
 from .losses import Loss
 from .optim import Optimizer
 from .types import Array, ArrayModule
@@ -284,25 +286,60 @@ class _EarlyStopping:
 
 
 def fit(net: Any, X: Any, Y: Any, loss: Loss, optimizer: Optimizer, epochs: int, batch_size: int,
-        shuffle: bool, validation_data: Any, patience: int | None,
-        progress: bool | Callable[[dict], None]) -> History:
+        shuffle: bool, validation_data: Any, patience: int | None, progress: bool | Callable[[dict], None],
+        callbacks: list | None = None, checkpoint: Any = None) -> History:
     """The loop behind :meth:`gpunn.Sequential.fit` (arguments already checked there)."""
     data = _prepare(net, X, Y, loss, batch_size, shuffle)
     val = _validation(net, validation_data, loss)
+    run = None
+    if checkpoint is not None:
+        check_writable(checkpoint)
+        run = run_config(net, loss, optimizer, batch_size, shuffle, patience, (data.x, data.t), val)
     net.loss, net.optimizer = loss, optimizer      # recorded once the data passed its checks
-    acc = Accuracy(net.xp, net.n_out)
     history = net.history = History()
     stopping = _EarlyStopping(patience)
+    saved = Checkpoint.load(checkpoint, run) if run is not None else None
+    first = _resume(net, saved, optimizer, history, stopping) if saved is not None else 0
+    acc = Accuracy(net.xp, net.n_out)
     previous = None
-    for epoch in range(epochs):
+    for epoch in range(first, epochs if not history.stopped_early else first):
         record, previous = _epoch(net, data, loss, optimizer, epoch, shuffle, val, acc, previous)
         history.append(record)
         report(progress, record)
-        if stopping.should_stop(record, net.flat_parameters()):
-            history.stopped_early = True
+        stop = stopping.should_stop(record, net.flat_parameters())
+        stop = any([bool(c.on_epoch_end(record)) for c in callbacks or []]) or stop
+        history.stopped_early = stop
+        if run is not None:
+            _checkpoint(net, run, epoch + 1, optimizer, history, stopping).save(checkpoint)
+        if stop:
             break
     stopping.restore_best(net.flat_parameters(), history)
     return history
+
+
+def _checkpoint(net: Any, run: dict, epochs_done: int, optimizer: Optimizer, history: History,
+                stopping: _EarlyStopping) -> Checkpoint:
+    t, state = optimizer.host_state()
+    best = {"loss": stopping.best if math.isfinite(stopping.best) else None, "epoch": stopping.epoch,
+            "bad": stopping.bad}
+    return Checkpoint(run, epochs_done, numpy.array(to_host(net.flat_parameters()), copy=True), t, state,
+                      net.shuffle_rng.bit_generator.state, history.epochs, history.stopped_early, best,
+                      None if stopping.weights is None else numpy.array(to_host(stopping.weights), copy=True))
+
+
+def _resume(net: Any, saved: Checkpoint, optimizer: Optimizer, history: History, stopping: _EarlyStopping) -> int:
+    """Put the run back where the checkpoint left it; returns the number of finished epochs."""
+    net.flat_parameters()[...] = net.device.asarray(saved.params)
+    optimizer.load_state(saved.optimizer_t, saved.optimizer_state)
+    net.shuffle_rng.bit_generator.state = saved.shuffle_rng
+    history.epochs = list(saved.history)
+    history.stopped_early = saved.stopped_early
+    best = saved.best
+    stopping.best = math.inf if best.get("loss") is None else float(best["loss"])
+    stopping.epoch, stopping.bad = best.get("epoch"), int(best.get("bad", 0))
+    if saved.best_weights is not None:
+        stopping.weights = net.device.asarray(saved.best_weights)
+    return saved.epoch
 
 
 def report(progress: bool | Callable[[dict], None], record: dict) -> None:

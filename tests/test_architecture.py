@@ -15,15 +15,17 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 FLOORS: list[set[str]] = [
     {"errors", "types", "version"},
     {"backend"},
-    {"activations", "init", "io", "schedules"},
+    {"activations", "init", "io", "schedules", "callbacks"},
     {"losses"},
     {"validation", "kernels"},
     {"ops"},
     {"layers"},
     {"optim"},
+    {"checkpoint"},
     {"training"},
     {"network"},
     {"datasets", "check", "bench", "plots"},
+    {"recipes"},
     {"cli"},
     {"__init__"},
 ]

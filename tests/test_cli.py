@@ -154,3 +154,31 @@ def test_json_output_is_strict_json(tmp_path):
     r = run("train", "--dataset", "xor", "--epochs", "2", "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     json.loads(r.output, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+HIDDEN_CHOICES = ["elu", "identity", "leaky_relu", "relu", "sigmoid", "softplus", "tanh"]
+LOSSES = ["binary_cross_entropy", "cross_entropy", "squared_error"]
+
+
+@pytest.mark.parametrize("activation", HIDDEN_CHOICES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_activation_and_loss_works_with_the_defaults(activation, loss):
+    """No other option: every --activation × --loss reaches ≥ 90 % test accuracy on the digits."""
+    r = run("train", "--device", "cpu", "--activation", activation, "--loss", loss, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["test_accuracy"] >= 0.90, (activation, loss, out["test_accuracy"])
+
+
+@pytest.mark.parametrize("dataset", ["digits", "moons", "spirals", "xor"])
+def test_every_dataset_works_with_the_defaults(dataset):
+    r = run("train", "--device", "cpu", "--dataset", dataset, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["test_accuracy"] >= 0.95, r.output[-300:]
+
+
+def test_patience_stops_on_the_validation_split_and_test_is_reported_once():
+    r = run("train", "--device", "cpu", "--epochs", "300", "--patience", "3", "--json")
+    out = json.loads(r.output)
+    assert r.exit_code == 0 and out["epochs"] < 300 and out["best_epoch"] is not None
+    assert all("val_loss" in rec and "test" not in " ".join(rec) for rec in out["history"])

@@ -178,8 +178,8 @@ def test_permission_denied_is_reported_as_such(tmp_path, monkeypatch):
     _refused(p, "permission denied")
 
 
-@pytest.mark.parametrize("path,match", [(b"\xff\xfe", "no model file"), ("bad\0name", "NUL"), (3, "must be a str"),
-                                        ("", "empty")])
+@pytest.mark.parametrize("path,match", [(b"\xff\xfe", "no gpunn model file"), ("bad\0name", "NUL"),
+                                        (3, "must be a str"), ("", "empty")])
 def test_bad_load_paths(path, match):
     with pytest.raises(ModelFileError, match=match):
         gpunn.load(path)

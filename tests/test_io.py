@@ -97,7 +97,7 @@ def _write(path, header, params, **extra):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ModelFileError, match="no model file"):
+    with pytest.raises(ModelFileError, match="no gpunn model file"):
         gpunn.load(tmp_path / "nope.npz")
 
 
