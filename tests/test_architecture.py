@@ -25,7 +25,7 @@ FLOORS: list[set[str]] = [
     {"training"},
     {"network"},
     {"datasets", "check", "bench", "plots"},
-    {"recipes"},
+    {"recipes", "sklearn"},
     {"cli"},
     {"__init__"},
 ]
