@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -32,7 +33,9 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except (GpunnError, OSError, MemoryError) as exc:
             if ctx.find_root().params.get("debug"):
                 raise
@@ -44,6 +47,19 @@ def _friendly(fn):
             click.echo("gpunn: interrupted", err=True)
             ctx.exit(130)
     return wrapper
+
+
+_show_original = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """gpunn's own notices (the auto device's fallback to cpu) as one line on stderr, not as a Python
+    warning pointing into click's code; other warnings as usual."""
+    text = str(message)
+    if text.startswith("gpunn: "):
+        click.echo(f"gpunn: note: {text.removeprefix('gpunn: ')}", err=True)
+    else:
+        _show_original(message, category, filename, lineno, file, line)
 
 
 def _csv(kind: str, value: str, convert=str) -> list:

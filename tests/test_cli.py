@@ -182,3 +182,16 @@ def test_patience_stops_on_the_validation_split_and_test_is_reported_once():
     out = json.loads(r.output)
     assert r.exit_code == 0 and out["epochs"] < 300 and out["best_epoch"] is not None
     assert all("val_loss" in rec and "test" not in " ".join(rec) for rec in out["history"])
+
+
+def test_the_auto_fallback_notice_is_one_line_of_gpunn_output(monkeypatch):
+    from gpunn import backend
+    if backend.cuda_unavailable_reason() is None:
+        pytest.skip("a GPU is usable here: 'auto' does not fall back")
+    monkeypatch.setattr(backend, "_warned_fallback", False)
+    monkeypatch.delenv("GPUNN_DEVICE", raising=False)
+    r = run("train", "--epochs", "1", "--json")
+    assert r.exit_code == 0
+    notes = [line for line in r.output.splitlines() if "falls back to cpu" in line]
+    assert len(notes) == 1 and notes[0].startswith("gpunn: note: device 'auto' falls back to cpu"), r.output
+    assert "Warning" not in r.output and "click" not in r.output
