@@ -195,3 +195,12 @@ def test_the_auto_fallback_notice_is_one_line_of_gpunn_output(monkeypatch):
     notes = [line for line in r.output.splitlines() if "falls back to cpu" in line]
     assert len(notes) == 1 and notes[0].startswith("gpunn: note: device 'auto' falls back to cpu"), r.output
     assert "Warning" not in r.output and "click" not in r.output
+
+
+def test_training_curves_carry_the_run_configuration(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install 'gpunn[plot]')")
+    p = tmp_path / "curves.svg"
+    r = run("train", "--device", "cpu", "--epochs", "2", "--plot", str(p))
+    assert r.exit_code == 0, r.output
+    text = p.read_text()
+    assert text.startswith("<?xml") and "digits: 64-32-10 sigmoid, cross_entropy, sgd lr=0.1" in text
