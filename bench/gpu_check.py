@@ -109,7 +109,8 @@ def _row(r: dict, s: dict) -> list:
     us, sp = r["us_per_step"], r["speedup_gpunn_vs"]
     return [r["workload"], r["batch"], f"{us['gpunn']:.1f}", cell(us, "gpunn-unfused", ".1f"),
             cell(us, "torch", ".1f"), cell(sp, "torch", ".2f", "x"), cell(sp, "gpunn-unfused", ".2f", "x"),
-            f"{s['gflops']:.0f}", f"{s['ceiling_gflops']:.0f}", f"{100 * s['share_of_ceiling']:.0f}%"]
+            f"{s['gflops']:.0f}", f"{s['ceiling_gflops']:.0f}",
+            f"{100 * s['share_of_ceiling']:.0f}%" if s["share_of_ceiling"] is not None else "noisy"]
 
 
 def main(argv: list[str] | None = None) -> int:

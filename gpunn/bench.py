@@ -130,16 +130,41 @@ def time_workload(workload: str, device: Any, dtype: str, batch: int, repeats: i
         def step() -> None:
             net.train_step(x, t, loss, opt)
         step()
-        r = timed(step, dev.synchronize, repeats, min_time)
-        g = timed(gemm_sequence(net, x), dev.synchronize, repeats, min_time)
+        r, g, shares = timed_pair(step, gemm_sequence(net, x), dev.synchronize, repeats, min_time)
     sizes = WORKLOADS[workload][0]
     flops = step_flops(sizes, batch)
-    us = r["median"] * 1e6
+    share = statistics.median(shares)
     return {"workload": workload, "device": str(dev), "fused": net.fused, "dtype": dtype, "batch": batch,
-            "us_per_step": us, "us_min": r["min"] * 1e6, "us_max": r["max"] * 1e6,
+            "us_per_step": r["median"] * 1e6, "us_min": r["min"] * 1e6, "us_max": r["max"] * 1e6,
             "samples_per_s": batch / r["median"], "gflops": flops / r["median"] / 1e9,
-            "ceiling_gflops": flops / g["median"] / 1e9, "share_of_ceiling": g["median"] / r["median"],
+            "ceiling_gflops": flops / g["median"] / 1e9,
+            # the step contains the products: a share above 100 % is noise, never a figure to print
+            "share_of_ceiling": share if share <= 1.0 else None, "share_spread": [min(shares), max(shares)],
             "h2d_ms": h2d * 1e3, "steps_timed": r["calls"] * repeats}
+
+
+def timed_pair(step: Callable[[], None], gemm: Callable[[], None], sync: Callable[[], None], repeats: int,
+               min_time: float, warmup: int = 3) -> tuple[dict, dict, list[float]]:
+    """Time ``step`` and its matrix products ``gemm`` in alternating blocks of the same number of calls,
+    so both see the same machine state; returns both timings and each pair's ratio gemm/step."""
+    for _ in range(warmup):
+        step()
+        gemm()
+    sync()
+    n = calls_for(step, sync, min_time)
+    per_step: list[float] = []
+    per_gemm: list[float] = []
+    for _ in range(repeats):
+        for fn, out in ((step, per_step), (gemm, per_gemm)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            out.append((time.perf_counter() - t0) / n)
+
+    def stats(v: list[float]) -> dict:
+        return {"median": statistics.median(v), "min": min(v), "max": max(v), "calls": n}
+    return stats(per_step), stats(per_gemm), [g / s for g, s in zip(per_gemm, per_step)]
 
 
 def environment(dtype: str | None = None) -> dict:

@@ -427,7 +427,8 @@ def _print_table(rows: list[dict], markdown: bool) -> None:
                                             (" fused" if r["fused"] else " unfused")),
              str(r["batch"]), f"{r['us_per_step']:.1f}", f"{r['us_min']:.0f}-{r['us_max']:.0f}",
              f"{r['samples_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['ceiling_gflops']:.1f}",
-             f"{100 * r['share_of_ceiling']:.0f}%", f"{r['h2d_ms']:.2f}"] for r in rows]
+             f"{100 * r['share_of_ceiling']:.0f}%" if r["share_of_ceiling"] is not None else "noisy",
+             f"{r['h2d_ms']:.2f}"] for r in rows]
     click.echo(format_table(head, body, markdown))
 
 

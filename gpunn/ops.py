@@ -32,6 +32,14 @@ class XpOps:
     def __init__(self, device: Device):
         self.device = device
         self.xp = device.xp
+        # NumPy's take in its default mode ('raise') gathers into a temporary and copies it to ``out``;
+        # the rows gathered here are a permutation, always in range, so 'clip' gives the same rows
+        # without the copy. CuPy's take has no mode and writes ``out`` directly.
+        self._take_mode = {} if device.is_cuda else {"mode": "clip"}
+
+    def gather_rows(self, src: Array, index: Array, out: Array) -> Array:
+        """out[k] = src[index[k]] for indices that are all in range (a permutation of the rows)."""
+        return self.xp.take(src, index, axis=0, out=out, **self._take_mode)
 
     def bias_activation(self, act: Activation, z: Array, b: Array, y: Array, col: Array | None) -> Array:
         """z ← z + b (the bias, lecture §1.1) in place, then y = f(z)."""

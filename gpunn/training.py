@@ -23,6 +23,7 @@ from .checkpoint import Checkpoint, run_config
 from .errors import ConfigError, DivergenceError
 from .io import check_writable
 from .losses import Loss
+from .ops import XpOps
 from .optim import Optimizer
 from .types import Array, ArrayModule
 from .validation import features, targets
@@ -163,13 +164,13 @@ def _validation(net: Any, validation_data: Any, loss: Loss) -> tuple[Array, Arra
     return xv, tv
 
 
-def _permute(data: _Data, xp: ArrayModule, dev: Device, perm: numpy.ndarray) -> None:
+def _permute(data: _Data, ops: XpOps, perm: numpy.ndarray) -> None:
     """Put the training set, in the order ``perm``, into the shuffle buffers."""
-    idx = dev.asarray(perm)
-    xp.take(data.x, idx, axis=0, out=data.xs)
-    xp.take(data.t, idx, axis=0, out=data.ts)
+    idx = ops.device.asarray(perm)
+    ops.gather_rows(data.x, idx, data.xs)
+    ops.gather_rows(data.t, idx, data.ts)
     if data.labels is not None:
-        xp.take(data.labels, idx, axis=0, out=data.ls)
+        ops.gather_rows(data.labels, idx, data.ls)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _replay(net: Any, data: _Data, start: _Start, steps: int, loss: Loss, optimi
     net.flat_parameters()[...] = start.params
     optimizer.restore(start.optimizer)
     if start.perm is not None:
-        _permute(data, net.xp, net.device, start.perm)
+        _permute(data, net.ops, start.perm)
     for _, sl in data.batches()[:steps]:
         net.train_step(data.xs[sl], data.ts[sl], loss, optimizer)
 
@@ -239,7 +240,7 @@ def _epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, epoch: int, 
                    net.shuffle_rng.permutation(data.n) if shuffle else None)
     try:
         if start.perm is not None:
-            _permute(data, net.xp, net.device, start.perm)
+            _permute(data, net.ops, start.perm)
         losses_host, finite = _run_epoch(net, data, loss, optimizer, acc)
         if not (finite and numpy.all(numpy.isfinite(losses_host))):
             raise _diverged(net, data, losses_host, epoch, (start, previous), loss, optimizer)

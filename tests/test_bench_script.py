@@ -118,3 +118,19 @@ def test_gpu_report_refuses_a_folder_that_is_not_gpu_check_output(tmp_path, caps
     import gpu_report
     assert gpu_report.main([str(tmp_path)]) == 2
     assert "no env.txt" in capsys.readouterr().err
+
+
+def test_the_share_of_the_ceiling_is_never_above_100_percent(monkeypatch):
+    """A product sequence timed slower than the whole step (noise) gives no share, not 122 %."""
+    from gpunn import bench
+    real = bench.timed_pair
+
+    def slow_gemm(step, gemm, sync, repeats, min_time, warmup=3):
+        r, g, shares = real(step, gemm, sync, repeats, min_time, warmup)
+        return r, {**g, "median": r["median"] * 1.22}, [1.22 for _ in shares]
+    monkeypatch.setattr(bench, "timed_pair", slow_gemm)
+    row = bench.time_workload("lecture", "cpu", "float32", 2, repeats=2, min_time=0.01)
+    assert row["share_of_ceiling"] is None
+    monkeypatch.undo()
+    row = bench.time_workload("lecture", "cpu", "float32", 2, repeats=2, min_time=0.01)
+    assert 0.0 < row["share_of_ceiling"] <= 1.0
