@@ -4,8 +4,14 @@ Contenders: gpunn (NumPy backend), a hand-written NumPy loop (preallocated array
 tightest code we could write), PyTorch eager on the CPU (if importable) and scikit-learn's
 MLPClassifier (if importable; `mlp`-style classification workloads only). Before timing, every
 contender trains a few steps from the same initial weights on the same batches and must agree with
-gpunn. Timing interleaves the contenders (A/B/A/B, order rotated every round) and reports medians and
-the ratio gpunn/other of each round, so machine noise hits all of them alike.
+gpunn.
+
+Timing (default, ``--isolate``): each contender runs alone in a process of its own, one after the
+other, so no contender's threads are alive while another is timed (OpenBLAS workers spin for a while
+after a call and would take a core from the next contender). Each reports the BLAS it used and its
+thread count. The speed-up is the ratio of medians. ``--interleaved`` instead times the contenders in
+one process, A/B/A/B with the order rotated every round (ratios per round): the way to see how much
+the contenders disturb each other.
 
     python bench/compare.py --workload mlp --batch-size 32,256,2048 --rounds 7 --markdown
     python bench/compare.py --check-only            # agreement only (the test suite runs this)
@@ -255,8 +261,79 @@ def agreement(workload: str, batch: int, names: list[str], steps: int = 3, dtype
     return {"diffs": out, "skipped": skipped}
 
 
+def time_alone(workload: str, batch: int, name: str, rounds: int, min_time: float, dtype: str,
+               device: str = "cpu") -> dict:
+    """One contender's seconds per step, ``rounds`` times, in this process (run it in a fresh one)."""
+    made, skipped = setup(workload, batch, [name], dtype, device=device)
+    if name not in made:
+        return {"skipped": skipped.get(name, "could not be set up")}
+    step, _, sync = made[name]
+    for _ in range(3):
+        step()
+    sync()
+    n = calls_for(step, sync, min_time)
+    per = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        per.append((time.perf_counter() - t0) / n)
+    return {"seconds": per, "threads": _threads(name)}
+
+
+def _threads(name: str) -> dict:
+    """The BLAS libraries and thread counts this process used (threadpoolctl), and torch's own."""
+    out: dict = {}
+    try:
+        from threadpoolctl import threadpool_info
+        out["pools"] = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} "
+                        f"{i.get('num_threads')} threads" for i in threadpool_info()]
+    except ImportError:
+        out["pools"] = ["threadpoolctl not installed"]
+    if name == "torch":
+        import torch
+        out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def measure_isolated(workload: str, batch: int, names: list[str], rounds: int, min_time: float, dtype: str,
+                     device: str = "cpu") -> dict:
+    """Each contender in a fresh process, one after the other; speed-ups are ratios of medians."""
+    per: dict[str, list[float]] = {}
+    threads, skipped = {}, {}
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workload", workload,
+               "--batch-size", str(batch), "--rounds", str(rounds), "--min-time", str(min_time),
+               "--dtype", dtype, "--device", device]
+        run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            skipped[name] = f"worker failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else '?'}"
+            continue
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        if "skipped" in got:
+            skipped[name] = got["skipped"]
+            continue
+        per[name], threads[name] = got["seconds"], got["threads"]
+    base = statistics.median(per["gpunn"]) if "gpunn" in per else None
+    ratios = {n: statistics.median(v) / base for n, v in per.items() if n != "gpunn" and base}
+    return _summary(workload, batch, dtype, device, per, skipped, "isolated", ratios, threads)
+
+
+def _summary(workload: str, batch: int, dtype: str, device: str, per: dict, skipped: dict, method: str,
+             ratios: dict, threads: dict | None = None) -> dict:
+    med = {name: statistics.median(v) for name, v in per.items()}
+    sizes = WORKLOADS[workload][0]
+    return {"workload": workload, "batch": batch, "dtype": dtype, "device": device, "method": method,
+            "us_per_step": {k: v * 1e6 for k, v in med.items()},
+            "spread_us": {k: [min(v) * 1e6, max(v) * 1e6] for k, v in per.items()},
+            "gflops": {k: step_flops(sizes, batch) / v / 1e9 for k, v in med.items()},
+            "speedup_gpunn_vs": ratios, "skipped": skipped, "threads": threads or {}}
+
+
 def measure(workload: str, batch: int, names: list[str], rounds: int, min_time: float, dtype: str,
             device: str = "cpu") -> dict:
+    """All contenders in this process, interleaved round by round (they can disturb each other)."""
     made, skipped = setup(workload, batch, names, dtype, device=device)
     for step, _, sync in made.values():      # warm-up
         for _ in range(3):
@@ -274,15 +351,9 @@ def measure(workload: str, batch: int, names: list[str], rounds: int, min_time: 
                 step()
             sync()           # the clock stops when the device is done
             per[name].append((time.perf_counter() - t0) / counts[name])
-    med = {name: statistics.median(v) for name, v in per.items()}
     ratios = {name: statistics.median([o / g for g, o in zip(per["gpunn"], per[name])])
               for name in order if name != "gpunn"}
-    sizes = WORKLOADS[workload][0]
-    return {"workload": workload, "batch": batch, "dtype": dtype, "device": device,
-            "us_per_step": {k: v * 1e6 for k, v in med.items()},
-            "spread_us": {k: [min(v) * 1e6, max(v) * 1e6] for k, v in per.items()},
-            "gflops": {k: step_flops(sizes, batch) / v / 1e9 for k, v in med.items()},
-            "speedup_gpunn_vs": ratios, "skipped": skipped}
+    return _summary(workload, batch, dtype, device, per, skipped, "interleaved", ratios)
 
 
 def commit() -> str:
@@ -307,9 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.3)
     ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="time all contenders in one process, A/B/A/B (default: each alone in its own process)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
+    if args.worker:        # one contender alone, for measure_isolated: JSON on the last line
+        print(json.dumps(time_alone(args.workload, int(args.batch_size), args.worker, args.rounds, args.min_time,
+                                    args.dtype, args.device)))
+        return 0
     contenders = args.contenders or DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     names, skipped = available([n.strip() for n in contenders.split(",")], args.device)
     if "gpunn" not in names:
@@ -345,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for b in batches:
             print(f"timing {w} batch {b} ...", file=sys.stderr)
-            results.append(measure(w, b, names, args.rounds, args.min_time, args.dtype, args.device))
+            how = measure if args.interleaved else measure_isolated
+            results.append(how(w, b, names, args.rounds, args.min_time, args.dtype, args.device))
     if not args.check_only:
         _table(results, names, args.markdown)
     if args.json:

@@ -77,25 +77,55 @@ def matmul_ceiling(n: int = 8192) -> dict:
     return out
 
 
-def sync_evidence(workload: str, batch: int, steps: int = 30) -> dict:
-    """Host time to enqueue ``steps`` training steps vs the time until the GPU finishes them.
+#: A kernel that holds the GPU for a number of its clock cycles (one thread, nothing else).
+SPIN = r"""extern "C" __global__ void gpunn_spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}"""
 
-    A step that synchronised (``.get()``, ``float()``, ``bool()`` of a device value) would make the
-    host wait for each step, so enqueue time ≈ total time. Without syncs the host runs ahead.
+
+def _spin_cycles_per_ms(cp, kernel) -> float:
+    """Calibrate the spin kernel on this card with CUDA events (clock rates vary with boost)."""
+    cycles = 10_000_000
+    kernel((1,), (1,), (numpy.int64(cycles),))          # warm-up (compilation)
+    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+    e0.record()
+    kernel((1,), (1,), (numpy.int64(cycles),))
+    e1.record()
+    e1.synchronize()
+    return cycles / max(cp.cuda.get_elapsed_time(e0, e1), 1e-3)
+
+
+def sync_evidence(workload: str, batch: int, steps: int = 10, block_ms: float = 300.0) -> dict:
+    """Whether ``steps`` training steps can be enqueued behind a GPU that is busy for ``block_ms``.
+
+    A kernel spins for ``block_ms`` first; then the host enqueues the steps. If any step waited for
+    the GPU (``.get()``, ``float()`` or ``bool()`` of a device value, a synchronising allocation), the
+    host would be stuck behind the spinning kernel, and the event recorded right after it would be
+    complete when the host is done. Without a sync the host finishes while that event is still pending.
+    Independent of how host and GPU time per step compare. Few steps, so the launch queue never fills.
     """
+    import cupy as cp
     made, _ = compare.setup(workload, batch, ["gpunn"], device="cuda:0")
     step, _, sync = made["gpunn"]          # the same fused training step that is timed against torch
     for _ in range(3):
         step()
     sync()
+    spin = cp.RawKernel(SPIN, "gpunn_spin")
+    cycles = numpy.int64(block_ms * _spin_cycles_per_ms(cp, spin))
+    after_block = cp.cuda.Event()
     t0 = time.perf_counter()
+    spin((1,), (1,), (cycles,))
+    after_block.record()
     for _ in range(steps):
         step()
     enqueue = time.perf_counter() - t0
+    pending = not after_block.done
     sync()
     total = time.perf_counter() - t0
-    return {"workload": workload, "batch": batch, "steps": steps, "host_enqueue_ms": enqueue * 1e3,
-            "gpu_done_ms": total * 1e3, "host_ran_ahead": enqueue < 0.5 * total}
+    return {"workload": workload, "batch": batch, "steps": steps, "blocker_ms": block_ms,
+            "host_enqueue_ms": enqueue * 1e3, "gpu_done_ms": total * 1e3,
+            "blocker_pending_when_host_done": pending, "host_ran_ahead": pending}
 
 
 HEAD = ["workload", "batch", "gpunn fused µs", "gpunn unfused µs", "torch µs", "fused/torch speed-up",
@@ -144,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# fp32 GEMM {n}^3: cupy {ceiling['cupy_tflops']:.1f} TFLOP/s, torch {torch_rate} (TF32 off)")
     # the no-sync evidence on the two configs with the most work per step
     heavy = sorted(configs, key=lambda c: step_flops(WORKLOADS[c[0]][0], c[1]))[-2:][::-1]
-    syncs = report["sync_evidence"] = [sync_evidence(w, b, 10 if w == "wide" else 50) for w, b in heavy]
+    syncs = report["sync_evidence"] = [sync_evidence(w, b, 3 if w == "wide" else 10) for w, b in heavy]
     for s in syncs:
-        print(f"# no-sync evidence {s['workload']} b{s['batch']}: host enqueued {s['steps']} steps in "
-              f"{s['host_enqueue_ms']:.1f} ms, GPU done at {s['gpu_done_ms']:.1f} ms -> "
+        print(f"# no-sync evidence {s['workload']} b{s['batch']}: behind a {s['blocker_ms']:.0f} ms GPU "
+              f"blocker the host enqueued {s['steps']} steps in {s['host_enqueue_ms']:.1f} ms, GPU done at "
+              f"{s['gpu_done_ms']:.1f} ms -> "
               f"{'host ran ahead (no sync in the step)' if s['host_ran_ahead'] else 'HOST WAITED'}")
     save()
     names, skipped = compare.available(["gpunn", "gpunn-unfused", "torch"], "cuda:0")

@@ -33,6 +33,8 @@ ACTIVATION_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "relu": 3, "leaky_relu
 CTYPES = {"float32": "float", "float64": "double"}
 OPTIONS = ("--fmad=false",)   # CuPy adds -ftz=true and its default C++ standard itself
 BLOCK = 256
+#: Widest softmax layer the one-thread-per-row kernels take (wider ones use the plain xp code).
+MAX_SOFTMAX_COLS = 1024
 
 SOURCE = r"""
 // gpunn fused kernels. T is float or double; A is the activation id (see ACTIVATION_IDS).
@@ -42,6 +44,8 @@ __device__ __forceinline__ float  g_expm1(float x)  { return expm1f(x); }
 __device__ __forceinline__ double g_expm1(double x) { return expm1(x); }
 __device__ __forceinline__ float  g_log1p(float x)  { return log1pf(x); }
 __device__ __forceinline__ double g_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float  g_log(float x)    { return logf(x); }
+__device__ __forceinline__ double g_log(double x)   { return log(x); }
 __device__ __forceinline__ float  g_tanh(float x)   { return tanhf(x); }
 __device__ __forceinline__ double g_tanh(double x)  { return tanh(x); }
 
@@ -152,6 +156,66 @@ __global__ void sgd_update(T* p, const T* __restrict__ g, T* v, const T* __restr
         p[i] = w;
     }
 }
+
+// Softmax output layer, one thread per row (rows of a classifier's output are short), in the NumPy
+// path's order: z += b; m = max_c z; e = e^(z - m); s = Σ_c e in column order; y = e / s;
+// col = (m + log s, log s): the log-partition the cross-entropy reads.
+template<typename T>
+__global__ void softmax_fwd(T* z, const T* __restrict__ b, T* y, T* col, int rows, int cols) {
+    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
+         r += (long long)gridDim.x * blockDim.x) {
+        T* zr = z + r * cols;
+        T* yr = y + r * cols;
+        T m = zr[0] + b[0];
+        for (int c = 0; c < cols; ++c) {
+            T v = zr[c] + b[c];
+            zr[c] = v;
+            m = (v > m || v != v) ? v : m;              // NaN propagates, as in NumPy's max
+        }
+        T s = T(0);
+        for (int c = 0; c < cols; ++c) { T e = g_exp(zr[c] - m); yr[c] = e; s = s + e; }
+        for (int c = 0; c < cols; ++c) yr[c] = yr[c] / s;
+        T ls = g_log(s);
+        col[2 * r] = m + ls;
+        col[2 * r + 1] = ls;
+    }
+}
+
+// Cross-entropy after softmax, one thread per row: rowloss = log-partition − Σ_c t·z (= −Σ t log y for
+// rows of t that sum to 1) and the output δ = (y − t) / B.
+template<typename T>
+__global__ void xent_bwd(const T* __restrict__ z, const T* __restrict__ y, const T* __restrict__ col,
+                         const T* __restrict__ t, T* __restrict__ delta, T* __restrict__ rowloss, int rows,
+                         int cols, T inv_b) {
+    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
+         r += (long long)gridDim.x * blockDim.x) {
+        T tz = T(0);
+        for (int c = 0; c < cols; ++c) {
+            long long i = r * cols + c;
+            tz = tz + t[i] * z[i];
+            T d = y[i] - t[i];
+            delta[i] = d * inv_b;
+        }
+        rowloss[r] = col[2 * r] - tz;
+    }
+}
+
+// out[0] = scale · Σ v in a fixed order, one block of (1, 256) threads: thread y sums v[y], v[y + 256], ...
+// in order, then thread 0 adds the 256 partial sums in order. Deterministic, no atomics.
+template<typename T>
+__global__ void sum_scaled(const T* __restrict__ v, T* __restrict__ out, int n, T scale) {
+    __shared__ T part[256];
+    int k = threadIdx.y;
+    T acc = T(0);
+    for (int i = k; i < n; i += 256) acc = acc + v[i];
+    part[k] = acc;
+    __syncthreads();
+    if (k == 0) {
+        T s = part[0];
+        for (int j = 1; j < 256; ++j) s = s + part[j];
+        out[0] = s * scale;
+    }
+}
 """
 
 
@@ -161,7 +225,8 @@ def name_expressions() -> list[str]:
     for ctype in CTYPES.values():
         for a in sorted(set(ACTIVATION_IDS.values())):
             names += [f"bias_act_fwd<{ctype}, {a}>", f"act_bwd<{ctype}, {a}>"]
-        names += [f"colsum<{ctype}>", f"sgd_update<{ctype}>"]
+        names += [f"colsum<{ctype}>", f"sgd_update<{ctype}>", f"softmax_fwd<{ctype}>", f"xent_bwd<{ctype}>",
+                  f"sum_scaled<{ctype}>"]
     return names
 
 
@@ -177,6 +242,11 @@ def instantiation_source() -> str:
         lines.append(f"template __global__ void colsum<{ctype}>(const {ctype}*, {ctype}*, int, int);")
         lines.append(f"template __global__ void sgd_update<{ctype}>({ctype}*, const {ctype}*, {ctype}*, "
                      f"const {ctype}*, long long, {ctype}, {ctype}, {ctype}, {ctype}, int, int, int);")
+        lines.append(f"template __global__ void softmax_fwd<{ctype}>({ctype}*, const {ctype}*, {ctype}*, {ctype}*, "
+                     "int, int);")
+        lines.append(f"template __global__ void xent_bwd<{ctype}>(const {ctype}*, const {ctype}*, const {ctype}*, "
+                     f"const {ctype}*, {ctype}*, {ctype}*, int, int, {ctype});")
+        lines.append(f"template __global__ void sum_scaled<{ctype}>(const {ctype}*, {ctype}*, int, {ctype});")
     return "\n".join(lines)
 
 
@@ -205,7 +275,8 @@ class FusedKernels:
     Everything a launch needs besides its arrays (the kernel, its scalar arguments, the grid) depends
     only on the activation, the dtype and the buffer sizes, so it is built once and cached: the host
     work per launch is a few dictionary lookups. Each launch method returns False, launching nothing,
-    where no kernel covers the case (softmax, a non-contiguous view); the caller then runs the ``xp`` code.
+    where no kernel covers the case (a softmax wider than MAX_SOFTMAX_COLS, a non-contiguous view); the
+    caller then runs the ``xp`` code.
     """
 
     def __init__(self, device: Device):
@@ -215,6 +286,10 @@ class FusedKernels:
         self._sgd_last: tuple = (None, None)        # (dtype, hyper-parameters), (fn, scalars): one slot,
         #                                             so a learning-rate schedule cannot grow a cache
         self._colsum: dict[Any, Any] = {}           # dtype -> fn
+        self._plain: dict[tuple, Any] = {}          # (kernel, dtype) -> fn, for the non-activation kernels
+        self._rowloss: dict[tuple, Array] = {}      # (rows, dtype) -> per-row loss scratch
+        self.xp = device.xp
+        self._dummy: dict[Any, Array] = {}          # dtype -> one-element stand-in for an absent buffer
 
     def _activation(self, kernel: str, act: Activation, dtype: DTypeLike) -> tuple | None:
         """(kernel function, T p, T third) for ``act``, or None where no kernel covers it (softmax)."""
@@ -247,6 +322,37 @@ class FusedKernels:
         grid, n, ncol, _ = self._size(z.shape)
         fn(grid, (BLOCK,), (z, b, y, n, ncol, p, cap))
         return True
+
+    def softmax(self, z: Array, b: Array, y: Array, col: Array) -> bool:
+        """z ← z + b, y = softmax(z) by rows, col = (log-partition, log Σ e^(z − max)) in one kernel."""
+        if z.shape[1] > MAX_SOFTMAX_COLS or not all(v.flags.c_contiguous for v in (z, b, y, col)):
+            return False
+        fn = self._function("softmax_fwd", z.dtype)
+        _, _, cols, rows = self._size(z.shape)
+        fn(_grid(z.shape[0]), (BLOCK,), (z, b, y, col, rows, cols))
+        return True
+
+    def cross_entropy(self, z: Array, y: Array, col: Array, t: Array, delta: Array, out: Array) -> bool:
+        """δ = (y − t)/B and out[0] = mean over rows of (log-partition − t·z): two kernels, fixed order."""
+        if z.shape[1] > MAX_SOFTMAX_COLS or not all(v.flags.c_contiguous for v in (z, y, col, t, delta, out)):
+            return False
+        rows_n = z.shape[0]
+        key = (rows_n, z.dtype)
+        rowloss = self._rowloss.get(key)
+        if rowloss is None:
+            rowloss = self._rowloss[key] = self.xp.empty(rows_n, z.dtype)
+        _, _, cols, rows = self._size(z.shape)
+        inv_b = z.dtype.type(1.0 / rows_n)
+        self._function("xent_bwd", z.dtype)(_grid(rows_n), (BLOCK,), (z, y, col, t, delta, rowloss, rows, cols, inv_b))
+        self._function("sum_scaled", z.dtype)((1,), (1, 256), (rowloss, out, rows, inv_b))
+        return True
+
+    def _function(self, kernel: str, dtype: Any) -> Any:
+        key = (kernel, dtype)
+        fn = self._plain.get(key)
+        if fn is None:
+            fn = self._plain[key] = self.module.get_function(f"{kernel}<{CTYPES[numpy.dtype(dtype).name]}>")
+        return fn
 
     def activation_backward(self, act: Activation, z: Array, y: Array, grad: Array, out: Array) -> bool:
         """δ = f′(z) ⊙ grad in one kernel."""
@@ -282,5 +388,9 @@ class FusedKernels:
                  numpy.int32(1 if nesterov else 0), numpy.int32(1 if weight_decay else 0)))
         fn, scalars = self._sgd_last[1]
         grid, n, _, _ = self._size((1, p.size))
-        fn(grid, (BLOCK,), (p, g, velocity if velocity is not None else p, mask if mask is not None else p, n)
-           + scalars)
+        # absent buffers are a one-element dummy, never p itself: the kernel's pointers are __restrict__
+        dummy = self._dummy.get(dt)
+        if dummy is None:
+            dummy = self._dummy[dt] = self.xp.zeros(1, dt)
+        fn(grid, (BLOCK,), (p, g, velocity if velocity is not None else dummy, mask if mask is not None else dummy,
+                            n) + scalars)

@@ -207,14 +207,14 @@ class Sequential:
             x = layer.forward(x, self._ops)
         return x
 
-    def _backward(self, t: Array, loss: losses_mod.Loss) -> Array:
+    def _backward(self, t: Array, loss: losses_mod.Loss, value_out: Array | None = None) -> Array:
         """Steps 3–4: the output δ from the loss (eq 13), then each hidden layer's δ (eq 14)."""
         out, xp = self.layers[-1], self._ops.xp
         b = t.shape[0]
         gy = self._grad_y.get(b)
         if gy is None:
             gy = self._grad_y[b] = xp.empty((b, self.n_out), self.dtype)
-        value, direct = loss.backward(out, t, gy, out.buffers(xp, b).delta)
+        value, direct = self._ops.loss_backward(loss, out, t, gy, out.buffers(xp, b).delta, value_out)
         grad = out.backward(gy, self._ops, delta_ready=direct)
         for layer in reversed(self.layers[:-1]):
             grad = layer.backward(grad, self._ops)
@@ -227,9 +227,11 @@ class Sequential:
         optimizer.update(self._params, self._grads, mask, self._ops)
 
     def train_step(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss,
-                   optimizer: optim.Optimizer) -> Array:
+                   optimizer: optim.Optimizer, out: Array | None = None) -> Array:
         """One forward, backward and update on one batch (lecture §2 steps 2–5); returns the batch's
-        mean loss as a 0-d array on the model's device, without waiting for the device.
+        mean loss as a 0-d array on the model's device, without waiting for the device. With ``out`` (a
+        one-element array of the model's device and dtype) the loss is written there instead, and no
+        array is allocated: what :meth:`fit` does with its per-step loss buffer.
 
         X and Y that are already arrays of the model's device and dtype, shaped (batch, n_in) and
         (batch, n_out), are used as they are (no checks that would read values back from a GPU);
@@ -243,7 +245,7 @@ class Sequential:
         x, t = self._batch(X, Y, loss)
         with self._trainer, self.device.activate():
             self._forward(x)
-            value = self._backward(t, loss)
+            value = self._backward(t, loss, out)
             self._update(optimizer)
         return value
 

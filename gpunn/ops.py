@@ -13,7 +13,8 @@ import os
 from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
-from .types import Array
+from .losses import Loss
+from .types import Array, OutputLayer
 
 __all__ = ["XpOps", "FusedOps", "ops_for", "fused_enabled"]
 
@@ -55,6 +56,17 @@ class XpOps:
         """∂E/∂b = Σ over the batch of δ."""
         return delta.sum(axis=0, out=out)
 
+    def loss_backward(self, loss: Loss, layer: OutputLayer, t: Array, grad_y: Array, delta: Array,
+                      out: Array | None) -> tuple[Array, bool]:
+        """The loss's mean value and the start of backpropagation (:meth:`gpunn.losses.Loss.backward`):
+        (value, direct), where direct means ``delta`` holds the output δ, else ``grad_y`` holds ∂E/∂y.
+        The value is written into ``out`` when one is given (a device array of one element)."""
+        value, direct = loss.backward(layer, t, grad_y, delta)
+        if out is None:
+            return value, direct
+        out[...] = value
+        return out, direct
+
 
 class FusedOps(XpOps):
     """:class:`XpOps` with each elementwise chain as one CUDA kernel; ``kernels.sgd_update`` is
@@ -67,9 +79,8 @@ class FusedOps(XpOps):
         self.kernels = FusedKernels(device)
 
     def bias_activation(self, act, z, b, y, col):
-        if self.kernels.bias_activation(act, z, b, y):
-            return y
-        return super().bias_activation(act, z, b, y, col)
+        done = self.kernels.softmax(z, b, y, col) if act.rowwise else self.kernels.bias_activation(act, z, b, y)
+        return y if done else super().bias_activation(act, z, b, y, col)
 
     def activation_backward(self, act, z, y, grad, out, scratch, col):
         if self.kernels.activation_backward(act, z, y, grad, out):
@@ -80,6 +91,13 @@ class FusedOps(XpOps):
         if self.kernels.column_sum(delta, out):
             return out
         return super().column_sum(delta, out)
+
+    def loss_backward(self, loss, layer, t, grad_y, delta, out):
+        if loss.name == "cross_entropy" and layer.col is not None:
+            value = out if out is not None else self.xp.empty(1, t.dtype)
+            if self.kernels.cross_entropy(layer.z, layer.y, layer.col, t, delta, value):
+                return (value if out is not None else value.reshape(())), True
+        return super().loss_backward(loss, layer, t, grad_y, delta, out)
 
 
 def ops_for(device: Device, fused: bool | None = None) -> XpOps:

@@ -186,7 +186,7 @@ def _run_epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, acc: Acc
     """One pass over the minibatches; returns the step losses (float64) and whether the parameters are
     finite afterwards, read back together once."""
     for k, sl in data.batches():
-        data.step_loss[k] = net.train_step(data.xs[sl], data.ts[sl], loss, optimizer)
+        net.train_step(data.xs[sl], data.ts[sl], loss, optimizer, out=data.step_loss[k:k + 1])
         if data.ls is not None:
             data.step_correct[k] = acc.count(net.layers[-1].y, data.ls[sl])
     finite = bool(net.xp.isfinite(net.flat_parameters()).all())

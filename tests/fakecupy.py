@@ -26,6 +26,8 @@ class _Dev:
 
 class ndarray(numpy.ndarray):
     reads = 0      # host read-backs since the last reset
+    calls = 0      # CuPy calls that would launch work on the device (ufuncs, functions, kernels)
+    allocations = 0  # device arrays those calls created (results not written to an ``out=``)
 
     @property
     def device(self):
@@ -60,6 +62,10 @@ class ndarray(numpy.ndarray):
         return self._read().tolist()
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        with _counted(kwargs):
+            return self._ufunc(ufunc, method, *inputs, **kwargs)
+
+    def _ufunc(self, ufunc, method, *inputs, **kwargs):
         # CuPy's ufuncs take device arrays and scalars only: a host array or a list is a TypeError there
         for x in inputs + tuple(kwargs.get("out", ())):
             if not isinstance(x, (ndarray, numpy.generic, int, float, bool)):
@@ -78,6 +84,24 @@ class ndarray(numpy.ndarray):
 
 
 ndarray.__module__ = "cupy._core.core"
+
+
+_depth = [0]
+
+
+@contextlib.contextmanager
+def _counted(kwargs: dict):
+    """Count one device call (and an allocation when no ``out=`` is given), not the calls it makes inside."""
+    outer = _depth[0] == 0
+    _depth[0] += 1
+    try:
+        yield
+    finally:
+        _depth[0] -= 1
+    if outer:
+        ndarray.calls += 1
+        if kwargs.get("out") is None:
+            ndarray.allocations += 1
 
 
 def _wrap(r):
@@ -99,7 +123,8 @@ def _fn(f):
             for x in a + tuple(k.values()):
                 if type(x) is numpy.ndarray:   # a host array where CuPy wants a device array
                     raise TypeError(f"fakecupy: cupy.{name} got a numpy.ndarray; CuPy refuses host arrays here")
-        return _wrap(f(*a, **k))
+        with _counted(k):
+            return _wrap(f(*a, **k))
     return wrapped
 
 
@@ -162,6 +187,7 @@ class RawModule:
         def kernel(grid, block, args, **kw):
             emulation.launch(name, grid, block, args)
             self.launches[name] = self.launches.get(name, 0) + 1
+            ndarray.calls += 1
         return kernel
 
 
@@ -180,6 +206,8 @@ cupy.random = _Random()
 
 
 class _Event:
+    """Everything on the fake runs at once, in order: an event is done as soon as it is recorded."""
+
     def __init__(self, *a, **k):
         self.t = None
 
@@ -188,6 +216,25 @@ class _Event:
 
     def synchronize(self):
         pass
+
+    @property
+    def done(self):
+        return self.t is not None
+
+
+class RawKernel:
+    """CuPy's RawKernel, for bench/gpu_check.py's spin kernel only: it returns at once on the fake."""
+
+    def __init__(self, code, name, **kwargs):
+        if name != "gpunn_spin":
+            raise ValueError("the fake RawKernel only knows gpu_check's spin kernel")
+
+    def __call__(self, grid, block, args, **kw):
+        if not isinstance(args[0], numpy.int64):
+            raise TypeError("gpunn_spin takes one long long")
+
+
+cupy.RawKernel = RawKernel
 
 
 def _elapsed_ms(start, end):
@@ -227,5 +274,5 @@ def install(monkeypatch, fused: bool = True) -> types.ModuleType:
         monkeypatch.setenv("GPUNN_FUSED", "0")
     else:
         monkeypatch.delenv("GPUNN_FUSED", raising=False)
-    ndarray.reads = 0
+    ndarray.reads = ndarray.calls = ndarray.allocations = 0
     return cupy

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -134,3 +136,20 @@ def test_the_share_of_the_ceiling_is_never_above_100_percent(monkeypatch):
     monkeypatch.undo()
     row = bench.time_workload("lecture", "cpu", "float32", 2, repeats=2, min_time=0.01)
     assert 0.0 < row["share_of_ceiling"] <= 1.0
+
+
+def test_isolated_timing_runs_each_contender_in_its_own_process():
+    r = compare.measure_isolated("lecture", 2, ["gpunn", "numpy"], rounds=2, min_time=0.01, dtype="float32")
+    assert r["method"] == "isolated" and set(r["us_per_step"]) == {"gpunn", "numpy"}
+    assert r["speedup_gpunn_vs"]["numpy"] == pytest.approx(r["us_per_step"]["numpy"] / r["us_per_step"]["gpunn"])
+    assert all(r["threads"][n]["pools"] for n in ("gpunn", "numpy"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_the_blocker_kernel_compiles_for_sm90(tmp_path):
+    import gpu_check
+    src = tmp_path / "spin.cu"
+    src.write_text(gpu_check.SPIN)
+    r = subprocess.run([shutil.which("nvcc"), "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "s.o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -253,11 +253,11 @@ def test_keyboard_interrupt_keeps_last_finished_epoch(device, monkeypatch):
     calls = {"n": 0}
     real = net.train_step
 
-    def train_step(*args):
+    def train_step(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 13:        # in the third epoch (5 steps per epoch)
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
     records = []
     snapshots = []
 

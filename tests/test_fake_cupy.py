@@ -124,9 +124,11 @@ def test_fused_step_launches_every_kernel_and_never_reads_back(fake_gpu):
     assert net.ops.fused
     assert _train_steps(net, gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), 3) == 0
     launched = net.ops.kernels.module.launches
-    # tanh and elu layers fused, softmax output in xp code; every layer's bias gradient; one update per step
+    # tanh and elu layers, the softmax output and its cross-entropy (loss and δ) fused; every layer's bias
+    # gradient; one update per step
     assert launched == {"bias_act_fwd<float, 2>": 3, "bias_act_fwd<float, 6>": 3, "act_bwd<float, 2>": 3,
-                        "act_bwd<float, 6>": 3, "colsum<float>": 9, "sgd_update<float>": 3}, launched
+                        "act_bwd<float, 6>": 3, "colsum<float>": 9, "sgd_update<float>": 3,
+                        "softmax_fwd<float>": 3, "xent_bwd<float>": 3, "sum_scaled<float>": 3}, launched
 
 
 def test_the_fake_refuses_host_arrays_like_cupy(fake):
@@ -185,3 +187,25 @@ def test_fused_update_follows_a_changed_learning_rate(fake_gpu):
     ref, got = (host(n.flat_parameters()) for n in nets.values())
     numpy.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     assert not numpy.allclose(ref, host(make("cpu").flat_parameters()), atol=1e-3)   # the steps moved it
+
+
+def test_an_mlp_training_step_makes_few_device_calls_and_allocates_nothing(fake_gpu):
+    """The mlp workload's step (784-512-512-10, sigmoid, softmax + cross-entropy, SGD): ≤ 20 CuPy calls
+    and no device allocation in the steady state (each call is a kernel launch; each allocation a trip
+    to CuPy's memory pool)."""
+    net = gpunn.mlp([784, 512, 512, 10], activation="sigmoid", output="softmax", device="cuda:0", seed=0)
+    g = rng(0)
+    x = net.device.asarray(g.normal(size=(16, 784)), dtype=net.dtype)
+    t = net.device.asarray(numpy.eye(10)[g.integers(0, 10, 16)], dtype=net.dtype)
+    opt, loss = gpunn.SGD(lr=0.01, momentum=0.9), losses.get("cross_entropy")
+    slot = net.device.xp.zeros(1, net.dtype)          # fit writes each step's loss into its own buffer
+    for _ in range(2):
+        net.train_step(x, t, loss, opt, out=slot)
+    fakecupy.ndarray.calls = fakecupy.ndarray.allocations = fakecupy.ndarray.reads = 0
+    value = net.train_step(x, t, loss, opt, out=slot)
+    assert value is slot and fakecupy.ndarray.reads == 0
+    assert fakecupy.ndarray.calls <= 20, fakecupy.ndarray.calls
+    assert fakecupy.ndarray.allocations == 0, fakecupy.ndarray.allocations
+    fakecupy.ndarray.allocations = 0
+    fresh = net.train_step(x, t, loss, opt)          # without out=: the returned 0-d loss is the one allocation
+    assert fresh.shape == () and fakecupy.ndarray.allocations == 1

@@ -14,6 +14,8 @@ from gpunn import io as gio
 from gpunn.errors import ModelFileError, SaveError
 from helpers import host, rng
 
+DTYPE_TOL = {"float32": 1e-5, "float64": 1e-12}
+
 X = rng(0).normal(size=(7, 3))
 
 
@@ -33,7 +35,11 @@ def test_round_trip_every_backend(device, tmp_path, dtype):
         back = gpunn.load(p, device=target)
         assert back.dtype == net.dtype and back.device == target
         assert [layer.config() for layer in back.layers] == [layer.config() for layer in net.layers]
-        numpy.testing.assert_array_equal(host(back.predict(X)), host(net.predict(X)))
+        if target == device:
+            numpy.testing.assert_array_equal(host(back.predict(X)), host(net.predict(X)))
+        else:   # another backend: the same weights, its own rounding (a fused softmax sums in another order)
+            numpy.testing.assert_allclose(host(back.predict(X)), host(net.predict(X)), rtol=DTYPE_TOL[dtype])
+            numpy.testing.assert_array_equal(host(back.flat_parameters()), host(net.flat_parameters()))
 
 
 def test_save_into_missing_folder(tmp_path):

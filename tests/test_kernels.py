@@ -204,7 +204,7 @@ def test_fused_matches_unfused_on_gpu(device, hidden, loss, out, dtype):
 # -- the launch checker itself (what a real GPU would not report) -----------------------------------------
 def test_signatures_are_parsed_from_the_source():
     sigs = emulation.signatures()
-    assert set(sigs) == {"bias_act_fwd", "act_bwd", "colsum", "sgd_update"}
+    assert set(sigs) == {"bias_act_fwd", "act_bwd", "colsum", "sgd_update", "softmax_fwd", "xent_bwd", "sum_scaled"}
     _, targs, params = emulation.instance("act_bwd<double, 5>")
     assert targs == ["double", "5"]
     assert params[0] == ("double", "z", True) and params[4] == ("long long", "n", False)
@@ -244,3 +244,32 @@ def test_too_small_a_colsum_grid_leaves_columns_unwritten(emulated):
     out = numpy.full(70, numpy.nan, numpy.float32)
     emulation.launch("colsum<float>", (2,), (32, 8), (d, out, numpy.int32(5), numpy.int32(70)))
     assert (out[:64] == 5).all() and numpy.isnan(out[64:]).all()
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("rows,cols", [(1, 2), (37, 10), (300, 3)])
+def test_emulated_softmax_and_cross_entropy_match_their_formulas(emulated, dtype, rows, cols):
+    """softmax_fwd, xent_bwd and sum_scaled against formulas written here (float64 references)."""
+    g = rng(9)
+    z0 = (g.normal(size=(rows, cols)) * 5).astype(dtype)
+    z0[0, 0] = 80 if rows > 1 else z0[0, 0]                      # large logits: the max shift must hold
+    b = g.normal(size=cols).astype(dtype)
+    t = numpy.eye(cols, dtype=dtype)[g.integers(0, cols, rows)]
+    ct = kernels.CTYPES[numpy.dtype(dtype).name]
+    z, y, col = z0.copy(), numpy.empty_like(z0), numpy.empty((rows, 2), dtype)
+    emulation.launch(f"softmax_fwd<{ct}>", kernels._grid(rows), (kernels.BLOCK,),
+                     (z, b, y, col, numpy.int32(rows), numpy.int32(cols)))
+    zr = z0.astype(numpy.float64) + b
+    p = numpy.exp(zr - zr.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    lse = numpy.log(numpy.exp(zr - zr.max(axis=1, keepdims=True)).sum(axis=1)) + zr.max(axis=1)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == numpy.float32 else dict(rtol=1e-13, atol=1e-15)
+    numpy.testing.assert_allclose(z, zr, **tol)
+    numpy.testing.assert_allclose(y, p, **tol)
+    numpy.testing.assert_allclose(col[:, 0], lse, **tol)
+    delta, rowloss, out = numpy.empty_like(z0), numpy.empty(rows, dtype), numpy.full(1, numpy.nan, dtype)
+    emulation.launch(f"xent_bwd<{ct}>", kernels._grid(rows), (kernels.BLOCK,),
+                     (z, y, col, t, delta, rowloss, numpy.int32(rows), numpy.int32(cols), dtype(1.0 / rows)))
+    emulation.launch(f"sum_scaled<{ct}>", (1,), (1, 256), (rowloss, out, numpy.int32(rows), dtype(1.0 / rows)))
+    numpy.testing.assert_allclose(delta, (p - t) / rows, **tol)
+    numpy.testing.assert_allclose(out[0], -numpy.mean(numpy.log(p[t.astype(bool)])), **tol)

@@ -128,7 +128,7 @@ def test_inference_runs_the_fused_kernels(fake_gpu):
     launches.clear()
     fakecupy.ndarray.reads = 0
     net.predict(fake_gpu.asarray(X))
-    assert launches == {"bias_act_fwd<float, 2>": 1}, launches        # hidden layer fused; softmax in xp code
+    assert launches == {"bias_act_fwd<float, 2>": 1, "softmax_fwd<float>": 1}, launches   # both layers fused
 
 
 def test_fit_shuffles_each_epoch_in_the_seeded_order(device):
