@@ -170,9 +170,14 @@ class Optimizer:
         return self.t, {k: v.copy() for k, v in self.state.items()}
 
     def restore(self, snap: tuple[int, dict]) -> None:
+        """Go back to a :meth:`snapshot`; state the snapshot did not have yet (taken before the first
+        update) goes back to its starting value, zero."""
         self.t = snap[0]
-        for k, v in snap[1].items():
-            self.state[k][...] = v
+        for k, v in self.state.items():
+            if k in snap[1]:
+                v[...] = snap[1][k]
+            else:
+                v.fill(0)
 
     def reset(self) -> None:
         """Forget all state (momentum, moments, step count)."""

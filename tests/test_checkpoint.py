@@ -51,7 +51,10 @@ def test_a_crashed_run_resumes_bitwise(device, tmp_path, optimizer):
     with pytest.raises(Crash):
         _fit(_net(device), 6, optimizer=optimizer(), checkpoint=ck, callbacks=[CrashAfter(2)])
     again = _net(device)                                   # a new process would start from scratch like this
-    hist = _fit(again, 6, optimizer=optimizer(), checkpoint=ck)
+    ran = []
+    hist = _fit(again, 6, optimizer=optimizer(), checkpoint=ck,
+                callbacks=[gpunn.callbacks.LambdaCallback(lambda r: ran.append(r["epoch"]))])
+    assert ran == [3, 4, 5, 6]                             # it resumed: epochs 1 and 2 came from the checkpoint
     numpy.testing.assert_array_equal(host(again.flat_parameters()), host(ref.flat_parameters()))
     assert [r["loss"] for r in hist.epochs] == [r["loss"] for r in ref_hist.epochs]
     assert again.optimizer.t == ref.optimizer.t

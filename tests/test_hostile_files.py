@@ -117,6 +117,7 @@ def test_parameter_arrays_of_the_wrong_kind(tmp_path, params):
     ({**_dense(3, 2), "type": "Conv2D"}, "Dense layers only"),
     ({**_dense(3, 2), "n_in": True}, "positive sizes"),
     ({**_dense(3, 2), "n_in": -3}, "positive sizes"),
+    ({**_dense(3, 2), "n_in": "abc"}, "positive sizes"),
     ("Dense", "positive sizes"),
 ])
 def test_bad_layer_descriptions_with_a_valid_checksum(tmp_path, layer, match):
