@@ -20,6 +20,7 @@ from . import activations, losses, optim, recipes
 from .backend import Device, available_devices, cuda_unavailable_reason, parse_spec
 from .bench import WORKLOADS, environment, format_table, time_workload
 from .check import run_check
+from .distributed import init as init_distributed
 from .errors import GpunnError
 from .io import check_writable, write_text_atomic
 from .plots import format_of, plot_activations, plot_history
@@ -203,6 +204,9 @@ def info(as_json: bool) -> None:
               help="cpu, cuda, cuda:N or auto (default: $GPUNN_DEVICE or auto).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--distributed", is_flag=True,
+              help="Data-parallel over the MPI ranks this was launched with (mpiexec -n N gpunn train "
+                   "--distributed); --batch-size is the global batch; rank 0 prints and writes files.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Write the run's state here after every epoch; the same command run again resumes from it.")
 @click.option("--save", "save_path", type=click.Path(dir_okay=False), default=None, help="Save the model here.")
@@ -211,7 +215,7 @@ def info(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_friendly
 def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs, batch_size, patience, device,
-          dtype, seed, checkpoint, save_path, plot_path, as_json):
+          dtype, seed, distributed, checkpoint, save_path, plot_path, as_json):
     """Train a network on a data set; report validation figures per epoch and test accuracy at the end.
 
     With no options: a 64-32-10 sigmoid network on the embedded 8x8 digits, softmax +
@@ -235,10 +239,15 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
     if sizes and (sizes[0] != data.n_features or sizes[-1] != data.n_outputs):
         raise click.BadParameter(f"{dataset} with {loss} needs --layers to start with {data.n_features} and end "
                                  f"with {data.n_outputs}", param_hint="--layers")
+    comm = init_distributed(device) if distributed else None
+    if comm is not None:
+        device = comm.device
     shown = epochs if epochs is not None else recipes.defaults(dataset)[2]
-    with _progress_printer(shown, as_json) as report:
+    with _progress_printer(shown, as_json or (comm is not None and not comm.is_root)) as report:
         net, summary = recipes.train(dataset, sizes, activation, loss, optimizer, lr, momentum, epochs, batch_size,
-                                     patience, device, dtype, seed, checkpoint, report)
+                                     patience, device, dtype, seed, checkpoint, report, comm=comm)
+    if comm is not None and not comm.is_root:
+        return                                     # rank 0 reports and writes for the job
     if save_path:
         net.save(save_path)
         summary["saved"] = save_path

@@ -24,6 +24,8 @@ from . import losses as losses_mod
 from .activations import Activation, ActivationSpec
 from .backend import Device, device_of, get_device, is_cupy_array, to_host
 from .callbacks import checked as checked_callbacks
+from .distributed import Communicator
+from .distributed import check as checked_comm
 from .errors import (
     ConcurrencyError,
     ConfigError,
@@ -227,11 +229,17 @@ class Sequential:
         optimizer.update(self._params, self._grads, mask, self._ops)
 
     def train_step(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss,
-                   optimizer: optim.Optimizer, out: Array | None = None) -> Array:
+                   optimizer: optim.Optimizer, out: Array | None = None, comm: Communicator | None = None,
+                   global_batch: int | None = None) -> Array:
         """One forward, backward and update on one batch (lecture §2 steps 2–5); returns the batch's
         mean loss as a 0-d array on the model's device, without waiting for the device. With ``out`` (a
         one-element array of the model's device and dtype) the loss is written there instead, and no
         array is allocated: what :meth:`fit` does with its per-step loss buffer.
+
+        With ``comm`` (:mod:`gpunn.distributed`), X and Y are this rank's share (possibly empty) of a
+        batch of ``global_batch`` rows over all ranks: the gradient of the whole batch is summed from every
+        rank's share, weighted by its rows, and every rank makes the same update. The loss returned is this
+        rank's part of the batch's mean loss (the sum over ranks is the batch's mean loss).
 
         X and Y that are already arrays of the model's device and dtype, shaped (batch, n_in) and
         (batch, n_out), are used as they are (no checks that would read values back from a GPU);
@@ -242,10 +250,35 @@ class Sequential:
             self._step_loss = loss
         if not isinstance(optimizer, optim.Optimizer):
             raise ConfigError(f"optimizer must be a gpunn optimiser such as gpunn.SGD(lr=0.1); got {optimizer!r}")
+        if comm is not None and comm.size > 1:
+            return self._shared_step(X, Y, loss, optimizer, out, comm, global_batch)
         x, t = self._batch(X, Y, loss)
         with self._trainer, self.device.activate():
             self._forward(x)
             value = self._backward(t, loss, out)
+            self._update(optimizer)
+        return value
+
+    def _shared_step(self, X: Any, Y: Any, loss: losses_mod.Loss, optimizer: optim.Optimizer, out: Array | None,
+                     comm: Communicator, global_batch: int | None) -> Array:
+        """One data-parallel step: this rank's share of the gradient, one allreduce, the same update."""
+        n_local = int(X.shape[0])
+        if global_batch is None or not 0 <= n_local <= global_batch:
+            raise ConfigError(f"a data-parallel step needs global_batch >= this rank's {n_local} rows; got "
+                              f"{global_batch!r}")
+        share = n_local / global_batch
+        with self._trainer, self.device.activate():
+            if n_local:
+                x, t = self._batch(X, Y, loss)
+                self._forward(x)
+                value = self._backward(t, loss, out)
+                self._grads *= share                  # this rank's rows' part of the batch mean
+                value *= share
+            else:                                      # a short last batch left this rank no rows
+                self._grads.fill(0)
+                value = out if out is not None else self.xp.zeros((), self.dtype)
+                value[...] = 0
+            comm.allreduce_sum(self._grads)
             self._update(optimizer)
         return value
 
@@ -347,7 +380,7 @@ class Sequential:
             optimizer: optim.Optimizer | str | None = None, epochs: int = 10, batch_size: int = 32,
             shuffle: bool = True, validation_data: tuple | None = None, patience: int | None = None,
             progress: bool | Callable[[dict], None] = False, callbacks: list | None = None,
-            checkpoint: PathLike | None = None) -> History:
+            checkpoint: PathLike | None = None, comm: Communicator | None = None) -> History:
         """Train with minibatch backpropagation; returns a :class:`History` (also kept as ``self.history``).
 
         Parameters
@@ -371,6 +404,9 @@ class Sequential:
         checkpoint : path; after every epoch everything needed to continue is written there atomically,
             and a run started again with the same path and settings resumes from it
             (:mod:`gpunn.checkpoint`): the result is bitwise the same as an uninterrupted run's.
+        comm : :class:`gpunn.distributed.Communicator`; data-parallel training over its ranks, every rank
+            calling fit with the same data and settings. ``batch_size`` is then the global batch; only
+            rank 0 reports progress and writes the checkpoint.
 
         A NaN or infinite loss stops training with :class:`~gpunn.errors.DivergenceError` naming the
         epoch and step; the weights are left at the last state that gave a finite loss. On
@@ -385,13 +421,14 @@ class Sequential:
         if patience is not None:
             patience = positive_int("patience", patience)
         callbacks = checked_callbacks(callbacks)
+        comm = checked_comm(comm)
         device_of(X, Y)
         try:
             # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
             # per-operation overflow warnings would only be noise on the way there.
             with self._trainer, self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
                 return training.fit(self, X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
-                                    patience, progress, callbacks, checkpoint)
+                                    patience, progress, callbacks, checkpoint, comm)
         except Exception as exc:
             if _is_cupy_oom(exc):
                 raise OutOfMemoryError(

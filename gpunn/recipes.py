@@ -22,6 +22,7 @@ import numpy
 
 from . import datasets, optim
 from .callbacks import Callback
+from .distributed import Communicator
 from .network import Sequential, mlp
 
 __all__ = ["DATASETS", "Split", "defaults", "default_lr", "split", "train"]
@@ -86,7 +87,8 @@ def train(dataset: str = "digits", sizes: list[int] | None = None, activation: s
           loss: str = "cross_entropy", optimizer: str = "sgd", lr: float | None = None, momentum: float = 0.9,
           epochs: int | None = None, batch_size: int | None = None, patience: int | None = None,
           device: Any = None, dtype: str = "float32", seed: int = 0, checkpoint: Any = None,
-          progress: Any = False, callbacks: list[Callback] | None = None) -> tuple[Sequential, dict]:
+          progress: Any = False, callbacks: list[Callback] | None = None,
+          comm: Communicator | None = None) -> tuple[Sequential, dict]:
     """Train as ``gpunn train`` does; returns the network and the run's summary (test figures included)."""
     hidden, default_act, default_epochs, default_batch = defaults(dataset)
     activation = activation or default_act
@@ -101,12 +103,12 @@ def train(dataset: str = "digits", sizes: list[int] | None = None, activation: s
     t0 = time.perf_counter()
     history = net.fit(data.x_train, data.y_train, loss=loss, optimizer=opt, epochs=epochs, batch_size=batch_size,
                       validation_data=(data.x_val, data.y_val), patience=patience, progress=progress,
-                      callbacks=callbacks, checkpoint=checkpoint)
+                      callbacks=callbacks, checkpoint=checkpoint, comm=comm)
     seconds = time.perf_counter() - t0
     test = net.evaluate(data.x_test, data.y_test)
     summary = {"dataset": dataset, "layers": sizes, "activation": activation, "loss": loss,
                "optimizer": opt.config(), "epochs": len(history), "best_epoch": history.best_epoch,
                "batch_size": batch_size, "patience": patience, "device": str(net.device), "dtype": dtype,
                "seed": seed, "seconds": seconds, "test_loss": test.loss, "test_accuracy": test.accuracy,
-               "history": history.epochs}
+               "ranks": comm.size if comm is not None else 1, "history": history.epochs}
     return net, summary

@@ -20,6 +20,7 @@ import numpy
 
 from .backend import Device, device_of, to_host
 from .checkpoint import Checkpoint, run_config
+from .distributed import Communicator, shard
 from .errors import ConfigError, DivergenceError
 from .io import check_writable
 from .losses import Loss
@@ -125,6 +126,13 @@ class _Data:
     sizes: numpy.ndarray          # samples per minibatch (float64, to weight the step losses)
     step_loss: Array              # per-step losses and correct counts, on the device
     step_correct: Array
+    comm: Communicator | None = None  # data-parallel: each rank takes its share of every batch
+
+    def local(self, sl: slice) -> slice:
+        """The rows of the batch ``sl`` that this rank trains on (all of them without a communicator)."""
+        if self.comm is None or self.comm.size == 1:
+            return sl
+        return shard(sl.start, min(sl.stop, self.n), self.comm.rank, self.comm.size)
 
     @property
     def n(self) -> int:
@@ -134,7 +142,8 @@ class _Data:
         return [(k, slice(s, s + self.batch_size)) for k, s in enumerate(self.starts)]
 
 
-def _prepare(net: Any, X: Any, Y: Any, loss: Loss, batch_size: int, shuffle: bool) -> _Data:
+def _prepare(net: Any, X: Any, Y: Any, loss: Loss, batch_size: int, shuffle: bool,
+             comm: Communicator | None = None) -> _Data:
     dev: Device = net.device
     xp = dev.xp
     x = features(X, dev, net.dtype, net.n_in)
@@ -150,7 +159,7 @@ def _prepare(net: Any, X: Any, Y: Any, loss: Loss, batch_size: int, shuffle: boo
     starts = list(range(0, n, batch_size))
     sizes = numpy.array([min(batch_size, n - s) for s in starts], dtype=numpy.float64)
     return _Data(x, t, labels, xs, ts, ls, starts, batch_size, sizes,
-                 xp.empty(len(starts), dtype=net.dtype), xp.zeros(len(starts), dtype=numpy.int64))
+                 xp.zeros(len(starts), dtype=net.dtype), xp.zeros(len(starts), dtype=numpy.int64), comm)
 
 
 def _validation(net: Any, validation_data: Any, loss: Loss) -> tuple[Array, Array] | None:
@@ -182,15 +191,28 @@ class _Start:
     perm: numpy.ndarray | None
 
 
-def _run_epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, acc: Accuracy) -> tuple[numpy.ndarray, bool]:
-    """One pass over the minibatches; returns the step losses (float64) and whether the parameters are
-    finite afterwards, read back together once."""
+def _step(net: Any, data: _Data, k: int, sl: slice, loss: Loss, optimizer: Optimizer) -> int:
+    """Train on batch ``k`` (rows ``sl``; this rank's share of them); returns how many rows it trained on."""
+    mine = data.local(sl)
+    net.train_step(data.xs[mine], data.ts[mine], loss, optimizer, out=data.step_loss[k:k + 1], comm=data.comm,
+                   global_batch=min(sl.stop, data.n) - sl.start)
+    return mine.stop - mine.start
+
+
+def _run_epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer,
+               acc: Accuracy) -> tuple[numpy.ndarray, bool, int]:
+    """One pass over the minibatches; returns the step losses (float64), whether the parameters are
+    finite afterwards and the number of correct predictions, read back together once (and, with a
+    communicator, summed over the ranks in one small allreduce)."""
     for k, sl in data.batches():
-        net.train_step(data.xs[sl], data.ts[sl], loss, optimizer, out=data.step_loss[k:k + 1])
-        if data.ls is not None:
-            data.step_correct[k] = acc.count(net.layers[-1].y, data.ls[sl])
-    finite = bool(net.xp.isfinite(net.flat_parameters()).all())
-    return to_host(data.step_loss).astype(numpy.float64), finite
+        if _step(net, data, k, sl, loss, optimizer) and data.ls is not None:
+            data.step_correct[k] = acc.count(net.layers[-1].y, data.ls[data.local(sl)])
+    nonfinite = 0.0 if bool(net.xp.isfinite(net.flat_parameters()).all()) else 1.0
+    stats = numpy.concatenate([to_host(data.step_loss).astype(numpy.float64),
+                               [float(to_host(data.step_correct).sum()), nonfinite]])
+    if data.comm is not None:
+        data.comm.allreduce_sum(stats)
+    return stats[:-2], stats[-1] == 0.0, int(stats[-2])
 
 
 def _replay(net: Any, data: _Data, start: _Start, steps: int, loss: Loss, optimizer: Optimizer) -> None:
@@ -199,8 +221,8 @@ def _replay(net: Any, data: _Data, start: _Start, steps: int, loss: Loss, optimi
     optimizer.restore(start.optimizer)
     if start.perm is not None:
         _permute(data, net.ops, start.perm)
-    for _, sl in data.batches()[:steps]:
-        net.train_step(data.xs[sl], data.ts[sl], loss, optimizer)
+    for k, sl in data.batches()[:steps]:
+        _step(net, data, k, sl, loss, optimizer)
 
 
 def _diverged(net: Any, data: _Data, losses: numpy.ndarray, epoch: int, starts: tuple[_Start, _Start | None],
@@ -241,12 +263,11 @@ def _epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, epoch: int, 
     try:
         if start.perm is not None:
             _permute(data, net.ops, start.perm)
-        losses_host, finite = _run_epoch(net, data, loss, optimizer, acc)
+        losses_host, finite, correct = _run_epoch(net, data, loss, optimizer, acc)
         if not (finite and numpy.all(numpy.isfinite(losses_host))):
             raise _diverged(net, data, losses_host, epoch, (start, previous), loss, optimizer)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(losses_host @ data.sizes / data.n)}
-        record["accuracy"] = (float(to_host(data.step_correct).sum() / data.n)
-                              if data.labels is not None else None)
+        record["accuracy"] = correct / data.n if data.labels is not None else None
         if val is not None:
             ev = net.evaluate_prepared(val[0], val[1], loss)
             if not math.isfinite(ev.loss):
@@ -288,9 +309,13 @@ class _EarlyStopping:
 
 def fit(net: Any, X: Any, Y: Any, loss: Loss, optimizer: Optimizer, epochs: int, batch_size: int,
         shuffle: bool, validation_data: Any, patience: int | None, progress: bool | Callable[[dict], None],
-        callbacks: list | None = None, checkpoint: Any = None) -> History:
+        callbacks: list | None = None, checkpoint: Any = None, comm: Communicator | None = None) -> History:
     """The loop behind :meth:`gpunn.Sequential.fit` (arguments already checked there)."""
-    data = _prepare(net, X, Y, loss, batch_size, shuffle)
+    data = _prepare(net, X, Y, loss, batch_size, shuffle, comm)
+    root = comm is None or comm.is_root
+    if comm is not None:                  # every rank starts from rank 0's weights and batch order
+        comm.broadcast(net.flat_parameters())
+        net.shuffle_rng.bit_generator.state = comm.bcast_object(net.shuffle_rng.bit_generator.state)
     val = _validation(net, validation_data, loss)
     run = None
     if checkpoint is not None:
@@ -306,11 +331,13 @@ def fit(net: Any, X: Any, Y: Any, loss: Loss, optimizer: Optimizer, epochs: int,
     for epoch in range(first, epochs if not history.stopped_early else first):
         record, previous = _epoch(net, data, loss, optimizer, epoch, shuffle, val, acc, previous)
         history.append(record)
-        report(progress, record)
+        if root:
+            report(progress, record)
         stop = stopping.should_stop(record, net.flat_parameters())
         stop = any([bool(c.on_epoch_end(record)) for c in callbacks or []]) or stop
+        stop = comm.any(stop) if comm is not None else stop     # a rank that stopped alone would hang
         history.stopped_early = stop
-        if run is not None:
+        if run is not None and root:
             _checkpoint(net, run, epoch + 1, optimizer, history, stopping).save(checkpoint)
         if stop:
             break

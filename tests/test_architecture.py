@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 FLOORS: list[set[str]] = [
     {"errors", "types", "version"},
     {"backend"},
-    {"activations", "init", "io", "schedules", "callbacks"},
+    {"activations", "init", "io", "schedules", "callbacks", "distributed"},
     {"losses"},
     {"validation", "kernels"},
     {"ops"},
