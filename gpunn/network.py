@@ -39,7 +39,7 @@ from .layers import Dense
 from .ops import XpOps, ops_for
 from .training import Evaluation, History
 from .types import Array, ArrayLike, ArrayModule, DTypeLike, PathLike
-from .validation import check_dtype, features, positive_int, targets
+from .validation import check_dtype, features, positive_int, streamed_features, targets
 
 __all__ = ["Sequential", "Summary", "mlp", "load", "History", "Evaluation"]
 
@@ -330,9 +330,12 @@ class Sequential:
         if self._trainer.busy_elsewhere():
             raise ConcurrencyError("this network is being trained in another thread; predict and evaluate "
                                    "would see weights in the middle of an update; wait for training to finish")
+        streamed = training.is_streamed(x)
         with self._infer_lock, self.device.activate():
             for start in range(0, x.shape[0], chunk):
                 a = x[start:start + chunk]
+                if streamed:                            # read from the file, checked, moved: one chunk at a time
+                    a = features(a, self.device, self.dtype, self.n_in)
                 z = a
                 for layer in self.layers:
                     z, a = layer.infer(a, self._ops)
@@ -341,11 +344,12 @@ class Sequential:
     def predict(self, X: ArrayLike, batch_size: int = INFER_CHUNK) -> Array:
         """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X.
 
-        Computed ``batch_size`` rows at a time (this bounds the working memory).
+        Computed ``batch_size`` rows at a time (this bounds the working memory); a NumPy memmap is read from
+        its file a chunk at a time.
         """
         batch_size = positive_int("batch_size", batch_size)
         device_of(X)
-        x = features(X, self.device, self.dtype, self.n_in)
+        x = self._inputs(X)
         out = self.xp.empty((x.shape[0], self.n_out), self.dtype)
 
         def keep(rows: slice, z: Array, y: Array) -> None:
@@ -357,9 +361,15 @@ class Sequential:
         """Mean loss (the one used in :meth:`fit`, else squared error) and accuracy on (X, Y)."""
         loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
         device_of(X, Y)
-        x = features(X, self.device, self.dtype, self.n_in)
+        x = self._inputs(X)
         t = targets(Y, self.device, self.dtype, loss, self.n_out, x.shape[0])
         return self.evaluate_prepared(x, t, loss)
+
+    def _inputs(self, X: ArrayLike) -> Array:
+        """X checked and on the device; a memmap stays on disk (read a chunk at a time by inference)."""
+        if training.is_streamed(X):
+            return streamed_features(X, self.n_in)
+        return features(X, self.device, self.dtype, self.n_in)
 
     def evaluate_prepared(self, x: Array, t: Array, loss: losses_mod.Loss) -> Evaluation:
         """:meth:`evaluate` for arrays already checked and on the device (as :meth:`fit` holds them)."""

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy
@@ -21,13 +21,13 @@ import numpy
 from .backend import Device, device_of, to_host
 from .checkpoint import Checkpoint, run_config
 from .distributed import Communicator, shard
-from .errors import ConfigError, DivergenceError
+from .errors import ConfigError, DataError, DivergenceError
 from .io import check_writable
 from .losses import Loss
 from .ops import XpOps
 from .optim import Optimizer
 from .types import Array, ArrayModule
-from .validation import features, targets
+from .validation import features, streamed_features, targets
 
 __all__ = ["History", "Evaluation", "Accuracy", "is_classification", "fit"]
 
@@ -113,26 +113,29 @@ class Accuracy:
 
 @dataclass
 class _Data:
-    """A training set on the device, the buffers its shuffled copy goes into, and its minibatches."""
+    """A training set, the epoch's order of its rows, and its minibatches.
 
-    x: Array
+    In memory, the set is on the device and each epoch's order is gathered into shuffle buffers once.
+    A NumPy memmap (``numpy.load(path, mmap_mode="r")``) is streamed instead: each batch's rows are
+    gathered from the file in the same order, checked and moved to the device, so memory holds a few
+    batches, never the set (the targets, one row of n_out numbers per sample, are held in memory).
+    """
+
+    x: Array                      # on the device, or the memmap when streamed
     t: Array
     labels: Array | None          # class labels when the targets are classes (for accuracy), else None
-    xs: Array                     # the epoch's (shuffled) order of x, t, labels
-    ts: Array
-    ls: Array | None
     starts: list[int]
     batch_size: int
     sizes: numpy.ndarray          # samples per minibatch (float64, to weight the step losses)
     step_loss: Array              # per-step losses and correct counts, on the device
     step_correct: Array
+    ops: XpOps
+    dtype: numpy.dtype
+    shuffle: bool
     comm: Communicator | None = None  # data-parallel: each rank takes its share of every batch
-
-    def local(self, sl: slice) -> slice:
-        """The rows of the batch ``sl`` that this rank trains on (all of them without a communicator)."""
-        if self.comm is None or self.comm.size == 1:
-            return sl
-        return shard(sl.start, min(sl.stop, self.n), self.comm.rank, self.comm.size)
+    streamed: bool = False
+    perm: numpy.ndarray | None = None     # the epoch's order (None: as stored)
+    _buffers: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -141,25 +144,80 @@ class _Data:
     def batches(self) -> list[tuple[int, slice]]:
         return [(k, slice(s, s + self.batch_size)) for k, s in enumerate(self.starts)]
 
+    def local(self, sl: slice) -> slice:
+        """The rows of the batch ``sl`` that this rank trains on (all of them without a communicator)."""
+        if self.comm is None or self.comm.size == 1:
+            return sl
+        return shard(sl.start, min(sl.stop, self.n), self.comm.rank, self.comm.size)
+
+    def order(self, perm: numpy.ndarray | None) -> None:
+        """Use the rows in the order ``perm`` (a permutation; None: as stored) until the next call."""
+        self.perm = perm
+        if perm is None or self.streamed:
+            return
+        idx = self.ops.device.asarray(perm)
+        for name, src in (("xs", self.x), ("ts", self.t), ("ls", self.labels)):
+            if src is not None:
+                self.ops.gather_rows(src, idx, self._buffer(name, src.shape, src.dtype))
+
+    def batch(self, rows: slice) -> tuple[Array, Array, Array | None]:
+        """(x, t, labels) of the rows ``rows`` of this epoch's order."""
+        if not self.streamed:
+            if self.perm is None or not self.shuffle:
+                x, t, lab = self.x, self.t, self.labels
+            else:
+                x, t, lab = self._buffers["xs"], self._buffers["ts"], self._buffers.get("ls")
+            return x[rows], t[rows], None if lab is None else lab[rows]
+        return self._streamed_batch(rows)
+
+    def _streamed_batch(self, rows: slice) -> tuple[Array, Array, Array | None]:
+        index = numpy.arange(rows.start, min(rows.stop, self.n)) if self.perm is None else self.perm[rows]
+        m = index.size
+        host = self._buffer("host", (self.batch_size, self.x.shape[1]), self.x.dtype)[:m]
+        numpy.take(self.x, index, axis=0, out=host, mode="clip")
+        if not numpy.isfinite(host).all():
+            raise DataError(f"X contains NaN or infinite values (in the rows of a batch read from {_file(self.x)}); "
+                            "clean them first")
+        x = self.ops.device.asarray(host, dtype=self.dtype)
+        idx = self.ops.device.asarray(index)
+        t = self.ops.gather_rows(self.t, idx, self._buffer("t", (self.batch_size, *self.t.shape[1:]),
+                                                           self.t.dtype)[:m])
+        lab = None
+        if self.labels is not None:
+            lab = self.ops.gather_rows(self.labels, idx, self._buffer("l", (self.batch_size,), self.labels.dtype)[:m])
+        return x, t, lab
+
+    def _buffer(self, name: str, shape: tuple, dtype: Any) -> Array:
+        buf = self._buffers.get(name)
+        if buf is None:
+            xp = numpy if name == "host" else self.ops.xp
+            buf = self._buffers[name] = xp.empty(shape, dtype)
+        return buf
+
+
+def _file(a: Any) -> str:
+    return str(getattr(a, "filename", None) or "the memmap")
+
+
+def is_streamed(X: Any) -> bool:
+    """Whether ``X`` is read batch by batch from a file (a NumPy memmap) rather than held in memory."""
+    return isinstance(X, numpy.memmap)
+
 
 def _prepare(net: Any, X: Any, Y: Any, loss: Loss, batch_size: int, shuffle: bool,
              comm: Communicator | None = None) -> _Data:
     dev: Device = net.device
     xp = dev.xp
-    x = features(X, dev, net.dtype, net.n_in)
+    streamed = is_streamed(X)
+    x = streamed_features(X, net.n_in) if streamed else features(X, dev, net.dtype, net.n_in)
     n = x.shape[0]
     t = targets(Y, dev, net.dtype, loss, net.n_out, n)
     labels = Accuracy(xp, net.n_out).labels(t) if is_classification(t) else None
-    if shuffle:
-        xs, ts = xp.empty_like(x), xp.empty_like(t)
-        ls = xp.empty_like(labels) if labels is not None else None
-    else:
-        xs, ts, ls = x, t, labels
     batch_size = min(batch_size, n)
     starts = list(range(0, n, batch_size))
     sizes = numpy.array([min(batch_size, n - s) for s in starts], dtype=numpy.float64)
-    return _Data(x, t, labels, xs, ts, ls, starts, batch_size, sizes,
-                 xp.zeros(len(starts), dtype=net.dtype), xp.zeros(len(starts), dtype=numpy.int64), comm)
+    return _Data(x, t, labels, starts, batch_size, sizes, xp.zeros(len(starts), dtype=net.dtype),
+                 xp.zeros(len(starts), dtype=numpy.int64), net.ops, net.dtype, shuffle, comm, streamed)
 
 
 def _validation(net: Any, validation_data: Any, loss: Loss) -> tuple[Array, Array] | None:
@@ -168,18 +226,11 @@ def _validation(net: Any, validation_data: Any, loss: Loss) -> tuple[Array, Arra
     if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
         raise ConfigError("validation_data must be a pair (X_val, Y_val)")
     device_of(*validation_data)       # raises on NumPy/CuPy mixing or two GPUs
-    xv = features(validation_data[0], net.device, net.dtype, net.n_in, "X_val")
+    X_val = validation_data[0]
+    xv = (streamed_features(X_val, net.n_in, "X_val") if is_streamed(X_val)
+          else features(X_val, net.device, net.dtype, net.n_in, "X_val"))
     tv = targets(validation_data[1], net.device, net.dtype, loss, net.n_out, xv.shape[0], "Y_val")
     return xv, tv
-
-
-def _permute(data: _Data, ops: XpOps, perm: numpy.ndarray) -> None:
-    """Put the training set, in the order ``perm``, into the shuffle buffers."""
-    idx = ops.device.asarray(perm)
-    ops.gather_rows(data.x, idx, data.xs)
-    ops.gather_rows(data.t, idx, data.ts)
-    if data.labels is not None:
-        ops.gather_rows(data.labels, idx, data.ls)
 
 
 @dataclass
@@ -191,12 +242,14 @@ class _Start:
     perm: numpy.ndarray | None
 
 
-def _step(net: Any, data: _Data, k: int, sl: slice, loss: Loss, optimizer: Optimizer) -> int:
-    """Train on batch ``k`` (rows ``sl``; this rank's share of them); returns how many rows it trained on."""
+def _step(net: Any, data: _Data, k: int, sl: slice, loss: Loss, optimizer: Optimizer) -> tuple[int, Array | None]:
+    """Train on batch ``k`` (rows ``sl``; this rank's share of them); returns how many rows it trained on
+    and their class labels (None without classes)."""
     mine = data.local(sl)
-    net.train_step(data.xs[mine], data.ts[mine], loss, optimizer, out=data.step_loss[k:k + 1], comm=data.comm,
+    x, t, labels = data.batch(mine)
+    net.train_step(x, t, loss, optimizer, out=data.step_loss[k:k + 1], comm=data.comm,
                    global_batch=min(sl.stop, data.n) - sl.start)
-    return mine.stop - mine.start
+    return mine.stop - mine.start, labels
 
 
 def _run_epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer,
@@ -205,8 +258,9 @@ def _run_epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer,
     finite afterwards and the number of correct predictions, read back together once (and, with a
     communicator, summed over the ranks in one small allreduce)."""
     for k, sl in data.batches():
-        if _step(net, data, k, sl, loss, optimizer) and data.ls is not None:
-            data.step_correct[k] = acc.count(net.layers[-1].y, data.ls[data.local(sl)])
+        rows, labels = _step(net, data, k, sl, loss, optimizer)
+        if rows and labels is not None:
+            data.step_correct[k] = acc.count(net.layers[-1].y, labels)
     nonfinite = 0.0 if bool(net.xp.isfinite(net.flat_parameters()).all()) else 1.0
     stats = numpy.concatenate([to_host(data.step_loss).astype(numpy.float64),
                                [float(to_host(data.step_correct).sum()), nonfinite]])
@@ -219,8 +273,7 @@ def _replay(net: Any, data: _Data, start: _Start, steps: int, loss: Loss, optimi
     """Go back to ``start`` and redo its epoch's first ``steps`` steps (same batches, same arithmetic)."""
     net.flat_parameters()[...] = start.params
     optimizer.restore(start.optimizer)
-    if start.perm is not None:
-        _permute(data, net.ops, start.perm)
+    data.order(start.perm)
     for k, sl in data.batches()[:steps]:
         _step(net, data, k, sl, loss, optimizer)
 
@@ -255,14 +308,14 @@ def _diverged(net: Any, data: _Data, losses: numpy.ndarray, epoch: int, starts: 
 
 def _epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, epoch: int, shuffle: bool,
            val: tuple | None, acc: Accuracy, previous: _Start | None) -> tuple[dict, _Start]:
-    """Train one epoch; return its record and what it started from. On Ctrl-C the parameters are those
-    of the epoch's start; on divergence those of the last finite loss (DivergenceError)."""
+    """Train one epoch; return its record and what it started from. On divergence the parameters are
+    those of the last finite loss (DivergenceError); on any other exception (Ctrl-C, bad data in a
+    streamed batch) those of the epoch's start."""
     t0 = time.perf_counter()
     start = _Start(net.flat_parameters().copy(), optimizer.snapshot(),
                    net.shuffle_rng.permutation(data.n) if shuffle else None)
     try:
-        if start.perm is not None:
-            _permute(data, net.ops, start.perm)
+        data.order(start.perm)
         losses_host, finite, correct = _run_epoch(net, data, loss, optimizer, acc)
         if not (finite and numpy.all(numpy.isfinite(losses_host))):
             raise _diverged(net, data, losses_host, epoch, (start, previous), loss, optimizer)
@@ -278,8 +331,11 @@ def _epoch(net: Any, data: _Data, loss: Loss, optimizer: Optimizer, epoch: int, 
                     "finite. Lower the learning rate or standardise the inputs")
             record["val_loss"], record["val_accuracy"] = ev.loss, ev.accuracy
         record["seconds"] = time.perf_counter() - t0
-    except KeyboardInterrupt:
-        _replay(net, data, start, 0, loss, optimizer)    # weights of the last finished epoch, as in the history
+    except DivergenceError:
+        raise                                             # the weights are already those of the last finite loss
+    except BaseException:
+        # Ctrl-C, or bad data found in a streamed batch: back to the last finished epoch, as in the history
+        _replay(net, data, start, 0, loss, optimizer)
         raise
     return record, start
 

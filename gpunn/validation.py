@@ -81,6 +81,21 @@ def features(X: ArrayLike, dev: Device, dtype: numpy.dtype, n_in: int, name: str
     return x
 
 
+def streamed_features(X: numpy.ndarray, n_in: int, name: str = "X") -> numpy.ndarray:
+    """Check a memmapped X of shape (n_samples, n_in) without reading it: its values are checked batch by
+    batch as training reads them."""
+    kind = X.dtype.kind
+    if kind not in "fiub":
+        raise DataTypeError(f"{name} has dtype {X.dtype}; a memmapped {name} must hold real numbers")
+    if X.ndim != 2:
+        raise ShapeError(f"{name} must be 2-D (n_samples, n_features); got shape {tuple(X.shape)}")
+    if X.shape[0] == 0:
+        raise DataError(f"{name} is empty (0 samples)")
+    if X.shape[1] != n_in:
+        raise ShapeError(f"{name} has {X.shape[1]} features but the first layer expects n_in={n_in}")
+    return X
+
+
 def targets(Y: ArrayLike, dev: Device, dtype: numpy.dtype, loss: Loss, n_out: int, n: int,
             name: str = "Y") -> Array:
     """Validate targets for ``loss`` and return them as (n, n_out) ``dtype`` rows on ``dev``.
