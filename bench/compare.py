@@ -33,7 +33,7 @@ import numpy
 import gpunn
 from gpunn import losses
 from gpunn.activations import exp_cap
-from gpunn.bench import WORKLOADS, build, calls_for, environment, format_table, step_flops
+from gpunn.bench import WORKLOADS, build, calls_for, environment, format_table, step_flops, timed
 
 
 # -- contenders: make(net, X, T, lr, loss_name) -> (step, params, sync) --------------------------------
@@ -268,18 +268,7 @@ def time_alone(workload: str, batch: int, name: str, rounds: int, min_time: floa
     if name not in made:
         return {"skipped": skipped.get(name, "could not be set up")}
     step, _, sync = made[name]
-    for _ in range(3):
-        step()
-    sync()
-    n = calls_for(step, sync, min_time)
-    per = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync()
-        per.append((time.perf_counter() - t0) / n)
-    return {"seconds": per, "threads": _threads(name)}
+    return {"seconds": timed(step, sync, rounds, min_time)["per"], "threads": _threads(name)}
 
 
 def _threads(name: str) -> dict:

@@ -68,7 +68,7 @@ def timed(fn: Callable[[], None], sync: Callable[[], None], repeats: int, min_ti
             fn()
         sync()
         per.append((time.perf_counter() - t0) / n)
-    return {"median": statistics.median(per), "min": min(per), "max": max(per), "calls": n}
+    return {"median": statistics.median(per), "min": min(per), "max": max(per), "calls": n, "per": per}
 
 
 def format_table(head: list[str], rows: list[list], markdown: bool = False) -> str:
