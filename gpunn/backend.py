@@ -30,7 +30,7 @@ from .types import Array, ArrayModule
 
 __all__ = [
     "Device", "get_device", "use_device", "available_devices", "cuda_unavailable_reason", "cupy_module",
-    "device_of", "array_module", "is_cupy_array", "xp_of", "parse_spec", "tf32_enabled", "to_host",
+    "device_of", "array_module", "is_cupy_array", "xp_of", "parse_spec", "tf32_enabled", "to_host", "HostToDevice",
 ]
 
 _SPEC_RE = re.compile(r"^(cpu|cuda|auto)(?::(\d+))?$")
@@ -196,10 +196,63 @@ class Device:
         """``a`` as a NumPy array on the host."""
         return to_host(a)
 
+    def pinned_empty(self, shape: tuple, dtype: Any) -> numpy.ndarray:
+        """A host array in page-locked memory on a CUDA device (copies from it can run asynchronously);
+        a plain array on cpu."""
+        if not self.is_cuda:
+            return numpy.empty(shape, dtype)
+        count = int(numpy.prod(shape))
+        mem = self.xp.cuda.alloc_pinned_memory(max(count * numpy.dtype(dtype).itemsize, 1))
+        return numpy.frombuffer(mem, dtype, count).reshape(shape)    # the array keeps ``mem`` alive
+
     def synchronize(self) -> None:
         """Wait until all work queued on this device is done (a no-op on cpu)."""
         if self.is_cuda:
             self.xp.cuda.Device(self.index).synchronize()
+
+
+class HostToDevice:
+    """Batches of rows sent from the host to a device through two page-locked buffers and a copy stream.
+
+    ``slot()`` gives the host buffer to fill next; ``send(m)`` copies its first ``m`` rows to the device
+    on the copy stream and makes the compute stream wait for that copy, so on a GPU the host fills and
+    sends batch k + 1 while batch k computes, and device memory holds two batches. Each buffer is reused
+    only after the copy that read it, and the computation that read its device twin, have finished.
+    On cpu the host buffer is the batch itself: no copy.
+    """
+
+    def __init__(self, device: Device, shape: tuple, dtype: Any):
+        self.device = device
+        self.host = [device.pinned_empty(shape, dtype) for _ in range(2)]
+        self.k = 0
+        if device.is_cuda:
+            cp = device.xp
+            with device.activate():
+                self.dev = [cp.empty(shape, dtype) for _ in range(2)]
+                self.stream = cp.cuda.Stream(non_blocking=True)
+            self.copied: list[Any] = [None, None]
+
+    def slot(self) -> numpy.ndarray:
+        """The host buffer to fill for the next batch (waits, if need be, for the copy that last read it)."""
+        i = self.k % 2
+        if self.device.is_cuda and self.copied[i] is not None:
+            self.copied[i].synchronize()
+        return self.host[i]
+
+    def send(self, m: int) -> Array:
+        """The first ``m`` rows of the buffer just filled, on the device (ready for the compute stream)."""
+        i = self.k % 2
+        self.k += 1
+        if not self.device.is_cuda:
+            return self.host[i][:m]
+        cp = self.device.xp
+        compute = cp.cuda.get_current_stream()
+        self.stream.wait_event(compute.record())       # the step that last read dev[i] has finished
+        with self.stream:
+            self.dev[i][:m].set(self.host[i][:m])
+        self.copied[i] = self.stream.record()
+        compute.wait_event(self.copied[i])
+        return self.dev[i][:m]
 
 
 _CPU = Device("cpu")

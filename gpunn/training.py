@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy
 
-from .backend import Device, device_of, to_host
+from .backend import Device, HostToDevice, device_of, to_host
 from .checkpoint import Checkpoint, run_config
 from .distributed import Communicator, shard
 from .errors import ConfigError, DataError, DivergenceError
@@ -173,12 +173,20 @@ class _Data:
     def _streamed_batch(self, rows: slice) -> tuple[Array, Array, Array | None]:
         index = numpy.arange(rows.start, min(rows.stop, self.n)) if self.perm is None else self.perm[rows]
         m = index.size
-        host = self._buffer("host", (self.batch_size, self.x.shape[1]), self.x.dtype)[:m]
-        numpy.take(self.x, index, axis=0, out=host, mode="clip")
+        stage = self._buffers.get("stage")
+        if stage is None:
+            stage = self._buffers["stage"] = HostToDevice(self.ops.device, (self.batch_size, self.x.shape[1]),
+                                                          self.dtype)
+        host = stage.slot()[:m]
+        if self.x.dtype == self.dtype:
+            numpy.take(self.x, index, axis=0, out=host, mode="clip")
+        else:                                           # read in the file's dtype, then cast
+            raw = self._buffer("raw", (self.batch_size, self.x.shape[1]), self.x.dtype)[:m]
+            numpy.copyto(host, numpy.take(self.x, index, axis=0, out=raw, mode="clip"), casting="unsafe")
         if not numpy.isfinite(host).all():
             raise DataError(f"X contains NaN or infinite values (in the rows of a batch read from {_file(self.x)}); "
                             "clean them first")
-        x = self.ops.device.asarray(host, dtype=self.dtype)
+        x = stage.send(m)
         idx = self.ops.device.asarray(index)
         t = self.ops.gather_rows(self.t, idx, self._buffer("t", (self.batch_size, *self.t.shape[1:]),
                                                            self.t.dtype)[:m])
@@ -190,7 +198,7 @@ class _Data:
     def _buffer(self, name: str, shape: tuple, dtype: Any) -> Array:
         buf = self._buffers.get(name)
         if buf is None:
-            xp = numpy if name == "host" else self.ops.xp
+            xp = numpy if name == "raw" else self.ops.xp
             buf = self._buffers[name] = xp.empty(shape, dtype)
         return buf
 

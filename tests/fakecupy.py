@@ -46,6 +46,16 @@ class ndarray(numpy.ndarray):
     def get(self, *a, **k):
         return self._read().copy()
 
+    def set(self, arr, stream=None):
+        """Host-to-device copy into this array, as CuPy's ``ndarray.set``: a host array of the same shape."""
+        if type(arr) is not numpy.ndarray or arr.shape != self.shape:
+            raise ValueError(f"fakecupy: set() takes a host array of shape {self.shape}; got {type(arr).__name__} "
+                             f"{getattr(arr, 'shape', None)}")
+        if not self.flags.c_contiguous:
+            raise ValueError("fakecupy: set() needs a C-contiguous destination")
+        ndarray.calls += 1
+        self.view(numpy.ndarray)[...] = arr
+
     def __float__(self):
         return float(self._read())
 
@@ -241,9 +251,35 @@ def _elapsed_ms(start, end):
     return (end.t - start.t) * 1e3
 
 
+class _Stream(contextlib.AbstractContextManager):
+    """A CUDA stream: everything on the fake runs at once, so streams only record what waited on what."""
+
+    def __init__(self, non_blocking=False, null=False):
+        self.waited = 0
+
+    def __exit__(self, *exc):
+        return False
+
+    def record(self, event=None):
+        event = event or _Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        if not isinstance(event, _Event) or event.t is None:
+            raise ValueError("fakecupy: wait_event needs a recorded Event")
+        self.waited += 1
+
+
+_NULL_STREAM = _Stream(null=True)
+
+
 cupy.cuda = types.SimpleNamespace(
     Device=_CudaDevice,
     Event=_Event,
+    Stream=_Stream,
+    get_current_stream=lambda: _NULL_STREAM,
+    alloc_pinned_memory=lambda nbytes: bytearray(nbytes),
     get_elapsed_time=_elapsed_ms,
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (8 << 30, 16 << 30),
                                   getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 1},

@@ -63,3 +63,23 @@ def test_a_nan_in_the_file_is_found_while_training(tmp_path):
     with pytest.raises(gpunn.DataError, match="NaN.*bad.npy"):
         net.fit(mm, rng(1).integers(0, 3, 40), loss="cross_entropy", epochs=1, batch_size=8)
     numpy.testing.assert_array_equal(host(net.flat_parameters()), start)   # back to the epoch's start
+
+
+def test_on_a_gpu_batches_go_through_two_pinned_buffers_and_a_copy_stream(fake_gpu, tmp_path):
+    """The compute stream waits for each batch's copy, and nothing is read back per step."""
+    import fakecupy
+    X = rng(0).normal(size=(96, 6)).astype("float32")
+    mm = _memmap(tmp_path, "x", X)
+    y = rng(1).integers(0, 3, 96)
+    reads = {}
+    for batch in (32, 8):                            # 3 and 12 batches per epoch
+        net = gpunn.mlp([6, 9, 3], activation="tanh", device="cuda:0", seed=2)
+        waited = fakecupy._NULL_STREAM.waited
+        fakecupy.ndarray.reads = 0
+        net.fit(mm, y, loss="cross_entropy", epochs=2, batch_size=batch)
+        assert fakecupy._NULL_STREAM.waited - waited == 2 * 96 // batch
+        reads[batch] = fakecupy.ndarray.reads
+    assert reads[8] == reads[32], reads              # read-backs per epoch, not per batch
+    ref = gpunn.mlp([6, 9, 3], activation="tanh", device="cuda:0", seed=2)
+    ref.fit(X, y, loss="cross_entropy", epochs=2, batch_size=8)
+    numpy.testing.assert_array_equal(host(net.flat_parameters()), host(ref.flat_parameters()))
