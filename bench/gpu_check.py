@@ -129,10 +129,10 @@ def sync_evidence(workload: str, batch: int, steps: int = 10, block_ms: float = 
 
 
 HEAD = ["workload", "batch", "gpunn fused µs", "gpunn unfused µs", "torch µs", "fused/torch speed-up",
-        "fused/unfused", "GFLOP/s", "GEMM-only GFLOP/s", "share of ceiling"]
+        "fused/unfused", "GFLOP/s", "GEMM-only GFLOP/s", "share of ceiling", "of cuBLAS n³ rate"]
 
 
-def _row(r: dict, s: dict) -> list:
+def _row(r: dict, s: dict, rate_tflops: float | None = None) -> list:
     """One table row from compare.measure's result ``r`` and time_workload's ``s`` ('-': did not run)."""
     def cell(d: dict, key: str, fmt: str, unit: str = "") -> str:
         return format(d[key], fmt) + unit if key in d else "-"
@@ -140,7 +140,8 @@ def _row(r: dict, s: dict) -> list:
     return [r["workload"], r["batch"], f"{us['gpunn']:.1f}", cell(us, "gpunn-unfused", ".1f"),
             cell(us, "torch", ".1f"), cell(sp, "torch", ".2f", "x"), cell(sp, "gpunn-unfused", ".2f", "x"),
             f"{s['gflops']:.0f}", f"{s['ceiling_gflops']:.0f}",
-            f"{100 * s['share_of_ceiling']:.0f}%" if s["share_of_ceiling"] is not None else "noisy"]
+            f"{100 * s['share_of_ceiling']:.0f}%" if s["share_of_ceiling"] is not None else "noisy",
+            f"{s['gflops'] / (rate_tflops * 1e3):.0%}" if rate_tflops else "-"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     syncs = report["sync_evidence"] = [sync_evidence(w, b, 3 if w == "wide" else 10) for w, b in heavy]
     for s in syncs:
         print(f"# no-sync evidence {s['workload']} b{s['batch']}: behind a {s['blocker_ms']:.0f} ms GPU "
-              f"blocker the host enqueued {s['steps']} steps in {s['host_enqueue_ms']:.1f} ms, GPU done at "
+              f"blocker the host enqueued {s['steps']} steps in {s['host_enqueue_ms']:.1f} ms "
+              f"({1e3 * s['host_enqueue_ms'] / s['steps']:.0f} µs of host time per step), GPU done at "
               f"{s['gpu_done_ms']:.1f} ms -> "
               f"{'host ran ahead (no sync in the step)' if s['host_ran_ahead'] else 'HOST WAITED'}")
     save()
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
     save()
     print()
-    print(format_table(HEAD, [_row(r, s) for r, s in zip(report["rows"], report["shares"])], markdown=True))
+    rate = report["ceiling"]["cupy_tflops"]
+    print(format_table(HEAD, [_row(r, s, rate) for r, s in zip(report["rows"], report["shares"])], markdown=True))
     return 1 if failed or not all(s["host_ran_ahead"] for s in syncs) else 0
 
 
