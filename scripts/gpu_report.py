@@ -5,7 +5,8 @@
 
 The record names the card, date and commit, keeps the script's own output (tests, agreement, benchmark)
 and judges the targets of the CuPy path against the measured figures: gpunn fused ≥ 1.0× PyTorch eager
-on `mlp` at batch 256 and 2048, `wide`'s GFLOP/s ≥ 80 % of the cuBLAS GEMM rate measured in the same run, and no sync inside a step.
+on `mlp` at batch 256 and 2048, `wide`'s GFLOP/s ≥ 80 % of the cuBLAS GEMM rate measured in the same
+run, and no sync inside a step.
 It only reads what the card produced; a figure missing from the run is reported as not measured.
 """
 from __future__ import annotations
