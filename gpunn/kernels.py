@@ -5,7 +5,7 @@ multiply, column sum, update). Here each of those chains is one kernel:
 
 - ``bias_act_fwd<T, A>``: z ← z + b in place on the matmul output, then y = f(z)   (lecture §1.1)
 - ``act_bwd<T, A>``: δ = f′(z, y) ⊙ ∂E/∂y                                        (eqs 11, 14)
-- ``colsum<T>``: grad_b = Σ over the batch of δ, with a fixed reduction order (deterministic)
+- ``colsum<T>``: grad_b = Σ over the batch of δ on a 2-D grid, with a fixed reduction order (deterministic)
 - ``sgd_update<T>``: eq (15) with momentum / Nesterov / weight decay over the network's one flat
   parameter buffer (every W and b are views of it)
 
@@ -33,6 +33,8 @@ ACTIVATION_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "relu": 3, "leaky_relu
 CTYPES = {"float32": "float", "float64": "double"}
 OPTIONS = ("--fmad=false",)   # CuPy adds -ftz=true and its default C++ standard itself
 BLOCK = 256
+#: Blocks the column sum aims for: 2 per SM of an H100/H200 (132 SMs), so a batch fills the card.
+COLSUM_BLOCKS = 264
 #: Widest softmax layer the one-thread-per-row kernels take (wider ones use the plain xp code).
 MAX_SOFTMAX_COLS = 1024
 
@@ -115,21 +117,40 @@ __global__ void act_bwd(const T* __restrict__ z, const T* __restrict__ y, const 
         d[i] = act_d<T, A>(z[i], y[i], g[i], p, q);
 }
 
-// Column sums of a (rows, cols) C-contiguous matrix: block (32, 8); each thread sums a strided set of
-// rows in order, then row 0 of the block adds the 8 partial sums in order: no atomics, deterministic.
+// Column sums of a (rows, cols) C-contiguous matrix over a 2-D grid that fills the GPU: blockIdx.x
+// picks 32 columns, blockIdx.y a chunk of ``chunk`` rows. Block (32, 8): each thread sums a strided set
+// of its chunk's rows in order, row 0 of the block adds the 8 partial sums in order and writes the
+// chunk's sums to part[blockIdx.y, :]. The block that finishes a column tile last (a ticket counter per
+// tile) adds the chunks' sums in chunk order and resets the counter: deterministic, whatever the order
+// in which blocks finish.
 template<typename T>
-__global__ void colsum(const T* __restrict__ d, T* __restrict__ out, int rows, int cols) {
-    __shared__ T part[8][33];
+__global__ void colsum(const T* __restrict__ d, T* __restrict__ out, T* part, int* count, int rows, int cols,
+                       int chunk) {
+    __shared__ T tile[8][33];
+    __shared__ int last;
     int c = blockIdx.x * 32 + threadIdx.x;
+    int r0 = blockIdx.y * chunk;
+    int r1 = (r0 + chunk < rows) ? r0 + chunk : rows;
     T acc = T(0);
     if (c < cols)
-        for (int r = threadIdx.y; r < rows; r += 8) acc += d[(long long)r * cols + c];
-    part[threadIdx.y][threadIdx.x] = acc;
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) acc += d[(long long)r * cols + c];
+    tile[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     if (threadIdx.y == 0 && c < cols) {
-        T s = part[0][threadIdx.x];
-        for (int k = 1; k < 8; ++k) s += part[k][threadIdx.x];
+        T s = tile[0][threadIdx.x];
+        for (int k = 1; k < 8; ++k) s += tile[k][threadIdx.x];
+        part[(long long)blockIdx.y * cols + c] = s;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0)
+        last = (atomicAdd(&count[blockIdx.x], 1) == (int)gridDim.y - 1);
+    __syncthreads();
+    if (last && threadIdx.y == 0 && c < cols) {
+        T s = part[c];
+        for (int k = 1; k < (int)gridDim.y; ++k) s += part[(long long)k * cols + c];
         out[c] = s;
+        if (threadIdx.x == 0) count[blockIdx.x] = 0;       // ready for the next launch
     }
 }
 
@@ -239,7 +260,8 @@ def instantiation_source() -> str:
                          f"{ctype}*, long long, int, {ctype}, {ctype});")
             lines.append(f"template __global__ void act_bwd<{ctype}, {a}>(const {ctype}*, const {ctype}*, "
                          f"const {ctype}*, {ctype}*, long long, {ctype}, {ctype});")
-        lines.append(f"template __global__ void colsum<{ctype}>(const {ctype}*, {ctype}*, int, int);")
+        lines.append(f"template __global__ void colsum<{ctype}>(const {ctype}*, {ctype}*, {ctype}*, int*, int, int, "
+                     "int);")
         lines.append(f"template __global__ void sgd_update<{ctype}>({ctype}*, const {ctype}*, {ctype}*, "
                      f"const {ctype}*, long long, {ctype}, {ctype}, {ctype}, {ctype}, int, int, int);")
         lines.append(f"template __global__ void softmax_fwd<{ctype}>({ctype}*, const {ctype}*, {ctype}*, {ctype}*, "
@@ -285,7 +307,7 @@ class FusedKernels:
         self._sizes: dict[tuple, tuple] = {}        # shape -> (grid, size arguments)
         self._sgd_last: tuple = (None, None)        # (dtype, hyper-parameters), (fn, scalars): one slot,
         #                                             so a learning-rate schedule cannot grow a cache
-        self._colsum: dict[Any, Any] = {}           # dtype -> fn
+        self._colsum: dict[tuple, tuple] = {}       # (shape, dtype) -> (fn, grid, scratch, counters, sizes)
         self._plain: dict[tuple, Any] = {}          # (kernel, dtype) -> fn, for the non-activation kernels
         self._rowloss: dict[tuple, Array] = {}      # (rows, dtype) -> per-row loss scratch
         self.xp = device.xp
@@ -365,14 +387,24 @@ class FusedKernels:
         return True
 
     def column_sum(self, delta: Array, out: Array) -> bool:
-        """out = Σ over the rows of delta, in a fixed order."""
+        """out = Σ over the rows of delta, in a fixed order, on a grid of at least COLSUM_BLOCKS blocks."""
         if not (delta.flags.c_contiguous and out.flags.c_contiguous):
             return False
-        fn = self._colsum.get(delta.dtype)
-        if fn is None:
-            fn = self._colsum[delta.dtype] = self.module.get_function(f"colsum<{CTYPES[delta.dtype.name]}>")
-        _, _, cols, rows = self._size(delta.shape)
-        fn(((delta.shape[1] + 31) // 32,), (32, 8), (delta, out, rows, cols))
+        key = (delta.shape, delta.dtype)
+        hit = self._colsum.get(key)
+        if hit is None:
+            rows, cols = delta.shape
+            tiles = (cols + 31) // 32
+            chunks = max(1, min((rows + 63) // 64, -(-COLSUM_BLOCKS // tiles)))   # ≥ 64 rows per chunk
+            chunk = -(-rows // chunks)
+            chunks = -(-rows // chunk)
+            fn = self.module.get_function(f"colsum<{CTYPES[delta.dtype.name]}>")
+            part = self.xp.empty((chunks, cols), delta.dtype)
+            count = self.xp.zeros(tiles, numpy.int32)              # every launch leaves it at zero again
+            hit = self._colsum[key] = (fn, (tiles, chunks), part, count,
+                                       (numpy.int32(rows), numpy.int32(cols), numpy.int32(chunk)))
+        fn, grid, part, count, sizes = hit
+        fn(grid, (32, 8), (delta, out, part, count) + sizes)
         return True
 
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,

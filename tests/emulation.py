@@ -37,6 +37,8 @@ static Dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __restrict__
 #define __shared__ static
 #define __syncthreads()
+#define __threadfence()
+static inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }   // blocks run one at a time
 """
 
 _KERNEL = re.compile(r"template\s*<([^>]*)>\s*__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)

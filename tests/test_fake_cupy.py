@@ -209,3 +209,16 @@ def test_an_mlp_training_step_makes_few_device_calls_and_allocates_nothing(fake_
     fakecupy.ndarray.allocations = 0
     fresh = net.train_step(x, t, loss, opt)          # without out=: the returned 0-d loss is the one allocation
     assert fresh.shape == () and fakecupy.ndarray.allocations == 1
+
+
+def test_the_column_sum_grid_fills_the_card(fake_gpu):
+    """mlp at batch 2048: 512 columns are 16 tiles; the rows are cut into chunks so that the grid has at
+    least kernels.COLSUM_BLOCKS blocks (2 per SM of an H100/H200), instead of 16."""
+    from gpunn import kernels
+    net = gpunn.mlp([784, 512, 512, 10], activation="sigmoid", device="cuda:0", seed=0)
+    delta = net.device.asarray(rng(0).normal(size=(2048, 512)), dtype=net.dtype)
+    out = net.device.xp.empty(512, net.dtype)
+    net.ops.column_sum(delta, out)
+    numpy.testing.assert_allclose(host(out), host(delta).astype(numpy.float64).sum(axis=0), rtol=1e-4, atol=1e-4)
+    (fn, grid, part, count, sizes), = net.ops.kernels._colsum.values()
+    assert grid[0] == 16 and grid[0] * grid[1] >= kernels.COLSUM_BLOCKS and part.shape == (grid[1], 512)

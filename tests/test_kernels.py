@@ -125,14 +125,21 @@ def test_emulated_kernels_match_numpy_path(emulated, act, dtype):
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("shape", [(1, 1), (33, 5), (4096, 70), (7, 129)])
-def test_emulated_colsum(emulated, dtype, shape):
+@pytest.mark.parametrize("shape,chunk", [((1, 1), 1), ((33, 5), 64), ((4096, 70), 100), ((7, 129), 2),
+                                         ((2048, 512), 121)])
+def test_emulated_colsum(emulated, dtype, shape, chunk):
+    """The 2-D grid column sum: several row chunks per column tile, combined by the tile's last block;
+    launched twice, so the ticket counters must have been left at zero."""
     d = rng(4).normal(size=shape).astype(dtype)
-    out = numpy.full(shape[1], numpy.nan, dtype)
-    emulation.launch(f"colsum<{kernels.CTYPES[numpy.dtype(dtype).name]}>", ((shape[1] + 31) // 32,), (32, 8),
-                     (d, out, numpy.int32(shape[0]), numpy.int32(shape[1])))
+    tiles, chunks = (shape[1] + 31) // 32, -(-shape[0] // chunk)
+    part, count = numpy.full((chunks, shape[1]), numpy.nan, dtype), numpy.zeros(tiles, numpy.int32)
     ref = d.astype(numpy.float64).sum(axis=0)
-    numpy.testing.assert_allclose(out, ref, rtol=1e-4 if dtype == numpy.float32 else 1e-12, atol=1e-5)
+    for _ in range(2):
+        out = numpy.full(shape[1], numpy.nan, dtype)
+        emulation.launch(f"colsum<{kernels.CTYPES[numpy.dtype(dtype).name]}>", (tiles, chunks), (32, 8),
+                         (d, out, part, count, numpy.int32(shape[0]), numpy.int32(shape[1]), numpy.int32(chunk)))
+        numpy.testing.assert_allclose(out, ref, rtol=1e-4 if dtype == numpy.float32 else 1e-12, atol=1e-5)
+        assert not count.any()
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=["float32", "float64"])
@@ -229,10 +236,11 @@ def test_launch_checker_rejects_what_a_gpu_would_misread(emulated, bad, match):
 
 
 def test_launch_checker_rejects_bad_launches(emulated):
-    args = (numpy.zeros((2, 2), numpy.float32), numpy.zeros(2, numpy.float32), numpy.int32(2), numpy.int32(2))
+    args = (numpy.zeros((2, 2), numpy.float32), numpy.zeros(2, numpy.float32), numpy.zeros((1, 2), numpy.float32),
+            numpy.zeros(1, numpy.int32), numpy.int32(2), numpy.int32(2), numpy.int32(2))
     with pytest.raises(ValueError, match="more than 1024 threads"):
         emulation.launch("colsum<float>", (1,), (64, 32), args)
-    with pytest.raises(TypeError, match="takes 4 arguments"):
+    with pytest.raises(TypeError, match="takes 7 arguments"):
         emulation.launch("colsum<float>", (1,), (32, 8), args[:3])
     with pytest.raises(KeyError, match="no kernel"):
         emulation.launch("colsum<half>x", (1,), (32, 8), args)
@@ -242,7 +250,9 @@ def test_too_small_a_colsum_grid_leaves_columns_unwritten(emulated):
     """The emulation runs exactly the grid it is given, so a launch bug shows up in the results."""
     d = numpy.ones((5, 70), numpy.float32)
     out = numpy.full(70, numpy.nan, numpy.float32)
-    emulation.launch("colsum<float>", (2,), (32, 8), (d, out, numpy.int32(5), numpy.int32(70)))
+    part, count = numpy.zeros((1, 70), numpy.float32), numpy.zeros(3, numpy.int32)
+    emulation.launch("colsum<float>", (2, 1), (32, 8),
+                     (d, out, part, count, numpy.int32(5), numpy.int32(70), numpy.int32(5)))
     assert (out[:64] == 5).all() and numpy.isnan(out[64:]).all()
 
 
