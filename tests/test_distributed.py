@@ -160,3 +160,26 @@ def test_the_cli_trains_on_several_ranks_and_only_rank_0_reports(tmp_path):
     import json
     summary = json.loads(run.stdout)                  # one JSON document: rank 1 printed nothing
     assert summary["ranks"] == 2 and summary["test_accuracy"] >= 0.9 and out.exists()
+
+
+def test_the_pypi_mpich_is_not_reported_cuda_aware():
+    """MPICH's PyPI wheel has no CUDA support: its CuPy arrays must take NCCL or the host route."""
+    from mpi4py import MPI  # noqa: F401  (loads the MPI library whose support is queried)
+
+    from gpunn.distributed import mpi_cuda_aware
+    assert mpi_cuda_aware() is False
+
+
+def test_a_cuda_aware_mpi_is_recognised(tmp_path):
+    """A library named like an MPI that answers MPIX_Query_cuda_support() == 1 is taken at its word."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler to build the stand-in library")
+    src = tmp_path / "q.c"
+    src.write_text("int MPIX_Query_cuda_support(void) { return 1; }\n")
+    lib = tmp_path / "libmpi_cuda_standin.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    run = subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({str(lib)!r}); "
+                          "from gpunn.distributed import mpi_cuda_aware; print(mpi_cuda_aware())"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "True", run.stderr
