@@ -63,6 +63,12 @@ def test_cupy_signatures_take_the_out_arguments_gpunn_passes():
     cupy = pytest.importorskip("cupy", reason="CuPy not installed")
     for name in ("take", "argmax", "sum", "max", "matmul"):
         assert "out" in inspect.signature(getattr(cupy, name)).parameters, name
+    # what the streamed batches (backend.HostToDevice) and gpu_check's blocker use
+    for name in ("alloc_pinned_memory", "Stream", "get_current_stream", "Event"):
+        assert hasattr(cupy.cuda, name), name
+    assert all(hasattr(cupy.cuda.Stream, m) for m in ("record", "wait_event"))
+    assert all(hasattr(cupy.cuda.Event, m) for m in ("done", "synchronize"))
+    assert hasattr(cupy.ndarray, "set") and hasattr(cupy, "RawKernel")
     mod = cupy.RawModule(code=kernels.SOURCE, options=kernels.OPTIONS, name_expressions=kernels.name_expressions())
     assert mod.options == kernels.OPTIONS and len(mod.name_expressions) == len(kernels.name_expressions())
 
