@@ -1,6 +1,7 @@
 """Every ```python block of the README runs alone, as written, in a fresh interpreter."""
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -18,6 +19,10 @@ def test_the_readme_has_python_examples():
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{k}" for k in range(len(BLOCKS))])
 def test_readme_block_runs_alone(code, tmp_path):
+    for extra in ("sklearn", "matplotlib"):           # blocks that need an optional extra say so by importing it
+        if f"import {extra}" in code or f"from {extra}" in code:
+            pytest.importorskip(extra, reason=f"{extra} not installed: this README block needs the extra")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={"GPUNN_DEVICE": "cpu", "PATH": "/usr/bin:/bin"})
+                         env={"GPUNN_DEVICE": "cpu", "PATH": "/usr/bin:/bin",
+                              "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     assert run.returncode == 0, run.stderr[-2000:]
