@@ -128,6 +128,33 @@ def sync_evidence(workload: str, batch: int, steps: int = 10, block_ms: float = 
             "blocker_pending_when_host_done": pending, "host_ran_ahead": pending}
 
 
+def host_and_gpu_time(workload: str, batch: int, names: list[str], steps: int = 20) -> dict:
+    """Per contender: host µs to enqueue a step (no sync inside the loop) and GPU µs per step between two
+    CUDA events (CuPy's for gpunn, PyTorch's for torch): where they are close, the step is launch-bound."""
+    import cupy as cp
+    made, _ = compare.setup(workload, batch, names, device="cuda:0")
+    out = {}
+    for name, (step, _, sync) in made.items():
+        if name == "torch":
+            import torch
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        else:
+            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        for _ in range(3):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        e0.record()
+        for _ in range(steps):
+            step()
+        e1.record()
+        host = time.perf_counter() - t0
+        e1.synchronize()
+        gpu_ms = e0.elapsed_time(e1) if name == "torch" else cp.cuda.get_elapsed_time(e0, e1)
+        out[name] = {"host_us_per_step": host / steps * 1e6, "gpu_us_per_step": gpu_ms / steps * 1e3}
+    return out
+
+
 HEAD = ["workload", "batch", "gpunn fused µs", "gpunn unfused µs", "torch µs", "fused/torch speed-up",
         "fused/unfused", "GFLOP/s", "GEMM-only GFLOP/s", "share of ceiling", "of cuBLAS n³ rate"]
 
@@ -200,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 report["agreement"].append({"workload": w, "batch": min(b, 64), "contender": name, "diff": d})
                 print(f"agreement {w} b{min(b, 64)} {name}: {d:.2e} {'ok' if ok else 'FAIL'}")
             row = compare.measure(w, b, names, args.rounds, args.min_time, "float32", "cuda:0")
+            row["host_gpu"] = host_and_gpu_time(w, b, names)
+            print(f"# host/GPU µs per step {w} b{b}: " + ", ".join(
+                f"{n} {v['host_us_per_step']:.0f}/{v['gpu_us_per_step']:.0f}" for n, v in row["host_gpu"].items()))
             share = time_workload(w, Device("cuda:0"), "float32", b, repeats=3, min_time=args.min_time)
         except Exception as exc:       # report it and go on: card time is too short to stop at one failure
             failed = True

@@ -92,6 +92,12 @@ def report(out: Path, commit: str | None = None) -> tuple[str, str]:
           "## Targets of the CuPy path (same run, same card, float32)", "",
           "| target | measured | verdict |", "|---|---|---|"]
     md += [f"| {t} | {m} | {v} |" for t, m, v in targets(bench)]
+    split = [(r["workload"], r["batch"], n, v) for r in bench.get("rows", []) for n, v in r.get("host_gpu", {}).items()]
+    if split:        # where host time per step is close to GPU time, the step is launch-bound
+        md += ["", "## Host and GPU time per step (µs; GPU time between CUDA events)", "",
+               "| workload | batch | contender | host | GPU |", "|---|---|---|---|---|"]
+        md += [f"| {w} | {b} | {n} | {v['host_us_per_step']:.0f} | {v['gpu_us_per_step']:.0f} |"
+               for w, b, n, v in split]
     for title, fname in [("Versions and card", "env.txt"), ("GPU tests", "pytest-gpu.txt"),
                          ("Agreement check", "check.txt"), ("Benchmark", "bench.txt")]:
         text = _read(out, fname).strip()

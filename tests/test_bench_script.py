@@ -70,6 +70,7 @@ def test_gpu_check_runs_end_to_end_on_the_fake_gpu(fake_gpu, tmp_path, capsys):
     assert all(a["diff"] <= 1e-4 for a in data["agreement"])
     assert [s["workload"] for s in data["sync_evidence"]] == ["mlp", "lecture"]   # the heavier first
     assert "| mlp | 32 |" in text and "# fp32 GEMM 64^3" in text
+    assert set(data["rows"][1]["host_gpu"]) == {"gpunn", "gpunn-unfused"} and "# host/GPU µs per step mlp b32" in text
     # the fake runs each step synchronously, so the host cannot run ahead: the script must say so
     assert "HOST WAITED" in text and rc == 1
     # and the record for bench/results/ is made from that output as it would be from the card's
@@ -82,6 +83,7 @@ def test_gpu_check_runs_end_to_end_on_the_fake_gpu(fake_gpu, tmp_path, capsys):
     assert "| fused ≥ 1.0× PyTorch eager, mlp b256 | not measured | unknown |" in md
     assert "| ≥ 80% of the measured cuBLAS GEMM rate, wide | not measured | unknown |" in md
     assert "| no host–device sync inside a step | " in md and "| NOT met |" in md
+    assert "| mlp | 32 | gpunn |" in md                    # the host/GPU split per contender
 
 
 def test_gpu_check_says_why_it_cannot_run(capsys):
