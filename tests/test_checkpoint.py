@@ -139,3 +139,13 @@ def test_cli_runs_killed_at_random_moments_resume_to_the_same_model(tmp_path):
     got = gpunn.load(out, device="cpu")
     numpy.testing.assert_array_equal(host(got.flat_parameters()), host(ref.flat_parameters()))
     assert killed > 0, "never killed: the test did not test resuming"
+
+
+def test_a_run_that_stopped_early_stays_stopped(tmp_path):
+    first = _net("cpu")
+    h1 = _fit(first, 40, optimizer=gpunn.Adam(lr=0.05), patience=2, checkpoint=tmp_path / "c")
+    assert h1.stopped_early
+    again = _net("cpu")
+    h2 = _fit(again, 40, optimizer=gpunn.Adam(lr=0.05), patience=2, checkpoint=tmp_path / "c")
+    assert h2.stopped_early and len(h2) == len(h1) and h2.best_epoch == h1.best_epoch
+    numpy.testing.assert_array_equal(host(again.flat_parameters()), host(first.flat_parameters()))

@@ -257,3 +257,10 @@ def test_summary_tables_the_layers():
     assert lines[2].split() == ["0", "Dense", "64", "->", "32", "ReLU()", "2,048", "32", "2,080"]
     assert lines[3].split() == ["1", "Dense", "32", "->", "10", "Softmax()", "320", "10", "330"]
     assert lines[4].split() == ["total", f"{64 * 32 + 32 + 32 * 10 + 10:,}"]
+
+
+def test_pickling_keeps_seed_and_the_fused_choice(fake_gpu):
+    import pickle
+    net = gpunn.mlp([6, 8, 3], device="cuda:0", seed=11, fused=False)
+    twin = pickle.loads(pickle.dumps(net))
+    assert (twin.seed, twin.fused, str(twin.device)) == (11, False, "cuda:0")

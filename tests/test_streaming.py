@@ -83,3 +83,13 @@ def test_on_a_gpu_batches_go_through_two_pinned_buffers_and_a_copy_stream(fake_g
     ref = gpunn.mlp([6, 9, 3], activation="tanh", device="cuda:0", seed=2)
     ref.fit(X, y, loss="cross_entropy", epochs=2, batch_size=8)
     numpy.testing.assert_array_equal(host(net.flat_parameters()), host(ref.flat_parameters()))
+
+
+def test_an_unshuffled_memmap_fit_reads_the_rows_in_order(tmp_path):
+    X = rng(0).normal(size=(50, 6))
+    y = rng(1).integers(0, 3, 50)
+    mm = _memmap(tmp_path, "x", X)
+    a, b = (gpunn.mlp([6, 9, 3], device="cpu", dtype="float64", seed=2) for _ in range(2))
+    a.fit(X, y, loss="cross_entropy", epochs=2, batch_size=16, shuffle=False)
+    b.fit(mm, y, loss="cross_entropy", epochs=2, batch_size=16, shuffle=False)
+    numpy.testing.assert_array_equal(host(b.flat_parameters()), host(a.flat_parameters()))

@@ -126,3 +126,59 @@ def test_optimiser_updates_allocate_nothing_in_the_steady_state(opt):
 def test_adam_betas_must_be_a_pair():
     with pytest.raises(gpunn.ConfigError, match="pair"):
         gpunn.Adam(betas=(0.9,))
+
+
+@pytest.mark.parametrize("value,word", [(numpy.nan, "NaN"), (numpy.inf, "infinite")])
+def test_divergence_says_which_non_finite_value(device, value, word, monkeypatch):
+    net = gpunn.mlp([5, 7, 3], activation="sigmoid", output="softmax", device=device, dtype="float64", seed=2)
+    real = net.train_step
+
+    def step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[...] = value
+        return out
+    monkeypatch.setattr(net, "train_step", step)
+    with pytest.raises(gpunn.DivergenceError, match=f"the loss became {word} at epoch 1, step 1"):
+        net.fit(X, LABELS, loss="cross_entropy", epochs=1, batch_size=8)
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    """Patience 2 on the training loss (no validation data): stop at the 2nd epoch that does not improve
+    on the best; a tie is no improvement; the best epoch's weights are restored."""
+    stopping = gpunn.training._EarlyStopping(2)
+    params = numpy.zeros(3)
+    losses = [5.0, 4.0, 4.0, 3.0, 3.5, 3.0]             # epoch 4 is the best; 5 and 6 do not improve
+    stops = []
+    for epoch, loss in enumerate(losses, start=1):
+        params[:] = epoch
+        stops.append(stopping.should_stop({"epoch": epoch, "loss": loss}, params))
+    assert stops == [False, False, False, False, False, True]
+    history = gpunn.History()
+    stopping.restore_best(params, history)
+    assert history.best_epoch == 4 and (params == 4).all()
+    watched = gpunn.training._EarlyStopping(1)        # with validation data, val_loss is what counts
+    assert not watched.should_stop({"epoch": 1, "loss": 9.0, "val_loss": 1.0}, params)
+    assert watched.should_stop({"epoch": 2, "loss": 0.1, "val_loss": 2.0}, params)
+
+
+def test_step_without_an_optimiser_is_sgd_at_0_1_and_keeps_it(device):
+    net = gpunn.mlp([5, 7, 3], activation="sigmoid", output="softmax", device=device, dtype="float64", seed=1)
+    for _ in range(2):
+        net.forward(X)
+        net.backward(LABELS, "cross_entropy")
+        before, grad = host(net.flat_parameters()), host(net.flat_gradients())
+        net.step()
+        numpy.testing.assert_allclose(host(net.flat_parameters()), before - 0.1 * grad, rtol=1e-12, atol=1e-15)
+    assert isinstance(net.optimizer, gpunn.SGD) and net.optimizer.t == 2
+
+
+def test_cross_entropy_of_rows_at_very_different_scales(device):
+    """Each row is shifted by its own maximum: a shared shift would make the small rows' e^z vanish."""
+    net = gpunn.mlp([2, 3], output="softmax", device=device, dtype="float64", seed=0)
+    W, b = net.parameters()
+    W[...] = net.device.asarray(numpy.eye(2, 3))
+    x = numpy.array([[1000.0, 0.0], [0.0, 1.0]])
+    z = x @ numpy.eye(2, 3)
+    lse = numpy.array([numpy.log(numpy.exp(r - r.max()).sum()) + r.max() for r in z])
+    want = numpy.mean(lse - z[numpy.arange(2), [0, 1]])
+    assert net.evaluate(x, [0, 1], "cross_entropy").loss == pytest.approx(want, rel=1e-12)
