@@ -264,3 +264,14 @@ def test_pickling_keeps_seed_and_the_fused_choice(fake_gpu):
     net = gpunn.mlp([6, 8, 3], device="cuda:0", seed=11, fused=False)
     twin = pickle.loads(pickle.dumps(net))
     assert (twin.seed, twin.fused, str(twin.device)) == (11, False, "cuda:0")
+
+
+def test_a_layer_pickles_as_its_configuration():
+    import pickle
+    layer = gpunn.Dense(4, 3, {"name": "elu", "a": 0.5}, init="small")
+    gpunn.Sequential([layer], device="cpu", seed=0)
+    back = pickle.loads(pickle.dumps(layer))
+    assert back.config() == layer.config() and back.W is None       # no weights: they belong to the network
+    assert repr(back) == "Dense(4, 3, activation=ELU(a=0.5))"
+    gpunn.Sequential([back], device="cpu", seed=0)                 # free to join a network of its own
+    assert "History(0 epochs" in repr(gpunn.History()) and repr(gpunn.losses.get("mse")) == "SquaredError()"
