@@ -131,7 +131,6 @@ class _Data:
     step_correct: Array
     ops: XpOps
     dtype: numpy.dtype
-    shuffle: bool
     comm: Communicator | None = None  # data-parallel: each rank takes its share of every batch
     streamed: bool = False
     perm: numpy.ndarray | None = None     # the epoch's order (None: as stored)
@@ -163,7 +162,7 @@ class _Data:
     def batch(self, rows: slice) -> tuple[Array, Array, Array | None]:
         """(x, t, labels) of the rows ``rows`` of this epoch's order."""
         if not self.streamed:
-            if self.perm is None or not self.shuffle:
+            if self.perm is None:
                 x, t, lab = self.x, self.t, self.labels
             else:
                 x, t, lab = self._buffers["xs"], self._buffers["ts"], self._buffers.get("ls")
@@ -225,7 +224,7 @@ def _prepare(net: Any, X: Any, Y: Any, loss: Loss, batch_size: int, shuffle: boo
     starts = list(range(0, n, batch_size))
     sizes = numpy.array([min(batch_size, n - s) for s in starts], dtype=numpy.float64)
     return _Data(x, t, labels, starts, batch_size, sizes, xp.zeros(len(starts), dtype=net.dtype),
-                 xp.zeros(len(starts), dtype=numpy.int64), net.ops, net.dtype, shuffle, comm, streamed)
+                 xp.zeros(len(starts), dtype=numpy.int64), net.ops, net.dtype, comm, streamed)
 
 
 def _validation(net: Any, validation_data: Any, loss: Loss) -> tuple[Array, Array] | None:
