@@ -53,8 +53,8 @@ class Activation:
     rowwise = False
 
     # -- the vectorised, in-place interface used by layers --------------------------------------
-    def forward(self, z: Array, out: Array, col: Array | None = None) -> Array:  # pragma: no cover - abstract
-        """Write f(z) into ``out`` (same shape as z); ``col`` is a (batch, 2) scratch array."""
+    def forward(self, z: Array, out: Array, rowstats: Array | None = None) -> Array:  # pragma: no cover - abstract
+        """Write f(z) into ``out`` (same shape as z); ``rowstats`` is a (batch, 2) scratch array."""
         raise NotImplementedError
 
     def derivative(self, z: Array, y: Array, out: Array) -> Array:  # pragma: no cover - abstract
@@ -62,7 +62,7 @@ class Activation:
         raise NotImplementedError
 
     def backward(self, z: Array, y: Array, grad: Array, out: Array, scratch: Array | None = None,
-                 col: Array | None = None) -> Array:
+                 rowstats: Array | None = None) -> Array:
         """Write δ = f′(z) ⊙ grad into ``out`` (eq 11: δ_j = f′(z_j) ∂E/∂y_j); ``out`` is not ``grad``."""
         self.derivative(z, y, out)
         out *= grad
@@ -79,8 +79,8 @@ class Activation:
                                  f"got shape {tuple(z.shape)}")
             return self(z.reshape(1, -1)).reshape(-1)
         out = xp.empty_like(z)
-        col = xp.empty((z.shape[0], 2), z.dtype) if self.rowwise else None
-        return self.forward(z, out, col)
+        rowstats = xp.empty((z.shape[0], 2), z.dtype) if self.rowwise else None
+        return self.forward(z, out, rowstats)
 
     def grad(self, z: Array) -> Array:
         """f′(z), elementwise (for plotting and tests)."""
@@ -110,7 +110,7 @@ class Sigmoid(Activation):
 
     name = "sigmoid"
 
-    def forward(self, z, out, col=None):
+    def forward(self, z, out, rowstats=None):
         xp = xp_of(z)
         # e^(−z) overflows only where σ(z) underflows anyway: cap the exponent instead of warning.
         xp.negative(z, out=out)
@@ -131,7 +131,7 @@ class Tanh(Activation):
 
     name = "tanh"
 
-    def forward(self, z, out, col=None):
+    def forward(self, z, out, rowstats=None):
         return xp_of(z).tanh(z, out=out)
 
     def derivative(self, z, y, out):
@@ -145,7 +145,7 @@ class ReLU(Activation):
 
     name = "relu"
 
-    def forward(self, z, out, col=None):
+    def forward(self, z, out, rowstats=None):
         return xp_of(z).maximum(z, 0.0, out=out)
 
     def derivative(self, z, y, out):
@@ -163,7 +163,7 @@ class LeakyReLU(Activation):
             raise ConfigError(f"leaky_relu alpha must be in [0, 1); got {alpha}")
         self.alpha = self.param = alpha
 
-    def forward(self, z, out, col=None):
+    def forward(self, z, out, rowstats=None):
         xp = xp_of(z)
         xp.multiply(z, self.alpha, out=out)
         return xp.maximum(z, out, out=out)  # max(z, αz) is the leaky ReLU for 0 ≤ α < 1
@@ -184,7 +184,7 @@ class Softplus(Activation):
 
     name = "softplus"
 
-    def forward(self, z, out, col=None):
+    def forward(self, z, out, rowstats=None):
         # logaddexp(0, z) = max(z, 0) + log1p(e^(−|z|)): never overflows.
         return xp_of(z).logaddexp(0.0, z, out=out)
 
@@ -208,7 +208,7 @@ class ELU(Activation):
             raise ConfigError(f"elu parameter a must be a positive finite number; got {a}")
         self.a = self.param = a
 
-    def forward(self, z, out, col=None):
+    def forward(self, z, out, rowstats=None):
         xp = xp_of(z)
         xp.minimum(z, 0.0, out=out)  # e^z only where z ≤ 0: no overflow
         xp.expm1(out, out=out)
@@ -227,7 +227,7 @@ class ELU(Activation):
         xp.copyto(out, 1.0, where=y > 0)
         return out
 
-    def backward(self, z, y, grad, out, scratch=None, col=None):
+    def backward(self, z, y, grad, out, scratch=None, rowstats=None):
         # Allocation-free form of the above: f′ = (min(y, 0) + a) + (1 − a)·[y > 0].
         xp = xp_of(y)
         xp.minimum(y, 0.0, out=out)
@@ -247,7 +247,7 @@ class Identity(Activation):
 
     name = "identity"
 
-    def forward(self, z, out, col=None):
+    def forward(self, z, out, rowstats=None):
         if out is not z:
             xp_of(z).copyto(out, z)
         return out
@@ -256,7 +256,7 @@ class Identity(Activation):
         out.fill(1.0)
         return out
 
-    def backward(self, z, y, grad, out, scratch=None, col=None):
+    def backward(self, z, y, grad, out, scratch=None, rowstats=None):
         if out is not grad:
             xp_of(grad).copyto(out, grad)
         return out
@@ -267,30 +267,30 @@ class Softmax(Activation):
 
     Its derivative couples the outputs of a row, so ``backward`` applies the Jacobian:
     δ = y ⊙ (g − Σ_t g_t y_t). With cross-entropy the loss supplies δ = y − y* directly instead.
-    ``forward`` leaves log Σ e^z (the log-partition, used by the loss) in ``col[:, 0]``.
+    ``forward`` leaves log Σ e^z (the log-partition, used by the loss) in ``rowstats[:, 0]``.
     """
 
     name = "softmax"
     rowwise = True
 
-    def forward(self, z, out, col=None):
+    def forward(self, z, out, rowstats=None):
         xp = xp_of(z)
-        shift, total = col[:, 0:1], col[:, 1:2]
+        shift, total = rowstats[:, 0:1], rowstats[:, 1:2]
         xp.max(z, axis=1, keepdims=True, out=shift)
         xp.subtract(z, shift, out=out)    # shift by the row max: no overflow
         xp.exp(out, out=out)
         xp.sum(out, axis=1, keepdims=True, out=total)
         out /= total
         xp.log(total, out=total)
-        shift += total                    # col[:, 0] = log Σ e^z, the log-partition
+        shift += total                    # rowstats[:, 0] = log Σ e^z, the log-partition
         return out
 
     def derivative(self, z, y, out):
         raise ConfigError("softmax has no elementwise derivative; use backward() (a Jacobian product)")
 
-    def backward(self, z, y, grad, out, scratch=None, col=None):
+    def backward(self, z, y, grad, out, scratch=None, rowstats=None):
         xp = xp_of(y)
-        dot = col[:, 1:2]
+        dot = rowstats[:, 1:2]
         xp.multiply(grad, y, out=out)
         xp.sum(out, axis=1, keepdims=True, out=dot)
         xp.subtract(grad, dot, out=out)

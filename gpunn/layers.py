@@ -32,20 +32,20 @@ __all__ = ["Dense", "Buffers"]
 class Buffers:
     """Work arrays of one layer for one batch size: z, y and (for training) δ, ∂E/∂x and scratch."""
 
-    __slots__ = ("z", "y", "delta", "dx", "scratch", "col")
+    __slots__ = ("z", "y", "delta", "dx", "scratch", "rowstats")
 
     def __init__(self, xp: ArrayModule, batch: int, n_in: int, n_out: int, dtype: numpy.dtype,
                  act: activations.Activation, input_grad: bool, training: bool = True):
         self.z = xp.empty((batch, n_out), dtype)
         self.y = self.z if act.name == "identity" else xp.empty((batch, n_out), dtype)
-        self.col = xp.empty((batch, 2), dtype) if act.rowwise else None
+        self.rowstats = xp.empty((batch, 2), dtype) if act.rowwise else None
         self.delta = xp.empty((batch, n_out), dtype) if training else None
         self.dx = xp.empty((batch, n_in), dtype) if training and input_grad else None
         self.scratch = xp.empty((batch, n_out), dtype) if training and act.needs_scratch else None
 
     def rows(self, n: int) -> tuple[Array, Array, Array | None]:
-        """(z, y, col) views of the first ``n`` rows (C-contiguous, like the whole arrays)."""
-        return self.z[:n], self.y[:n], None if self.col is None else self.col[:n]
+        """(z, y, rowstats) views of the first ``n`` rows (C-contiguous, like the whole arrays)."""
+        return self.z[:n], self.y[:n], None if self.rowstats is None else self.rowstats[:n]
 
 
 class Dense:
@@ -84,7 +84,7 @@ class Dense:
         self.z: Array = None
         self.y: Array = None
         self.delta: Array = None
-        self.col: Array = None
+        self.rowstats: Array = None
 
     # -- parameters (views into the network's flat buffers) ---------------------------------------
     def attach(self, network: object) -> None:
@@ -127,10 +127,10 @@ class Dense:
             self._bufs[batch] = bufs
         return bufs
 
-    def _pre_activation(self, x: Array, z: Array, y: Array, col: Array | None, ops: XpOps) -> Array:
+    def _pre_activation(self, x: Array, z: Array, y: Array, rowstats: Array | None, ops: XpOps) -> Array:
         """z = x·W + b, y = f(z): a neuron's weighted inputs plus bias, then its activation (§1.1)."""
         ops.xp.matmul(x, self._W, out=z)                           # z_j = Σ_i w_ij y_i
-        return ops.bias_activation(self.activation, z, self._b, y, col)
+        return ops.bias_activation(self.activation, z, self._b, y, rowstats)
 
     def forward(self, x: Array, ops: XpOps) -> Array:
         """y = f(x·W + b) for a batch x of shape (batch, n_in); returns the layer's y buffer.
@@ -138,8 +138,8 @@ class Dense:
         The layer keeps ``x, z, y`` for :meth:`backward` (and for a reader: lecture §2 step 2).
         """
         bufs = self.buffers(ops.xp, x.shape[0])
-        self._pre_activation(x, bufs.z, bufs.y, bufs.col, ops)
-        self.x, self.z, self.y, self.col = x, bufs.z, bufs.y, bufs.col
+        self._pre_activation(x, bufs.z, bufs.y, bufs.rowstats, ops)
+        self.x, self.z, self.y, self.rowstats = x, bufs.z, bufs.y, bufs.rowstats
         return bufs.y
 
     def infer(self, x: Array, ops: XpOps) -> tuple[Array, Array]:
@@ -153,8 +153,8 @@ class Dense:
         if bufs is None or bufs.z.shape[0] < n:
             bufs = self._infer_bufs = Buffers(ops.xp, n, self.n_in, self.n_out, self._W.dtype, self.activation,
                                               input_grad=False, training=False)
-        z, y, col = bufs.rows(n)
-        self._pre_activation(x, z, y, col, ops)
+        z, y, rowstats = bufs.rows(n)
+        self._pre_activation(x, z, y, rowstats, ops)
         return z, y
 
     def backward(self, grad_y: Array, ops: XpOps, delta_ready: bool = False) -> Array | None:
@@ -166,7 +166,7 @@ class Dense:
         bufs = self._bufs[self.x.shape[0]]
         if not delta_ready:
             ops.activation_backward(self.activation, bufs.z, bufs.y, grad_y, bufs.delta, bufs.scratch,
-                                    bufs.col)                     # δ_j = f′(z_j) ∂E/∂y_j (eq 11)
+                                    bufs.rowstats)                     # δ_j = f′(z_j) ∂E/∂y_j (eq 11)
         self.delta = bufs.delta
         xp.matmul(self.x.T, bufs.delta, out=self._gW)             # ∂E/∂w_ij = y_i δ_j (eq 8)
         ops.column_sum(bufs.delta, self._gb)

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from typing import Any
+
 from .activations import Activation
 from .backend import xp_of
 from .errors import ConfigError, unknown_name
@@ -21,13 +23,14 @@ class Loss:
     """A loss: ``backward`` (the training path) returns the batch-mean value and writes δ or ∂E/∂y."""
 
     name = ""
-    #: the output activation whose δ simplifies to y − y*, or None
-    canonical: str | None = None
-    #: True when targets are class labels (integer or one-hot), so accuracy means something
-    classification = False
 
     def check_activation(self, act: Activation) -> None:
         """Raise ConfigError if this loss cannot be used after ``act``."""
+
+    def fused_backward(self, kernels: Any, layer: OutputLayer, t: Array, delta: Array, out: Array) -> bool:
+        """:meth:`backward`'s value and output δ as one fused kernel of ``kernels`` (a fused ops' kernel set),
+        the mean loss written into ``out`` (one element); False, doing nothing, where there is none."""
+        return False
 
     def backward(self, layer: OutputLayer, t: Array, grad_y: Array,
                  delta: Array) -> tuple[Array, bool]:  # pragma: no cover
@@ -62,7 +65,7 @@ class SquaredError(Loss):
 class BinaryCrossEntropy(Loss):
     """Binary cross-entropy for sigmoid outputs (independent 0/1 targets per output node)."""
 
-    name, canonical, classification = "binary_cross_entropy", "sigmoid", True
+    name = "binary_cross_entropy"
 
     def check_activation(self, act):
         if act.name != "sigmoid":
@@ -85,7 +88,7 @@ class BinaryCrossEntropy(Loss):
 class CrossEntropy(Loss):
     """Cross-entropy of softmax outputs against one-hot (or probability) targets."""
 
-    name, canonical, classification = "cross_entropy", "softmax", True
+    name = "cross_entropy"
 
     def check_activation(self, act):
         if act.name != "softmax":
@@ -96,10 +99,14 @@ class CrossEntropy(Loss):
     def backward(self, layer, t, grad_y, delta):
         xp = xp_of(layer.y)
         # −Σ_t y*_t log y_t = Σ_t y*_t (lse − z_t) = lse − y*·z for rows of t summing to 1
-        value = (xp.sum(layer.col[:, 0]) - xp.vdot(t, layer.z)) * (1.0 / t.shape[0])
+        value = (xp.sum(layer.rowstats[:, 0]) - xp.vdot(t, layer.z)) * (1.0 / t.shape[0])
         xp.subtract(layer.y, t, out=delta)
         delta *= 1.0 / t.shape[0]
         return value, True
+
+    def fused_backward(self, kernels, layer, t, delta, out):
+        """The softmax output's log-partition (``layer.rowstats``) gives value and δ in one pass."""
+        return layer.rowstats is not None and kernels.cross_entropy(layer.z, layer.y, layer.rowstats, t, delta, out)
 
     def value(self, z, y, t):
         xp = xp_of(z)

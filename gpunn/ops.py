@@ -42,15 +42,15 @@ class XpOps:
         """out[k] = src[index[k]] for indices that are all in range (a permutation of the rows)."""
         return self.xp.take(src, index, axis=0, out=out, **self._take_mode)
 
-    def bias_activation(self, act: Activation, z: Array, b: Array, y: Array, col: Array | None) -> Array:
+    def bias_activation(self, act: Activation, z: Array, b: Array, y: Array, rowstats: Array | None) -> Array:
         """z ← z + b (the bias, lecture §1.1) in place, then y = f(z)."""
         z += b
-        return act.forward(z, y, col)
+        return act.forward(z, y, rowstats)
 
     def activation_backward(self, act: Activation, z: Array, y: Array, grad: Array, out: Array,
-                            scratch: Array | None, col: Array | None) -> Array:
+                            scratch: Array | None, rowstats: Array | None) -> Array:
         """δ = f′(z) ⊙ ∂E/∂y (eqs 11, 14) into ``out``."""
-        return act.backward(z, y, grad, out, scratch, col)
+        return act.backward(z, y, grad, out, scratch, rowstats)
 
     def column_sum(self, delta: Array, out: Array) -> Array:
         """∂E/∂b = Σ over the batch of δ."""
@@ -67,10 +67,15 @@ class XpOps:
         out[...] = value
         return out, direct
 
+    def sgd_update(self, params: Array, grads: Array, velocity: Array | None, mask: Array | None, lr: float,
+                   momentum: float, nesterov: bool, weight_decay: float) -> bool:
+        """:meth:`gpunn.optim.SGD.update`'s whole formula as one fused operation, where this ops has one;
+        returns False (nothing done) where the optimiser must run its own ``xp`` formula."""
+        return False
+
 
 class FusedOps(XpOps):
-    """:class:`XpOps` with each elementwise chain as one CUDA kernel; ``kernels.sgd_update`` is
-    :meth:`gpunn.optim.SGD.update`'s fast path."""
+    """:class:`XpOps` with each elementwise chain as one CUDA kernel (:class:`gpunn.kernels.FusedKernels`)."""
 
     fused = True
 
@@ -78,14 +83,14 @@ class FusedOps(XpOps):
         super().__init__(device)
         self.kernels = FusedKernels(device)
 
-    def bias_activation(self, act, z, b, y, col):
-        done = self.kernels.softmax(z, b, y, col) if act.rowwise else self.kernels.bias_activation(act, z, b, y)
-        return y if done else super().bias_activation(act, z, b, y, col)
+    def bias_activation(self, act, z, b, y, rowstats):
+        done = self.kernels.softmax(z, b, y, rowstats) if act.rowwise else self.kernels.bias_activation(act, z, b, y)
+        return y if done else super().bias_activation(act, z, b, y, rowstats)
 
-    def activation_backward(self, act, z, y, grad, out, scratch, col):
+    def activation_backward(self, act, z, y, grad, out, scratch, rowstats):
         if self.kernels.activation_backward(act, z, y, grad, out):
             return out
-        return super().activation_backward(act, z, y, grad, out, scratch, col)
+        return super().activation_backward(act, z, y, grad, out, scratch, rowstats)
 
     def column_sum(self, delta, out):
         if self.kernels.column_sum(delta, out):
@@ -93,11 +98,14 @@ class FusedOps(XpOps):
         return super().column_sum(delta, out)
 
     def loss_backward(self, loss, layer, t, grad_y, delta, out):
-        if loss.name == "cross_entropy" and layer.col is not None:
-            value = out if out is not None else self.xp.empty(1, t.dtype)
-            if self.kernels.cross_entropy(layer.z, layer.y, layer.col, t, delta, value):
-                return (value if out is not None else value.reshape(())), True
+        value = out if out is not None else self.xp.empty(1, t.dtype)
+        if loss.fused_backward(self.kernels, layer, t, delta, value):
+            return (value if out is not None else value.reshape(())), True
         return super().loss_backward(loss, layer, t, grad_y, delta, out)
+
+    def sgd_update(self, params, grads, velocity, mask, lr, momentum, nesterov, weight_decay):
+        self.kernels.sgd_update(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
+        return True
 
 
 def ops_for(device: Device, fused: bool | None = None) -> XpOps:

@@ -6,7 +6,7 @@ and L2 weight decay (on weights, not biases). :class:`Adam` is Kingma & Ba's met
 Hyper-parameters stay Python floats so float32 parameters stay float32 (NumPy 2 / NEP 50 promotion).
 Each optimiser works on the network's single flat parameter buffer. The update formula is written
 once, with ``xp``, in the optimiser; on a GPU with fused kernels :class:`SGD` runs the same formula as
-one CUDA kernel (:meth:`gpunn.kernels.FusedKernels.sgd_update`).
+one fused kernel through the ops' hook (:meth:`gpunn.ops.XpOps.sgd_update`).
 
 On the CPU the formula is applied block by block (:data:`BLOCK` elements at a time) with small
 scratch arrays, so the temporaries stay in the cache: at 784-512-512-10 (670k parameters, float32)
@@ -223,10 +223,9 @@ class SGD(Optimizer):
         lr = self.current_lr()
         self.t += 1
         velocity = self.state.get("velocity")
-        if ops.fused:   # the formula below as one CUDA kernel (gpunn/kernels.py, sgd_update)
-            ops.kernels.sgd_update(params, grads, velocity, decay_mask, lr, self.momentum,
-                                   self.nesterov, self.weight_decay)
-            return
+        if ops.sgd_update(params, grads, velocity, decay_mask, lr, self.momentum, self.nesterov,
+                          self.weight_decay):
+            return      # the formula below as one fused kernel (on a GPU: gpunn/kernels.py, sgd_update)
         for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):
             self._step(ops.xp, lr, w, g, v, mask, s, s2[0] if s2 else None)
 

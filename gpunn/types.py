@@ -23,11 +23,11 @@ PathLike: TypeAlias = "str | os.PathLike[str]"
 
 class OutputLayer(Protocol):
     """What a loss reads from the output layer after a forward pass: z, y = f(z), and (softmax) its
-    log-partition in ``col[:, 0]``."""
+    log-partition in ``rowstats[:, 0]``."""
 
     z: Array
     y: Array
-    col: Array | None
+    rowstats: Array | None
 
 
 __all__ = ["Array", "ArrayLike", "ArrayModule", "DTypeLike", "OutputLayer", "PathLike"]

@@ -210,14 +210,14 @@ def test_activation_stability_at_extreme_z(device, name, dtype):
     xp = device.xp
     z = device.asarray(numpy.array([EXTREME, EXTREME[::-1]]), dtype=dtype)
     y = xp.empty_like(z)
-    col = xp.empty((2, 2), dtype)
+    rowstats = xp.empty((2, 2), dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with numpy.errstate(over="raise", invalid="raise", divide="raise"):
-            act.forward(z, y, col)
+            act.forward(z, y, rowstats)
             g = xp.ones_like(z)
             d = xp.empty_like(z)
-            act.backward(z, y, g, d, xp.empty_like(z), col)
+            act.backward(z, y, g, d, xp.empty_like(z), rowstats)
     yh, dh = host(y), host(d)
     assert numpy.all(numpy.isfinite(yh)) and numpy.all(numpy.isfinite(dh)), (yh, dh)
     zz = numpy.array(EXTREME)
