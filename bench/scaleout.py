@@ -20,6 +20,7 @@ import numpy
 
 import gpunn
 from gpunn.distributed import init, shard
+from gpunn.strategy import for_communicator
 
 SIZES = [784, 512, 512, 10]
 BATCH = 2048
@@ -49,14 +50,15 @@ def _step(comm) -> dict:
     x, t = X[mine], T[mine]
     net = gpunn.mlp(SIZES, activation="sigmoid", device="cpu", seed=0)
     opt, loss = gpunn.SGD(lr=1e-3), gpunn.losses.get("cross_entropy")
+    strategy, out = for_communicator(comm), numpy.zeros(1, "float32")
     for _ in range(3):
-        net.train_step(x, t, loss, opt, comm=comm, global_batch=BATCH)
+        strategy.step(net, x, t, loss, opt, out, BATCH)
     times = []
     for _ in range(20):
         if comm.size > 1:
             comm._comm.Barrier()
         t0 = time.perf_counter()
-        net.train_step(x, t, loss, opt, comm=comm, global_batch=BATCH)
+        strategy.step(net, x, t, loss, opt, out, BATCH)
         times.append(time.perf_counter() - t0)
     return {"what": "step", "ranks": comm.size, "global_batch": BATCH, "median_ms": statistics.median(times) * 1e3,
             "blas_threads_per_rank": os.environ.get("OPENBLAS_NUM_THREADS", "default")}

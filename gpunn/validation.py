@@ -167,3 +167,18 @@ def positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}; got {value}")
     return int(value)
+
+
+def step_arrays(X: ArrayLike, Y: ArrayLike, dev: Device, dtype: numpy.dtype, n_in: int, n_out: int,
+                loss: Loss) -> tuple[Array, Array]:
+    """(x, t) for a training step: X and Y themselves when they are already arrays of ``dev`` and ``dtype``
+    shaped (batch, n_in) and (batch, n_out) (no checks that would read values back from a GPU), else
+    checked copies (:func:`features`, :func:`targets`)."""
+    array_type = dev.xp.ndarray
+    if (type(X) is array_type and type(Y) is array_type and X.dtype == dtype and Y.dtype == dtype
+            and X.ndim == 2 and X.shape[1] == n_in and Y.shape == (X.shape[0], n_out)
+            and (not dev.is_cuda or X.device.id == Y.device.id == dev.index)):
+        return X, Y
+    device_of(X, Y)
+    x = features(X, dev, dtype, n_in)
+    return x, targets(Y, dev, dtype, loss, n_out, x.shape[0])
