@@ -227,9 +227,9 @@ class SGD(Optimizer):
                           self.weight_decay):
             return      # the formula below as one fused kernel (on a GPU: gpunn/kernels.py, sgd_update)
         for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):
-            self._step(ops.xp, lr, w, g, v, mask, s, s2[0] if s2 else None)
+            self._update_block(ops.xp, lr, w, g, v, mask, s, s2[0] if s2 else None)
 
-    def _step(self, xp: ArrayModule, lr: float, w: Array, g: Array, v: Array, mask: Array, s: Array,
+    def _update_block(self, xp: ArrayModule, lr: float, w: Array, g: Array, v: Array, mask: Array, s: Array,
               s2: Array) -> None:
         """One block of the update, in place: weights w, gradients g, velocity v (None without momentum),
         decay mask (None without weight decay); ``s``, ``s2`` are scratch arrays of the block's size."""
@@ -281,9 +281,9 @@ class Adam(Optimizer):
         lr = self.current_lr()
         self.t += 1
         for block in self._blocks(params, grads, self.state["m"], self.state["v"], decay_mask):
-            self._step(ops.xp, lr, *block)
+            self._update_block(ops.xp, lr, *block)
 
-    def _step(self, xp: ArrayModule, lr: float, w: Array, g: Array, m: Array, v: Array, mask: Array | None,
+    def _update_block(self, xp: ArrayModule, lr: float, w: Array, g: Array, m: Array, v: Array, mask: Array | None,
               s: Array, s2: Array) -> None:
         """One block of the update, in place; ``s``, ``s2`` are scratch arrays of the block's size."""
         b1, b2, t = self.beta1, self.beta2, self.t

@@ -175,7 +175,7 @@ class Run:
         return self.history
 
     # -- one epoch --------------------------------------------------------------------------------
-    def _step(self, k: int, rows: slice) -> tuple[int, Array | None]:
+    def _train_batch(self, k: int, rows: slice) -> tuple[int, Array | None]:
         """Train on minibatch ``k`` (this process's share of it); returns its rows here and their labels."""
         x, t, labels = self.data.batch(rows)
         self.strategy.step(self.model, x, t, self.loss, self.optimizer, self.step_loss[k:k + 1], self.rows[k])
@@ -186,7 +186,7 @@ class Run:
         finite afterwards and the number of correct predictions, read back together once (and summed over
         the ranks in one small reduction)."""
         for k, sl in self.data.batches():
-            n, labels = self._step(k, sl)
+            n, labels = self._train_batch(k, sl)
             if n and labels is not None:
                 self.step_correct[k] = self.acc.count(self.model.output(), labels)
         nonfinite = 0.0 if bool(self.model.xp.isfinite(self.model.flat_parameters()).all()) else 1.0
@@ -201,7 +201,7 @@ class Run:
         self.optimizer.restore(start.optimizer)
         self.data.order(start.perm)
         for k, sl in self.data.batches()[:steps]:
-            self._step(k, sl)
+            self._train_batch(k, sl)
 
     def _diverged(self, losses: numpy.ndarray, epoch: int, this: _Start, previous: _Start | None) -> DivergenceError:
         """Roll back to the last parameters whose loss was finite; return the DivergenceError to raise.
