@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy
 
-from . import io
+from . import io, losses, optim
 from .backend import to_host
 from .errors import ConfigError
 from .types import Array
@@ -44,8 +44,11 @@ def fingerprint(*arrays: Array | None) -> str:
 
 def run_config(net: Any, loss: Any, optimizer: Any, batch_size: int, shuffle: bool, patience: int | None,
                data: tuple, validation: tuple | None) -> dict:
-    """What must be equal for a checkpoint to continue this run."""
-    return {"network": net.config(), "loss": loss.name, "optimizer": optimizer.config(), "batch_size": batch_size,
+    """What must be equal for a checkpoint to continue this run, as the checkpoint stores it (JSON data).
+    SaveError now, before any training, if the optimiser (or its schedule) would not load back
+    (:mod:`gpunn.registry`)."""
+    return {"network": net.config(), "loss": losses.key(loss), "optimizer": optim.portable_config(optimizer),
+            "batch_size": batch_size,
             "shuffle": bool(shuffle), "patience": patience, "data": fingerprint(*data),
             "validation_data": fingerprint(*validation) if validation is not None else None}
 

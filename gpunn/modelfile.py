@@ -36,8 +36,10 @@ class ModelFile:
 
 def write(path: PathLike, config: dict, params: numpy.ndarray, loss: losses_mod.Loss | None,
           optimizer: optim.Optimizer | None) -> None:
-    """Write a model file atomically."""
-    extra = {"loss": loss.name if loss else None, "optimizer": optimizer.config() if optimizer else None}
+    """Write a model file atomically; SaveError first if its loss or optimiser would not load back
+    (:mod:`gpunn.registry`)."""
+    extra = {"loss": losses_mod.key(loss) if loss else None,
+             "optimizer": optim.portable_config(optimizer) if optimizer else None}
     io.write_model(path, {**config, **extra}, params)
 
 
