@@ -30,7 +30,7 @@ import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable, Set
+from collections.abc import Callable, Mapping, Set
 from typing import IO, Any
 
 import numpy
@@ -72,10 +72,17 @@ def write_model(path: PathLike, config: dict, params: numpy.ndarray) -> None:
 
 def write_archive(path: PathLike, fmt: str, header: dict, arrays: dict[str, numpy.ndarray]) -> None:
     """Write ``header`` (JSON-able; stamped with the format ``fmt``, its version and a SHA-256) and the
-    flat float ``arrays`` by name, as one archive, atomically."""
+    flat float ``arrays`` by name, as one archive, atomically. SaveError, nothing written, for a header
+    that :func:`read_archive` would refuse (over :data:`MAX_HEADER_BYTES`): every file written reads back."""
     header = {"format": fmt, "format_version": FORMAT_VERSION, "gpunn_version": __version__, **header}
     header["sha256"] = digest(header, arrays)
-    head = numpy.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=numpy.uint8)
+    text = json.dumps(header, sort_keys=True).encode()
+    if len(text) > MAX_HEADER_BYTES:
+        shown = _path_text(path, SaveError, "save to")
+        raise SaveError(f"cannot save to {shown}: its header would be {len(text):,} "
+                        f"bytes, over the {MAX_HEADER_BYTES:,} a gpunn file may have (it could not be read back); "
+                        "a network of fewer layers fits")
+    head = numpy.frombuffer(text, dtype=numpy.uint8)
     atomic_write(path, lambda fh: _write_npz(fh, head, arrays))
 
 
@@ -207,9 +214,11 @@ def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
 
 
 def read_archive(path: PathLike, fmt: str, required: set[str], optional: Set[str] = frozenset(),
-                 what: str = "gpunn model") -> tuple[dict, dict[str, numpy.ndarray]]:
+                 what: str = "gpunn model",
+                 typed: Mapping[str, str] | None = None) -> tuple[dict, dict[str, numpy.ndarray]]:
     """(header, arrays) of an archive written by :func:`write_archive` in format ``fmt``, holding the
-    ``required`` arrays and any of the ``optional`` ones, all finite and of the header's ``dtype``."""
+    ``required`` arrays and any of the ``optional`` ones, all finite and of the header's ``dtype``, except
+    those ``typed`` names (array name: dtype name), which must be of that dtype and may hold NaN."""
     shown = _path_text(path, ModelFileError, "load")
     with open_regular(shown, what=f"{what} file") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -227,7 +236,7 @@ def read_archive(path: PathLike, fmt: str, required: set[str], optional: Set[str
     except (ValueError, RecursionError) as exc:
         raise ModelFileError(f"{shown} has an unreadable header ({type(exc).__name__}: {str(exc)[:100]}); the "
                              "file is corrupt") from None
-    _check_header(header, arrays, shown, fmt, what)
+    _check_header(header, arrays, shown, fmt, what, typed or {})
     return header, arrays
 
 
@@ -302,7 +311,8 @@ def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: tuple[str, ...]
     return numpy.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
-def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fmt: str, what: str) -> None:
+def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fmt: str, what: str,
+                  typed: Mapping[str, str]) -> None:
     if header.get("format") != fmt:
         raise ModelFileError(f"{shown} is not a {what} (format {str(header.get('format'))[:50]!r})")
     version = header.get("format_version")
@@ -314,6 +324,11 @@ def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fm
         raise ModelFileError(f"{shown} failed its checksum: the header or the weights were changed after "
                              "saving (corrupt, or edited)")
     for name, a in arrays.items():
+        if name in typed:
+            if a.dtype.name != typed[name] or numpy.isinf(a).any():
+                raise ModelFileError(f"{shown}: {name} is {a.dtype} with {int(numpy.isinf(a).sum())} infinite "
+                                     f"value(s); gpunn writes {typed[name]} without infinities there")
+            continue
         if a.dtype.name != header.get("dtype"):
             raise ModelFileError(f"{shown}: {name} is {a.dtype}, but the header says {str(header.get('dtype'))[:20]}")
         if not numpy.all(numpy.isfinite(a)):

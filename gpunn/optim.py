@@ -177,6 +177,25 @@ class Optimizer:
         they belong to, and any state loaded but not yet used (a checkpoint's or a pickle's)."""
         return self.t, {k: v.copy() for k, v in self.state.items()}, self._bound, self._pending
 
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The state arrays this optimiser keeps (velocity; m and v; none)."""
+        return self._state_names
+
+    def host_snapshot(self, snap: tuple, params: Array) -> tuple[int, dict[str, numpy.ndarray]]:
+        """A :meth:`snapshot` of the optimiser of ``params`` as host arrays (what a checkpoint keeps): (steps,
+        arrays), empty before the first update (what a fresh optimiser starts from)."""
+        t, arrays, bound, pending = snap
+        if bound is not None and bound is params:
+            return t, {k: numpy.array(to_host(v), copy=True) for k, v in arrays.items()}
+        return pending if pending is not None else (0, {})
+
+    @staticmethod
+    def snapshot_of_host(t: int, arrays: dict[str, numpy.ndarray]) -> tuple:
+        """The :meth:`snapshot` that :meth:`restore` takes for a :meth:`host_snapshot`: state taken at the
+        next update, as a checkpoint's is."""
+        return int(t), {}, None, (int(t), dict(arrays))
+
     def restore(self, snap: tuple) -> None:
         """Go back to a :meth:`snapshot`, exactly: state of the same buffer is copied back; a snapshot taken
         before this buffer's first update (a new optimiser, one whose earlier network is gone, a loaded

@@ -110,7 +110,7 @@ def test_what_would_not_load_back_is_refused_before_writing(tmp_path, lr):
 
 def test_two_classes_cannot_claim_one_name():
     with pytest.raises(ConfigError, match="taken by"):
-        class Impostor(Schedule):     # noqa: F841
+        class Impostor(Schedule):
             name = "step_decay"
 
 
