@@ -50,14 +50,14 @@ def read(path: PathLike) -> ModelFile:
     try:
         layers = [Dense.from_config(c) for c in header["layers"]]
         dtype = check_dtype(header["dtype"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
         raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
     try:
         loss = losses_mod.get(header["loss"]) if header.get("loss") else None
         optimizer = optim.from_config(header["optimizer"]) if header.get("optimizer") else None
         if loss is not None:
             loss.check_activation(layers[-1].activation)
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
         raise ModelFileError(f"{path} has an invalid loss or optimiser description: {exc}") from None
     return ModelFile(layers, dtype, params, loss, optimizer)
 

@@ -357,6 +357,8 @@ def from_config(config: dict) -> Optimizer:
     """An optimiser (without state) from :meth:`Optimizer.config`'s dict."""
     params = dict(config)
     name = params.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"an optimiser configuration names its class ('name'); got {str(config)[:200]}")
     if isinstance(params.get("lr"), dict):
         params["lr"] = schedule_from_config(params["lr"])
     if "betas" in params and isinstance(params["betas"], list):

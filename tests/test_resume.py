@@ -152,3 +152,34 @@ def test_an_edited_checkpoint_is_a_model_file_error(tmp_path, edit):
     with pytest.raises(ModelFileError):
         _fit(net, 6, 4, lr=1e-4, checkpoint=path, patience=5, validation_data=(XD, YD))
     numpy.testing.assert_array_equal(host(net.flat_parameters()), start)
+
+
+MODEL_EDITS = {
+    "loss-number": lambda h: h.update(loss=5),
+    "loss-unknown": lambda h: h.update(loss="nope"),
+    "loss-list": lambda h: h.update(loss=["cross_entropy"]),
+    "optimizer-list": lambda h: h.update(optimizer=[1]),
+    "optimizer-text": lambda h: h.update(optimizer="sgd"),
+    "optimizer-no-name": lambda h: h.update(optimizer={"lr": 0.1}),
+    "optimizer-bad-lr": lambda h: h["optimizer"].update(lr="fast"),
+    "optimizer-bogus-key": lambda h: h["optimizer"].update(bogus=1),
+    "schedule-missing-args": lambda h: h["optimizer"].update(lr={"name": "cosine_decay"}),
+    "schedule-list": lambda h: h["optimizer"].update(lr=[0.1]),
+    "dtype-number": lambda h: h.update(dtype=5),
+    "activation-number": lambda h: h["layers"][0].update(activation=5),
+    "layers-dict": lambda h: h.update(layers={"0": 1}),
+}
+
+
+@pytest.mark.parametrize("edit", list(MODEL_EDITS))
+def test_an_edited_model_file_is_a_model_file_error(tmp_path, edit):
+    net = gpunn.mlp([3, 4, 2], device="cpu", seed=0)
+    net.fit(numpy.eye(3), [0, 1, 1], loss="cross_entropy", optimizer=gpunn.SGD(lr=0.1), epochs=1)
+    net.save(tmp_path / "m")
+    header, arrays = io.read_archive(tmp_path / "m", io.FORMAT, {"params"})
+    for k in ("format", "format_version", "gpunn_version", "sha256"):
+        header.pop(k)
+    MODEL_EDITS[edit](header)
+    io.write_archive(tmp_path / "m", io.FORMAT, header, arrays)
+    with pytest.raises(ModelFileError):
+        gpunn.load(tmp_path / "m")
