@@ -7,6 +7,7 @@ Several threads may predict at once; a lock orders their use of the shared infer
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -15,7 +16,6 @@ import numpy
 
 from .backend import Device, device_of, is_cupy_array, to_host
 from .data import Accuracy, is_classification, is_streamed
-from .errors import ConcurrencyError
 from .history import Evaluation
 from .layers import Dense
 from .losses import Loss
@@ -42,7 +42,7 @@ class InferenceModel(Protocol):
     def n_in(self) -> int: ...
     @property
     def n_out(self) -> int: ...
-    def training_elsewhere(self) -> bool: ...
+    def reading(self, what: str) -> contextlib.AbstractContextManager[None]: ...
 
 
 class Inference:
@@ -62,11 +62,8 @@ class Inference:
     def chunks(self, x: Any, chunk: int, use: Callable[[slice, Array, Array], None]) -> None:
         """Call ``use(rows, z, y)`` with the last layer's z and y for each chunk of x (under the lock)."""
         m = self.model
-        if m.training_elsewhere():
-            raise ConcurrencyError("this network is being trained in another thread; predict and evaluate "
-                                   "would see weights in the middle of an update; wait for training to finish")
         streamed, ops = is_streamed(x), m.ops
-        with self._lock, m.device.activate():
+        with m.reading("predict and evaluate"), self._lock, m.device.activate():
             for start in range(0, x.shape[0], chunk):
                 a = x[start:start + chunk]
                 if streamed:                            # read from the file, checked, moved: one chunk at a time

@@ -17,7 +17,7 @@ strategy from :mod:`gpunn.strategy`), chunked inference to :mod:`gpunn.inference
 from __future__ import annotations
 
 import contextlib
-import threading
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,13 +26,13 @@ import numpy
 from . import losses as losses_mod
 from . import modelfile, optim
 from .activations import Activation, ActivationSpec
+from .admission import Admission
 from .backend import Device, device_of, get_device
 from .backprop import Backprop
 from .callbacks import checked as checked_callbacks
 from .distributed import Communicator
 from .distributed import check as checked_comm
 from .errors import (
-    ConcurrencyError,
     ConfigError,
     OutOfMemoryError,
     ShapeError,
@@ -58,37 +58,6 @@ class Summary(str):
 
     def __repr__(self) -> str:
         return str(self)
-
-
-class _Admission:
-    """Admits one thread at a time to a network's training methods (re-entrant for that thread); any
-    other thread gets a ConcurrencyError instead of silently mixing its steps with the first one's."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-        self._depth = 0
-
-    def busy_elsewhere(self) -> bool:
-        """Whether another thread is training right now."""
-        owner = self._owner
-        return owner is not None and owner != threading.get_ident()
-
-    def __enter__(self) -> None:
-        me = threading.get_ident()
-        if self._owner == me:
-            self._depth += 1
-            return
-        if not self._lock.acquire(blocking=False):
-            raise ConcurrencyError("this network is being trained in another thread; its training methods "
-                                   "(forward, backward, step, train_step, fit) take one thread at a time")
-        self._owner, self._depth = me, 1
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            self._owner = None
-            self._lock.release()
 
 
 class Sequential:
@@ -121,7 +90,7 @@ class Sequential:
         self.shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))
         store = ParameterStore.initial(self.layers, self.device, self.dtype,
                                        numpy.random.Generator(numpy.random.PCG64(init_seq)))
-        self._admission = _Admission()
+        self._admission = Admission()
         self._inference = Inference(self)
         self._use(store)
         self.optimizer: optim.Optimizer | None = None
@@ -227,8 +196,8 @@ class Sequential:
         self.optimizer = optimizer
 
     # -- inference (gpunn.inference) ----------------------------------------------------------------
-    def training_elsewhere(self) -> bool:
-        return self._admission.busy_elsewhere()        # another thread is in a training method now
+    def reading(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return self._admission.reading(what)        # holds training off (gpunn.admission)
 
     def predict(self, X: ArrayLike, batch_size: int = INFER_CHUNK) -> Array:
         """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X, computed
@@ -293,7 +262,8 @@ class Sequential:
     # -- persistence (gpunn.modelfile) --------------------------------------------------------------
     def save(self, path: PathLike) -> None:
         """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
-        modelfile.write(path, self.config(), self._store.host(), self.loss, self.optimizer)
+        with self._admission.reading("save"):
+            modelfile.write(path, self.config(), self._store.host(), self.loss, self.optimizer)
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
@@ -323,23 +293,32 @@ class Sequential:
 
     # -- pickle and copy.deepcopy: through host arrays, onto the same device ----------------------
     def __getstate__(self) -> dict:
-        return {"config": self.config(), "params": self._store.host(),
-                "device": str(self.device), "fused": self._fused_choice, "seed": self.seed,
-                "shuffle_rng": self.shuffle_rng.bit_generator.state, "loss": self.loss.name if self.loss else None,
-                "optimizer": self.optimizer, "history": self.history}
+        return _pickled(self)
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__([Dense.from_config(c) for c in state["config"]["layers"]],  # type: ignore[misc]
-                      device=state["device"], dtype=state["config"]["dtype"], seed=state["seed"],
-                      fused=state["fused"])
-        self._store.assign(state["params"])
-        self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
-        self.loss = losses_mod.get(state["loss"]) if state["loss"] else None
-        self.optimizer, self.history = state["optimizer"], state["history"]
+        _unpickled(self, state)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device='{self.device}', dtype='{self.dtype.name}')"
+
+
+def _pickled(net: Sequential) -> dict:
+    """A network's pickle: host arrays and copies taken together, while no other thread trains it."""
+    with net.reading("a copy or pickle"):
+        return {"config": net.config(), "params": net._store.host(), "device": str(net.device),
+                "fused": net._fused_choice, "seed": net.seed, "loss": net.loss,
+                "shuffle_rng": net.shuffle_rng.bit_generator.state,
+                "optimizer": copy.deepcopy(net.optimizer), "history": copy.deepcopy(net.history)}
+
+
+def _unpickled(net: Sequential, state: dict) -> None:
+    """Make ``net`` (a bare instance) the network of a :func:`_pickled` state, on the same device."""
+    net.__init__([Dense.from_config(c) for c in state["config"]["layers"]],  # type: ignore[misc]
+                 device=state["device"], dtype=state["config"]["dtype"], seed=state["seed"], fused=state["fused"])
+    net._store.assign(state["params"])
+    net.shuffle_rng.bit_generator.state = state["shuffle_rng"]
+    net.loss, net.optimizer, net.history = state["loss"], state["optimizer"], state["history"]
 
 
 def _summary(net: Sequential) -> Summary:
