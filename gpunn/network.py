@@ -205,8 +205,8 @@ class Sequential:
         return self._inference.predict(X, batch_size)
 
     def evaluate(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss | None = None) -> Evaluation:
-        """Mean loss (the one used in :meth:`fit`, else squared error) and accuracy on (X, Y)."""
-        loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
+        """Mean loss (the one used in :meth:`fit`, else :meth:`fit`'s default) and accuracy on (X, Y)."""
+        loss = _loss_for(loss if loss is not None else (self.loss or _default_loss(self)), self.layers[-1].activation)
         return self._inference.evaluate(X, Y, loss)
 
     def evaluate_prepared(self, x: Array, t: Array, loss: losses_mod.Loss) -> Evaluation:
@@ -225,7 +225,7 @@ class Sequential:
         X : array of shape (n_samples, n_in), or a NumPy memmap (read a batch at a time).
         Y : array of shape (n_samples, n_out), or integer labels (n_samples,) for cross-entropy.
         loss : {"squared_error", "binary_cross_entropy", "cross_entropy"} or Loss; default: the last fit's
-            (or the loaded model file's), else squared error.
+            (or the loaded model file's), else cross-entropy after a softmax output and squared error otherwise.
         optimizer : Optimizer or name; default: the last fit's (it continues with its state) or the loaded
             file's, else SGD(lr=0.1).
         epochs : int >= 0. batch_size : int >= 1 (above n_samples: the whole set at once).
@@ -245,7 +245,7 @@ class Sequential:
         weights left at the last state whose loss was finite. On KeyboardInterrupt the weights and
         ``self.history`` are those of the last finished epoch.
         """
-        loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
+        loss = _loss_for(loss if loss is not None else (self.loss or _default_loss(self)), self.layers[-1].activation)
         optimizer = optim.get(optimizer if optimizer is not None else (self.optimizer or optim.SGD(lr=0.1)))
         trainer = Trainer(positive_int("epochs", epochs, allow_zero=True), positive_int("batch_size", batch_size),
                           shuffle, None if patience is None else positive_int("patience", patience), progress,
@@ -256,8 +256,12 @@ class Sequential:
         with _out_of_memory_said(self.device, batch_size, X), self._admission, self.device.activate(), \
                 numpy.errstate(over="ignore", invalid="ignore"):
             run = trainer.start(self, X, Y, loss, optimizer, validation_data, self.shuffle_rng)
-            self.loss, self.optimizer, self.history = loss, optimizer, run.history   # once the data passed
-            return run.train()
+            try:
+                self.loss, self.optimizer, self.history = loss, optimizer, run.history   # once the data passed
+                return run.train()
+            finally:        # this run's state, even after a callback's own fit; free the run's copy of X
+                self.loss, self.optimizer, self.history = loss, optimizer, run.history
+                self.layers[0].keep_own_input()
 
     # -- persistence (gpunn.modelfile) --------------------------------------------------------------
     def save(self, path: PathLike) -> None:
@@ -375,6 +379,12 @@ def _checked_layers(layers: Any) -> list[Dense]:
         raise ConfigError("softmax over a single output is always 1; use activation='sigmoid' for one "
                           "output unit (with binary_cross_entropy), or give the last layer two or more outputs")
     return layers
+
+
+def _default_loss(net: Sequential) -> str:
+    """The loss of a fit or evaluate given none (and none from an earlier fit or file): cross-entropy after a
+    softmax output (squared error there would train a classifier slowly and score it oddly), else squared error."""
+    return "cross_entropy" if net.layers[-1].activation.rowwise else "squared_error"
 
 
 def _loss_for(loss: str | losses_mod.Loss, activation: Activation) -> losses_mod.Loss:

@@ -229,7 +229,7 @@ class Run:
             kind = "NaN" if numpy.isnan(losses[k]) else "infinite"
             what = f"the loss became {kind} at epoch {epoch + 1}, step {k + 1}"
             if k == 0 and previous is None:     # no state of this run (or its checkpoint) had a finite loss
-                what = f"the loss was already {kind} for the weights this fit started from (epoch {epoch + 1}, step 1)"
+                what += ", already for the weights this fit started from"
                 left = "the weights were left as the fit found them: no state of this run had a finite loss"
         return DivergenceError(
             f"{what}; training stopped and {left}. "

@@ -129,8 +129,9 @@ def test_readers_in_another_thread_get_concurrency_error_while_training(tmp_path
         for what, call in [("save", lambda: net.save(tmp_path / "m")), ("deepcopy", lambda: copy.deepcopy(net)),
                            ("pickle", lambda: pickle.dumps(net)), ("predict", lambda: net.predict(X)),
                            ("evaluate", lambda: net.evaluate(X, Y))]:
-            with pytest.raises(ConcurrencyError):
+            with pytest.raises(ConcurrencyError, match="another thread"):
                 call()
+            assert what
         assert (tmp_path / "m").read_bytes() == good          # the earlier file, untouched
     finally:
         pause.go.set()
