@@ -8,7 +8,6 @@ batches, never the set (the targets, one row of n_out numbers per sample, are he
 """
 from __future__ import annotations
 
-import mmap
 import os
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy
 from .backend import HostToDevice
 from .distributed import shard
 from .errors import DataError
+from .io import file_extent
 from .losses import Loss
 from .ops import XpOps
 from .types import Array, ArrayModule
@@ -168,21 +168,6 @@ class Memmap(Source):
             lab = self.ops.gather_rows(self.labels, idx,
                                        self._buffer("labels", (self.batch_size,), self.labels.dtype)[:m])
         return x, t, lab
-
-
-def file_extent(x: numpy.memmap) -> tuple[str | None, int]:
-    """(file, bytes from its start up to the array's last byte) of a memmap (also of a view of one); (None, 0)
-    when that cannot be told (then nothing is checked)."""
-    base: Any = x
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    filename, offset = getattr(x, "filename", None), getattr(x, "offset", None)
-    if base is None or filename is None or not isinstance(offset, int) or x.size == 0:
-        return None, 0
-    start = numpy.frombuffer(base, dtype=numpy.uint8).__array_interface__["data"][0]
-    first = x.__array_interface__["data"][0]
-    last = first + sum((n - 1) * st for n, st in zip(x.shape, x.strides) if st > 0) + x.itemsize
-    return os.fspath(filename), offset - offset % mmap.ALLOCATIONGRANULARITY + (last - start)
 
 
 class Sharded:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import stat
@@ -41,7 +42,7 @@ from .types import PathLike
 from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "check_writable", "digest",
-           "open_regular", "read_archive", "read_model", "write_archive", "write_model", "write_text_atomic"]
+           "file_extent", "open_regular", "read_archive", "read_model", "write_archive", "write_model", "write_text_atomic"]
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
@@ -334,6 +335,22 @@ def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fm
         if not numpy.all(numpy.isfinite(a)):
             raise ModelFileError(f"{shown}: {name} holds {int(numpy.count_nonzero(~numpy.isfinite(a)))} NaN or "
                                  "infinite value(s); a trained gpunn network never has them")
+
+
+# -- memmaps -----------------------------------------------------------------------------------------
+def file_extent(x: Any) -> tuple[str | None, int]:
+    """(file, bytes from its start up to the array's last byte) of a memmap (also of a view of one); (None, 0)
+    when that cannot be told (then nothing is checked)."""
+    base: Any = x
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    filename, offset = getattr(x, "filename", None), getattr(x, "offset", None)
+    if base is None or filename is None or not isinstance(offset, int) or x.size == 0:
+        return None, 0
+    start = numpy.frombuffer(base, dtype=numpy.uint8).__array_interface__["data"][0]
+    first = x.__array_interface__["data"][0]
+    last = first + sum((n - 1) * st for n, st in zip(x.shape, x.strides) if st > 0) + x.itemsize
+    return os.fspath(filename), offset - offset % mmap.ALLOCATIONGRANULARITY + (last - start)
 
 
 # -- paths --------------------------------------------------------------------------------------------

@@ -163,7 +163,8 @@ class Run:
         for epoch in range(first, t.epochs if not self.history.stopped_early else first):
             record, previous = self._epoch(epoch, previous)
             self.history.append(record)
-            self.table.append(record)
+            if self.config is not None:
+                self.table.append(record)
             if self.strategy.is_root:
                 report(t.progress, record)
             stop = self.stopping.should_stop(record, params)
