@@ -42,7 +42,8 @@ from .types import PathLike
 from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "check_writable", "digest",
-           "file_extent", "open_regular", "read_archive", "read_model", "write_archive", "write_model", "write_text_atomic"]
+           "file_extent", "open_regular", "read_archive", "read_model", "write_archive", "write_model",
+           "write_text_atomic"]
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
