@@ -29,6 +29,7 @@ import numpy
 from . import io, losses, optim
 from .backend import to_host
 from .errors import ConfigError, ModelFileError
+from .registry import json_data
 from .types import Array
 
 __all__ = ["FORMAT", "VERSION", "Checkpoint", "EpochStart", "HistoryTable", "fingerprint", "run_config"]
@@ -58,7 +59,8 @@ def run_config(net: Any, loss: Any, optimizer: Any, batch_size: int, shuffle: bo
     """What must be equal for a checkpoint to continue this run, as the checkpoint stores it (JSON data).
     SaveError now, before any training, if the optimiser (or its schedule) would not load back
     (:mod:`gpunn.registry`)."""
-    return {"network": net.config(), "loss": losses.key(loss), "optimizer": optim.portable_config(optimizer),
+    return {"network": json_data(net.config(), "the network"), "loss": losses.portable(loss),
+            "optimizer": optim.portable_config(optimizer),
             "batch_size": batch_size,
             "shuffle": bool(shuffle), "patience": patience, "data": fingerprint(*data),
             "validation_data": fingerprint(*validation) if validation is not None else None}

@@ -14,10 +14,11 @@ from typing import Any
 from .activations import Activation
 from .backend import xp_of
 from .errors import ConfigError
-from .registry import Registry
+from .registry import Registry, round_trip
 from .types import Array, OutputLayer
 
-__all__ = ["Loss", "SquaredError", "BinaryCrossEntropy", "CrossEntropy", "REGISTRY", "get", "key", "names"]
+__all__ = ["Loss", "SquaredError", "BinaryCrossEntropy", "CrossEntropy", "REGISTRY", "from_config", "get", "key",
+           "names", "portable"]
 
 
 class Loss:
@@ -45,6 +46,10 @@ class Loss:
     def value(self, z: Array, y: Array, t: Array) -> Array:  # pragma: no cover
         """Mean loss of outputs y (pre-activations z) against targets t (allocating; for evaluation)."""
         raise NotImplementedError
+
+    def config(self) -> dict:
+        """``{"name": key, **attributes}``: what a file stores of a loss with parameters (:mod:`gpunn.registry`)."""
+        return {"name": Registry.key_of(type(self)), **vars(self)}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -134,8 +139,31 @@ def names() -> list[str]:
 
 
 def key(loss: Loss) -> str:
-    """What a file stores for ``loss`` (:mod:`gpunn.registry`): its class's own name, else module.QualName."""
+    """The key of ``loss``'s class (:mod:`gpunn.registry`): its own name, else module.QualName."""
     return Registry.key_of(type(loss))
+
+
+def portable(loss: Loss) -> str | dict:
+    """What a file stores for ``loss``: its key, or (a loss with parameters) its configuration, proven to load
+    back as an equal one; SaveError naming the fix otherwise (:mod:`gpunn.registry`)."""
+    if not vars(loss):
+        return key(loss)
+    return round_trip(loss.config(), from_config, lambda made: made.config(), f"the loss {loss!r}")
+
+
+def from_config(spec: Any) -> Loss:
+    """A loss from what :func:`portable` stored: a key (or name) or a configuration dict."""
+    if not isinstance(spec, dict):
+        return get(spec)
+    params = dict(spec)
+    name = params.pop("name", None)
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise REGISTRY.unknown(name)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters {params} for loss {name!r}: {exc}") from None
 
 
 def get(spec: str | Loss) -> Loss:

@@ -14,8 +14,9 @@ import numpy
 
 from . import io, optim
 from . import losses as losses_mod
-from .errors import ModelFileError
+from .errors import ModelFileError, SaveError
 from .layers import Dense
+from .registry import json_data, round_trip
 from .types import PathLike
 from .validation import check_dtype
 
@@ -35,10 +36,16 @@ class ModelFile:
 
 
 def write(path: PathLike, config: dict, params: numpy.ndarray, loss: losses_mod.Loss | None,
-          optimizer: optim.Optimizer | None) -> None:
-    """Write a model file atomically; SaveError first if its loss or optimiser would not load back
-    (:mod:`gpunn.registry`)."""
-    extra = {"loss": losses_mod.key(loss) if loss else None,
+          optimizer: optim.Optimizer | None, layers: list[Dense] | None = None) -> None:
+    """Write a model file atomically; SaveError first if a layer (its activation compared with ``layers``'),
+    the loss or the optimiser would not load back as it is (:mod:`gpunn.registry`)."""
+    for k, c in enumerate(config["layers"]):
+        round_trip(c, Dense.from_config, lambda d: d.config(), f"layer {k} ({str(c)[:120]})")
+        act = layers[k].activation if layers else None
+        if act is not None and vars(Dense.from_config(json_data(c, "a layer")).activation) != vars(act):
+            raise SaveError(f"cannot save layer {k}: its activation {act!r} would load as one with other attributes "
+                            f"({vars(act)} saved as {c['activation']}); give it a config() with every parameter")
+    extra = {"loss": losses_mod.portable(loss) if loss else None,
              "optimizer": optim.portable_config(optimizer) if optimizer else None}
     io.write_model(path, {**config, **extra}, params)
 
@@ -53,7 +60,7 @@ def read(path: PathLike) -> ModelFile:
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
         raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
     try:
-        loss = losses_mod.get(header["loss"]) if header.get("loss") else None
+        loss = losses_mod.from_config(header["loss"]) if header.get("loss") else None
         optimizer = optim.from_config(header["optimizer"]) if header.get("optimizer") else None
         if loss is not None:
             loss.check_activation(layers[-1].activation)

@@ -267,7 +267,7 @@ class Sequential:
     def save(self, path: PathLike) -> None:
         """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
         with self._admission.reading("save"):
-            modelfile.write(path, self.config(), self._store.host(), self.loss, self.optimizer)
+            modelfile.write(path, self.config(), self._store.host(), self.loss, self.optimizer, self.layers)
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:

@@ -147,3 +147,47 @@ def test_a_loss_subclass_is_saved_by_its_own_key(tmp_path):
     a.save(tmp_path / "m.npz")
     assert type(gpunn.load(tmp_path / "m.npz").loss) is TestHalfSquared
     assert ModelFileError   # (an unknown key is a ModelFileError: see the subprocess test)
+
+
+class ScaledTanh(gpunn.activations.Tanh):
+    """A subclass of a built-in activation, with a parameter and no name of its own."""
+
+    def __init__(self, scale=2.0):
+        self.scale = float(scale)
+
+    def forward(self, z, out, rowstats=None):
+        super().forward(z * self.scale, out)
+        return out
+
+    def derivative(self, z, y, out):
+        out[...] = self.scale * (1 - y * y)
+        return out
+
+    def config(self):
+        return {**super().config(), "scale": self.scale}
+
+
+class WeightedSquared(gpunn.losses.SquaredError):
+    def __init__(self, weight=1.0):
+        self.weight = weight
+
+
+def test_a_custom_activation_and_a_loss_with_parameters_load_back(tmp_path):
+    a = gpunn.Sequential([gpunn.Dense(2, 3, ScaledTanh(3.0)), gpunn.Dense(3, 1, "sigmoid")], device="cpu", seed=0)
+    a.fit(X, Y, loss=WeightedSquared(0.5), epochs=2)
+    a.save(tmp_path / "m.npz")
+    b = gpunn.load(tmp_path / "m.npz")
+    assert type(b.layers[0].activation) is ScaledTanh and b.layers[0].activation.scale == 3.0
+    assert type(b.loss) is WeightedSquared and b.loss.weight == 0.5
+    numpy.testing.assert_array_equal(host(b.predict(X)), host(a.predict(X)))
+
+
+def test_a_layer_whose_activation_would_not_load_back_is_refused_before_writing(tmp_path):
+    class Forgetful(gpunn.activations.Sigmoid):
+        def __init__(self, slope=2.0):
+            self.slope = slope                   # config() (the parent's) does not store it
+    a = gpunn.Sequential([gpunn.Dense(2, 3, Forgetful(5.0)), gpunn.Dense(3, 1, "sigmoid")], device="cpu", seed=0)
+    assert Forgetful(5.0).config() != {"name": "sigmoid"}        # never stored as its parent
+    with pytest.raises(SaveError, match="other attributes"):
+        a.save(tmp_path / "m.npz")
+    assert not os.path.exists(tmp_path / "m.npz")
