@@ -211,7 +211,7 @@ class Checkpoint:
             arrays["last_params"] = s.params
             arrays.update({f"last_optimizer_{k}": v for k, v in s.optimizer_state.items()})
             header["last_start"] = {"optimizer_t": s.optimizer_t, "shuffle_rng": s.shuffle_rng}
-        io.write_archive(path, FORMAT, header, arrays)
+        io.write_archive(path, FORMAT, header, arrays, nonfinite=_NONFINITE, typed={"history": "float64"})
 
     @classmethod
     def load(cls, path: Any, config: dict, state_names: tuple[str, ...]) -> Checkpoint | None:
@@ -222,7 +222,7 @@ class Checkpoint:
         optional = {"best_weights", "last_params"} | {f"{p}optimizer_{k}" for p in ("", "last_")
                                                         for k in ("velocity", "m", "v")}
         header, arrays = io.read_archive(path, FORMAT, {"params", "history"}, optional, what="gpunn checkpoint",
-                                         typed={"history": "float64"})
+                                         typed={"history": "float64"}, nonfinite=_NONFINITE)
         saved = header.get("config")
         if saved != config:
             differs = sorted(k for k in set(config) | set(saved if isinstance(saved, dict) else {})
@@ -230,6 +230,11 @@ class Checkpoint:
             raise ConfigError(f"the checkpoint {path} was made by another run (different {', '.join(differs)}); "
                               "use another checkpoint path, delete it, or run with the same settings and data")
         return _Reader(str(path), header, arrays, _n_parameters(config), state_names).checkpoint(config)
+
+
+#: Arrays a checkpoint may hold NaN/inf in: optimiser state (Adam's v can overflow while the weights stay
+#: finite; the run resumes with it exactly as it would have continued).
+_NONFINITE = frozenset(f"{p}optimizer_{k}" for p in ("", "last_") for k in ("velocity", "m", "v"))
 
 
 def _n_parameters(config: dict) -> int:
@@ -304,6 +309,8 @@ class _Reader:
         if h.get("checkpoint_version") != VERSION:
             raise ModelFileError(f"{self.shown} is a checkpoint of layout {str(h.get('checkpoint_version'))[:20]}; "
                                  f"this gpunn resumes layout {VERSION} only: delete it to start the run over")
+        if h.get("dtype") != config["network"]["dtype"]:
+            raise self.fail(f"its arrays are {str(h.get('dtype'))[:20]}; the network is {config['network']['dtype']}")
         epoch = self.count(h.get("epoch"), "epoch")
         t = self.count(h.get("optimizer_t"), "optimizer_t")
         if not isinstance(h.get("stopped_early"), bool):

@@ -72,10 +72,18 @@ def write_model(path: PathLike, config: dict, params: numpy.ndarray) -> None:
     write_archive(path, FORMAT, {**config, "n_parameters": int(params.size)}, {"params": params})
 
 
-def write_archive(path: PathLike, fmt: str, header: dict, arrays: dict[str, numpy.ndarray]) -> None:
+def write_archive(path: PathLike, fmt: str, header: dict, arrays: dict[str, numpy.ndarray],
+                  nonfinite: Set[str] = frozenset(), typed: Mapping[str, str] | None = None) -> None:
     """Write ``header`` (JSON-able; stamped with the format ``fmt``, its version and a SHA-256) and the
     flat float ``arrays`` by name, as one archive, atomically. SaveError, nothing written, for a header
-    that :func:`read_archive` would refuse (over :data:`MAX_HEADER_BYTES`): every file written reads back."""
+    that :func:`read_archive` would refuse (over :data:`MAX_HEADER_BYTES`), or for NaN/inf in an array
+    not named in ``nonfinite`` (NaN only, in those ``typed``): every file written reads back (with the same
+    ``nonfinite`` and ``typed``)."""
+    for name, a in arrays.items():
+        bad = numpy.isinf(a).any() if name in (typed or {}) else not numpy.isfinite(a).all()
+        if name not in nonfinite and a.dtype.kind == "f" and bad:
+            raise SaveError(f"cannot save to {_path_text(path, SaveError, 'save to')}: {name} holds NaN or "
+                            "infinite values, which no gpunn file may hold; any earlier file there is unchanged")
     header = {"format": fmt, "format_version": FORMAT_VERSION, "gpunn_version": __version__, **header}
     header["sha256"] = digest(header, arrays)
     text = json.dumps(header, sort_keys=True).encode()
@@ -216,11 +224,12 @@ def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
 
 
 def read_archive(path: PathLike, fmt: str, required: set[str], optional: Set[str] = frozenset(),
-                 what: str = "gpunn model",
-                 typed: Mapping[str, str] | None = None) -> tuple[dict, dict[str, numpy.ndarray]]:
+                 what: str = "gpunn model", typed: Mapping[str, str] | None = None,
+                 nonfinite: Set[str] = frozenset()) -> tuple[dict, dict[str, numpy.ndarray]]:
     """(header, arrays) of an archive written by :func:`write_archive` in format ``fmt``, holding the
     ``required`` arrays and any of the ``optional`` ones, all finite and of the header's ``dtype``, except
-    those ``typed`` names (array name: dtype name), which must be of that dtype and may hold NaN."""
+    those ``typed`` names (array name: dtype name), which must be of that dtype and may hold NaN, and those
+    in ``nonfinite``, which may hold NaN and inf."""
     shown = _path_text(path, ModelFileError, "load")
     with open_regular(shown, what=f"{what} file") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -238,7 +247,7 @@ def read_archive(path: PathLike, fmt: str, required: set[str], optional: Set[str
     except (ValueError, RecursionError) as exc:
         raise ModelFileError(f"{shown} has an unreadable header ({type(exc).__name__}: {str(exc)[:100]}); the "
                              "file is corrupt") from None
-    _check_header(header, arrays, shown, fmt, what, typed or {})
+    _check_header(header, arrays, shown, fmt, what, typed or {}, nonfinite)
     return header, arrays
 
 
@@ -314,7 +323,7 @@ def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: tuple[str, ...]
 
 
 def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fmt: str, what: str,
-                  typed: Mapping[str, str]) -> None:
+                  typed: Mapping[str, str], nonfinite: Set[str]) -> None:
     if header.get("format") != fmt:
         raise ModelFileError(f"{shown} is not a {what} (format {str(header.get('format'))[:50]!r})")
     version = header.get("format_version")
@@ -333,7 +342,7 @@ def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fm
             continue
         if a.dtype.name != header.get("dtype"):
             raise ModelFileError(f"{shown}: {name} is {a.dtype}, but the header says {str(header.get('dtype'))[:20]}")
-        if not numpy.all(numpy.isfinite(a)):
+        if name not in nonfinite and not numpy.all(numpy.isfinite(a)):
             raise ModelFileError(f"{shown}: {name} holds {int(numpy.count_nonzero(~numpy.isfinite(a)))} NaN or "
                                  "infinite value(s); a trained gpunn network never has them")
 

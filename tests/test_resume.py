@@ -82,7 +82,7 @@ def test_a_history_of_100000_epochs_writes_and_reads_back(tmp_path):
                 **({"note": "lr cut"} if k == 7 else {})} for k in range(100_000)]
     table = HistoryTable.of(records)
     io.write_archive(tmp_path / "h", "test-history", {"dtype": "float64", "h": table.header()},
-                     {"history": table.array()})
+                     {"history": table.array()}, typed={"history": "float64"})
     header, arrays = io.read_archive(tmp_path / "h", "test-history", {"history"}, typed={"history": "float64"})
     assert len(json.dumps(header)) < 4096
     assert HistoryTable.records(header["h"], arrays["history"], 100_000, "h") == records
@@ -113,7 +113,7 @@ def _edit(path, change):
     for k in ("format", "format_version", "gpunn_version", "sha256"):
         header.pop(k)
     change(header, arrays)
-    io.write_archive(path, "gpunn-checkpoint", header, arrays)
+    io.write_archive(path, "gpunn-checkpoint", header, arrays, typed={"history": "float64"})
 
 
 EDITS = {
@@ -183,3 +183,29 @@ def test_an_edited_model_file_is_a_model_file_error(tmp_path, edit):
     io.write_archive(tmp_path / "m", io.FORMAT, header, arrays)
     with pytest.raises(ModelFileError):
         gpunn.load(tmp_path / "m")
+
+
+def test_an_overflowed_adam_state_checkpoints_and_resumes(tmp_path):
+    """Adam's v overflows (g² > float32's max) while the weights stay finite: the checkpoint holds the inf,
+    reads back, and the run resumes as the uninterrupted one continues."""
+    X = numpy.full((4, 2), 1e10, dtype=numpy.float32)
+    Y = numpy.zeros((4, 1), dtype=numpy.float32)
+
+    def run(epochs, **kw):
+        net = gpunn.Sequential([gpunn.Dense(2, 1, "identity")], device="cpu", seed=0)
+        net.fit(X, Y, loss="squared_error", optimizer=gpunn.Adam(lr=1e-3), epochs=epochs, batch_size=4, **kw)
+        return net
+    first = run(1, checkpoint=tmp_path / "c")
+    assert numpy.isinf(host(first.optimizer.state["v"])).any()
+    numpy.testing.assert_array_equal(host(run(3, checkpoint=tmp_path / "c").flat_parameters()),
+                                     host(run(3).flat_parameters()))
+
+
+def test_weights_no_file_may_hold_are_refused_at_save(tmp_path):
+    net = gpunn.mlp([3, 4, 2], device="cpu", seed=0)
+    net.save(tmp_path / "m")
+    good = (tmp_path / "m").read_bytes()
+    net.flat_parameters()[0] = numpy.inf
+    with pytest.raises(SaveError, match="infinite"):
+        net.save(tmp_path / "m")
+    assert (tmp_path / "m").read_bytes() == good
