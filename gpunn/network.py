@@ -136,8 +136,9 @@ class Sequential:
         new = get_device(device)
         if new == self.device and fused == self._fused_choice:
             return self
-        self.device, self._fused_choice = new, fused
-        self._use(self._store.moved(new))
+        with self._admission:       # like a training method: never under another thread's training or reading
+            self.device, self._fused_choice = new, fused
+            self._use(self._store.moved(new))
         return self
 
     # -- the lecture's step (gpunn.backprop) ------------------------------------------------------------

@@ -128,7 +128,8 @@ def test_readers_in_another_thread_get_concurrency_error_while_training(tmp_path
         assert pause.inside.wait(30)
         for what, call in [("save", lambda: net.save(tmp_path / "m")), ("deepcopy", lambda: copy.deepcopy(net)),
                            ("pickle", lambda: pickle.dumps(net)), ("predict", lambda: net.predict(X)),
-                           ("evaluate", lambda: net.evaluate(X, Y))]:
+                           ("evaluate", lambda: net.evaluate(X, Y)), ("to", lambda: net.to("cpu", fused=False)),
+                           ("train_step", lambda: net.train_step(X, Y, "squared_error", gpunn.SGD()))]:
             with pytest.raises(ConcurrencyError, match="another thread"):
                 call()
             assert what
