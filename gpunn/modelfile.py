@@ -41,6 +41,10 @@ def write(path: PathLike, config: dict, params: numpy.ndarray, loss: losses_mod.
     the loss or the optimiser would not load back as it is (:mod:`gpunn.registry`)."""
     for k, c in enumerate(config["layers"]):
         round_trip(c, Dense.from_config, lambda d: d.config(), f"layer {k} ({str(c)[:120]})")
+        if layers and type(layers[k]) is not Dense:
+            raise SaveError(f"cannot save layer {k}: it is a {type(layers[k]).__qualname__}, a subclass of Dense, and "
+                            "a model file holds Dense layers only (it would load as a plain Dense); put the "
+                            "difference in an Activation subclass, which files store by its own key")
         act = layers[k].activation if layers else None
         if act is not None and vars(Dense.from_config(json_data(c, "a layer")).activation) != vars(act):
             raise SaveError(f"cannot save layer {k}: its activation {act!r} would load as one with other attributes "

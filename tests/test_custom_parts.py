@@ -191,3 +191,12 @@ def test_a_layer_whose_activation_would_not_load_back_is_refused_before_writing(
     with pytest.raises(SaveError, match="other attributes"):
         a.save(tmp_path / "m.npz")
     assert not os.path.exists(tmp_path / "m.npz")
+
+
+def test_a_dense_subclass_is_refused_at_save_not_loaded_as_a_plain_dense(tmp_path):
+    class NoisyDense(gpunn.Dense):
+        pass
+    a = gpunn.Sequential([NoisyDense(2, 3), gpunn.Dense(3, 1, "sigmoid")], device="cpu", seed=0)
+    with pytest.raises(SaveError, match="subclass of Dense"):
+        a.save(tmp_path / "m.npz")
+    assert not os.path.exists(tmp_path / "m.npz")
