@@ -44,6 +44,11 @@ class Registry:
         self.classes[key] = cls
 
     def names(self) -> list[str]:
+        """The keys of gpunn's own classes (what ``names()`` of each module lists)."""
+        return sorted(k for k, c in self.classes.items() if c.__module__.split(".")[0] == "gpunn")
+
+    def all_names(self) -> list[str]:
+        """Every key, custom classes included."""
         return sorted(self.classes)
 
     def get(self, key: Any) -> type | None:
@@ -51,7 +56,7 @@ class Registry:
 
     def unknown(self, key: Any) -> ConfigError:
         """The error for a key no class has; a qualified name is a class of the user's not defined here."""
-        err = unknown_name(self.kind, key, self.names())
+        err = unknown_name(self.kind, key, self.all_names())
         if isinstance(key, str) and "." in key:
             err = ConfigError(f"{err} It names a {self.kind} class of yours: import the module that defines it "
                               "before loading (gpunn never imports what a file names)")

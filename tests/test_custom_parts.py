@@ -200,3 +200,13 @@ def test_a_dense_subclass_is_refused_at_save_not_loaded_as_a_plain_dense(tmp_pat
     with pytest.raises(SaveError, match="subclass of Dense"):
         a.save(tmp_path / "m.npz")
     assert not os.path.exists(tmp_path / "m.npz")
+
+
+def test_a_custom_activation_never_runs_as_its_parents_fused_kernel(fake_gpu):
+    """On the (fake) GPU with fused kernels, a Tanh subclass runs its own forward, not the tanh kernel."""
+    def net(device):
+        return gpunn.Sequential([gpunn.Dense(2, 3, ScaledTanh(3.0)), gpunn.Dense(3, 1, "sigmoid")], device=device,
+                                dtype="float64", seed=0)
+    gpu = net("cuda:0")
+    assert gpu.fused
+    numpy.testing.assert_allclose(host(gpu.predict(X)), host(net("cpu").predict(X)), rtol=1e-10)
