@@ -83,6 +83,7 @@ class HistoryTable:
         self.n = 0
 
     def append(self, record: dict) -> None:
+        record = {str(k): v for k, v in record.items()}       # JSON names fields by strings
         for key in record:
             if key not in self.kinds:
                 self.fields.append(key)

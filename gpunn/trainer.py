@@ -163,14 +163,14 @@ class Run:
         for epoch in range(first, t.epochs if not self.history.stopped_early else first):
             record, previous = self._epoch(epoch, previous)
             self.history.append(record)
-            if self.config is not None:
-                self.table.append(record)
             if self.strategy.is_root:
                 report(t.progress, record)
             stop = self.stopping.should_stop(record, params)
             stop = any([bool(c.on_epoch_end(record)) for c in t.callbacks or []]) or stop
             stop = self.strategy.any(stop)              # a rank that stopped alone would hang the others
             self.history.stopped_early = stop
+            if self.config is not None:
+                self.table.append(record)               # as the callbacks left it
             if self.config is not None and self.strategy.is_root:
                 self._checkpoint(epoch + 1, previous).save(t.checkpoint)
             if stop:

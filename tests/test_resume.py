@@ -209,3 +209,15 @@ def test_weights_no_file_may_hold_are_refused_at_save(tmp_path):
     with pytest.raises(SaveError, match="infinite"):
         net.save(tmp_path / "m")
     assert (tmp_path / "m").read_bytes() == good
+
+
+def test_records_a_callback_extended_load_back(tmp_path):
+    def extend(r):
+        r["note"] = "slow" if r["epoch"] == 2 else None
+        r[7] = numpy.float32(0.5)
+        r["flag"] = r["epoch"] % 2 == 0
+    run = dict(lr=1e-4, checkpoint=tmp_path / "c", callbacks=[gpunn.callbacks.LambdaCallback(extend)])
+    first = _fit(_lin(), 3, 4, **run).epochs
+    resumed = _fit(_lin(), 3, 4, **run).epochs            # nothing left to train: all read back
+    assert [r["note"] for r in resumed] == [None, "slow", None] and [r["flag"] for r in resumed] == [0, 1, 0]
+    assert [r["7"] for r in resumed] == [0.5] * 3 and [r["loss"] for r in resumed] == [r["loss"] for r in first]
