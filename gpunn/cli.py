@@ -21,7 +21,7 @@ from .backend import Device, available_devices, cuda_unavailable_reason, parse_s
 from .bench import WORKLOADS, environment, format_table, time_workload
 from .check import run_check
 from .distributed import init as init_distributed
-from .errors import GpunnError
+from .errors import DistributedError, GpunnError
 from .io import check_writable, write_text_atomic
 from .plots import format_of, plot_activations, plot_history
 
@@ -239,7 +239,10 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
     if sizes and (sizes[0] != data.n_features or sizes[-1] != data.n_outputs):
         raise click.BadParameter(f"{dataset} with {loss} needs --layers to start with {data.n_features} and end "
                                  f"with {data.n_outputs}", param_hint="--layers")
-    comm = init_distributed(device) if distributed else None
+    try:
+        comm = init_distributed(device) if distributed else None
+    except DistributedError as exc:                 # a launcher without a working MPI: nothing trained
+        raise click.UsageError(str(exc)) from None
     if comm is not None:
         device = comm.device
     shown = epochs if epochs is not None else recipes.defaults(dataset)[2]

@@ -284,8 +284,8 @@ class Sequential:
         device_of(X, Y)
         # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
         # per-operation overflow warnings would only be noise on the way there.
-        with _out_of_memory_said(self.device, batch_size, X), self._admission, self.device.activate(), \
-                numpy.errstate(over="ignore", invalid="ignore"):
+        with _out_of_memory_said(self.device, batch_size, X), trainer.strategy.guard(), self._admission, \
+                self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
             run = trainer.start(self, X, Y, loss, optimizer, validation_data, self.shuffle_rng)
             self.loss, self.optimizer, self.history = loss, optimizer, run.history   # once the data passed
             return run.train()
