@@ -19,7 +19,7 @@ from typing import Any, TypeGuard
 
 import numpy
 
-from . import io, optim, training
+from . import exports, io, optim, training
 from . import losses as losses_mod
 from .activations import Activation, ActivationSpec
 from .backend import Device, device_of, get_device, is_cupy_array, to_host
@@ -449,19 +449,25 @@ class Sequential:
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: PathLike) -> None:
-        """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
+        """Write the network to ``path``, atomically, in the format its extension names: ``.npz`` gpunn's own
+        file (arrays + JSON header; see :func:`load`), ``.onnx`` an ONNX graph, ``.safetensors`` the weights
+        with the configuration (:mod:`gpunn.exports`); any other extension is a SaveError."""
         extra = {"loss": self.loss.name if self.loss else None,
                  "optimizer": self.optimizer.config() if self.optimizer else None}
+        fmt = exports.model_format(path)                       # one rule: the format by extension
+        if fmt != "npz":
+            return exports.write(fmt, self, path, extra)
         io.write_model(path, {**self.config(), **extra}, to_host(self._params))
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
-        """Read a network saved by :meth:`save` onto ``device`` (default: the default device).
+        """Read a network saved by :meth:`save` (``.npz`` or ``.safetensors``) onto ``device`` (default: the
+        default device).
 
         Every malformed file is a :class:`~gpunn.errors.ModelFileError`, found with time and memory bounded
         by the file's size (see :mod:`gpunn.io`).
         """
-        header, params = io.read_model(path)
+        header, params = exports.read_model_file(path)     # .npz, or .safetensors by its extension
         _check_layer_sizes(header, params.size, path)      # before anything is allocated from the header
         try:
             net = cls.from_config(header, device=device)
