@@ -113,8 +113,10 @@ def _activation_nodes(helper: Any, act: dict, z: str, y: str, dtype: numpy.dtype
     return nodes, [c for c in inits if c.name in used]
 
 
-def onnx_model(net: Any) -> Any:
-    """The ONNX ``ModelProto`` of ``net`` (checked by ``onnx.checker``), as :func:`write_onnx` writes it."""
+def onnx_model(net: Any, extra: dict | None = None) -> Any:
+    """The ONNX ``ModelProto`` of ``net`` (checked by ``onnx.checker``), as :func:`write_onnx` writes it; the
+    ``data`` entry of ``extra`` (what ``gpunn train --data`` knows of the data: feature names, labels) goes
+    into the metadata as ``gpunn_data``."""
     onnx = _require("onnx", "onnx", SaveError)
     helper, numpy_helper = onnx.helper, onnx.numpy_helper
     elem = helper.np_dtype_to_tensor_dtype(net.dtype)
@@ -133,14 +135,17 @@ def onnx_model(net: Any) -> Any:
     model = helper.make_model(graph, producer_name="gpunn", producer_version=__version__,
                               opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
     model.ir_version = _ONNX_IR_VERSION
-    helper.set_model_props(model, {"gpunn_config": json.dumps(net.config(), sort_keys=True)})
+    props = {"gpunn_config": json.dumps(net.config(), sort_keys=True)}
+    if (extra or {}).get("data") is not None:
+        props["gpunn_data"] = json.dumps(extra["data"], sort_keys=True)  # type: ignore[index]
+    helper.set_model_props(model, props)
     onnx.checker.check_model(model)
     return model
 
 
-def write_onnx(net: Any, path: PathLike) -> None:
+def write_onnx(net: Any, path: PathLike, extra: dict | None = None) -> None:
     """Write ``net`` as an ONNX graph to ``path``, atomically (see the module docstring)."""
-    data = onnx_model(net).SerializeToString()
+    data = onnx_model(net, extra).SerializeToString()
     io.atomic_write(path, lambda fh: fh.write(data))
 
 
@@ -221,7 +226,7 @@ def _safetensors_header(data: bytes, shown: str) -> dict:
 def write(fmt: str, net: Any, path: PathLike, extra: dict) -> None:
     """Write ``net`` to ``path`` in an export format (``"onnx"`` or ``"safetensors"``)."""
     if fmt == "onnx":
-        write_onnx(net, path)
+        write_onnx(net, path, extra)
     else:
         write_safetensors(net, path, extra)
 

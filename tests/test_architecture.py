@@ -25,6 +25,7 @@ FLOORS: list[set[str]] = [
     {"training"},
     {"network"},
     {"datasets", "check", "bench", "plots"},
+    {"userdata"},
     {"recipes", "sklearn"},
     {"cli"},
     {"__init__"},
