@@ -5,20 +5,23 @@ options get click's usage message and exit 2.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import click
 import numpy
 
 from . import activations, losses, optim, recipes, userdata
-from .backend import Device, available_devices, cuda_unavailable_reason, parse_spec, to_host
+from .backend import LOGGER, Device, available_devices, cuda_unavailable_reason, parse_spec, to_host
 from .bench import WORKLOADS, environment, format_table, time_workload
 from .check import run_check
 from .distributed import init as init_distributed
@@ -36,7 +39,7 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _notes_on_stderr():
                 warnings.showwarning = _show_warning
                 return fn(*args, **kwargs)
         except (GpunnError, OSError, MemoryError) as exc:
@@ -52,6 +55,26 @@ def _friendly(fn):
             click.echo(f"gpunn: interrupted{hint}", err=True)
             ctx.exit(130)
     return wrapper
+
+
+class _NoteHandler(logging.Handler):
+    """gpunn's log records (the auto device's fallback to cpu) as ``gpunn: note: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"gpunn: note: {record.getMessage().removeprefix('gpunn: ')}", err=True)
+
+
+@contextlib.contextmanager
+def _notes_on_stderr() -> Iterator[None]:
+    """While a command runs, gpunn's log records are notes on stderr (and not also on the root logger)."""
+    handler, propagate = _NoteHandler(logging.INFO), LOGGER.propagate
+    LOGGER.addHandler(handler)
+    LOGGER.propagate = False
+    try:
+        yield
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.propagate = propagate
 
 
 _show_original = warnings.showwarning
@@ -481,7 +504,13 @@ def check(devices, dtypes, steps, seed, as_json):
 # -- plot -------------------------------------------------------------------------------------------
 @main.group(**EPILOG_STYLE)
 def plot() -> None:
-    """Pictures (needs matplotlib: pip install 'gpunn[plot]')."""
+    """Pictures (needs matplotlib: pip install 'gpunn[plot]').
+
+    \b
+    Examples:
+      gpunn plot activations activations.png
+      gpunn train --plot curves.svg          # training curves come with a run
+    """
 
 
 @plot.command("activations", **EPILOG_STYLE)
@@ -531,6 +560,9 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
                                      param_hint="--workload")
     sizes = _csv("positive integer", batch_sizes, _positive("positive integer")) if batch_sizes else None
     devs = [Device(d) for d in _csv("device", devices)]
+    if "wide" in names and any(not d.is_cuda for d in devs):
+        click.echo("gpunn: note: the wide workload (4096-wide layers, batch 4096, ~0.4 TFLOP a step) is GPU-sized; "
+                   "on a CPU each step takes seconds", err=True)
     env = environment(dtype)
     _print_header(env)
     rows = []

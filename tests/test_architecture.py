@@ -28,6 +28,7 @@ FLOORS: list[set[str]] = [
     {"userdata"},
     {"recipes", "sklearn"},
     {"cli"},
+    {"__main__"},
     {"__init__"},
 ]
 FLOOR = {name: k for k, names in enumerate(FLOORS) for name in names}
