@@ -290,14 +290,16 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         device = comm.device
     shown = epochs if epochs is not None else recipes.defaults(dataset)[2]
     resuming = bool(checkpoint) and os.path.exists(checkpoint)
-    with _progress_printer(shown, as_json or (comm is not None and not comm.is_root), checkpoint if resuming
-                           else None) as report:
+    printer = _progress_printer(shown, as_json or (comm is not None and not comm.is_root),
+                                checkpoint if resuming else None)
+    with printer as report:
         net, summary = recipes.train(dataset, sizes, activation, loss, optimizer, lr, 0.9 if momentum is None
                                      else momentum, epochs, batch_size, patience, device, dtype, seed, checkpoint,
                                      report, comm=comm, data=data, output=prepared.output if prepared else None)
     if comm is not None and not comm.is_root:
         return                                     # rank 0 reports and writes for the job
     summary["dataset"] = name
+    summary["resumed_after_epoch"] = printer.resumed_after
     if prepared:
         userdata.fold_scaling(net, prepared.scaling)
         summary["data"] = prepared.info
@@ -352,6 +354,7 @@ class _progress_printer:
 
     def __init__(self, epochs: int, quiet: bool, resumed: str | None = None):
         self.epochs, self.quiet, self.resumed = epochs, quiet, resumed
+        self.resumed_after: int | None = None
         self.bar: Any = None
 
     def __enter__(self):
@@ -362,10 +365,12 @@ class _progress_printer:
         return self.report
 
     def report(self, record: dict) -> None:
-        if self.resumed and record["epoch"] > 1 and not self.quiet:
-            click.echo(f"gpunn: note: resumed from {self.resumed} after epoch {record['epoch'] - 1}", err=True)
+        if self.resumed and record["epoch"] > 1:
+            self.resumed_after = record["epoch"] - 1
+            if not self.quiet:
+                click.echo(f"gpunn: note: resumed from {self.resumed} after epoch {self.resumed_after}", err=True)
             if self.bar is not None:
-                self.bar.update(record["epoch"] - 1)
+                self.bar.update(self.resumed_after)
         self.resumed = None
         if self.quiet:
             return

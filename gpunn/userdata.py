@@ -244,7 +244,9 @@ def labels_of(y: numpy.ndarray) -> list:
 def targets_for(y: numpy.ndarray, loss: str, labels: list | None, source: str, n_out: int) -> numpy.ndarray:
     """The network's targets for raw ``y`` under ``loss``: class codes (via ``labels``), one sigmoid column, or
     the numbers themselves (regression)."""
-    if loss in _CLASSIFY or (labels is not None and loss == "squared_error" and n_out > 1):
+    one_hot_labels = loss == "squared_error" and n_out > 1 and y.ndim == 1 and (labels is not None
+                                                                                 or y.dtype.kind in "iu")
+    if loss in _CLASSIFY or one_hot_labels:     # (a built-in set's squared-error model: one-hot rows of labels)
         labels = labels if labels is not None else list(range(n_out if n_out > 1 else 2))
         index = {str(v): k for k, v in enumerate(labels)}
         keys = [str(v.item() if isinstance(v, numpy.generic) else v) for v in y.reshape(-1)]

@@ -1,6 +1,8 @@
 """What gpunn train and friends tell the user: resuming, early stopping, Ctrl-C, GPU-sized work, examples."""
 from __future__ import annotations
 
+import json
+
 from click.testing import CliRunner
 
 from gpunn import recipes
@@ -21,6 +23,8 @@ def test_train_says_it_resumed_from_the_checkpoint(tmp_path):
     assert "epoch 1/4" not in r.output and "epoch 3/4" in r.output
     r = run("train", "--epochs", "4", "--device", "cpu", "--checkpoint", ckpt)
     assert r.exit_code == 0 and "holds a finished run; nothing left to train" in r.output, r.output
+    r = run("train", "--epochs", "6", "--device", "cpu", "--checkpoint", ckpt, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["resumed_after_epoch"] == 4, r.output
 
 
 def test_train_says_which_epoch_early_stopping_restored():

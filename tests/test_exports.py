@@ -1,6 +1,7 @@
 """Exports by extension: ONNX checked by onnxruntime, safetensors by the safetensors package's own loader."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -110,3 +111,16 @@ def test_onnx_is_not_read_back(tmp_path):
 
 def test_model_format_is_one_rule():
     assert [exports.model_format(p) for p in ("a.npz", "b.ONNX", "c.SafeTensors")] == ["npz", "onnx", "safetensors"]
+
+
+def test_a_network_on_a_gpu_exports_from_host_copies(fake_gpu_unfused, tmp_path):
+    """gpunn's CUDA path (tests/fakecupy.py): the exporters copy the weights to the host first."""
+    pytest.importorskip("safetensors", reason="safetensors not installed (pip install 'gpunn[safetensors]')")
+    net = _net("tanh").to("cuda:0")
+    assert isinstance(net.layers[0].W, fake_gpu_unfused.ndarray)
+    net.save(tmp_path / "m.safetensors")
+    back = gpunn.load(tmp_path / "m.safetensors", device="cpu")
+    numpy.testing.assert_array_equal(host(back.flat_parameters()), host(net.flat_parameters()))
+    if importlib.util.find_spec("onnx") is not None:
+        net.save(tmp_path / "m.onnx")
+        assert (tmp_path / "m.onnx").stat().st_size > 0

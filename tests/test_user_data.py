@@ -209,3 +209,16 @@ def test_python_dash_w_error_does_not_break_a_cpu_only_script():
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() in ("cpu", "cuda:0")
+
+
+def test_a_squared_error_model_of_a_built_in_set_evaluates_on_integer_labels(tmp_path):
+    r = run("train", "--loss", "squared_error", "--epochs", "3", "--device", "cpu", "--save", str(tmp_path / "m.npz"))
+    assert r.exit_code == 0, r.output
+    X, y = gpunn.datasets.load_digits()
+    numpy.savez(tmp_path / "d.npz", X=X, y=y)
+    r = run("evaluate", str(tmp_path / "m.npz"), str(tmp_path / "d.npz"), "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    net = gpunn.load(tmp_path / "m.npz", device="cpu")
+    expected = net.evaluate(X, gpunn.datasets.one_hot(y, 10))
+    got = json.loads(r.output)
+    assert got["accuracy"] == pytest.approx(expected.accuracy) and got["loss"] == pytest.approx(expected.loss)
