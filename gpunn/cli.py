@@ -273,6 +273,9 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
     if momentum is not None and optimizer != "sgd":
         raise click.BadParameter(f"--momentum is SGD's; {optimizer} has none (leave it out, or use --optimizer sgd)",
                                  param_hint="--momentum")
+    if data_spec is not None and click.get_current_context().get_parameter_source("dataset") not in (
+            click.core.ParameterSource.DEFAULT, None):
+        raise click.BadParameter("give --dataset or --data, not both", param_hint="--data")
     if target is not None and data_spec is None:
         raise click.BadParameter("--target names a column of --data FILE; give --data too", param_hint="--target")
     for path, option in ((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint")):

@@ -157,6 +157,7 @@ def test_bad_files_and_names_never_show_a_traceback(tmp_path):
         (["train", "--data", f"{tmp_path / 'obj.npy'},{tmp_path / 'obj.npy'}"], 1, "not a readable NumPy file"),
         (["train", "--data", "data.txt"], 1, "cannot tell the data format"),
         (["train", "--target", "label"], 2, "give --data too"),
+        (["train", "--dataset", "moons", "--data", "x.csv"], 2, "give --dataset or --data, not both"),
         (["train", "--optimizer", "adam", "--momentum", "0.5"], 2, "--momentum is SGD's"),
         (["train", "--save", str(tmp_path / "m.pt")], 2, "cannot tell the model format"),
         (["evaluate", str(tmp_path / "m.npz"), str(tmp_path / "noX.npz")], 1, "not a gpunn model"),
