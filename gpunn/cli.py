@@ -1,4 +1,4 @@
-"""The ``gpunn`` command line: info, train, check, plot, bench.
+"""The ``gpunn`` command line (also ``python -m gpunn``): info, train, evaluate, predict, check, plot, bench.
 
 Runtime errors print one line on stderr and exit 1 (``gpunn --debug ...`` shows the traceback); bad
 options get click's usage message and exit 2.
@@ -162,6 +162,9 @@ def main(debug: bool) -> None:
     Examples:
       gpunn info
       gpunn train --epochs 30 --device cpu
+      gpunn train --data my.csv --target label --save m.npz
+      gpunn evaluate m.npz test.csv --json
+      gpunn predict m.npz new.csv --output predictions.csv
       gpunn check --device cpu,cuda:0
       gpunn bench --workload mlp --device cpu
     """
