@@ -61,3 +61,9 @@ def test_bench_wide_on_a_cpu_says_it_is_gpu_sized(monkeypatch):
     monkeypatch.setattr(cli, "time_workload", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     r = run("bench", "--workload", "wide", "--device", "cpu")
     assert "the wide workload" in r.output and "GPU-sized" in r.output, r.output
+
+
+def test_the_data_commands_have_help_with_examples():
+    for cmd in ("evaluate", "predict"):
+        r = run(cmd, "--help")
+        assert r.exit_code == 0 and "Examples:" in r.output and f"gpunn {cmd} m.npz" in r.output, r.output
