@@ -124,3 +124,28 @@ def test_a_network_on_a_gpu_exports_from_host_copies(fake_gpu_unfused, tmp_path)
     if importlib.util.find_spec("onnx") is not None:
         net.save(tmp_path / "m.onnx")
         assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_mutated_safetensors_files_load_the_same_weights_or_are_refused(tmp_path):
+    """Byte mutations anywhere in the file: the same network, or a ModelFileError; nothing else escapes."""
+    pytest.importorskip("safetensors", reason="safetensors not installed (pip install 'gpunn[safetensors]')")
+    net = _net("relu")
+    good = tmp_path / "m.safetensors"
+    net.save(good)
+    data, g = good.read_bytes(), rng(7)
+    bad = tmp_path / "bad.safetensors"
+    refused = 0
+    for _ in range(300):
+        mutated = bytearray(data)
+        for i in g.integers(0, len(data), g.integers(1, 4)):
+            mutated[i] = int(g.integers(0, 256))
+        if g.random() < 0.2:
+            mutated = mutated[:int(g.integers(0, len(data)))]
+        bad.write_bytes(bytes(mutated))
+        try:
+            back = gpunn.load(bad, device="cpu")
+        except ModelFileError:
+            refused += 1
+            continue
+        numpy.testing.assert_array_equal(host(back.flat_parameters()), host(net.flat_parameters()))
+    assert refused > 200
