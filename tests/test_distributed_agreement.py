@@ -223,8 +223,8 @@ NO_MPI4PY = "import sys; sys.modules['mpi4py'] = None\n"
 @pytest.mark.parametrize("variable", ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE"])
 def test_a_launcher_without_mpi4py_is_refused_by_init_and_the_cli(variable):
     env = {**os.environ, variable: "2", "PYTHONPATH": os.pathsep.join(sys.path)}
-    code = NO_MPI4PY + "import gpunn\nimport gpunn.distributed as d\ntry:\n    d.init()\nexcept gpunn.DistributedError as e:\n" \
-                       "    print('refused', e)\n"
+    code = NO_MPI4PY + ("import gpunn\nimport gpunn.distributed as d\ntry:\n    d.init()\n"
+                        "except gpunn.DistributedError as e:\n    print('refused', e)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert run.stdout.startswith("refused") and "pip install 'gpunn[mpi]'" in run.stdout, run.stderr
     cli = NO_MPI4PY + "from gpunn.cli import main; sys.exit(main())"
