@@ -6,10 +6,15 @@ must have the kernel's element type and be C-contiguous, ``long long`` needs ``n
 needs ``numpy.int32``, ``T`` needs the scalar type of ``T``. A real GPU would take a wrong-sized scalar
 silently and compute garbage; here it is an error naming the argument.
 
-The launch then walks the whole grid: every block, every thread, in order, with the thread rows of a
-block in descending ``threadIdx.y`` so that row 0 (which reads what the others wrote to shared memory
-before ``__syncthreads()``) goes last. That is one legal schedule of the kernels here (they never wait
-on another block), so a wrong grid size or a kernel that misses an element shows up in the results.
+The launch then walks the whole grid, block by block. A kernel without warp shuffles runs every thread
+of a block in turn, thread rows in descending ``threadIdx.y`` so that row 0 (which reads what the others
+wrote to shared memory before ``__syncthreads()``) goes last: one legal schedule of those kernels (they
+never wait on another block), so a wrong grid size or a kernel that misses an element shows up in the
+results. A kernel with ``__shfl_xor_sync`` runs each block's threads as real threads: ``__syncthreads()``
+is a barrier of the block, a shuffle an exchange between the 32 threads of a warp (two barriers of the
+warp), so lanes really compute at once and a lane that skips a shuffle hangs the emulation as it would
+hang a card. ``__ldcg`` is a plain load and ``__threadfence()`` nothing: memory order is what the SASS test
+in tests/test_kernels.py checks.
 """
 from __future__ import annotations
 
@@ -29,16 +34,39 @@ GXX = shutil.which("g++")
 
 PRELUDE = r"""
 #include <math.h>
+#include <string.h>
+#include <barrier>
+#include <memory>
+#include <thread>
+#include <vector>
 struct Dim3 { unsigned x, y, z; };
-static Dim3 threadIdx, blockIdx, blockDim, gridDim;
+static thread_local Dim3 threadIdx, blockIdx;
+static Dim3 blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
 #define __shared__ static
-#define __syncthreads()
 #define __threadfence()
+#define __ldcg(p) (*(p))
+// set while a threaded launch runs (kernels with warp shuffles); null in the one-thread-at-a-time walk
+static std::barrier<>* g_block_bar = nullptr;
+static std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
+static unsigned long long g_lanes[1024];
+static inline void __syncthreads() { if (g_block_bar) g_block_bar->arrive_and_wait(); }
 static inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }   // blocks run one at a time
+template<typename T>
+static T __shfl_xor_sync(unsigned, T v, int offset) {
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "a lane's value is at most 8 bytes");
+    unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    unsigned warp = tid / 32, lane = tid % 32;
+    memcpy(&g_lanes[tid], &v, sizeof(T));
+    g_warp_bar[warp]->arrive_and_wait();               // every lane has published its value
+    T r;
+    memcpy(&r, &g_lanes[warp * 32 + (lane ^ (unsigned)offset)], sizeof(T));
+    g_warp_bar[warp]->arrive_and_wait();               // every lane has read before the next write
+    return r;
+}
 """
 
 _KERNEL = re.compile(r"template\s*<([^>]*)>\s*__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
@@ -68,6 +96,28 @@ def signatures() -> dict[str, tuple[list[str], list[tuple[str, str, bool]]]]:
     return sigs
 
 
+def _body(name: str) -> str:
+    """The text of kernel ``name``'s body in SOURCE."""
+    src = kernels.SOURCE
+    m = re.search(rf"__global__\s+void\s+{name}\s*\(", src)
+    if m is None:
+        raise KeyError(f"no kernel {name!r} in gpunn.kernels.SOURCE")
+    i = j = src.index("{", m.end())
+    depth = 0
+    while depth or j == i:
+        depth += {"{": 1, "}": -1}.get(src[j], 0)
+        j += 1
+    return src[i:j]
+
+
+@functools.cache
+def threaded(name: str) -> bool:
+    """Whether kernel ``name`` shuffles between lanes (itself or through SOURCE's ``warp_*`` helpers), and so
+    runs each block's threads as real threads."""
+    body = _body(name)
+    return "__shfl" in body or "warp_" in body
+
+
 def instance(expr: str) -> tuple[str, list[str], list[tuple[str, str, bool]]]:
     """'act_bwd<float, 3>' -> ('act_bwd', ['float', '3'], parameters with T replaced by float)."""
     m = re.fullmatch(r"(\w+)<(.*)>", expr.strip())
@@ -83,23 +133,46 @@ def _symbol(expr: str) -> str:
     return "launch_" + re.sub(r"\W+", "_", expr).strip("_")
 
 
-def source() -> str:
-    """The kernels plus one ``extern "C"`` launcher per exported instance (walks the whole grid)."""
-    lines = [PRELUDE, kernels.SOURCE]
-    for expr in kernels.name_expressions():
-        _, _, params = instance(expr)
-        decl = ", ".join(f"{t}{'*' if ptr else ''} {n}" for t, n, ptr in params)
-        call = ", ".join(n for _, n, _ in params)
-        lines.append(f"""
-extern "C" void {_symbol(expr)}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
-                                {decl}) {{
-    gridDim = {{gx, gy, gz}}; blockDim = {{bx, by, bz}};
+_SEQUENTIAL = """
     for (unsigned k = 0; k < gz; ++k) for (unsigned j = 0; j < gy; ++j) for (unsigned i = 0; i < gx; ++i)
         for (unsigned tz = 0; tz < bz; ++tz) for (int ty = (int)by - 1; ty >= 0; --ty)
             for (unsigned tx = 0; tx < bx; ++tx) {{
             blockIdx = {{i, j, k}}; threadIdx = {{tx, (unsigned)ty, tz}};
             {expr}({call});
-        }}
+        }}"""
+
+_THREADED = """
+    unsigned emu_nt = bx * by * bz;
+    std::barrier<> emu_block(emu_nt);
+    g_block_bar = &emu_block;
+    g_warp_bar.clear();
+    for (unsigned w = 0; w < emu_nt / 32; ++w) g_warp_bar.emplace_back(new std::barrier<>(32));
+    std::vector<std::thread> emu_threads;
+    for (unsigned emu_t = 0; emu_t < emu_nt; ++emu_t)
+        emu_threads.emplace_back([=, &emu_block]() {{
+            threadIdx = {{emu_t % bx, (emu_t / bx) % by, emu_t / (bx * by)}};
+            for (unsigned k = 0; k < gz; ++k) for (unsigned j = 0; j < gy; ++j) for (unsigned i = 0; i < gx; ++i) {{
+                blockIdx = {{i, j, k}};
+                {expr}({call});
+                emu_block.arrive_and_wait();               // the whole block is done before the next one starts
+            }}
+        }});
+    for (auto& emu_th : emu_threads) emu_th.join();
+    g_block_bar = nullptr;"""
+
+
+def source() -> str:
+    """The kernels plus one ``extern "C"`` launcher per exported instance (walks the whole grid)."""
+    lines = [PRELUDE, kernels.SOURCE]
+    for expr in kernels.name_expressions():
+        name, _, params = instance(expr)
+        decl = ", ".join(f"{t}{'*' if ptr else ''} {n}" for t, n, ptr in params)
+        call = ", ".join(n for _, n, _ in params)
+        walk = (_THREADED if threaded(name) else _SEQUENTIAL).format(expr=expr, call=call)
+        lines.append(f"""
+extern "C" void {_symbol(expr)}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                                {decl}) {{
+    gridDim = {{gx, gy, gz}}; blockDim = {{bx, by, bz}};{walk}
 }}""")
     return "\n".join(lines)
 
@@ -111,8 +184,9 @@ def library() -> ctypes.CDLL:
         raise RuntimeError("g++ is not installed: the kernel emulation cannot be built")
     d = Path(tempfile.mkdtemp(prefix="gpunn-emulation-"))
     (d / "emulated.cpp").write_text(source())
-    r = subprocess.run([GXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", str(d / "emulated.cpp"),
-                        "-o", str(d / "libemulated.so")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([GXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-pthread", "-shared",
+                        str(d / "emulated.cpp"), "-o", str(d / "libemulated.so")], capture_output=True, text=True,
+                       timeout=300)
     if r.returncode != 0:
         raise RuntimeError("the kernel emulation did not compile:\n" + r.stderr[-3000:])
     lib = ctypes.CDLL(str(d / "libemulated.so"))
@@ -138,6 +212,8 @@ def check_args(expr: str, grid, block, args) -> list:
     g, b = _dim3(grid, "grid"), _dim3(block, "block")
     if b[0] * b[1] * b[2] > 1024:
         raise ValueError(f"{expr}: block {block} has more than 1024 threads")
+    if threaded(instance(expr)[0]) and (b[0] * b[1] * b[2]) % 32:
+        raise ValueError(f"{expr}: block {block} is not whole warps, and the kernel shuffles over 32 lanes")
     if not isinstance(args, tuple) or len(args) != len(params):
         raise TypeError(f"{expr} takes {len(params)} arguments as a tuple; got {args!r:.200}")
     values = list(g) + list(b)

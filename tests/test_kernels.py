@@ -116,7 +116,7 @@ def test_emulated_kernels_match_numpy_path(emulated, act, dtype):
         if act.name == "identity":
             y_k = z_k
             y_ref = z_ref
-        _launch(f"bias_act_fwd<{ctype}, {a}>", z0.size, z_k, b, y_k, numpy.int64(z0.size), numpy.int32(45),
+        _launch(f"bias_act_fwd<{ctype}, {a}>", z0.size, z_k, b, y_k, numpy.int32(z0.size), numpy.int32(45),
                 dtype(act.param), dtype(activations.exp_cap(dtype)))
         numpy.testing.assert_array_equal(z_k, z_ref)
         numpy.testing.assert_allclose(y_k, y_ref, equal_nan=True, **TOL[dtype])
