@@ -107,3 +107,12 @@ def test_a_bias_add_past_two_to_the_31_takes_the_xp_code(device):
     fk = _kernels(device)
     assert fk._size((2**16, 2**15 - 1))[4] == 2**31 - 2**16
     assert fk._size((2**16, 2**15))[4] is None
+
+
+def test_the_agreement_check_takes_the_multi_chunk_path():
+    """gpunn check (and so scripts/gpu-check.sh) trains at a batch that the fused column sum cuts into
+    several row chunks for every layer, on an H100/H200's grid as on the fake GPU's."""
+    from gpunn import check
+    for _, width, _ in check.ARCH:
+        assert kernels.colsum_plan(check.BATCH, width, kernels.COLSUM_BLOCKS)[1] > 1, width
+    assert any(width % 8 for _, width, _ in check.ARCH)       # a tile boundary inside a 32-byte sector
