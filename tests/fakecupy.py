@@ -6,6 +6,8 @@ the network, save/load, predict's return type) and count every host read-back of
 ``RawModule`` runs gpunn's fused kernels on the host emulation (tests/emulation.py), which checks
 every launch argument against the kernel's signature, so the fused path's wiring runs on CI too.
 ``random``, ``cuda.Event`` and ``cuda.get_elapsed_time`` are enough for bench/gpu_check.py to run.
+Streams, events, copies and kernel launches are logged in order (``LOG``), so tests can prove what a
+card would have to finish before what (tests/test_gpu_streams.py).
 It checks gpunn's logic, not CuPy's API: that needs a card (scripts/gpu-check.sh).
 """
 from __future__ import annotations

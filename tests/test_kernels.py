@@ -331,6 +331,10 @@ def test_launch_checker_rejects_bad_launches(emulated):
         emulation.launch("colsum<float>", (1,), (32, 8), args[:3])
     with pytest.raises(KeyError, match="no kernel"):
         emulation.launch("colsum<half>x", (1,), (32, 8), args)
+    f = numpy.zeros((2, 2), numpy.float32)
+    with pytest.raises(ValueError, match="not whole warps"):     # a shuffle needs all 32 lanes of each warp
+        emulation.launch("softmax_fwd<float>", (1,), (16, 2), (f, f[0].copy(), f.copy(), f.copy(), numpy.int32(2),
+                                                               numpy.int32(2)))
 
 
 def test_too_small_a_colsum_grid_leaves_columns_unwritten(emulated):
