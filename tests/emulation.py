@@ -10,11 +10,11 @@ The launch then walks the whole grid, block by block. A kernel without warp shuf
 of a block in turn, thread rows in descending ``threadIdx.y`` so that row 0 (which reads what the others
 wrote to shared memory before ``__syncthreads()``) goes last: one legal schedule of those kernels (they
 never wait on another block), so a wrong grid size or a kernel that misses an element shows up in the
-results. A kernel with ``__shfl_xor_sync`` runs each block's threads as real threads: ``__syncthreads()``
-is a barrier of the block, a shuffle an exchange between the 32 threads of a warp (two barriers of the
-warp), so lanes really compute at once and a lane that skips a shuffle hangs the emulation as it would
-hang a card. ``__ldcg`` is a plain load and ``__threadfence()`` nothing: memory order is what the SASS test
-in tests/test_kernels.py checks.
+results. A kernel with ``__shfl_xor_sync`` runs warp by warp, its 32 lanes as fibers (each on its own
+stack) in lockstep from shuffle to shuffle: every lane publishes its value and yields, and once all 32 have, each
+reads its partner's. A lane that skips a shuffle another lane takes (a real GPU would hang or read
+garbage) is reported as an error. ``__ldcg`` is a plain load and ``__threadfence()`` nothing: memory
+order is what the SASS test in tests/test_kernels.py checks.
 """
 from __future__ import annotations
 
@@ -35,38 +35,89 @@ GXX = shutil.which("g++")
 PRELUDE = r"""
 #include <math.h>
 #include <string.h>
-#include <barrier>
-#include <memory>
-#include <thread>
-#include <vector>
+#include <setjmp.h>
+#include <ucontext.h>
+#include <functional>
 struct Dim3 { unsigned x, y, z; };
-static thread_local Dim3 threadIdx, blockIdx;
-static Dim3 blockDim, gridDim;
+static Dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
 #define __shared__ static
+#define __syncthreads()
 #define __threadfence()
 #define __ldcg(p) (*(p))
-// set while a threaded launch runs (kernels with warp shuffles); null in the one-thread-at-a-time walk
-static std::barrier<>* g_block_bar = nullptr;
-static std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
-static unsigned long long g_lanes[1024];
-static inline void __syncthreads() { if (g_block_bar) g_block_bar->arrive_and_wait(); }
 static inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }   // blocks run one at a time
+
+// The lanes of one warp as fibers, for kernels that shuffle (one warp at a time; they have no __syncthreads).
+// Each lane's fiber is made once (makecontext) and runs warp after warp; switches are _setjmp/_longjmp
+// between the stacks (no system call, unlike swapcontext), built without _FORTIFY_SOURCE's longjmp check.
+static ucontext_t g_sched_uc, g_lane_uc[32];
+static jmp_buf g_sched_jb, g_lane_jb[32];
+static char g_lane_stack[32][1 << 16];
+static unsigned long long g_lane_val[2][32];          // by the parity of the shuffle: a lane that runs ahead
+static int g_lane, g_round[32], g_done[32], g_started[32], g_error;   // never overwrites an unread value
+static Dim3 g_lane_idx[32];
+static std::function<void()> g_body;
+
+static void lane_yield(int lane) { if (!_setjmp(g_lane_jb[lane])) _longjmp(g_sched_jb, 1); }
+
 template<typename T>
 static T __shfl_xor_sync(unsigned, T v, int offset) {
     static_assert(sizeof(T) <= sizeof(unsigned long long), "a lane's value is at most 8 bytes");
-    unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-    unsigned warp = tid / 32, lane = tid % 32;
-    memcpy(&g_lanes[tid], &v, sizeof(T));
-    g_warp_bar[warp]->arrive_and_wait();               // every lane has published its value
+    int lane = g_lane, parity = g_round[lane] & 1;
+    memcpy(&g_lane_val[parity][lane], &v, sizeof(T));
+    g_round[lane]++;
+    lane_yield(lane);                                  // until every lane has reached this shuffle
     T r;
-    memcpy(&r, &g_lanes[warp * 32 + (lane ^ (unsigned)offset)], sizeof(T));
-    g_warp_bar[warp]->arrive_and_wait();               // every lane has read before the next write
+    memcpy(&r, &g_lane_val[parity][lane ^ offset], sizeof(T));
     return r;
 }
+
+static void lane_entry() {
+    for (;;) {                                         // one warp per turn
+        g_body();
+        g_done[g_lane] = 1;
+        lane_yield(g_lane);
+    }
+}
+
+static void resume(int l) {
+    g_lane = l;
+    threadIdx = g_lane_idx[l];
+    if (_setjmp(g_sched_jb)) return;                   // the lane yielded
+    if (g_started[l]) _longjmp(g_lane_jb[l], 1);
+    g_started[l] = 1;
+    getcontext(&g_lane_uc[l]);
+    g_lane_uc[l].uc_stack.ss_sp = g_lane_stack[l];
+    g_lane_uc[l].uc_stack.ss_size = sizeof g_lane_stack[l];
+    g_lane_uc[l].uc_link = nullptr;
+    makecontext(&g_lane_uc[l], lane_entry, 0);
+    swapcontext(&g_sched_uc, &g_lane_uc[l]);
+}
+
+// Runs g_body for the 32 lanes whose indices are in g_lane_idx, in lockstep from shuffle to shuffle.
+static void run_warp() {
+    for (int l = 0; l < 32; ++l) g_round[l] = g_done[l] = 0;
+    for (;;) {
+        for (int l = 0; l < 32; ++l)
+            if (!g_done[l]) resume(l);
+        int done = 0, r = -1, same = 1;
+        for (int l = 0; l < 32; ++l) {
+            done += g_done[l];
+            if (!g_done[l]) { same &= (r < 0 || g_round[l] == r); r = g_round[l]; }
+        }
+        if (done == 32) return;
+        if (done || !same) {                           // a lane skipped a shuffle the others took
+            g_error = 1;
+            for (int l = 0; l < 32; ++l) g_started[l] = 0;    // fresh fibers next time
+            return;
+        }
+    }
+}
+
+extern "C" int emulation_error() { int e = g_error; g_error = 0; return e; }
 """
 
 _KERNEL = re.compile(r"template\s*<([^>]*)>\s*__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)
@@ -113,9 +164,13 @@ def _body(name: str) -> str:
 @functools.cache
 def threaded(name: str) -> bool:
     """Whether kernel ``name`` shuffles between lanes (itself or through SOURCE's ``warp_*`` helpers), and so
-    runs each block's threads as real threads."""
+    runs warp by warp with its lanes as fibers. Such a kernel must not use ``__syncthreads()``: the fibers
+    run one warp at a time."""
     body = _body(name)
-    return "__shfl" in body or "warp_" in body
+    shuffles = "__shfl" in body or "warp_" in body
+    if shuffles and "__syncthreads" in body:
+        raise NotImplementedError(f"{name}: the emulation cannot run a kernel with both shuffles and __syncthreads")
+    return shuffles
 
 
 def instance(expr: str) -> tuple[str, list[str], list[tuple[str, str, bool]]]:
@@ -142,23 +197,17 @@ _SEQUENTIAL = """
         }}"""
 
 _THREADED = """
-    unsigned emu_nt = bx * by * bz;
-    std::barrier<> emu_block(emu_nt);
-    g_block_bar = &emu_block;
-    g_warp_bar.clear();
-    for (unsigned w = 0; w < emu_nt / 32; ++w) g_warp_bar.emplace_back(new std::barrier<>(32));
-    std::vector<std::thread> emu_threads;
-    for (unsigned emu_t = 0; emu_t < emu_nt; ++emu_t)
-        emu_threads.emplace_back([=, &emu_block]() {{
-            threadIdx = {{emu_t % bx, (emu_t / bx) % by, emu_t / (bx * by)}};
-            for (unsigned k = 0; k < gz; ++k) for (unsigned j = 0; j < gy; ++j) for (unsigned i = 0; i < gx; ++i) {{
-                blockIdx = {{i, j, k}};
-                {expr}({call});
-                emu_block.arrive_and_wait();               // the whole block is done before the next one starts
+    g_body = [&]() {{ {expr}({call}); }};
+    unsigned nt = bx * by * bz;
+    for (unsigned k = 0; k < gz; ++k) for (unsigned j = 0; j < gy; ++j) for (unsigned i = 0; i < gx; ++i)
+        for (unsigned w = 0; w < nt && !g_error; w += 32) {{
+            blockIdx = {{i, j, k}};
+            for (unsigned l = 0; l < 32; ++l) {{
+                unsigned t = w + l;
+                g_lane_idx[l] = {{t % bx, (t / bx) % by, t / (bx * by)}};
             }}
-        }});
-    for (auto& emu_th : emu_threads) emu_th.join();
-    g_block_bar = nullptr;"""
+            run_warp();
+        }}"""
 
 
 def source() -> str:
@@ -184,7 +233,7 @@ def library() -> ctypes.CDLL:
         raise RuntimeError("g++ is not installed: the kernel emulation cannot be built")
     d = Path(tempfile.mkdtemp(prefix="gpunn-emulation-"))
     (d / "emulated.cpp").write_text(source())
-    r = subprocess.run([GXX, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-pthread", "-shared",
+    r = subprocess.run([GXX, "-std=c++17", "-O1", "-ffp-contract=off", "-U_FORTIFY_SOURCE", "-fPIC", "-shared",
                         str(d / "emulated.cpp"), "-o", str(d / "libemulated.so")], capture_output=True, text=True,
                        timeout=300)
     if r.returncode != 0:
@@ -195,6 +244,7 @@ def library() -> ctypes.CDLL:
         fn = getattr(lib, _symbol(expr))
         fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_void_p if p else _CTYPES[t] for t, _, p in params]
         fn.restype = None
+    lib.emulation_error.restype = ctypes.c_int
     return lib
 
 
@@ -236,4 +286,7 @@ def check_args(expr: str, grid, block, args) -> list:
 def launch(expr: str, grid, block, args) -> None:
     """Run kernel instance ``expr`` on the host, as ``RawModule.get_function(expr)(grid, block, args)``."""
     values = check_args(expr, grid, block, args)
-    getattr(library(), _symbol(expr))(*values)
+    lib = library()
+    getattr(lib, _symbol(expr))(*values)
+    if lib.emulation_error():
+        raise RuntimeError(f"{expr}: the lanes of a warp did not all take the same shuffles (a GPU would hang)")

@@ -333,8 +333,16 @@ def test_launch_checker_rejects_bad_launches(emulated):
         emulation.launch("colsum<half>x", (1,), (32, 8), args)
     f = numpy.zeros((2, 2), numpy.float32)
     with pytest.raises(ValueError, match="not whole warps"):     # a shuffle needs all 32 lanes of each warp
-        emulation.launch("softmax_fwd<float>", (1,), (16, 2), (f, f[0].copy(), f.copy(), f.copy(), numpy.int32(2),
+        emulation.launch("softmax_fwd<float>", (1,), (16, 3), (f, f[0].copy(), f.copy(), f.copy(), numpy.int32(2),
                                                                numpy.int32(2)))
+    # block (8, 4) puts 4 rows in one warp: with 3 rows, the fourth row's lanes skip the shuffles
+    z = numpy.zeros((3, 2), numpy.float32)
+    with pytest.raises(RuntimeError, match="did not all take the same shuffles"):
+        emulation.launch("softmax_fwd<float>", (1,), (8, 4), (z, z[0].copy(), z.copy(), z.copy(), numpy.int32(3),
+                                                              numpy.int32(2)))
+    y = numpy.empty_like(z)                                   # and the next launch runs on fresh lanes
+    emulation.launch("softmax_fwd<float>", (1,), (32, 4), (z, z[0].copy(), y, z.copy(), numpy.int32(3), numpy.int32(2)))
+    assert (y == 0.5).all()
 
 
 def test_too_small_a_colsum_grid_leaves_columns_unwritten(emulated):
