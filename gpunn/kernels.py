@@ -353,18 +353,20 @@ def colsum_plan(rows: int, cols: int, blocks: int) -> tuple[int, int, int]:
     return tiles, -(-rows // chunk), chunk
 
 
-#: Every colsum ticket-counter buffer made, per device index: what :func:`stale_counters` reads.
-_COUNTERS: dict[int, list[Array]] = {}
+#: The column sum's scratch, (device index, stream pointer, shape, dtype, chunks) -> (partial sums, counters):
+#: launches on one stream run one after another, so every network and layer of one shape shares one set
+#: per stream, and two streams never share counters. Bounded by shapes × streams, not by networks.
+_SCRATCH: dict[tuple, tuple[Array, Array]] = {}
 
 
 def stale_counters(device: Device) -> int:
     """Ticket counters of ``device`` that are not zero (synchronises: a check, not for a step).
 
-    Every colsum launch leaves its counters at zero, and each CUDA stream has its own, so this is 0
-    unless a launch was cut short (which also ends the CUDA context) or two launches raced on one
-    stream's counters. gpunn check and the GPU tests assert it.
+    Every colsum launch leaves its counters at zero, so this is 0 unless a launch was cut short (which
+    also ends the CUDA context) or two launches raced on one set of counters. gpunn check, the GPU
+    tests and bench/gpu_check.py assert it.
     """
-    return sum(int((c != 0).sum()) for c in _COUNTERS.get(device.index, ()))
+    return sum(int((count != 0).sum()) for key, (_, count) in list(_SCRATCH.items()) if key[0] == device.index)
 
 
 class FusedKernels:
@@ -376,9 +378,10 @@ class FusedKernels:
     where no kernel covers the case (a softmax wider than MAX_SOFTMAX_COLS, a non-contiguous view, a
     bias add over 2^31 elements); the caller then runs the ``xp`` code.
 
-    The column sum's scratch (partial sums and ticket counters) is per (shape, dtype, CUDA stream):
-    launches on one stream run one after the other, so layers of one shape share it safely, while two
-    streams never share counters (:func:`stale_counters` checks that every launch left them at zero).
+    The column sum's scratch (partial sums and ticket counters) is per (device, CUDA stream, shape, dtype),
+    shared by every instance (``_SCRATCH``): launches on one stream run one after the other, so layers of
+    one shape share it safely, while two streams never share counters (:func:`stale_counters` checks that
+    every launch left them at zero).
     """
 
     def __init__(self, device: Device):
@@ -480,19 +483,22 @@ class FusedKernels:
         key = (delta.shape, delta.dtype, self.xp.cuda.get_current_stream().ptr)
         hit = self._colsum.get(key)
         if hit is None:
-            hit = self._colsum[key] = self._colsum_setup(delta)
+            hit = self._colsum[key] = self._colsum_setup(delta, key[2])
         fn, grid, part, count, sizes = hit
         fn(grid, (32, 8), (delta, out, part, count) + sizes)
         return True
 
-    def _colsum_setup(self, delta: Array) -> tuple:
+    def _colsum_setup(self, delta: Array, stream: int) -> tuple:
         rows, cols = delta.shape
         tiles, chunks, chunk = colsum_plan(rows, cols, self.colsum_blocks)
         fn = self.module.get_function(f"colsum<{CTYPES[delta.dtype.name]}>")
-        part = self.xp.empty((chunks, cols), delta.dtype)
-        count = self.xp.zeros(tiles, numpy.int32)              # every launch leaves it at zero again
-        _COUNTERS.setdefault(self.device.index, []).append(count)
-        return fn, (tiles, chunks), part, count, (numpy.int32(rows), numpy.int32(cols), numpy.int32(chunk))
+        key = (self.device.index, stream, delta.shape, delta.dtype, chunks)
+        scratch = _SCRATCH.get(key)
+        if scratch is None:
+            with self.device.activate():
+                scratch = _SCRATCH[key] = (self.xp.empty((chunks, cols), delta.dtype),
+                                           self.xp.zeros(tiles, numpy.int32))   # each launch leaves it at zero
+        return (fn, (tiles, chunks)) + scratch + ((numpy.int32(rows), numpy.int32(cols), numpy.int32(chunk)),)
 
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> None:

@@ -357,7 +357,7 @@ def install(monkeypatch, fused: bool = True) -> types.ModuleType:
         monkeypatch.setenv("GPUNN_FUSED", "0")
     else:
         monkeypatch.delenv("GPUNN_FUSED", raising=False)
-    monkeypatch.setattr(kernels, "_COUNTERS", {})
+    monkeypatch.setattr(kernels, "_SCRATCH", {})
     ndarray.reads = ndarray.calls = ndarray.allocations = 0
     LOG.clear()
     _CURRENT.clear()

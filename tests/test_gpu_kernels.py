@@ -58,6 +58,7 @@ def test_each_stream_has_its_own_column_sum_counters(device):
     xp = device.xp
     ds = [device.asarray(rng(12 + i).normal(size=(2048, 300)), dtype="float32") for i in range(2)]
     streams = [xp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    device.synchronize()                  # the inputs were written on the null stream, which these skip
     n = _launches(device)
     outs = [xp.empty((n, 300), "float32") for _ in range(2)]
     for k in range(n):
@@ -71,6 +72,17 @@ def test_each_stream_has_its_own_column_sum_counters(device):
         assert (got == got[0]).all()
         numpy.testing.assert_allclose(got[0], host(d).astype(numpy.float64).sum(axis=0), rtol=0, atol=1e-3)
     assert kernels.stale_counters(device) == 0
+
+
+def test_networks_on_one_stream_share_the_column_sum_scratch(device):
+    """Scratch grows with shapes × streams, not with the number of networks (each has its own FusedKernels)."""
+    a, b = _kernels(device), kernels.FusedKernels(device)
+    d = device.asarray(rng(14).normal(size=(300, 70)), dtype="float32")
+    outs = device.xp.empty((2, 70), "float32")
+    assert a.column_sum(d, outs[0]) and b.column_sum(d, outs[1])
+    (ha,), (hb,) = a._colsum.values(), b._colsum.values()
+    assert ha[2] is hb[2] and ha[3] is hb[3]
+    assert (host(outs[0]) == host(outs[1])).all() and kernels.stale_counters(device) == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
