@@ -1,6 +1,7 @@
 """The fused CUDA kernels, checked without a GPU where possible.
 
-1. ``nvcc`` compiles the kernel source for sm_90 (catches syntax and type errors on CPU CI).
+1. ``nvcc`` compiles every kernel for sm_90 and sm_80 without register spills (catches syntax and type
+   errors on CPU CI), and, where cuobjdump is installed, the column sum's SASS orders its memory accesses.
 2. The same source, compiled as plain C++ with a tiny CUDA emulation (tests/emulation.py: the launch
    walks the whole grid, thread by thread, after checking every argument against the kernel's
    signature), must compute what the NumPy path computes: this checks indexing, formulas and
@@ -122,7 +123,8 @@ def test_cupy_signatures_take_the_out_arguments_gpunn_passes():
     # what the streamed batches (backend.HostToDevice) and gpu_check's blocker use
     for name in ("alloc_pinned_memory", "Stream", "get_current_stream", "Event"):
         assert hasattr(cupy.cuda, name), name
-    assert all(hasattr(cupy.cuda.Stream, m) for m in ("record", "wait_event"))
+    assert all(hasattr(cupy.cuda.Stream, m) for m in ("record", "wait_event", "ptr"))
+    assert hasattr(cupy.cuda.runtime, "getDeviceProperties")    # the SM count sizes the column sum's grid
     assert all(hasattr(cupy.cuda.Event, m) for m in ("done", "synchronize"))
     assert hasattr(cupy.ndarray, "set") and hasattr(cupy, "RawKernel")
     mod = cupy.RawModule(code=kernels.SOURCE, options=kernels.OPTIONS, name_expressions=kernels.name_expressions())
