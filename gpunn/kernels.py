@@ -61,6 +61,9 @@ __device__ __forceinline__ float  g_log(float x)    { return logf(x); }
 __device__ __forceinline__ double g_log(double x)   { return log(x); }
 __device__ __forceinline__ float  g_tanh(float x)   { return tanhf(x); }
 __device__ __forceinline__ double g_tanh(double x)  { return tanh(x); }
+// +infinity without math.h's INFINITY, which NVRTC (CuPy's compiler) does not define
+__device__ __forceinline__ float  g_inf(float)      { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ double g_inf(double)     { return __longlong_as_double(0x7ff0000000000000LL); }
 
 // f(z), written exactly as gpunn/activations.py computes it with NumPy (NaN propagates like NumPy).
 template<typename T, int A>
@@ -221,7 +224,7 @@ __global__ void softmax_fwd(T* z, const T* __restrict__ b, T* y, T* col, int row
     for (int r = blockIdx.x * blockDim.y + threadIdx.y; r < rows; r += gridDim.x * blockDim.y) {
         T* zr = z + (long long)r * cols;
         T* yr = y + (long long)r * cols;
-        T m = -T(INFINITY);
+        T m = -g_inf(T(0));
         for (int c = lane; c < cols; c += 32) {
             T v = zr[c] + b[c];
             zr[c] = v;

@@ -49,6 +49,8 @@ static Dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __threadfence()
 #define __ldcg(p) (*(p))
 static inline int atomicAdd(int* p, int v) { int old = *p; *p += v; return old; }   // blocks run one at a time
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, sizeof f); return f; }
+static inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, sizeof d); return d; }
 
 // The lanes of one warp as fibers, for kernels that shuffle (one warp at a time; they have no __syncthreads).
 // Each lane's fiber is made once (makecontext) and runs warp after warp; switches are _setjmp/_longjmp

@@ -123,7 +123,7 @@ def test_cupy_signatures_take_the_out_arguments_gpunn_passes():
     # what the streamed batches (backend.HostToDevice) and gpu_check's blocker use
     for name in ("alloc_pinned_memory", "Stream", "get_current_stream", "Event"):
         assert hasattr(cupy.cuda, name), name
-    assert all(hasattr(cupy.cuda.Stream, m) for m in ("record", "wait_event", "ptr"))
+    assert all(hasattr(cupy.cuda.Stream, m) for m in ("record", "wait_event")) and cupy.cuda.Stream.null.ptr == 0
     assert hasattr(cupy.cuda.runtime, "getDeviceProperties")    # the SM count sizes the column sum's grid
     assert all(hasattr(cupy.cuda.Event, m) for m in ("done", "synchronize"))
     assert hasattr(cupy.ndarray, "set") and hasattr(cupy, "RawKernel")
@@ -251,6 +251,13 @@ def test_emulated_sgd_is_bitwise_the_numpy_update(emulated, dtype, momentum, nes
         numpy.testing.assert_array_equal(p_k, p_ref)
         if momentum:
             numpy.testing.assert_array_equal(v_k, opt.state["velocity"])
+
+
+def test_the_source_uses_no_host_header_macro():
+    """nvcc includes the CUDA runtime headers (and math.h's INFINITY, NAN, ...), NVRTC, CuPy's compiler,
+    does not: a macro from them compiles in the nvcc test and fails on the card. (Checked with NVRTC 13.5:
+    ``-T(INFINITY)`` in softmax_fwd does not compile there.)"""
+    assert not re.findall(r"\b(INFINITY|NAN|HUGE_VALF?|M_PI\w*|FLT_\w+|DBL_\w+|INT_MAX)\b", kernels.SOURCE)
 
 
 def test_every_activation_but_softmax_has_a_kernel():
