@@ -257,7 +257,8 @@ def test_the_source_uses_no_host_header_macro():
     """nvcc includes the CUDA runtime headers (and math.h's INFINITY, NAN, ...), NVRTC, CuPy's compiler,
     does not: a macro from them compiles in the nvcc test and fails on the card. (Checked with NVRTC 13.5:
     ``-T(INFINITY)`` in softmax_fwd does not compile there.)"""
-    assert not re.findall(r"\b(INFINITY|NAN|HUGE_VALF?|M_PI\w*|FLT_\w+|DBL_\w+|INT_MAX)\b", kernels.SOURCE)
+    code = re.sub(r"//[^\n]*", "", kernels.SOURCE)
+    assert not re.findall(r"\b(INFINITY|NAN|HUGE_VALF?|M_PI\w*|FLT_\w+|DBL_\w+|INT_MAX)\b", code)
 
 
 def test_every_activation_but_softmax_has_a_kernel():
