@@ -11,8 +11,8 @@ of a block in turn, thread rows in descending ``threadIdx.y`` so that row 0 (whi
 wrote to shared memory before ``__syncthreads()``) goes last: one legal schedule of those kernels (they
 never wait on another block), so a wrong grid size or a kernel that misses an element shows up in the
 results. A kernel with ``__shfl_xor_sync`` runs warp by warp, its 32 lanes as fibers (each on its own
-stack) in lockstep from shuffle to shuffle: every lane publishes its value and yields, and once all 32 have, each
-reads its partner's. A lane that skips a shuffle another lane takes (a real GPU would hang or read
+stack) in lockstep from shuffle to shuffle: every lane publishes its value and yields, and once all 32
+have, each reads its partner's. A lane that skips a shuffle another lane takes (a real GPU would hang or read
 garbage) is reported as an error. ``__ldcg`` is a plain load and ``__threadfence()`` nothing: memory
 order is what the SASS test in tests/test_kernels.py checks.
 """
@@ -164,15 +164,15 @@ def _body(name: str) -> str:
 
 
 @functools.cache
-def threaded(name: str) -> bool:
+def shuffles(name: str) -> bool:
     """Whether kernel ``name`` shuffles between lanes (itself or through SOURCE's ``warp_*`` helpers), and so
     runs warp by warp with its lanes as fibers. Such a kernel must not use ``__syncthreads()``: the fibers
     run one warp at a time."""
     body = _body(name)
-    shuffles = "__shfl" in body or "warp_" in body
-    if shuffles and "__syncthreads" in body:
+    found = "__shfl" in body or "warp_" in body
+    if found and "__syncthreads" in body:
         raise NotImplementedError(f"{name}: the emulation cannot run a kernel with both shuffles and __syncthreads")
-    return shuffles
+    return found
 
 
 def instance(expr: str) -> tuple[str, list[str], list[tuple[str, str, bool]]]:
@@ -198,7 +198,7 @@ _SEQUENTIAL = """
             {expr}({call});
         }}"""
 
-_THREADED = """
+_WARPS = """
     g_body = [&]() {{ {expr}({call}); }};
     unsigned nt = bx * by * bz;
     for (unsigned k = 0; k < gz; ++k) for (unsigned j = 0; j < gy; ++j) for (unsigned i = 0; i < gx; ++i)
@@ -219,7 +219,7 @@ def source() -> str:
         name, _, params = instance(expr)
         decl = ", ".join(f"{t}{'*' if ptr else ''} {n}" for t, n, ptr in params)
         call = ", ".join(n for _, n, _ in params)
-        walk = (_THREADED if threaded(name) else _SEQUENTIAL).format(expr=expr, call=call)
+        walk = (_WARPS if shuffles(name) else _SEQUENTIAL).format(expr=expr, call=call)
         lines.append(f"""
 extern "C" void {_symbol(expr)}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                 {decl}) {{
@@ -264,7 +264,7 @@ def check_args(expr: str, grid, block, args) -> list:
     g, b = _dim3(grid, "grid"), _dim3(block, "block")
     if b[0] * b[1] * b[2] > 1024:
         raise ValueError(f"{expr}: block {block} has more than 1024 threads")
-    if threaded(instance(expr)[0]) and (b[0] * b[1] * b[2]) % 32:
+    if shuffles(instance(expr)[0]) and (b[0] * b[1] * b[2]) % 32:
         raise ValueError(f"{expr}: block {block} is not whole warps, and the kernel shuffles over 32 lanes")
     if not isinstance(args, tuple) or len(args) != len(params):
         raise TypeError(f"{expr} takes {len(params)} arguments as a tuple; got {args!r:.200}")
