@@ -218,9 +218,14 @@ class HostToDevice:
 
     ``slot()`` gives the host buffer to fill next; ``send(m)`` copies its first ``m`` rows to the device
     on the copy stream and makes the compute stream wait for that copy, so on a GPU the host fills and
-    sends batch k + 1 while batch k computes, and device memory holds two batches. Each buffer is reused
-    only after the copy that read it, and the computation that read its device twin, have finished.
-    On cpu the host buffer is the batch itself: no copy.
+    sends batch k + 1 while batch k computes, and device memory holds two batches. On cpu the host
+    buffer is the batch itself: no copy.
+
+    Order on a GPU, for batch k in buffer i = k mod 2: the device array ``send`` returns may be read by
+    work queued until the next ``send``. So that next call records buffer i's *release* event on the
+    compute stream (after step k, its last reader), and copy k + 2, into the same buffer, waits for it;
+    copy k + 1 waits only for step k − 1 and so overlaps step k. The host refills buffer i after copy k
+    has read it (its *copied* event). The four events are made once, without timing, and re-recorded.
     """
 
     def __init__(self, device: Device, shape: tuple, dtype: Any):
@@ -232,27 +237,34 @@ class HostToDevice:
             with device.activate():
                 self.dev = [cp.empty(shape, dtype) for _ in range(2)]
                 self.stream = cp.cuda.Stream(non_blocking=True)
-            self.copied: list[Any] = [None, None]
+                self.copied = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+                self.released = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+            self.recorded = [False, False]        # whether released[i] has been recorded yet
 
     def slot(self) -> numpy.ndarray:
         """The host buffer to fill for the next batch (waits, if need be, for the copy that last read it)."""
         i = self.k % 2
-        if self.device.is_cuda and self.copied[i] is not None:
+        if self.device.is_cuda and self.k >= 2:
             self.copied[i].synchronize()
         return self.host[i]
 
     def send(self, m: int) -> Array:
-        """The first ``m`` rows of the buffer just filled, on the device (ready for the compute stream)."""
+        """The first ``m`` rows of the buffer just filled, on the device (ready for the compute stream).
+
+        The returned array may be read by work queued on the current stream until the next ``send``."""
         i = self.k % 2
         self.k += 1
         if not self.device.is_cuda:
             return self.host[i][:m]
-        cp = self.device.xp
-        compute = cp.cuda.get_current_stream()
-        self.stream.wait_event(compute.record())       # the step that last read dev[i] has finished
+        compute = self.device.xp.cuda.get_current_stream()
+        if self.k >= 2:                                  # the previous batch's readers are all queued now
+            compute.record(self.released[1 - i])
+            self.recorded[1 - i] = True
+        if self.recorded[i]:
+            self.stream.wait_event(self.released[i])    # the step that last read dev[i] has finished
         with self.stream:
             self.dev[i][:m].set(self.host[i][:m])
-        self.copied[i] = self.stream.record()
+        self.stream.record(self.copied[i])
         compute.wait_event(self.copied[i])
         return self.dev[i][:m]
 
