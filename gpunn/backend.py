@@ -269,6 +269,32 @@ class HostToDevice:
         return self.dev[i][:m]
 
 
+class Handoff:
+    """Orders the use of shared device buffers by work queued on different CUDA streams.
+
+    A lock orders threads on the host, but each thread's work runs on its own current stream (CuPy's
+    per-thread default stream, or a user's ``with stream:``), so the next holder could overwrite buffers
+    the last holder's kernels are still reading. :meth:`acquire` makes the current stream wait for the
+    event :meth:`release` recorded after the last holder's work; on cpu both do nothing. Call both under
+    the host lock. The event is made once, without timing.
+    """
+
+    def __init__(self, device: Device):
+        self.device = device
+        self._event: Any = None
+
+    def acquire(self) -> None:
+        if self._event is not None:
+            self.device.xp.cuda.get_current_stream().wait_event(self._event)
+
+    def release(self) -> None:
+        if not self.device.is_cuda:
+            return
+        if self._event is None:
+            self._event = self.device.xp.cuda.Event(disable_timing=True)
+        self.device.xp.cuda.get_current_stream().record(self._event)
+
+
 _CPU = Device("cpu")
 _NO_CONTEXT = contextlib.nullcontext()   # reusable: entering it does nothing
 

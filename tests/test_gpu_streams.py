@@ -108,3 +108,44 @@ def test_the_vector_clocks_see_a_missing_wait(kind):
     assert after(happens_before(log), log, 0, 3)
     cut = [op for op in log if op[0] != kind]
     assert not after(happens_before(cut), cut, 0, len(cut) - 1)
+
+
+def test_predict_on_another_stream_waits_for_the_last_holders_work(fake_gpu):
+    """Two threads' predictions share the inference buffers; each runs on its own stream. Every kernel of
+    the second must be queued after (wait for) the last kernel of the first."""
+    net = gpunn.mlp([5, 9, 3], device="cuda:0", seed=0)
+    X = rng(0).normal(size=(40, 5)).astype("float32")
+    first, second = fake_gpu.cuda.Stream(non_blocking=True), fake_gpu.cuda.Stream(non_blocking=True)
+    fakecupy.LOG.clear()
+    with first:
+        a = net.predict(X)
+    with second:
+        b = net.predict(X)
+    numpy.testing.assert_array_equal(a, b)
+    log = fakecupy.LOG
+    clocks = happens_before(log)
+    on = {s.id: [i for i, op in enumerate(log) if op[0] == "kernel" and op[1] == s.id] for s in (first, second)}
+    if not on[first.id]:
+        pytest.skip("the fused kernels are off on this fake GPU (no g++): no kernel to order")
+    assert on[second.id]
+    assert all(after(clocks, log, on[first.id][-1], k) for k in on[second.id])
+
+
+def test_without_the_handoff_the_second_stream_would_not_wait(fake_gpu, monkeypatch):
+    """The check above can fail: with the handoff doing nothing, the second stream's kernels do not wait."""
+    monkeypatch.setattr(gpunn.backend.Handoff, "acquire", lambda self: None)
+    net = gpunn.mlp([5, 9, 3], device="cuda:0", seed=0)
+    X = rng(0).normal(size=(40, 5)).astype("float32")
+    first, second = fake_gpu.cuda.Stream(non_blocking=True), fake_gpu.cuda.Stream(non_blocking=True)
+    fakecupy.LOG.clear()
+    with first:
+        net.predict(X)
+    with second:
+        net.predict(X)
+    log = fakecupy.LOG
+    clocks = happens_before(log)
+    k1 = [i for i, op in enumerate(log) if op[0] == "kernel" and op[1] == first.id]
+    k2 = [i for i, op in enumerate(log) if op[0] == "kernel" and op[1] == second.id]
+    if not k1:
+        pytest.skip("the fused kernels are off on this fake GPU (no g++): no kernel to order")
+    assert not any(after(clocks, log, k1[-1], k) for k in k2)
