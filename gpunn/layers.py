@@ -23,6 +23,7 @@ from . import activations
 from . import init as initializers
 from .errors import ConfigError
 from .ops import XpOps
+from .scalars import integer
 from .types import Array, ArrayModule
 from .validation import as_model_array
 
@@ -65,10 +66,7 @@ class Dense:
 
     def __init__(self, n_in: int, n_out: int, activation: activations.ActivationSpec = "sigmoid",
                  init: str | None = None):
-        for name, v in (("n_in", n_in), ("n_out", n_out)):
-            if isinstance(v, (bool, numpy.bool_)) or not isinstance(v, (int, numpy.integer)) or v < 1:
-                raise ConfigError(f"Dense {name} must be a positive integer; got {v!r}")
-        self.n_in, self.n_out = int(n_in), int(n_out)
+        self.n_in, self.n_out = integer("Dense n_in", n_in, low=1), integer("Dense n_out", n_out, low=1)
         self.activation = activations.get(activation)
         self.init = init if init is not None else initializers.default_for(self.activation.name)
         initializers.get(self.init)  # validate the name now, not at the first fit
