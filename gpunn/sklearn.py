@@ -27,7 +27,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import activations, datasets, optim
 from .callbacks import Callback
+from .errors import ConfigError
 from .network import mlp
+from .scalars import flag, integer, real
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -89,20 +91,37 @@ class _BaseMLP(BaseEstimator):
     # -- fit -------------------------------------------------------------------------------------
     def _check_params(self) -> tuple[list[int], str]:
         given = self.hidden_layer_sizes
-        sizes: list[Any] = [given] if isinstance(given, numbers.Integral) else list(given)
-        if not all(isinstance(s, numbers.Integral) and int(s) >= 1 for s in sizes):
-            raise ValueError(f"hidden_layer_sizes must be positive integers; got {self.hidden_layer_sizes!r}")
+        if isinstance(given, numbers.Integral):
+            given = [given]
+        if isinstance(given, (str, bytes, dict, set)) or not hasattr(given, "__iter__"):
+            raise ConfigError(f"hidden_layer_sizes must be a positive integer or a sequence of them; got "
+                              f"{self.hidden_layer_sizes!r}")
+        sizes = [integer("hidden_layer_sizes entries", s, low=1) for s in given]
         if self.solver not in ("sgd", "adam"):
             raise ValueError(f"solver must be 'sgd' or 'adam'; got {self.solver!r}")
-        for name in ("max_iter", "n_iter_no_change"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in (0, 1); got {self.validation_fraction!r}")
+        self._check_numbers()
         name = _ACTIVATION_NAMES.get(self.activation, self.activation)
         activations.get(name)          # an unknown name is a ConfigError (a ValueError) naming the valid ones
         return [int(s) for s in sizes], name
+
+    def _check_numbers(self) -> None:
+        """Every numeric and boolean hyper-parameter by gpunn's one rule (:mod:`gpunn.scalars`): finite, in
+        range, real bools; a ConfigError (a ValueError) naming the parameter otherwise."""
+        for name in ("max_iter", "n_iter_no_change"):
+            integer(name, getattr(self, name), low=1)
+        if not self._auto_batch:
+            integer("batch_size ('auto' or an integer)", self.batch_size, low=1)
+        real("tol", self.tol, 0.0)
+        real("alpha", self.alpha, 0.0)
+        real("learning_rate_init", self.learning_rate_init, 0.0, low_open=True)
+        real("epsilon", self.epsilon, 0.0, low_open=True)
+        real("validation_fraction", self.validation_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        for name in ("momentum", "beta_1", "beta_2"):
+            real(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        for name in ("shuffle", "nesterovs_momentum", "early_stopping"):
+            flag(name, getattr(self, name))
+        if not isinstance(self.verbose, (bool, numpy.bool_)):
+            integer("verbose (a bool or an integer >= 0)", self.verbose, low=0)
 
     def _optimizer(self, n_samples: int) -> optim.Optimizer:
         decay = self.alpha / n_samples
@@ -125,7 +144,7 @@ class _BaseMLP(BaseEstimator):
         if self.early_stopping:
             Xfit, Xval, Tfit, Tval = datasets.train_test_split(X, T, test_size=self.validation_fraction, seed=seed)
             val = (Xval, Tval)
-        batch = min(200, Xfit.shape[0]) if self.batch_size == "auto" else int(self.batch_size)
+        batch = min(200, Xfit.shape[0]) if self._auto_batch else int(self.batch_size)
         stop = _NoImprovement("val_loss" if val is not None else "loss", self.tol, self.n_iter_no_change)
         history = self.model_.fit(Xfit, Tfit, loss=self._loss, optimizer=self._optimizer(Xfit.shape[0]),
                                   epochs=self.max_iter, batch_size=batch, shuffle=self.shuffle,
@@ -140,6 +159,10 @@ class _BaseMLP(BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=numpy.dtype(self.dtype), reset=False)
         return numpy.asarray(self.model_.predict(X), dtype=numpy.float64)
+
+    @property
+    def _auto_batch(self) -> bool:
+        return isinstance(self.batch_size, str) and self.batch_size == "auto"
 
     @property
     def _multi_output(self) -> bool:
