@@ -325,3 +325,16 @@ def test_the_estimators_check_every_hyper_parameter(param, value):
         est.set_params(**{param: value})
         with pytest.raises(ConfigError, match=param):
             est.fit(X, y)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: gpunn.datasets.two_moons(n=True), lambda: gpunn.datasets.two_moons(noise=math.nan),
+    lambda: gpunn.datasets.two_spirals(n=10.0), lambda: gpunn.datasets.two_spirals(noise=-1),
+    lambda: gpunn.datasets.two_moons(seed="1"), lambda: gpunn.datasets.standardize(numpy.ones((3, 2)), eps=math.inf),
+    lambda: gpunn.datasets.train_test_split(numpy.ones((10, 2)), numpy.ones(10), test_size=math.nan),
+    lambda: gpunn.datasets.train_test_split(numpy.ones((10, 2)), numpy.ones(10), test_size=True),
+])
+def test_the_data_helpers_follow_the_same_rule(call):
+    with pytest.raises(ConfigError):
+        call()
+    assert gpunn.datasets.two_moons(n=numpy.int64(10), noise=numpy.float32(0.0))[0].shape == (10, 2)
