@@ -23,6 +23,7 @@ from .check import run_check
 from .distributed import init as init_distributed
 from .errors import GpunnError
 from .io import check_writable, write_text_atomic
+from .options import Number, distinct_outputs
 from .plots import format_of, plot_activations, plot_history
 
 EPILOG_STYLE: dict[str, Any] = {"context_settings": {"help_option_names": ["-h", "--help"]}}
@@ -37,6 +38,8 @@ def _friendly(fn):
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 return fn(*args, **kwargs)
+        except BrokenPipeError:
+            raise       # the reader of stdout went away (gpunn info | head): click exits quietly
         except (GpunnError, OSError, MemoryError) as exc:
             if ctx.find_root().params.get("debug"):
                 raise
@@ -190,10 +193,10 @@ def info(as_json: bool) -> None:
               help="Hidden-layer activation (default: sigmoid for digits, relu for the synthetic sets).")
 @click.option("--loss", type=click.Choice(losses.names()), default="cross_entropy", show_default=True)
 @click.option("--optimizer", type=click.Choice(optim.names()), default="sgd", show_default=True)
-@click.option("--lr", type=float, default=None,
+@click.option("--lr", type=Number(0.0, low_open=True), default=None,
               help="Learning rate (default: adam 0.01; sgd 0.1 on digits, 0.03 there for squared_error after "
                    "an unbounded activation, 0.05 on the synthetic sets).")
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--momentum", type=Number(0.0, 1.0, high_open=True), default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--epochs", type=click.IntRange(min=0), default=None,
               help="Most epochs to train (default: 40 for digits, 300 for the synthetic sets).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 (xor: 4).")
@@ -234,6 +237,7 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         _need_matplotlib()
     for path, option in ((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint")):
         _writable(path, option, picture=option == "--plot")
+    distinct_outputs((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint"))
     sizes = _csv("positive integer", layer_spec, _positive("positive integer")) if layer_spec else None
     data = recipes.split(dataset, loss, seed)
     if sizes and (sizes[0] != data.n_features or sizes[-1] != data.n_outputs):
@@ -381,7 +385,7 @@ def plot_activations_cmd(path: str) -> None:
               help="Comma-separated batch sizes (default: the workload's).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--min-time", type=click.FloatRange(min=0.0, min_open=True), default=0.2, show_default=True,
+@click.option("--min-time", type=Number(0.0, low_open=True), default=0.2, show_default=True,
               help="Seconds per repeat.")
 @click.option("--fused/--unfused", default=None, help="Fused CUDA kernels (default: on unless GPUNN_FUSED=0).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
@@ -395,6 +399,7 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
       gpunn bench --workload mlp --device cpu --batch-size 256,2048
       gpunn bench --workload lecture,mlp,wide --device cuda:0 --json bench.json --markdown
     """
+    _writable(json_path, "--json")
     names = _csv("workload", workloads)
     for w in names:
         if w not in WORKLOADS:

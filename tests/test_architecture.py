@@ -28,7 +28,7 @@ FLOORS: list[set[str]] = [
     {"inference", "modelfile"},
     {"network"},
     {"datasets", "check", "bench", "plots"},
-    {"recipes", "sklearn"},
+    {"recipes", "sklearn", "options"},
     {"cli"},
     {"__init__"},
 ]
