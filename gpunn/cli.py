@@ -23,8 +23,9 @@ from .check import run_check
 from .distributed import init as init_distributed
 from .errors import GpunnError
 from .io import check_writable, write_text_atomic
-from .options import Number, distinct_outputs
+from .options import Count, Number, distinct_outputs
 from .plots import format_of, plot_activations, plot_history
+from .scalars import integer
 
 EPILOG_STYLE: dict[str, Any] = {"context_settings": {"help_option_names": ["-h", "--help"]}}
 
@@ -93,10 +94,7 @@ def _device_spec(ctx: click.Context | None, param: click.Parameter | None, value
 
 def _positive(kind: str):
     def convert(v: str) -> int:
-        n = int(v)
-        if n < 1:
-            raise ValueError(v)
-        return n
+        return integer(kind, int(v), low=1)     # a ConfigError is a ValueError: _csv makes it exit 2
     convert.__name__ = kind
     return convert
 
@@ -197,16 +195,16 @@ def info(as_json: bool) -> None:
               help="Learning rate (default: adam 0.01; sgd 0.1 on digits, 0.03 there for squared_error after "
                    "an unbounded activation, 0.05 on the synthetic sets).")
 @click.option("--momentum", type=Number(0.0, 1.0, high_open=True), default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--epochs", type=click.IntRange(min=0), default=None,
+@click.option("--epochs", type=Count(0), default=None,
               help="Most epochs to train (default: 40 for digits, 300 for the synthetic sets).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 (xor: 4).")
-@click.option("--patience", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=Count(1), default=None, help="Default: 32 (xor: 4).")
+@click.option("--patience", type=Count(1), default=None,
               help="Stop when the validation loss has not improved for this many epochs, keeping the best "
                    "weights (the validation set is 15 % of the training data; default: no early stopping).")
 @click.option("--device", default=None, callback=_device_spec,
               help="cpu, cuda, cuda:N or auto (default: $GPUNN_DEVICE or auto).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=Count(0), default=0, show_default=True)
 @click.option("--distributed", is_flag=True,
               help="Data-parallel over the MPI ranks this was launched with (mpiexec -n N gpunn train "
                    "--distributed); --batch-size is the global batch; rank 0 prints and writes files.")
@@ -317,8 +315,8 @@ def _need_matplotlib() -> None:
               help="Comma-separated devices to check against the NumPy float64 reference (default: every "
                    "usable device). A device named here that cannot be used fails the check.")
 @click.option("--dtype", "dtypes", default="float32,float64", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--steps", type=Count(1), default=20, show_default=True)
+@click.option("--seed", type=Count(0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
 def check(devices, dtypes, steps, seed, as_json):
@@ -384,7 +382,7 @@ def plot_activations_cmd(path: str) -> None:
 @click.option("--batch-size", "batch_sizes", default=None,
               help="Comma-separated batch sizes (default: the workload's).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--repeats", type=Count(1), default=5, show_default=True)
 @click.option("--min-time", type=Number(0.0, low_open=True), default=0.2, show_default=True,
               help="Seconds per repeat.")
 @click.option("--fused/--unfused", default=None, help="Fused CUDA kernels (default: on unless GPUNN_FUSED=0).")

@@ -2,7 +2,8 @@
 with click's usage message, as click's own types do.
 
 :class:`Number` is a click type for float options by the one rule of :mod:`gpunn.scalars` (finite, in
-range: ``--min-time nan``, ``--lr -1`` and ``--momentum 1.5`` exit 2). :func:`distinct_outputs` refuses
+range: ``--min-time nan``, ``--lr -1`` and ``--momentum 1.5`` exit 2); :class:`Count` for integer options
+(``--epochs 10**30`` exits 2 rather than failing later). :func:`distinct_outputs` refuses
 two outputs naming one file (after resolving relative paths and symbolic links, and hard links of files
 that exist), so no output overwrites another or the run's own checkpoint.
 """
@@ -14,9 +15,9 @@ from typing import Any
 import click
 
 from .errors import ConfigError
-from .scalars import real
+from .scalars import integer, real
 
-__all__ = ["Number", "distinct_outputs"]
+__all__ = ["Count", "Number", "distinct_outputs"]
 
 
 class Number(click.ParamType):
@@ -37,6 +38,27 @@ class Number(click.ParamType):
                 self.fail(f"{value!r} is not a number", param, ctx)
         try:
             return real("value", number, self.low, self.high, low_open=self.low_open, high_open=self.high_open)
+        except ConfigError as exc:
+            self.fail(str(exc).removeprefix("value "), param, ctx)
+
+
+class Count(click.ParamType):
+    """An integer option >= ``low`` that gpunn can hold (at most 2**63 - 1: :func:`gpunn.scalars.integer`)."""
+
+    name = "integer"
+
+    def __init__(self, low: int = 1):
+        self.low = low
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = int(value.strip())
+            except ValueError:
+                self.fail(f"{value!r} is not an integer", param, ctx)
+        try:
+            return integer("value", number, low=self.low)
         except ConfigError as exc:
             self.fail(str(exc).removeprefix("value "), param, ctx)
 

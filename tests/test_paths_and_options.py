@@ -37,6 +37,18 @@ def test_float_options_must_be_finite_and_in_range(args, option):
     assert "epoch" not in r.output and "timing" not in r.output       # refused before any work
 
 
+@pytest.mark.parametrize("args", [
+    ["train", "--epochs", "-1"], ["train", "--epochs", str(10**30)], ["train", "--epochs", "2.5"],
+    ["train", "--batch-size", "0"], ["train", "--seed", "1e3"], ["train", "--patience", "0"],
+    ["train", "--layers", f"64,{10**30},10"], ["bench", "--repeats", "0"], ["bench", "--batch-size", str(10**30)],
+    ["check", "--steps", str(2**63)],
+])
+def test_integer_options_must_be_integers_gpunn_can_hold(args):
+    r = run(*args)
+    assert r.exit_code == 2, r.output
+    assert "Invalid value" in r.output and "epoch" not in r.output and "timing" not in r.output
+
+
 # -- two outputs naming one file ------------------------------------------------------------------------------
 def _same_file_pairs(tmp_path):
     p = tmp_path / "out.png"
