@@ -34,7 +34,7 @@ def test_float_options_must_be_finite_and_in_range(args, option):
     r = run(*args)
     assert r.exit_code == 2, r.output
     assert f"Invalid value for '{option}'" in r.output
-    assert "epoch" not in r.output and "timing" not in r.output       # refused before any work
+    assert "epoch 1/" not in r.output and "timing" not in r.output       # refused before any work
 
 
 @pytest.mark.parametrize("args", [
@@ -46,7 +46,7 @@ def test_float_options_must_be_finite_and_in_range(args, option):
 def test_integer_options_must_be_integers_gpunn_can_hold(args):
     r = run(*args)
     assert r.exit_code == 2, r.output
-    assert "Invalid value" in r.output and "epoch" not in r.output and "timing" not in r.output
+    assert "Invalid value" in r.output and "epoch 1/" not in r.output and "timing" not in r.output
 
 
 # -- two outputs naming one file ------------------------------------------------------------------------------
