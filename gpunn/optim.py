@@ -295,14 +295,24 @@ class Adam(Optimizer):
                  weight_decay: float = 0.0):
         super().__init__()
         self.lr = lr
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ConfigError(f"betas must be a pair (beta1, beta2); got {shown(betas)}")
-        self.beta1, self.beta2 = betas
+        self.betas = betas
         self.eps = eps
         self.weight_decay = weight_decay
 
     beta1 = Checked(_unit_interval)
     beta2 = Checked(_unit_interval)
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """(β₁, β₂); assigning a pair checks both before changing either."""
+        return self.beta1, self.beta2
+
+    @betas.setter
+    def betas(self, pair: Any) -> None:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ConfigError(f"betas must be a pair (beta1, beta2); got {shown(pair)}")
+        b1, b2 = _unit_interval("beta1", pair[0]), _unit_interval("beta2", pair[1])
+        self.beta1, self.beta2 = b1, b2
     eps = Checked(_positive_float)
     weight_decay = Checked(_non_negative)
 

@@ -124,6 +124,23 @@ def test_switches_must_be_real_bools(bad):
     assert gpunn.SGD(lr=0.1, momentum=0.9, nesterov=numpy.bool_(True)).nesterov is True
 
 
+def test_adam_betas_are_assigned_as_a_checked_pair():
+    opt = gpunn.Adam()
+    for bad in [(0.9, 1.0), (0.9,), 0.9, "ab", (True, 0.9), (0.9, math.nan)]:
+        with pytest.raises(ConfigError, match="beta"):
+            opt.betas = bad
+        assert opt.betas == (0.9, 0.999)
+    opt.betas = [numpy.float32(0.5), 0.25]
+    assert opt.betas == (0.5, 0.25) and opt.config()["betas"] == [0.5, 0.25]
+
+
+def test_moving_a_network_checks_fused_before_changing_anything():
+    net = gpunn.Sequential([gpunn.Dense(2, 1)], device="cpu")
+    with pytest.raises(ConfigError, match="fused must be True or False"):
+        net.to("cpu", fused="no")
+    assert net.device == gpunn.get_device("cpu") and net.fused is False
+
+
 def test_nesterov_and_momentum_are_checked_together_on_assignment():
     opt = gpunn.SGD(lr=0.1, momentum=0.9, nesterov=True)
     with pytest.raises(ConfigError, match="nesterov=True needs momentum > 0"):
