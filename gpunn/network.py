@@ -165,8 +165,7 @@ class Sequential:
 
     def to(self, device: str | Device, fused: bool | None = None) -> Sequential:
         """Move the network to ``device`` (in place); returns self. Optimiser state starts afresh."""
-        new = get_device(device)
-        fused = None if fused is None else flag("fused", fused)
+        new, fused = get_device(device), None if fused is None else flag("fused", fused)
         if new == self.device and fused == self._fused_choice:
             return self
         self.device, self._fused_choice = new, fused
