@@ -18,7 +18,7 @@ import numpy
 
 from .errors import ConfigError, DataError, ShapeError, unknown_name
 from .io import open_regular
-from .scalars import integer, is_number, real, shown
+from .scalars import flag, integer, is_number, real, shown
 from .validation import one_hot_host
 
 __all__ = ["load_digits", "xor", "two_spirals", "two_moons", "train_test_split", "standardize", "one_hot",
@@ -32,6 +32,7 @@ def load_digits(scaled: bool = True) -> tuple[numpy.ndarray, numpy.ndarray]:
     ``scaled``; y int64 labels 0..9. Source: UCI ML repository (E. Alpaydin, C. Kaynak), the
     subset scikit-learn ships; licence CC BY 4.0.
     """
+    scaled = flag("scaled", scaled)
     ref = importlib.resources.files("gpunn") / "data" / "digits.npz"
     with ref.open("rb") as fh, numpy.load(fh, allow_pickle=False) as data:
         images, labels = data["images"], data["labels"]

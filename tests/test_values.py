@@ -12,7 +12,7 @@ import numpy
 import pytest
 
 import gpunn
-from gpunn import activations, scalars, schedules
+from gpunn import activations, bench, check, scalars, schedules
 from gpunn.errors import ConfigError, DataError, DataTypeError, ShapeError
 from gpunn.ops import XpOps, fused_enabled, ops_for
 from helpers import host, rng
@@ -355,3 +355,15 @@ def test_the_data_helpers_follow_the_same_rule(call):
     with pytest.raises(ConfigError):
         call()
     assert gpunn.datasets.two_moons(n=numpy.int64(10), noise=numpy.float32(0.0))[0].shape == (10, 2)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: bench.time_workload("lecture", "cpu", "float32", 8, min_time=math.nan), "min_time"),
+    (lambda: bench.time_workload("lecture", "cpu", "float32", 8, min_time=math.inf), "min_time"),
+    (lambda: bench.time_workload("lecture", "cpu", "float32", 8, repeats=0), "repeats"),
+    (lambda: check.run_check(["cpu"], ["float32"], steps=2.5), "steps"),
+    (lambda: gpunn.datasets.load_digits(scaled="no"), "scaled"),
+])
+def test_the_tools_behind_the_commands_follow_the_same_rule(call, match):
+    with pytest.raises(ConfigError, match=match):
+        call()
