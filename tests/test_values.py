@@ -367,3 +367,15 @@ def test_the_data_helpers_follow_the_same_rule(call):
 def test_the_tools_behind_the_commands_follow_the_same_rule(call, match):
     with pytest.raises(ConfigError, match=match):
         call()
+
+
+@pytest.mark.parametrize("attr,value", [("n_in", 5), ("n_out", 1), ("activation", "relu"),
+                                        ("activation", activations.Tanh()), ("init", "he")])
+def test_a_layers_shape_and_activation_are_fixed_once_made(attr, value):
+    net = gpunn.Sequential([gpunn.Dense(3, 2, "sigmoid")], device="cpu", seed=0)
+    layer = net.layers[0]
+    before = (layer.n_in, layer.n_out, layer.activation, layer.init)
+    with pytest.raises(ConfigError, match=f"{attr} is fixed"):
+        setattr(layer, attr, value)
+    assert (layer.n_in, layer.n_out, layer.activation, layer.init) == before
+    assert net.predict(numpy.zeros((1, 3))).shape == (1, 2)
