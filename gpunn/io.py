@@ -132,9 +132,10 @@ def _save_path_text(path: PathLike) -> str:
     """``path`` as text for a save; SaveError when it ends in a separator, which names a folder (writing a
     file there instead would make the path the caller holds never find it again)."""
     shown = _path_text(path, SaveError, "save to")
-    if shown.endswith(os.sep) or (os.altsep and shown.endswith(os.altsep)):
-        raise SaveError(f"cannot save to {shown}: a path ending in {shown[-1]!r} names a folder; give a file name "
-                        f"(without the trailing {shown[-1]!r})")
+    last = os.path.basename(shown.replace(os.altsep, os.sep) if os.altsep else shown)
+    if last in ("", ".", ".."):
+        raise SaveError(f"cannot save to {shown}: a path ending in {last or os.sep!r} names a folder; give a file "
+                        "name as its last part")
     return shown
 
 
