@@ -30,6 +30,7 @@ from .callbacks import Callback
 from .errors import ConfigError
 from .network import mlp
 from .scalars import flag, integer, real
+from .validation import check_dtype
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -100,6 +101,9 @@ class _BaseMLP(BaseEstimator):
         if self.solver not in ("sgd", "adam"):
             raise ValueError(f"solver must be 'sgd' or 'adam'; got {self.solver!r}")
         self._check_numbers()
+        if not isinstance(self.activation, str):
+            raise ConfigError(f"activation must be a name such as 'relu' or 'logistic'; got {self.activation!r}")
+        check_dtype(self.dtype)
         name = _ACTIVATION_NAMES.get(self.activation, self.activation)
         activations.get(name)          # an unknown name is a ConfigError (a ValueError) naming the valid ones
         return [int(s) for s in sizes], name
