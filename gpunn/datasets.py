@@ -47,7 +47,8 @@ def xor() -> tuple[numpy.ndarray, numpy.ndarray]:
 
 
 def _rng(seed: int | None) -> numpy.random.Generator:
-    return numpy.random.Generator(numpy.random.PCG64(None if seed is None else integer("seed", seed, low=0)))
+    seed = None if seed is None else integer("seed", seed, low=0, limit=None)     # SeedSequence takes any size
+    return numpy.random.Generator(numpy.random.PCG64(seed))
 
 
 def _sizes(n: Any, noise: Any) -> tuple[int, float]:

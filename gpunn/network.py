@@ -42,7 +42,7 @@ from .inference import CHUNK, Inference
 from .layers import Dense
 from .ops import ops_for
 from .params import ParameterStore
-from .scalars import flag, shown
+from .scalars import flag, integer, shown
 from .strategy import for_communicator
 from .trainer import Trainer
 from .types import Array, ArrayLike, DTypeLike, PathLike
@@ -116,7 +116,7 @@ class Sequential:
         self.dtype = check_dtype(dtype)
         self.device = get_device(device)
         self._fused_choice = None if fused is None else flag("fused", fused)
-        self.seed = None if seed is None else positive_int("seed", seed, allow_zero=True)
+        self.seed = None if seed is None else integer("seed", seed, low=0, limit=None)
         init_seq, shuffle_seq = numpy.random.SeedSequence(self.seed).spawn(2)
         #: the seeded host generator of the minibatch order (the trainer draws each epoch's order from it)
         self.shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))

@@ -82,8 +82,10 @@ def _range_text(low: float | None, high: float | None, low_open: bool, high_open
     return "a finite number"  # pragma: no cover - no caller leaves both open
 
 
-def integer(name: str, value: Any, low: int | None = 1, high: int | None = None) -> int:
-    """``value`` (a Python or NumPy integer, not a bool or a float) as an int in [low, high]."""
+def integer(name: str, value: Any, low: int | None = 1, high: int | None = None, *,
+            limit: int | None = INT_MAX) -> int:
+    """``value`` (a Python or NumPy integer, not a bool or a float) as an int in [low, high], and at most
+    ``limit`` in size (None for seeds, which NumPy's SeedSequence takes at any size)."""
     kind = ("a positive integer" if low == 1 and high is None else
             f"an integer in [{low}, {high}]" if low is not None and high is not None else
             f"an integer >= {low}" if low is not None else
@@ -93,7 +95,7 @@ def integer(name: str, value: Any, low: int | None = 1, high: int | None = None)
     v = int(value)
     if (low is not None and v < low) or (high is not None and v > high):
         raise ConfigError(f"{name} must be {kind}; got {shown(value)}")
-    if abs(v) > INT_MAX:
+    if limit is not None and abs(v) > limit:
         raise ConfigError(f"{name} is too large (more than 2**63 - 1, what counts and sizes are held in); got "
                           f"{shown(value)}")
     return v

@@ -380,3 +380,14 @@ def test_a_layers_shape_and_activation_are_fixed_once_made(attr, value):
         setattr(layer, attr, value)
     assert (layer.n_in, layer.n_out, layer.activation, layer.init) == before
     assert net.predict(numpy.zeros((1, 3))).shape == (1, 2)
+
+
+def test_seeds_may_be_any_non_negative_integer_counts_at_most_2_63():
+    assert gpunn.Sequential([gpunn.Dense(2, 1)], device="cpu", seed=2**127).seed == 2**127
+    assert gpunn.datasets.two_moons(n=4, seed=numpy.uint64(2**64 - 1))[0].shape == (4, 2)
+    for bad in (-1, True, 1.0, "3"):
+        with pytest.raises(ConfigError, match="seed"):
+            gpunn.Sequential([gpunn.Dense(2, 1)], device="cpu", seed=bad)
+    with pytest.raises(ConfigError, match="too large"):
+        gpunn.Sequential([gpunn.Dense(2, 1)], device="cpu").fit(numpy.zeros((2, 2)), numpy.zeros((2, 1)),
+                                                                 epochs=2**63)
