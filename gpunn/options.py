@@ -72,11 +72,13 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def distinct_outputs(*outputs: tuple[str | None, str]) -> None:
-    """UsageError (exit 2) if two of the (path, option) outputs given (path not None) name the same file."""
+def distinct_outputs(*outputs: tuple[str | None, str], inputs: tuple[tuple[str | None, str], ...] = ()) -> None:
+    """UsageError (exit 2) if two of the (path, option) outputs given (path not None) name the same file, or an
+    output names one of the ``inputs`` (a command would overwrite what it reads)."""
     given = [(path, option) for path, option in outputs if path is not None]
+    read = [(path, option) for path, option in inputs if path is not None]
     for i, (path, option) in enumerate(given):
-        for other, other_option in given[:i]:
+        for other, other_option in given[:i] + read:
             if _same_file(path, other):
                 raise click.UsageError(f"{other_option} {other} and {option} {path} name the same file "
                                        f"({os.path.realpath(path)}); give each output its own path")

@@ -72,6 +72,18 @@ def test_two_outputs_naming_one_file_exit_2_and_touch_nothing(tmp_path, first, s
         assert target.read_bytes() == b"earlier contents"
 
 
+def test_an_output_may_not_name_an_input(tmp_path):
+    import click
+
+    from gpunn.options import distinct_outputs
+    (tmp_path / "m.npz").write_bytes(b"model")
+    os.symlink(tmp_path / "m.npz", tmp_path / "alias.npz")
+    with pytest.raises(click.UsageError, match="--model .*m.npz and --output .*alias.npz name the same file"):
+        distinct_outputs((str(tmp_path / "alias.npz"), "--output"), inputs=((str(tmp_path / "m.npz"), "--model"),))
+    distinct_outputs((str(tmp_path / "out.csv"), "--output"), (None, "--plot"),
+                     inputs=((str(tmp_path / "m.npz"), "--model"),))
+
+
 def test_distinct_outputs_are_all_written(tmp_path):
     save, ckpt, plot = (str(tmp_path / n) for n in ("m.npz", "run.ckpt", "curves.svg"))
     r = run("train", "--dataset", "xor", "--epochs", "2", "--device", "cpu", "--save", save, "--checkpoint", ckpt,
