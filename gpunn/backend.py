@@ -6,20 +6,20 @@ imported lazily, on the first CUDA request, so ``import gpunn`` never pulls it i
 
 Device specs: ``"cpu"``, ``"cuda"`` (= ``"cuda:0"``), ``"cuda:N"`` and ``"auto"``. The default spec comes
 from the environment variable ``GPUNN_DEVICE``, else ``"auto"``: ``cuda:0`` when CuPy imports and a
-device is usable, else ``cpu`` with a one-time warning naming the reason. An explicit CUDA request
-that cannot be met raises :class:`~gpunn.errors.DeviceError`; it never falls back silently.
+device is usable, else ``cpu`` with a one-time notice on the ``gpunn`` logger naming the reason (a log
+record, not a warning, so ``-W error`` does not break CPU-only scripts). An explicit CUDA request that cannot be
+met raises :class:`~gpunn.errors.DeviceError`; it never falls back silently.
 N indexes the devices *visible* to the process: set ``CUDA_VISIBLE_DEVICES`` before the first CUDA use.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import re
 import sys
 import threading
-import types
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +41,8 @@ _cupy_import_error: str | None = None
 _cupy_tried = False
 _lock = threading.Lock()
 _warned_fallback = False
+#: gpunn's logger: notices such as the auto device's fallback to the CPU.
+LOGGER = logging.getLogger("gpunn")
 _default_spec: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpunn_device", default=None)
 
 
@@ -265,21 +267,17 @@ def to_host(a: Array) -> numpy.ndarray:
 
 
 def _warn_fallback(reason: str) -> None:
+    """Say once, on the ``gpunn`` logger (WARNING), that 'auto' fell back to the CPU.
+
+    A log record, not a Python warning: ``python -W error`` or a test suite's ``filterwarnings = error`` would
+    turn a warning into an exception in every CPU-only script, for a notice. Without logging configured the
+    line goes to stderr (Python's last-resort handler); ``logging.getLogger("gpunn").setLevel(logging.ERROR)``
+    silences it.
+    """
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
-        warnings.warn(f"gpunn: device 'auto' falls back to cpu: {reason}", RuntimeWarning,
-                      stacklevel=_caller_level())
-
-
-def _caller_level() -> int:
-    """The stacklevel of the first frame outside gpunn, so a warning points at the user's line."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    frame: types.FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
-        frame, level = frame.f_back, level + 1
-    return level
+        LOGGER.warning("gpunn: device 'auto' falls back to cpu: %s", reason)
 
 
 def get_device(spec: str | Device | None = None) -> Device:

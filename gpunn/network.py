@@ -286,24 +286,23 @@ class Sequential:
         device_of(X, Y)
         # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
         # per-operation overflow warnings would only be noise on the way there.
-        with _out_of_memory_said(self.device, batch_size, X), self._admission, self.device.activate(), \
-                numpy.errstate(over="ignore", invalid="ignore"):
+        with _out_of_memory_said(self.device, batch_size, X), trainer.strategy.guard(), self._admission, \
+                self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
             run = trainer.start(self, X, Y, loss, optimizer, validation_data, self.shuffle_rng)
             self.loss, self.optimizer, self.history = loss, optimizer, run.history   # once the data passed
             return run.train()
 
     # -- persistence (gpunn.modelfile) --------------------------------------------------------------
     def save(self, path: PathLike) -> None:
-        """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
-        modelfile.write(path, self.config(), self._store.host(), self.loss, self.optimizer)
+        """Write the network to ``path`` atomically, in its extension's format: ``.npz`` (gpunn's), ``.onnx``
+        or ``.safetensors`` (:mod:`gpunn.exports`); any other extension is a SaveError."""
+        modelfile.write(path, self, self.loss, self.optimizer)
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
-        """Read a network saved by :meth:`save` onto ``device`` (default: the default device).
-
-        Every malformed file is a :class:`~gpunn.errors.ModelFileError`, found with time and memory bounded
-        by the file's size (see :mod:`gpunn.modelfile`).
-        """
+        """Read a network saved by :meth:`save` (``.npz`` or ``.safetensors``) onto ``device`` (default: the
+        default device). Every malformed file is a :class:`~gpunn.errors.ModelFileError`, found with time and
+        memory bounded by the file's size (see :mod:`gpunn.modelfile`)."""
         saved = modelfile.read(path)
         net = cls(saved.layers, device=device, dtype=saved.dtype, seed=0)
         net._store.assign(saved.params)

@@ -43,8 +43,14 @@ class ndarray(numpy.ndarray):
             value = value.view(numpy.ndarray)
         super().__setitem__(key, value)
 
-    def get(self, *a, **k):
-        return self._read().copy()
+    def get(self, stream=None, order="C", out=None):
+        """Device-to-host copy, as CuPy's ``ndarray.get``: into ``out`` (a host array of the same shape) if given."""
+        if out is None:
+            return self._read().copy()
+        if type(out) is not numpy.ndarray or out.shape != self.shape:
+            raise ValueError(f"fakecupy: get(out=) takes a host array of shape {self.shape}")
+        out[...] = self._read()
+        return out
 
     def set(self, arr, stream=None):
         """Host-to-device copy into this array, as CuPy's ``ndarray.set``: a host array of the same shape."""

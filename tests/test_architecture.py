@@ -16,7 +16,7 @@ FLOORS: list[set[str]] = [
     {"errors", "types", "version"},
     {"backend", "scalars"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
-    {"losses"},
+    {"losses", "exports"},
     {"validation", "kernels"},
     {"ops"},
     {"layers"},
@@ -28,8 +28,10 @@ FLOORS: list[set[str]] = [
     {"inference", "modelfile"},
     {"network"},
     {"datasets", "check", "bench", "plots"},
+    {"userdata"},
     {"recipes", "sklearn", "options"},
     {"cli"},
+    {"__main__"},
     {"__init__"},
 ]
 FLOOR = {name: k for k, names in enumerate(FLOORS) for name in names}

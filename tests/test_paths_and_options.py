@@ -50,26 +50,43 @@ def test_integer_options_must_be_integers_gpunn_can_hold(args):
 
 
 # -- two outputs naming one file ------------------------------------------------------------------------------
-def _same_file_pairs(tmp_path):
-    p = tmp_path / "out.png"
+#: A name each output option takes (--save and --plot check the extension first).
+EXT = {"--save": ".npz", "--plot": ".png", "--checkpoint": ".ckpt"}
+
+
+def _spellings(tmp_path, target, ext):
+    """Other paths of ``target``: a symbolic link and a hard link named with ``ext``, and, where ``target``'s
+    own name does, relative, '..' and linked-folder spellings."""
     (tmp_path / "sub").mkdir()
-    os.symlink(p, tmp_path / "link.png")
     os.symlink(tmp_path, tmp_path / "dirlink")
-    return p, [str(p), os.path.relpath(p), str(tmp_path / "sub" / ".." / "out.png"), str(tmp_path / "link.png"),
-               str(tmp_path / "dirlink" / "out.png")]
+    os.symlink(target, tmp_path / f"link{ext}")
+    os.link(target, tmp_path / f"hard{ext}")
+    others = [str(tmp_path / f"link{ext}"), str(tmp_path / f"hard{ext}")]
+    if ext in (target.suffix, ".ckpt"):
+        others += [os.path.relpath(target), str(tmp_path / "sub" / ".." / target.name),
+                   str(tmp_path / "dirlink" / target.name)]
+    return others
 
 
 @pytest.mark.parametrize("first,second", [("--save", "--checkpoint"), ("--save", "--plot"),
-                                          ("--checkpoint", "--plot")])
+                                          ("--checkpoint", "--plot"), ("--plot", "--checkpoint")])
 def test_two_outputs_naming_one_file_exit_2_and_touch_nothing(tmp_path, first, second):
-    target, spellings = _same_file_pairs(tmp_path)
+    target = tmp_path / f"out{EXT[first]}"
     target.write_bytes(b"earlier contents")
-    os.link(target, tmp_path / "hard.png")
-    for other in spellings[1:] + [str(tmp_path / "hard.png")]:
+    for other in _spellings(tmp_path, target, EXT[second]):
         r = run("train", "--dataset", "xor", "--epochs", "1", first, str(target), second, other)
         assert r.exit_code == 2, (other, r.output)
         assert "name the same file" in r.output and first in r.output and second in r.output
         assert target.read_bytes() == b"earlier contents"
+
+
+def test_an_output_naming_the_training_data_exits_2(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("a,b,y\n0,0,0\n0,1,1\n1,0,1\n1,1,0\n" * 4)
+    os.symlink(data, tmp_path / "alias.ckpt")
+    r = run("train", "--data", str(data), "--epochs", "1", "--checkpoint", str(tmp_path / "alias.ckpt"))
+    assert r.exit_code == 2 and "name the same file" in r.output
+    assert data.read_text().startswith("a,b,y")
 
 
 def test_an_output_may_not_name_an_input(tmp_path):
@@ -116,8 +133,8 @@ def _data():
     return g.normal(size=(8, 2)), g.normal(size=(8, 1))
 
 
-@pytest.mark.parametrize("name", ["m" * 230, "m" * 250 + ".ckpt", "n" * 255, "é" * 127 + "x"],
-                         ids=["230", "255-dotted", "255", "255-utf8"])
+@pytest.mark.parametrize("name", ["m" * 226 + ".npz", "m" * 246 + ".ckpt.npz", "n" * 251 + ".npz",
+                                  "é" * 125 + "x.npz"], ids=["230", "255-dotted", "255", "255-utf8"])
 def test_names_up_to_255_bytes_are_saved_checkpointed_and_read_back(tmp_path, name):
     assert len(os.fsencode(name)) <= 255
     X, Y = _data()

@@ -341,7 +341,7 @@ def test_the_estimators_check_every_hyper_parameter(param, value):
     X, y = numpy.zeros((6, 2)), numpy.array([0, 1, 0, 1, 0, 1])
     for est in (MLPClassifier(max_iter=2), MLPRegressor(max_iter=2)):
         est.set_params(**{param: value})
-        with pytest.raises(ConfigError, match=param if param != "dtype" else "dtype|float32"):
+        with pytest.raises(ValueError, match=param):     # scikit-learn's InvalidParameterError, or a ConfigError
             est.fit(X, y)
 
 
