@@ -391,3 +391,17 @@ def test_seeds_may_be_any_non_negative_integer_counts_at_most_2_63():
     with pytest.raises(ConfigError, match="too large"):
         gpunn.Sequential([gpunn.Dense(2, 1)], device="cpu").fit(numpy.zeros((2, 2)), numpy.zeros((2, 1)),
                                                                  epochs=2**63)
+
+
+@pytest.mark.parametrize("value", [True, math.nan, math.inf, 0, -1, "5", numpy.array(5.0)],
+                         ids=lambda v: scalars.shown(v)[:12])
+def test_the_collective_timeout_follows_the_same_rule(value, monkeypatch):
+    from gpunn import distributed
+    with pytest.raises(ConfigError, match="collective timeout"):
+        distributed.Communicator(timeout=value)
+    for text in ("nan", "inf", "-3", "0"):
+        monkeypatch.setenv("GPUNN_COLLECTIVE_TIMEOUT", text)
+        with pytest.raises(ConfigError, match="collective timeout|GPUNN_COLLECTIVE_TIMEOUT"):
+            distributed.Communicator()
+    monkeypatch.setenv("GPUNN_COLLECTIVE_TIMEOUT", "2.5")
+    assert distributed.Communicator(timeout=numpy.float32(4.0)).rank == 0
