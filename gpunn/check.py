@@ -20,6 +20,7 @@ from .kernels import stale_counters
 from .layers import Dense
 from .network import Sequential
 from .optim import SGD
+from .scalars import integer
 
 ARCH: list[tuple[int, int, ActivationSpec]] = [
     (37, 64, "tanh"), (64, 44, "sigmoid"), (44, 32, {"name": "elu", "a": 0.7}), (32, 5, "softmax")]
@@ -92,6 +93,7 @@ def backends(devices: list[str], dtypes: list[str]) -> tuple[list[tuple], list[s
 
 def run_check(devices: list[str], dtypes: list[str], steps: int = 20, seed: int = 0) -> dict:
     """Compare each backend to the NumPy float64 reference. Returns rows, notes and an overall pass flag."""
+    steps, seed = integer("steps", steps, low=1), integer("seed", seed, low=0, limit=None)
     ref = trace("cpu", "float64", steps, seed)
     todo, notes, skipped = backends(devices, dtypes)
     rows = []

@@ -28,7 +28,9 @@ from .distributed import init as init_distributed
 from .errors import DistributedError, GpunnError
 from .exports import model_format
 from .io import check_writable, write_text_atomic
+from .options import Count, Number, distinct_outputs
 from .plots import format_of, plot_activations, plot_history
+from .scalars import integer
 
 EPILOG_STYLE: dict[str, Any] = {"context_settings": {"help_option_names": ["-h", "--help"]}}
 
@@ -42,6 +44,8 @@ def _friendly(fn):
             with warnings.catch_warnings(), _notes_on_stderr():
                 warnings.showwarning = _show_warning
                 return fn(*args, **kwargs)
+        except BrokenPipeError:
+            raise       # the reader of stdout went away (gpunn info | head): click exits quietly
         except (GpunnError, OSError, MemoryError) as exc:
             if ctx.find_root().params.get("debug"):
                 raise
@@ -117,10 +121,7 @@ def _device_spec(ctx: click.Context | None, param: click.Parameter | None, value
 
 def _positive(kind: str):
     def convert(v: str) -> int:
-        n = int(v)
-        if n < 1:
-            raise ValueError(v)
-        return n
+        return integer(kind, int(v), low=1)     # a ConfigError is a ValueError: _csv makes it exit 2
     convert.__name__ = kind
     return convert
 
@@ -137,6 +138,11 @@ def _writable(path: str | None, option: str, picture: bool = False, model: bool 
         check_writable(path)
     except GpunnError as exc:
         raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _inputs(spec: str | None, option: str) -> tuple[tuple[str, str], ...]:
+    """The files a data spec (FILE, or X.npy,y.npy) reads, as (path, option) pairs for distinct_outputs."""
+    return tuple((path.strip(), option) for path in (spec or "").split(",") if path.strip())
 
 
 def _json(data: object) -> str:
@@ -222,14 +228,15 @@ def info(as_json: bool) -> None:
               help="Hidden-layer activation (default: sigmoid for digits, relu for the synthetic sets).")
 @click.option("--loss", type=click.Choice(losses.names()), default="cross_entropy", show_default=True)
 @click.option("--optimizer", type=click.Choice(optim.names()), default="sgd", show_default=True)
-@click.option("--lr", type=float, default=None,
+@click.option("--lr", type=Number(0.0, low_open=True), default=None,
               help="Learning rate (default: adam 0.01; sgd 0.1 on digits, 0.03 there for squared_error after "
                    "an unbounded activation, 0.05 on the synthetic sets).")
-@click.option("--momentum", type=float, default=None, help="SGD momentum (default 0.9; refused with adam).")
-@click.option("--epochs", type=click.IntRange(min=0), default=None,
+@click.option("--momentum", type=Number(0.0, 1.0, high_open=True), default=None,
+              help="SGD momentum (default 0.9; refused with adam).")
+@click.option("--epochs", type=Count(0), default=None,
               help="Most epochs to train (default: 40 for digits and your own data, 300 for the synthetic sets).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: 32 (xor: 4).")
-@click.option("--patience", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=Count(1), default=None, help="Default: 32 (xor: 4).")
+@click.option("--patience", type=Count(1), default=None,
               help="Stop when the validation loss has not improved for this many epochs, keeping the best "
                    "weights (the validation set is 15 % of the training data; default: no early stopping).")
 @click.option("--data", "data_spec", default=None,
@@ -241,7 +248,7 @@ def info(as_json: bool) -> None:
 @click.option("--device", default=None, callback=_device_spec,
               help="cpu, cuda, cuda:N or auto (default: $GPUNN_DEVICE or auto).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=Count(0), default=0, show_default=True)
 @click.option("--distributed", is_flag=True,
               help="Data-parallel over the MPI ranks this was launched with (mpiexec -n N gpunn train "
                    "--distributed); --batch-size is the global batch; rank 0 prints and writes files.")
@@ -283,6 +290,8 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         raise click.BadParameter("--target names a column of --data FILE; give --data too", param_hint="--target")
     for path, option in ((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint")):
         _writable(path, option, picture=option == "--plot", model=option == "--save")
+    distinct_outputs((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint"),
+                     inputs=_inputs(data_spec, "--data"))
     sizes = _csv("positive integer", layer_spec, _positive("positive integer")) if layer_spec else None
     prepared = _user_data(data_spec, target, loss, seed) if data_spec else None
     data = _split_of(prepared) if prepared else recipes.split(dataset, loss, seed)
@@ -462,6 +471,7 @@ def predict(model, data, output, device):
     if os.path.splitext(output)[1].lower() not in (".npy", ".csv"):
         raise click.BadParameter("end the name with .npy or .csv", param_hint="--output")
     _writable(output, "--output")
+    distinct_outputs((output, "--output"), inputs=((model, "MODEL"), *_inputs(data, "DATA")))
     net, info = userdata.load_model(model, device)
     table = userdata.read_table(data, None, need_target=False, model_info=info)
     y = to_host(net.predict(table.X.astype(net.dtype)))
@@ -484,8 +494,8 @@ _CLASSIFY = ("cross_entropy", "binary_cross_entropy")
               help="Comma-separated devices to check against the NumPy float64 reference (default: every "
                    "usable device). A device named here that cannot be used fails the check.")
 @click.option("--dtype", "dtypes", default="float32,float64", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--steps", type=Count(1), default=20, show_default=True)
+@click.option("--seed", type=Count(0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
 def check(devices, dtypes, steps, seed, as_json):
@@ -557,8 +567,8 @@ def plot_activations_cmd(path: str) -> None:
 @click.option("--batch-size", "batch_sizes", default=None,
               help="Comma-separated batch sizes (default: the workload's).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--min-time", type=click.FloatRange(min=0.0, min_open=True), default=0.2, show_default=True,
+@click.option("--repeats", type=Count(1), default=5, show_default=True)
+@click.option("--min-time", type=Number(0.0, low_open=True), default=0.2, show_default=True,
               help="Seconds per repeat.")
 @click.option("--fused/--unfused", default=None, help="Fused CUDA kernels (default: on unless GPUNN_FUSED=0).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
@@ -572,6 +582,7 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
       gpunn bench --workload mlp --device cpu --batch-size 256,2048
       gpunn bench --workload lecture,mlp,wide --device cuda:0 --json bench.json --markdown
     """
+    _writable(json_path, "--json")
     names = _csv("workload", workloads)
     for w in names:
         if w not in WORKLOADS:

@@ -38,6 +38,7 @@ import numpy
 
 from .backend import Device, cuda_unavailable_reason, get_device, is_cupy_array
 from .errors import ConfigError, DistributedError
+from .scalars import real
 from .types import Array
 
 __all__ = ["Communicator", "init", "shard", "launcher_size", "agreed", "ALL_RANKS"]
@@ -86,9 +87,7 @@ def _timeout(value: float | None) -> float:
             value = float(text)
         except ValueError:
             raise ConfigError(f"GPUNN_COLLECTIVE_TIMEOUT must be a number of seconds; got {text!r}") from None
-    if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-        raise ConfigError(f"the collective timeout must be a positive finite number of seconds; got {value!r}")
-    return float(value)
+    return real("the collective timeout (seconds)", value, 0.0, low_open=True)
 
 
 class Communicator:

@@ -42,6 +42,7 @@ from .inference import CHUNK, Inference
 from .layers import Dense
 from .ops import ops_for
 from .params import ParameterStore
+from .scalars import flag, integer, shown
 from .strategy import for_communicator
 from .trainer import Trainer
 from .types import Array, ArrayLike, DTypeLike, PathLike
@@ -114,8 +115,8 @@ class Sequential:
             layer.input_grad = k > 0      # the first layer computes no input gradient
         self.dtype = check_dtype(dtype)
         self.device = get_device(device)
-        self._fused_choice = fused
-        self.seed = None if seed is None else positive_int("seed", seed, allow_zero=True)
+        self._fused_choice = None if fused is None else flag("fused", fused)
+        self.seed = None if seed is None else integer("seed", seed, low=0, limit=None)
         init_seq, shuffle_seq = numpy.random.SeedSequence(self.seed).spawn(2)
         #: the seeded host generator of the minibatch order (the trainer draws each epoch's order from it)
         self.shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))
@@ -164,7 +165,7 @@ class Sequential:
 
     def to(self, device: str | Device, fused: bool | None = None) -> Sequential:
         """Move the network to ``device`` (in place); returns self. Optimiser state starts afresh."""
-        new = get_device(device)
+        new, fused = get_device(device), None if fused is None else flag("fused", fused)
         if new == self.device and fused == self._fused_choice:
             return self
         self.device, self._fused_choice = new, fused
@@ -279,7 +280,8 @@ class Sequential:
         loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
         optimizer = optim.get(optimizer if optimizer is not None else (self.optimizer or optim.SGD(lr=0.1)))
         trainer = Trainer(positive_int("epochs", epochs, allow_zero=True), positive_int("batch_size", batch_size),
-                          shuffle, None if patience is None else positive_int("patience", patience), progress,
+                          flag("shuffle", shuffle), None if patience is None else positive_int("patience", patience),
+                          progress if callable(progress) else flag("progress", progress),
                           checked_callbacks(callbacks), checkpoint, for_communicator(checked_comm(comm)))
         device_of(X, Y)
         # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
@@ -376,6 +378,11 @@ def load(path: PathLike, device: str | Device | None = None) -> Sequential:
 
 
 def _checked_layers(layers: Any) -> list[Dense]:
+    if isinstance(layers, Dense):
+        raise ConfigError("layers must be a list of gpunn.Dense; got one Dense: pass [layer]")
+    if layers is None or isinstance(layers, (str, bytes, dict, set, frozenset)) or not hasattr(layers, "__iter__"):
+        raise ConfigError(f"layers must be a list (or tuple) of gpunn.Dense; got {shown(layers)} "
+                          f"({type(layers).__name__})")
     layers = list(layers)
     if not layers:
         raise ConfigError("a Sequential network needs at least one layer")

@@ -59,6 +59,7 @@ import numpy
 from . import activations, datasets, optim
 from .backend import to_host
 from .network import mlp
+from .scalars import integer, real
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -140,7 +141,8 @@ class _BaseMLP(BaseEstimator):
     def _hidden(self) -> list[int]:
         given = self.hidden_layer_sizes
         sizes: list[Any] = [given] if isinstance(given, numbers.Integral) else list(given)
-        if not all(isinstance(s, numbers.Integral) and int(s) >= 1 for s in sizes):
+        if not all(isinstance(s, numbers.Integral) and not isinstance(s, (bool, numpy.bool_)) and int(s) >= 1
+                   for s in sizes):
             raise ValueError(f"hidden_layer_sizes must be > 0, got {self.hidden_layer_sizes!r}.")
         return [int(s) for s in sizes]
 
@@ -149,7 +151,21 @@ class _BaseMLP(BaseEstimator):
         self._validate_params()
         return self._fit(X, y, incremental=False)
 
+    def _gpunn_rule(self) -> None:
+        """What scikit-learn's parameter validation lets through and gpunn's one rule (:mod:`gpunn.scalars`)
+        refuses: bools as numbers, non-finite or oversized numbers (``alpha=10**400``); a ConfigError (a
+        ValueError) naming the parameter. ``n_iter_no_change=numpy.inf`` stays allowed, as in scikit-learn."""
+        for name in ("alpha", "learning_rate_init", "power_t", "tol", "momentum", "validation_fraction", "beta_1",
+                     "beta_2", "epsilon"):
+            real(name, getattr(self, name))
+        integer("max_iter", self.max_iter)
+        if not isinstance(self.batch_size, str):
+            integer("batch_size", self.batch_size)
+        if self.n_iter_no_change != numpy.inf:
+            integer("n_iter_no_change", self.n_iter_no_change)
+
     def _fit(self, X: Any, y: Any, incremental: bool) -> _BaseMLP:
+        self._gpunn_rule()
         hidden = self._hidden()
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")

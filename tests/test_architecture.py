@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 #: Bottom to top. A module may import modules of lower floors only (never its own floor, never higher).
 FLOORS: list[set[str]] = [
     {"errors", "types", "version"},
-    {"backend"},
+    {"backend", "scalars"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
     {"losses", "exports"},
     {"validation", "kernels"},
@@ -29,7 +29,7 @@ FLOORS: list[set[str]] = [
     {"network"},
     {"datasets", "check", "bench", "plots"},
     {"userdata"},
-    {"recipes", "sklearn"},
+    {"recipes", "sklearn", "options"},
     {"cli"},
     {"__main__"},
     {"__init__"},
