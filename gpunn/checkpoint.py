@@ -218,8 +218,8 @@ class Checkpoint:
     def load(cls, path: Any, config: dict, state_names: tuple[str, ...]) -> Checkpoint | None:
         """The checkpoint at ``path`` (None if there is none), refused unless it was made by ``config`` (whose
         optimiser keeps the state arrays ``state_names``), and checked field by field (ModelFileError)."""
-        if not os.path.lexists(os.fspath(path)):
-            return None
+        if not os.path.exists(os.fspath(path)):     # a dangling symbolic link too: saves write through links,
+            return None                             # so the first save creates its target
         optional = {"best_weights", "last_params"} | {f"{p}optimizer_{k}" for p in ("", "last_")
                                                         for k in ("velocity", "m", "v")}
         header, arrays = io.read_archive(path, FORMAT, {"params", "history"}, optional, what="gpunn checkpoint",

@@ -3,7 +3,9 @@
 The same operations as training (fused kernels on a GPU), written into each layer's inference buffers
 (so a training step's ``x, z, y`` stay as they were), :data:`CHUNK` rows at a time: the working memory
 is bounded whatever the number of rows, and a NumPy memmap is read from its file a chunk at a time.
-Several threads may predict at once; a lock orders their use of the shared inference buffers.
+Several threads may predict at once; a lock orders their use of the shared inference buffers, and on a
+GPU each holder's work waits for the last holder's on the device too (:class:`gpunn.backend.Handoff`), so
+threads predicting on different CUDA streams never overwrite buffers still being read.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy
 
-from .backend import Device, device_of, is_cupy_array, to_host
+from .backend import Device, Handoff, device_of, is_cupy_array, to_host
 from .data import Accuracy, is_classification, is_streamed
 from .history import Evaluation
 from .layers import Dense
@@ -51,6 +53,7 @@ class Inference:
     def __init__(self, model: InferenceModel):
         self.model = model
         self._lock = threading.Lock()
+        self._handoff: Handoff | None = None
 
     def inputs(self, X: ArrayLike) -> Any:
         """X checked and on the device; a memmap stays on disk (read a chunk at a time)."""
@@ -64,14 +67,25 @@ class Inference:
         m = self.model
         streamed, ops = is_streamed(x), m.ops
         with m.reading("predict and evaluate"), self._lock, m.device.activate():
-            for start in range(0, x.shape[0], chunk):
-                a = x[start:start + chunk]
-                if streamed:                            # read from the file, checked, moved: one chunk at a time
-                    a = features(a, m.device, m.dtype, m.n_in)
-                z = a
-                for layer in m.layers:
-                    z, a = layer.infer(a, ops)
-                use(slice(start, start + a.shape[0]), z, a)
+            if self._handoff is None or self._handoff.device != m.device:
+                self._handoff = Handoff(m.device)
+            self._handoff.acquire()                     # after the last holder's work, on any stream
+            try:
+                self._run(x, chunk, use, streamed, ops)
+            finally:
+                self._handoff.release()
+
+    def _run(self, x: Any, chunk: int, use: Callable[[slice, Array, Array], None], streamed: bool,
+             ops: XpOps) -> None:
+        m = self.model
+        for start in range(0, x.shape[0], chunk):
+            a = x[start:start + chunk]
+            if streamed:                                # read from the file, checked, moved: one chunk at a time
+                a = features(a, m.device, m.dtype, m.n_in)
+            z = a
+            for layer in m.layers:
+                z, a = layer.infer(a, ops)
+            use(slice(start, start + a.shape[0]), z, a)
 
     def predict(self, X: ArrayLike, batch_size: int = CHUNK) -> Array:
         """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X."""

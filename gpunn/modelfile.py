@@ -1,6 +1,8 @@
 """The model file: what :meth:`gpunn.Sequential.save` writes and :func:`gpunn.load` reads.
 
-A ``.npz`` archive (:mod:`gpunn.io`: atomic write, no pickles, SHA-256, bounded reads) holding the flat
+The format is the extension's (:func:`gpunn.exports.model_format`): ``.onnx`` and ``.safetensors`` go to
+:mod:`gpunn.exports` (safetensors is read back; ONNX is an export only); ``.npz`` is gpunn's own file, a
+``.npz`` archive (:mod:`gpunn.io`: atomic write, no pickles, SHA-256, bounded reads) holding the flat
 parameters and a JSON header: the layers, the dtype, and the loss and optimiser of the last fit. Reading
 checks the layer list against the number of parameters before anything is allocated from the header,
 and parses the loss and optimiser, so every malformed file is a :class:`~gpunn.errors.ModelFileError`.
@@ -12,8 +14,9 @@ from typing import Any, TypeGuard
 
 import numpy
 
-from . import io, optim
+from . import exports, io, optim
 from . import losses as losses_mod
+from .backend import to_host
 from .errors import ModelFileError, SaveError
 from .layers import Dense
 from .registry import json_data, round_trip
@@ -33,30 +36,44 @@ class ModelFile:
     params: numpy.ndarray
     loss: losses_mod.Loss | None
     optimizer: optim.Optimizer | None
+    header: dict                     # the whole header, for what others keep there (gpunn.userdata's data)
 
 
-def write(path: PathLike, config: dict, params: numpy.ndarray, loss: losses_mod.Loss | None,
-          optimizer: optim.Optimizer | None, layers: list[Dense] | None = None) -> None:
-    """Write a model file atomically; SaveError first if a layer (its activation compared with ``layers``'),
-    the loss or the optimiser would not load back as it is (:mod:`gpunn.registry`)."""
+def write(path: PathLike, model: Any, loss: losses_mod.Loss | None, optimizer: optim.Optimizer | None,
+          extra: dict | None = None) -> None:
+    """Write ``model`` (its ``config()``, ``flat_parameters()`` and layers) atomically, in the format of the
+    path's extension; ``extra`` (JSON-able) joins the header. SaveError, writing nothing, for any other
+    extension, a path that cannot be written, or a layer, loss or optimiser that would not load back as it
+    is (:mod:`gpunn.registry`)."""
+    config = model.config()
+    _check_layers(config, model.layers)
+    more = {"loss": losses_mod.portable(loss) if loss else None,
+            "optimizer": optim.portable_config(optimizer) if optimizer else None, **(extra or {})}
+    fmt = exports.model_format(path)
+    if fmt != "npz":
+        exports.write(fmt, model, path, more)
+        return
+    io.write_model(path, {**config, **more}, numpy.array(to_host(model.flat_parameters()), copy=True))
+
+
+def _check_layers(config: dict, layers: list) -> None:
+    """SaveError unless each layer is a plain Dense whose configuration rebuilds it: its activation of the
+    same class (registry key) and attributes."""
     for k, c in enumerate(config["layers"]):
         round_trip(c, Dense.from_config, lambda d: d.config(), f"layer {k} ({str(c)[:120]})")
-        if layers and type(layers[k]) is not Dense:
+        if type(layers[k]) is not Dense:
             raise SaveError(f"cannot save layer {k}: it is a {type(layers[k]).__qualname__}, a subclass of Dense, and "
                             "a model file holds Dense layers only (it would load as a plain Dense); put the "
                             "difference in an Activation subclass, which files store by its own key")
-        act = layers[k].activation if layers else None
-        if act is not None and vars(Dense.from_config(json_data(c, "a layer")).activation) != vars(act):
+        act = layers[k].activation
+        if vars(Dense.from_config(json_data(c, "a layer")).activation) != vars(act):
             raise SaveError(f"cannot save layer {k}: its activation {act!r} would load as one with other attributes "
                             f"({vars(act)} saved as {c['activation']}); give it a config() with every parameter")
-    extra = {"loss": losses_mod.portable(loss) if loss else None,
-             "optimizer": optim.portable_config(optimizer) if optimizer else None}
-    io.write_model(path, {**config, **extra}, params)
 
 
 def read(path: PathLike) -> ModelFile:
     """Read and check a model file (ModelFileError for anything malformed)."""
-    header, params = io.read_model(path)
+    header, params = exports.read_model_file(path)     # .npz, or .safetensors by its extension
     _check_layer_sizes(header, params.size, path)      # before anything is allocated from the header
     try:
         layers = [Dense.from_config(c) for c in header["layers"]]
@@ -70,7 +87,7 @@ def read(path: PathLike) -> ModelFile:
             loss.check_activation(layers[-1].activation)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
         raise ModelFileError(f"{path} has an invalid loss or optimiser description: {exc}") from None
-    return ModelFile(layers, dtype, params, loss, optimizer)
+    return ModelFile(layers, dtype, params, loss, optimizer, header)
 
 
 def _check_layer_sizes(header: dict, n_params: int, path: Any) -> None:

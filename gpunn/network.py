@@ -42,6 +42,7 @@ from .inference import CHUNK, Inference
 from .layers import Dense
 from .ops import ops_for
 from .params import ParameterStore
+from .scalars import flag, integer, shown
 from .strategy import for_communicator
 from .trainer import Trainer
 from .types import Array, ArrayLike, DTypeLike, PathLike
@@ -83,8 +84,8 @@ class Sequential:
             layer.input_grad = k > 0      # the first layer computes no input gradient
         self.dtype = check_dtype(dtype)
         self.device = get_device(device)
-        self._fused_choice = fused
-        self.seed = None if seed is None else positive_int("seed", seed, allow_zero=True)
+        self._fused_choice = None if fused is None else flag("fused", fused)
+        self.seed = None if seed is None else integer("seed", seed, low=0, limit=None)
         init_seq, shuffle_seq = numpy.random.SeedSequence(self.seed).spawn(2)
         #: the seeded host generator of the minibatch order (the trainer draws each epoch's order from it)
         self.shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))
@@ -133,7 +134,7 @@ class Sequential:
 
     def to(self, device: str | Device, fused: bool | None = None) -> Sequential:
         """Move the network to ``device`` (in place); returns self. Optimiser state starts afresh."""
-        new = get_device(device)
+        new, fused = get_device(device), None if fused is None else flag("fused", fused)
         if new == self.device and fused == self._fused_choice:
             return self
         with self._admission:       # like a training method: never under another thread's training or reading
@@ -249,13 +250,14 @@ class Sequential:
         loss = _loss_for(loss if loss is not None else (self.loss or _default_loss(self)), self.layers[-1].activation)
         optimizer = optim.get(optimizer if optimizer is not None else (self.optimizer or optim.SGD(lr=0.1)))
         trainer = Trainer(positive_int("epochs", epochs, allow_zero=True), positive_int("batch_size", batch_size),
-                          shuffle, None if patience is None else positive_int("patience", patience), progress,
+                          flag("shuffle", shuffle), None if patience is None else positive_int("patience", patience),
+                          progress if callable(progress) else flag("progress", progress),
                           checked_callbacks(callbacks), checkpoint, for_communicator(checked_comm(comm)))
         device_of(X, Y)
         # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
         # per-operation overflow warnings would only be noise on the way there.
-        with _out_of_memory_said(self.device, batch_size, X), self._admission, self.device.activate(), \
-                numpy.errstate(over="ignore", invalid="ignore"):
+        with _out_of_memory_said(self.device, batch_size, X), trainer.strategy.guard(), self._admission, \
+                self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
             run = trainer.start(self, X, Y, loss, optimizer, validation_data, self.shuffle_rng)
             try:
                 self.loss, self.optimizer, self.history = loss, optimizer, run.history   # once the data passed
@@ -266,17 +268,16 @@ class Sequential:
 
     # -- persistence (gpunn.modelfile) --------------------------------------------------------------
     def save(self, path: PathLike) -> None:
-        """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
+        """Write the network to ``path`` atomically, in its extension's format: ``.npz`` (gpunn's), ``.onnx``
+        or ``.safetensors`` (:mod:`gpunn.exports`); any other extension is a SaveError."""
         with self._admission.reading("save"):
-            modelfile.write(path, self.config(), self._store.host(), self.loss, self.optimizer, self.layers)
+            modelfile.write(path, self, self.loss, self.optimizer)
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
-        """Read a network saved by :meth:`save` onto ``device`` (default: the default device).
-
-        Every malformed file is a :class:`~gpunn.errors.ModelFileError`, found with time and memory bounded
-        by the file's size (see :mod:`gpunn.modelfile`).
-        """
+        """Read a network saved by :meth:`save` (``.npz`` or ``.safetensors``) onto ``device`` (default: the
+        default device). Every malformed file is a :class:`~gpunn.errors.ModelFileError`, found with time and
+        memory bounded by the file's size (see :mod:`gpunn.modelfile`)."""
         saved = modelfile.read(path)
         net = cls(saved.layers, device=device, dtype=saved.dtype, seed=0)
         net._store.assign(saved.params)
@@ -361,6 +362,11 @@ def load(path: PathLike, device: str | Device | None = None) -> Sequential:
 
 
 def _checked_layers(layers: Any) -> list[Dense]:
+    if isinstance(layers, Dense):
+        raise ConfigError("layers must be a list of gpunn.Dense; got one Dense: pass [layer]")
+    if layers is None or isinstance(layers, (str, bytes, dict, set, frozenset)) or not hasattr(layers, "__iter__"):
+        raise ConfigError(f"layers must be a list (or tuple) of gpunn.Dense; got {shown(layers)} "
+                          f"({type(layers).__name__})")
     layers = list(layers)
     if not layers:
         raise ConfigError("a Sequential network needs at least one layer")

@@ -8,20 +8,20 @@ receive an ops object and never ask which backend they run on.
 """
 from __future__ import annotations
 
-import os
-
 from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
 from .losses import Loss
+from .scalars import env_flag, flag
 from .types import Array, OutputLayer
 
 __all__ = ["XpOps", "FusedOps", "ops_for", "fused_enabled"]
 
 
 def fused_enabled() -> bool:
-    """Whether CUDA devices use gpunn's fused kernels by default (``GPUNN_FUSED=0`` turns them off)."""
-    return os.environ.get("GPUNN_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether CUDA devices use gpunn's fused kernels by default (``GPUNN_FUSED=0`` turns them off; a value
+    that is not a switch, such as ``maybe``, is a ConfigError: :func:`gpunn.scalars.parse_flag`)."""
+    return env_flag("GPUNN_FUSED", True)
 
 
 class XpOps:
@@ -110,7 +110,9 @@ class FusedOps(XpOps):
 
 def ops_for(device: Device, fused: bool | None = None) -> XpOps:
     """The operations for ``device``: fused CUDA kernels when it is a GPU and ``fused`` (default:
-    :func:`fused_enabled`) is on, else the ``xp`` reference."""
-    if device.is_cuda and (fused_enabled() if fused is None else bool(fused)):
+    :func:`fused_enabled`) is on, else the ``xp`` reference. ``fused`` (or ``GPUNN_FUSED``) is checked on
+    every device, so a bad value is refused on the CPU too rather than first on a GPU."""
+    on = fused_enabled() if fused is None else flag("fused", fused)
+    if device.is_cuda and on:
         return FusedOps(device)
     return XpOps(device)

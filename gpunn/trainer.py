@@ -23,7 +23,8 @@ import numpy
 
 from . import data as data_mod
 from .backend import Device, device_of, to_host
-from .checkpoint import Checkpoint, EpochStart, HistoryTable, run_config
+from .checkpoint import Checkpoint, EpochStart, HistoryTable, fingerprint, run_config
+from .distributed import agreed
 from .errors import ConfigError, DivergenceError
 from .history import Evaluation, History
 from .io import check_writable
@@ -73,14 +74,32 @@ class Trainer:
               order: numpy.random.Generator) -> Run:
         """Check the data and make the run (nothing trained yet); ``order`` draws the batch order."""
         source = data_mod.source(X, Y, loss, self.batch_size, model.ops, model.dtype, model.n_in, model.n_out)
-        self.strategy.begin(model, order)           # every rank starts from the same weights and order
         val = _validation(model, validation_data, loss)
+        if self.strategy.size > 1:                  # the ranks agree on the whole run before any work
+            self.strategy.agree(self._description(model, source, loss, optimizer, val))
+        self.strategy.begin(model, order)           # every rank starts from the same weights and order
         config = None
         if self.checkpoint is not None:
             check_writable(self.checkpoint)
             config = run_config(model, loss, optimizer, self.batch_size, self.shuffle, self.patience,
                                 (source.x, source.t), val)
         return Run(self, model, self.strategy.shard(source), loss, optimizer, val, order, config)
+
+    def _description(self, model: Trainable, source: data_mod.Source, loss: Loss, optimizer: Optimizer,
+                     val: tuple | None) -> dict:
+        """What every rank of a data-parallel run must have the same (see :meth:`gpunn.strategy.DataParallel.agree`)."""
+        try:
+            opt: Any = optimizer.config()
+        except Exception:                           # a custom optimiser without a config: its repr
+            opt = repr(optimizer)
+        return {"network": model.config(), "device kind": model.device.kind, "loss": loss.name,
+                "optimizer": (type(optimizer).__name__, opt), "optimizer steps taken": optimizer.t,
+                "epochs": self.epochs, "batch_size": self.batch_size, "shuffle": bool(self.shuffle),
+                "patience": self.patience, "callbacks": [type(c).__name__ for c in self.callbacks or []],
+                "checkpoint given": self.checkpoint is not None,
+                "data shapes": (tuple(source.x.shape), tuple(source.t.shape)),
+                "data": fingerprint(source.x, source.t),
+                "validation data": None if val is None else (tuple(val[0].shape), fingerprint(*val))}
 
 
 def _validation(model: Trainable, validation_data: Any, loss: Loss) -> tuple[Array, Array] | None:
@@ -156,8 +175,9 @@ class Run:
     def train(self) -> History:
         """Train the remaining epochs (all, or those after a checkpoint's); returns the history."""
         t = self.trainer
-        saved = (Checkpoint.load(t.checkpoint, self.config, self.optimizer.state_names)
-                 if self.config is not None else None)
+        config = self.config
+        saved = (self.strategy.on_root(lambda: Checkpoint.load(t.checkpoint, config, self.optimizer.state_names))
+                 if config is not None else None)
         first, previous = self._resume(saved) if saved is not None else (0, None)
         params = self.model.flat_parameters()
         for epoch in range(first, t.epochs if not self.history.stopped_early else first):
@@ -247,8 +267,8 @@ class Run:
         try:
             self.data.order(start.perm)
             losses_host, finite, correct = self._run_epoch()
-            if not (finite and numpy.all(numpy.isfinite(losses_host))):
-                raise self._diverged(losses_host, epoch, start, previous)
+            if not (finite and numpy.all(numpy.isfinite(losses_host))):    # the same figures on every rank
+                raise agreed(self._diverged(losses_host, epoch, start, previous))
             n = self.data.n
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(losses_host @ self.data.sizes / n)}
             record["accuracy"] = correct / n if self.data.labels is not None else None
@@ -266,12 +286,12 @@ class Run:
     def _validate(self, record: dict, start: _Start) -> None:
         assert self.val is not None
         ev = self.model.evaluate_prepared(self.val[0], self.val[1], self.loss)
-        if not math.isfinite(ev.loss):
+        if self.strategy.any(not math.isfinite(ev.loss)):
             self._replay(start, 0)
-            raise DivergenceError(
+            raise agreed(DivergenceError(
                 f"the validation loss became {'NaN' if math.isnan(ev.loss) else 'infinite'} at epoch "
                 f"{record['epoch']}; the weights were rolled back to that epoch's start, whose training loss "
-                "was finite. Lower the learning rate or standardise the inputs")
+                "was finite. Lower the learning rate or standardise the inputs"))
         record["val_loss"], record["val_accuracy"] = ev.loss, ev.accuracy
 
     # -- checkpoints ------------------------------------------------------------------------------

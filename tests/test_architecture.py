@@ -14,9 +14,9 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 #: Bottom to top. A module may import modules of lower floors only (never its own floor, never higher).
 FLOORS: list[set[str]] = [
     {"errors", "types", "version"},
-    {"backend", "registry", "admission"},
+    {"backend", "scalars", "registry", "admission"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
-    {"losses"},
+    {"losses", "exports"},
     {"validation", "kernels"},
     {"ops"},
     {"layers"},
@@ -28,8 +28,10 @@ FLOORS: list[set[str]] = [
     {"inference", "modelfile"},
     {"network"},
     {"datasets", "check", "bench", "plots"},
-    {"recipes", "sklearn"},
+    {"userdata"},
+    {"recipes", "sklearn", "options"},
     {"cli"},
+    {"__main__"},
     {"__init__"},
 ]
 FLOOR = {name: k for k, names in enumerate(FLOORS) for name in names}

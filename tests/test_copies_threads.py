@@ -43,8 +43,8 @@ def test_a_copy_of_an_unused_optimiser_steps_as_a_fresh_one(make, how):
 def test_a_copy_of_a_loaded_network_trains_as_the_loaded_one(tmp_path, make, how):
     net = _net()
     net.fit(X, Y, optimizer=OPTIMISERS[make](), epochs=2, batch_size=8)
-    net.save(tmp_path / "m")
-    a, b = gpunn.load(tmp_path / "m", device="cpu"), COPIES[how](gpunn.load(tmp_path / "m", device="cpu"))
+    net.save(tmp_path / "m.npz")
+    a, b = gpunn.load(tmp_path / "m.npz", device="cpu"), COPIES[how](gpunn.load(tmp_path / "m.npz", device="cpu"))
     a.fit(X, Y, epochs=2, batch_size=8)
     b.fit(X, Y, epochs=2, batch_size=8)
     numpy.testing.assert_array_equal(host(b.flat_parameters()), host(a.flat_parameters()))
@@ -119,27 +119,28 @@ class Paused(gpunn.callbacks.Callback):
 
 def test_readers_in_another_thread_get_concurrency_error_while_training(tmp_path):
     net = _net()
-    net.save(tmp_path / "m")
-    good = (tmp_path / "m").read_bytes()
+    net.save(tmp_path / "m.npz")
+    good = (tmp_path / "m.npz").read_bytes()
     pause = Paused()
     trainer = threading.Thread(target=net.fit, args=(X, Y), kwargs=dict(epochs=3, batch_size=8, callbacks=[pause]))
     trainer.start()
     try:
         assert pause.inside.wait(30)
-        for what, call in [("save", lambda: net.save(tmp_path / "m")), ("deepcopy", lambda: copy.deepcopy(net)),
+        for what, call in [("save", lambda: net.save(tmp_path / "m.npz")), ("deepcopy", lambda: copy.deepcopy(net)),
                            ("pickle", lambda: pickle.dumps(net)), ("predict", lambda: net.predict(X)),
                            ("evaluate", lambda: net.evaluate(X, Y)), ("to", lambda: net.to("cpu", fused=False)),
                            ("train_step", lambda: net.train_step(X, Y, "squared_error", gpunn.SGD()))]:
             with pytest.raises(ConcurrencyError, match="another thread"):
                 call()
             assert what
-        assert (tmp_path / "m").read_bytes() == good          # the earlier file, untouched
+        assert (tmp_path / "m.npz").read_bytes() == good          # the earlier file, untouched
     finally:
         pause.go.set()
         trainer.join(30)
     assert len(net.history) == 3
-    net.save(tmp_path / "m")                                  # after training: saved and read back
-    numpy.testing.assert_array_equal(host(gpunn.load(tmp_path / "m").flat_parameters()), host(net.flat_parameters()))
+    net.save(tmp_path / "m.npz")                                  # after training: saved and read back
+    numpy.testing.assert_array_equal(host(gpunn.load(tmp_path / "m.npz").flat_parameters()),
+                                     host(net.flat_parameters()))
 
 
 def test_the_training_thread_itself_saves_and_copies_at_an_epoch_boundary(tmp_path):
@@ -148,11 +149,11 @@ def test_the_training_thread_itself_saves_and_copies_at_an_epoch_boundary(tmp_pa
 
     class SaveEach(gpunn.callbacks.Callback):
         def on_epoch_end(self, record):
-            net.save(tmp_path / f"e{record['epoch']}")
+            net.save(tmp_path / f"e{record['epoch']}.npz")
             seen.append((host(net.flat_parameters()), copy.deepcopy(net)))
     net.fit(X, Y, epochs=2, batch_size=8, callbacks=[SaveEach()])
     for k, (params, twin) in enumerate(seen, 1):
-        numpy.testing.assert_array_equal(host(gpunn.load(tmp_path / f"e{k}").flat_parameters()), params)
+        numpy.testing.assert_array_equal(host(gpunn.load(tmp_path / f"e{k}.npz").flat_parameters()), params)
         numpy.testing.assert_array_equal(host(twin.flat_parameters()), params)
 
 

@@ -91,18 +91,18 @@ def test_a_history_of_100000_epochs_writes_and_reads_back(tmp_path):
 @pytest.mark.parametrize("slack", [0, -1], ids=["at-the-limit", "one-byte-over"])
 def test_every_file_written_reads_back_at_the_header_limit(tmp_path, monkeypatch, slack):
     net = gpunn.mlp([3, 4, 2], device="cpu", seed=0)
-    net.save(tmp_path / "probe")
-    with numpy.load(tmp_path / "probe") as z:
+    net.save(tmp_path / "probe.npz")
+    with numpy.load(tmp_path / "probe.npz") as z:
         size = z["header"].size
     monkeypatch.setattr(io, "MAX_HEADER_BYTES", size + slack)
     if slack == 0:
-        net.save(tmp_path / "m")
-        numpy.testing.assert_array_equal(host(gpunn.load(tmp_path / "m").flat_parameters()),
+        net.save(tmp_path / "m.npz")
+        numpy.testing.assert_array_equal(host(gpunn.load(tmp_path / "m.npz").flat_parameters()),
                                          host(net.flat_parameters()))
     else:
         with pytest.raises(SaveError, match="header"):
-            net.save(tmp_path / "m")
-        assert not (tmp_path / "m").exists()
+            net.save(tmp_path / "m.npz")
+        assert not (tmp_path / "m.npz").exists()
 
 
 # -- checkpoints edited with the SHA-256 recomputed ------------------------------------------------------
@@ -175,14 +175,14 @@ MODEL_EDITS = {
 def test_an_edited_model_file_is_a_model_file_error(tmp_path, edit):
     net = gpunn.mlp([3, 4, 2], device="cpu", seed=0)
     net.fit(numpy.eye(3), [0, 1, 1], loss="cross_entropy", optimizer=gpunn.SGD(lr=0.1), epochs=1)
-    net.save(tmp_path / "m")
-    header, arrays = io.read_archive(tmp_path / "m", io.FORMAT, {"params"})
+    net.save(tmp_path / "m.npz")
+    header, arrays = io.read_archive(tmp_path / "m.npz", io.FORMAT, {"params"})
     for k in ("format", "format_version", "gpunn_version", "sha256"):
         header.pop(k)
     MODEL_EDITS[edit](header)
-    io.write_archive(tmp_path / "m", io.FORMAT, header, arrays)
+    io.write_archive(tmp_path / "m.npz", io.FORMAT, header, arrays)
     with pytest.raises(ModelFileError):
-        gpunn.load(tmp_path / "m")
+        gpunn.load(tmp_path / "m.npz")
 
 
 def test_an_overflowed_adam_state_checkpoints_and_resumes(tmp_path):
@@ -203,12 +203,12 @@ def test_an_overflowed_adam_state_checkpoints_and_resumes(tmp_path):
 
 def test_weights_no_file_may_hold_are_refused_at_save(tmp_path):
     net = gpunn.mlp([3, 4, 2], device="cpu", seed=0)
-    net.save(tmp_path / "m")
-    good = (tmp_path / "m").read_bytes()
+    net.save(tmp_path / "m.npz")
+    good = (tmp_path / "m.npz").read_bytes()
     net.flat_parameters()[0] = numpy.inf
     with pytest.raises(SaveError, match="infinite"):
-        net.save(tmp_path / "m")
-    assert (tmp_path / "m").read_bytes() == good
+        net.save(tmp_path / "m.npz")
+    assert (tmp_path / "m.npz").read_bytes() == good
 
 
 def test_records_a_callback_extended_load_back(tmp_path):
