@@ -19,7 +19,8 @@ import functools
 import numpy
 
 from .backend import xp_of
-from .errors import ConfigError, ShapeError, unknown_name
+from .errors import ConfigError, ShapeError
+from .registry import Registry
 from .scalars import Checked, real
 from .types import Array, DTypeLike
 
@@ -45,6 +46,10 @@ class Activation:
     needs_scratch = False
     #: True for activations whose output couples a row (softmax): f′ is a Jacobian, not elementwise.
     rowwise = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        REGISTRY.add(cls)       # model files name activations by key (gpunn.registry): every subclass joins
 
     # -- the vectorised, in-place interface used by layers --------------------------------------
     def forward(self, z: Array, out: Array, rowstats: Array | None = None) -> Array:  # pragma: no cover - abstract
@@ -85,8 +90,8 @@ class Activation:
         return self.derivative(z, y, out)
 
     def config(self) -> dict:
-        """JSON-able description: ``{"name": ..., **parameters}``."""
-        return {"name": self.name}
+        """JSON-able description: ``{"name": key, **parameters}`` (key: :mod:`gpunn.registry`)."""
+        return {"name": Registry.key_of(type(self))}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
@@ -97,6 +102,10 @@ class Activation:
 
     def __hash__(self) -> int:
         return hash(tuple(sorted(self.config().items())))
+
+
+#: Every Activation subclass by its key (gpunn.registry): the built-in ones below and any defined since.
+REGISTRY = Registry("activation")
 
 
 class Sigmoid(Activation):
@@ -169,7 +178,7 @@ class LeakyReLU(Activation):
         return out
 
     def config(self):
-        return {"name": self.name, "alpha": self.alpha}
+        return {"name": Registry.key_of(type(self)), "alpha": self.alpha}
 
 
 class Softplus(Activation):
@@ -232,7 +241,7 @@ class ELU(Activation):
         return out
 
     def config(self):
-        return {"name": self.name, "a": self.a}
+        return {"name": Registry.key_of(type(self)), "a": self.a}
 
 
 class Identity(Activation):
@@ -291,15 +300,12 @@ class Softmax(Activation):
         return out
 
 
-_REGISTRY: dict[str, type[Activation]] = {
-    cls.name: cls for cls in (Sigmoid, Tanh, ReLU, LeakyReLU, Softplus, ELU, Identity, Softmax)
-}
 _ALIASES = {"linear": "identity", "logistic": "sigmoid", "leakyrelu": "leaky_relu", "leaky-relu": "leaky_relu"}
 
 
 def names() -> list[str]:
     """Names of the registered activations."""
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 #: What names an activation: a name, a config dict, a class, an instance (None: identity).
@@ -328,8 +334,10 @@ def get(spec: ActivationSpec) -> Activation:
 
 
 def _lookup(name: object) -> type[Activation]:
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in _REGISTRY:
-        raise unknown_name("activation", name, names())
-    return _REGISTRY[key]
+    cls = REGISTRY.get(name)
+    if cls is None:
+        key = str(name).strip().lower()
+        cls = REGISTRY.get(_ALIASES.get(key, key))
+    if cls is None:
+        raise REGISTRY.unknown(name)
+    return cls

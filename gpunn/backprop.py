@@ -7,7 +7,7 @@ the admission of one training thread around it.
 """
 from __future__ import annotations
 
-from .layers import Dense
+from .layers import MAX_BATCH_SIZES, Dense
 from .losses import Loss
 from .ops import XpOps
 from .optim import Optimizer
@@ -37,6 +37,8 @@ class Backprop:
         b = t.shape[0]
         gy = self._grad_y.get(b)
         if gy is None:
+            if len(self._grad_y) >= MAX_BATCH_SIZES:      # bounded like the layers' buffers
+                self._grad_y.clear()
             gy = self._grad_y[b] = xp.empty((b, out.n_out), self.store.dtype)
         value, direct = self.ops.loss_backward(loss, out, t, gy, out.buffers(xp, b).delta, value_out)
         grad = out.backward(gy, self.ops, delta_ready=direct)

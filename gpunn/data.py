@@ -8,6 +8,7 @@ batches, never the set (the targets, one row of n_out numbers per sample, are he
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy
@@ -15,6 +16,7 @@ import numpy
 from .backend import HostToDevice
 from .distributed import shard
 from .errors import DataError
+from .io import file_extent
 from .losses import Loss
 from .ops import XpOps
 from .types import Array, ArrayModule
@@ -118,9 +120,30 @@ class InMemory(Source):
 
 
 class Memmap(Source):
-    """A set read from a NumPy memmap a batch at a time, through two pinned host buffers on a GPU."""
+    """A set read from a NumPy memmap a batch at a time, through two pinned host buffers on a GPU. Before
+    each batch the file is checked to still hold the whole array: a file shortened during training is a
+    DataError, never a SIGBUS."""
+
+    def __init__(self, x: Any, t: Array, labels: Array | None, batch_size: int, ops: XpOps, dtype: numpy.dtype):
+        super().__init__(x, t, labels, batch_size, ops, dtype)
+        self.file, self.file_bytes = file_extent(x)
+
+    def check_file(self) -> None:
+        """DataError unless the memmap's file still holds every byte of the array."""
+        if self.file is None:
+            return
+        try:
+            size = os.stat(self.file).st_size
+        except OSError as exc:
+            raise DataError(f"the memmapped X file {self.file} can no longer be read ({exc.strerror or exc}); "
+                            "it was removed or replaced during training") from None
+        if size < self.file_bytes:
+            raise DataError(f"the memmapped X file {self.file} was shortened during training ({size:,} bytes; "
+                            f"the array needs {self.file_bytes:,}); restore the file, or memmap it again and "
+                            "start over")
 
     def batch(self, rows: slice) -> tuple[Array, Array, Array | None]:
+        self.check_file()
         index = numpy.arange(rows.start, min(rows.stop, self.n)) if self.perm is None else self.perm[rows]
         m = index.size
         stage = self._buffers.get("stage")

@@ -9,6 +9,7 @@ threads predicting on different CUDA streams never overwrite buffers still being
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -17,7 +18,6 @@ import numpy
 
 from .backend import Device, Handoff, device_of, is_cupy_array, to_host
 from .data import Accuracy, is_classification, is_streamed
-from .errors import ConcurrencyError
 from .history import Evaluation
 from .layers import Dense
 from .losses import Loss
@@ -44,7 +44,7 @@ class InferenceModel(Protocol):
     def n_in(self) -> int: ...
     @property
     def n_out(self) -> int: ...
-    def training_elsewhere(self) -> bool: ...
+    def reading(self, what: str) -> contextlib.AbstractContextManager[None]: ...
 
 
 class Inference:
@@ -65,11 +65,8 @@ class Inference:
     def chunks(self, x: Any, chunk: int, use: Callable[[slice, Array, Array], None]) -> None:
         """Call ``use(rows, z, y)`` with the last layer's z and y for each chunk of x (under the lock)."""
         m = self.model
-        if m.training_elsewhere():
-            raise ConcurrencyError("this network is being trained in another thread; predict and evaluate "
-                                   "would see weights in the middle of an update; wait for training to finish")
         streamed, ops = is_streamed(x), m.ops
-        with self._lock, m.device.activate():
+        with m.reading("predict and evaluate"), self._lock, m.device.activate():
             if self._handoff is None or self._handoff.device != m.device:
                 self._handoff = Handoff(m.device)
             self._handoff.acquire()                     # after the last holder's work, on any stream

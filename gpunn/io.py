@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import stat
@@ -30,7 +31,7 @@ import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable, Set
+from collections.abc import Callable, Mapping, Set
 from typing import IO, Any
 
 import numpy
@@ -41,7 +42,8 @@ from .types import PathLike
 from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_HEADER_BYTES", "atomic_write", "check_writable", "digest",
-           "open_regular", "read_archive", "read_model", "write_archive", "write_model", "write_text_atomic"]
+           "file_extent", "open_regular", "read_archive", "read_model", "write_archive", "write_model",
+           "write_text_atomic"]
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
@@ -70,12 +72,27 @@ def write_model(path: PathLike, config: dict, params: numpy.ndarray) -> None:
     write_archive(path, FORMAT, {**config, "n_parameters": int(params.size)}, {"params": params})
 
 
-def write_archive(path: PathLike, fmt: str, header: dict, arrays: dict[str, numpy.ndarray]) -> None:
+def write_archive(path: PathLike, fmt: str, header: dict, arrays: dict[str, numpy.ndarray],
+                  nonfinite: Set[str] = frozenset(), typed: Mapping[str, str] | None = None) -> None:
     """Write ``header`` (JSON-able; stamped with the format ``fmt``, its version and a SHA-256) and the
-    flat float ``arrays`` by name, as one archive, atomically."""
+    flat float ``arrays`` by name, as one archive, atomically. SaveError, nothing written, for a header
+    that :func:`read_archive` would refuse (over :data:`MAX_HEADER_BYTES`), or for NaN/inf in an array
+    not named in ``nonfinite`` (NaN only, in those ``typed``): every file written reads back (with the same
+    ``nonfinite`` and ``typed``)."""
+    for name, a in arrays.items():
+        bad = numpy.isinf(a).any() if name in (typed or {}) else not numpy.isfinite(a).all()
+        if name not in nonfinite and a.dtype.kind == "f" and bad:
+            raise SaveError(f"cannot save to {_path_text(path, SaveError, 'save to')}: {name} holds NaN or "
+                            "infinite values, which no gpunn file may hold; any earlier file there is unchanged")
     header = {"format": fmt, "format_version": FORMAT_VERSION, "gpunn_version": __version__, **header}
     header["sha256"] = digest(header, arrays)
-    head = numpy.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=numpy.uint8)
+    text = json.dumps(header, sort_keys=True).encode()
+    if len(text) > MAX_HEADER_BYTES:
+        shown = _path_text(path, SaveError, "save to")
+        raise SaveError(f"cannot save to {shown}: its header would be {len(text):,} "
+                        f"bytes, over the {MAX_HEADER_BYTES:,} a gpunn file may have (it could not be read back); "
+                        "a network of fewer layers fits")
+    head = numpy.frombuffer(text, dtype=numpy.uint8)
     atomic_write(path, lambda fh: _write_npz(fh, head, arrays))
 
 
@@ -245,9 +262,12 @@ def read_model(path: PathLike) -> tuple[dict, numpy.ndarray]:
 
 
 def read_archive(path: PathLike, fmt: str, required: set[str], optional: Set[str] = frozenset(),
-                 what: str = "gpunn model") -> tuple[dict, dict[str, numpy.ndarray]]:
+                 what: str = "gpunn model", typed: Mapping[str, str] | None = None,
+                 nonfinite: Set[str] = frozenset()) -> tuple[dict, dict[str, numpy.ndarray]]:
     """(header, arrays) of an archive written by :func:`write_archive` in format ``fmt``, holding the
-    ``required`` arrays and any of the ``optional`` ones, all finite and of the header's ``dtype``."""
+    ``required`` arrays and any of the ``optional`` ones, all finite and of the header's ``dtype``, except
+    those ``typed`` names (array name: dtype name), which must be of that dtype and may hold NaN, and those
+    in ``nonfinite``, which may hold NaN and inf."""
     shown = _path_text(path, ModelFileError, "load")
     with open_regular(shown, what=f"{what} file") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -265,7 +285,7 @@ def read_archive(path: PathLike, fmt: str, required: set[str], optional: Set[str
     except (ValueError, RecursionError) as exc:
         raise ModelFileError(f"{shown} has an unreadable header ({type(exc).__name__}: {str(exc)[:100]}); the "
                              "file is corrupt") from None
-    _check_header(header, arrays, shown, fmt, what)
+    _check_header(header, arrays, shown, fmt, what, typed or {}, nonfinite)
     return header, arrays
 
 
@@ -340,7 +360,8 @@ def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, kinds: tuple[str, ...]
     return numpy.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
-def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fmt: str, what: str) -> None:
+def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fmt: str, what: str,
+                  typed: Mapping[str, str], nonfinite: Set[str]) -> None:
     if header.get("format") != fmt:
         raise ModelFileError(f"{shown} is not a {what} (format {str(header.get('format'))[:50]!r})")
     version = header.get("format_version")
@@ -352,11 +373,32 @@ def _check_header(header: dict, arrays: dict[str, numpy.ndarray], shown: str, fm
         raise ModelFileError(f"{shown} failed its checksum: the header or the weights were changed after "
                              "saving (corrupt, or edited)")
     for name, a in arrays.items():
+        if name in typed:
+            if a.dtype.name != typed[name] or numpy.isinf(a).any():
+                raise ModelFileError(f"{shown}: {name} is {a.dtype} with {int(numpy.isinf(a).sum())} infinite "
+                                     f"value(s); gpunn writes {typed[name]} without infinities there")
+            continue
         if a.dtype.name != header.get("dtype"):
             raise ModelFileError(f"{shown}: {name} is {a.dtype}, but the header says {str(header.get('dtype'))[:20]}")
-        if not numpy.all(numpy.isfinite(a)):
+        if name not in nonfinite and not numpy.all(numpy.isfinite(a)):
             raise ModelFileError(f"{shown}: {name} holds {int(numpy.count_nonzero(~numpy.isfinite(a)))} NaN or "
                                  "infinite value(s); a trained gpunn network never has them")
+
+
+# -- memmaps -----------------------------------------------------------------------------------------
+def file_extent(x: Any) -> tuple[str | None, int]:
+    """(file, bytes from its start up to the array's last byte) of a memmap (also of a view of one); (None, 0)
+    when that cannot be told (then nothing is checked)."""
+    base: Any = x
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    filename, offset = getattr(x, "filename", None), getattr(x, "offset", None)
+    if base is None or filename is None or not isinstance(offset, int) or x.size == 0:
+        return None, 0
+    start = numpy.frombuffer(base, dtype=numpy.uint8).__array_interface__["data"][0]
+    first = x.__array_interface__["data"][0]
+    last = first + sum((n - 1) * st for n, st in zip(x.shape, x.strides) if st > 0) + x.itemsize
+    return os.fspath(filename), offset - offset % mmap.ALLOCATIONGRANULARITY + (last - start)
 
 
 # -- paths --------------------------------------------------------------------------------------------

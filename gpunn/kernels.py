@@ -31,6 +31,7 @@ import numpy
 
 from .activations import Activation, exp_cap
 from .backend import Device
+from .registry import Registry
 from .types import Array, DTypeLike
 
 #: The activation template argument A of the kernels: the one place that numbers the activations.
@@ -403,10 +404,11 @@ class FusedKernels:
 
     def _activation(self, kernel: str, act: Activation, dtype: DTypeLike) -> tuple | None:
         """(kernel function, T p, T third) for ``act``, or None where no kernel covers it (softmax)."""
-        key = (kernel, act.name, act.param, dtype)
+        name = Registry.key_of(type(act))       # a subclass (another key) is not its parent's kernel
+        key = (kernel, name, act.param, dtype)
         hit = self._act_args.get(key)
         if hit is None:
-            a = ACTIVATION_IDS.get(act.name)
+            a = ACTIVATION_IDS.get(name)
             if a is None:
                 return None
             t = numpy.dtype(dtype).type

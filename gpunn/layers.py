@@ -30,6 +30,11 @@ from .validation import as_model_array
 __all__ = ["Dense", "Buffers"]
 
 
+#: Batch sizes whose training buffers a layer keeps (a fit uses two: the batch and the last, smaller one;
+#: a data-parallel rank's share adds at most two more); older sizes are freed when a new one comes.
+MAX_BATCH_SIZES = 4
+
+
 class Buffers:
     """Work arrays of one layer for one batch size: z, y and (for training) δ, ∂E/∂x and scratch."""
 
@@ -138,11 +143,19 @@ class Dense:
     # -- the pass ---------------------------------------------------------------------------------
     def buffers(self, xp: ArrayModule, batch: int) -> Buffers:
         """The training buffers for ``batch`` rows (made on first use, then reused)."""
-        bufs = self._bufs.get(batch)
+        bufs = self._bufs.pop(batch, None)
         if bufs is None:
             bufs = Buffers(xp, batch, self.n_in, self.n_out, self._W.dtype, self.activation, self.input_grad)
-            self._bufs[batch] = bufs
+            while len(self._bufs) >= MAX_BATCH_SIZES:       # bounded: the least recently used size goes
+                self._bufs.pop(next(iter(self._bufs)))
+        self._bufs[batch] = bufs                            # most recently used last
         return bufs
+
+    def keep_own_input(self) -> None:
+        """Hold a copy of the last training batch's x instead of a view: the array it viewed (a shuffled copy
+        of a whole training set) can then be freed once training ends."""
+        if self.x is not None:
+            self.x = self.x.copy()
 
     def _pre_activation(self, x: Array, z: Array, y: Array, rowstats: Array | None, ops: XpOps) -> Array:
         """z = x·W + b, y = f(z): a neuron's weighted inputs plus bias, then its activation (§1.1)."""

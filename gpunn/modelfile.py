@@ -17,8 +17,9 @@ import numpy
 from . import exports, io, optim
 from . import losses as losses_mod
 from .backend import to_host
-from .errors import ModelFileError
+from .errors import ModelFileError, SaveError
 from .layers import Dense
+from .registry import json_data, round_trip
 from .types import PathLike
 from .validation import check_dtype
 
@@ -42,14 +43,32 @@ def write(path: PathLike, model: Any, loss: losses_mod.Loss | None, optimizer: o
           extra: dict | None = None) -> None:
     """Write ``model`` (its ``config()``, ``flat_parameters()`` and layers) atomically, in the format of the
     path's extension; ``extra`` (JSON-able) joins the header. SaveError, writing nothing, for any other
-    extension or a path that cannot be written."""
-    more = {"loss": loss.name if loss else None, "optimizer": optimizer.config() if optimizer else None,
-            **(extra or {})}
+    extension, a path that cannot be written, or a layer, loss or optimiser that would not load back as it
+    is (:mod:`gpunn.registry`)."""
+    config = model.config()
+    _check_layers(config, model.layers)
+    more = {"loss": losses_mod.portable(loss) if loss else None,
+            "optimizer": optim.portable_config(optimizer) if optimizer else None, **(extra or {})}
     fmt = exports.model_format(path)
     if fmt != "npz":
         exports.write(fmt, model, path, more)
         return
-    io.write_model(path, {**model.config(), **more}, numpy.array(to_host(model.flat_parameters()), copy=True))
+    io.write_model(path, {**config, **more}, numpy.array(to_host(model.flat_parameters()), copy=True))
+
+
+def _check_layers(config: dict, layers: list) -> None:
+    """SaveError unless each layer is a plain Dense whose configuration rebuilds it: its activation of the
+    same class (registry key) and attributes."""
+    for k, c in enumerate(config["layers"]):
+        round_trip(c, Dense.from_config, lambda d: d.config(), f"layer {k} ({str(c)[:120]})")
+        if type(layers[k]) is not Dense:
+            raise SaveError(f"cannot save layer {k}: it is a {type(layers[k]).__qualname__}, a subclass of Dense, and "
+                            "a model file holds Dense layers only (it would load as a plain Dense); put the "
+                            "difference in an Activation subclass, which files store by its own key")
+        act = layers[k].activation
+        if vars(Dense.from_config(json_data(c, "a layer")).activation) != vars(act):
+            raise SaveError(f"cannot save layer {k}: its activation {act!r} would load as one with other attributes "
+                            f"({vars(act)} saved as {c['activation']}); give it a config() with every parameter")
 
 
 def read(path: PathLike) -> ModelFile:
@@ -59,14 +78,14 @@ def read(path: PathLike) -> ModelFile:
     try:
         layers = [Dense.from_config(c) for c in header["layers"]]
         dtype = check_dtype(header["dtype"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
         raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
     try:
-        loss = losses_mod.get(header["loss"]) if header.get("loss") else None
+        loss = losses_mod.from_config(header["loss"]) if header.get("loss") else None
         optimizer = optim.from_config(header["optimizer"]) if header.get("optimizer") else None
         if loss is not None:
             loss.check_activation(layers[-1].activation)
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
         raise ModelFileError(f"{path} has an invalid loss or optimiser description: {exc}") from None
     return ModelFile(layers, dtype, params, loss, optimizer, header)
 

@@ -17,7 +17,7 @@ strategy from :mod:`gpunn.strategy`), chunked inference to :mod:`gpunn.inference
 from __future__ import annotations
 
 import contextlib
-import threading
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,13 +26,13 @@ import numpy
 from . import losses as losses_mod
 from . import modelfile, optim
 from .activations import Activation, ActivationSpec
+from .admission import Admission
 from .backend import Device, device_of, get_device
 from .backprop import Backprop
 from .callbacks import checked as checked_callbacks
 from .distributed import Communicator
 from .distributed import check as checked_comm
 from .errors import (
-    ConcurrencyError,
     ConfigError,
     OutOfMemoryError,
     ShapeError,
@@ -59,37 +59,6 @@ class Summary(str):
 
     def __repr__(self) -> str:
         return str(self)
-
-
-class _Admission:
-    """Admits one thread at a time to a network's training methods (re-entrant for that thread); any
-    other thread gets a ConcurrencyError instead of silently mixing its steps with the first one's."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-        self._depth = 0
-
-    def busy_elsewhere(self) -> bool:
-        """Whether another thread is training right now."""
-        owner = self._owner
-        return owner is not None and owner != threading.get_ident()
-
-    def __enter__(self) -> None:
-        me = threading.get_ident()
-        if self._owner == me:
-            self._depth += 1
-            return
-        if not self._lock.acquire(blocking=False):
-            raise ConcurrencyError("this network is being trained in another thread; its training methods "
-                                   "(forward, backward, step, train_step, fit) take one thread at a time")
-        self._owner, self._depth = me, 1
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            self._owner = None
-            self._lock.release()
 
 
 class Sequential:
@@ -122,7 +91,7 @@ class Sequential:
         self.shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))
         store = ParameterStore.initial(self.layers, self.device, self.dtype,
                                        numpy.random.Generator(numpy.random.PCG64(init_seq)))
-        self._admission = _Admission()
+        self._admission = Admission()
         self._inference = Inference(self)
         self._use(store)
         self.optimizer: optim.Optimizer | None = None
@@ -168,8 +137,9 @@ class Sequential:
         new, fused = get_device(device), None if fused is None else flag("fused", fused)
         if new == self.device and fused == self._fused_choice:
             return self
-        self.device, self._fused_choice = new, fused
-        self._use(self._store.moved(new))
+        with self._admission:       # like a training method: never under another thread's training or reading
+            self.device, self._fused_choice = new, fused
+            self._use(self._store.moved(new))
         return self
 
     # -- the lecture's step (gpunn.backprop) ------------------------------------------------------------
@@ -228,8 +198,8 @@ class Sequential:
         self.optimizer = optimizer
 
     # -- inference (gpunn.inference) ----------------------------------------------------------------
-    def training_elsewhere(self) -> bool:
-        return self._admission.busy_elsewhere()        # another thread is in a training method now
+    def reading(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return self._admission.reading(what)        # holds training off (gpunn.admission)
 
     def predict(self, X: ArrayLike, batch_size: int = INFER_CHUNK) -> Array:
         """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X, computed
@@ -237,8 +207,8 @@ class Sequential:
         return self._inference.predict(X, batch_size)
 
     def evaluate(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss | None = None) -> Evaluation:
-        """Mean loss (the one used in :meth:`fit`, else squared error) and accuracy on (X, Y)."""
-        loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
+        """Mean loss (the one used in :meth:`fit`, else :meth:`fit`'s default) and accuracy on (X, Y)."""
+        loss = _loss_for(loss if loss is not None else (self.loss or _default_loss(self)), self.layers[-1].activation)
         return self._inference.evaluate(X, Y, loss)
 
     def evaluate_prepared(self, x: Array, t: Array, loss: losses_mod.Loss) -> Evaluation:
@@ -257,7 +227,7 @@ class Sequential:
         X : array of shape (n_samples, n_in), or a NumPy memmap (read a batch at a time).
         Y : array of shape (n_samples, n_out), or integer labels (n_samples,) for cross-entropy.
         loss : {"squared_error", "binary_cross_entropy", "cross_entropy"} or Loss; default: the last fit's
-            (or the loaded model file's), else squared error.
+            (or the loaded model file's), else cross-entropy after a softmax output and squared error otherwise.
         optimizer : Optimizer or name; default: the last fit's (it continues with its state) or the loaded
             file's, else SGD(lr=0.1).
         epochs : int >= 0. batch_size : int >= 1 (above n_samples: the whole set at once).
@@ -277,7 +247,7 @@ class Sequential:
         weights left at the last state whose loss was finite. On KeyboardInterrupt the weights and
         ``self.history`` are those of the last finished epoch.
         """
-        loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
+        loss = _loss_for(loss if loss is not None else (self.loss or _default_loss(self)), self.layers[-1].activation)
         optimizer = optim.get(optimizer if optimizer is not None else (self.optimizer or optim.SGD(lr=0.1)))
         trainer = Trainer(positive_int("epochs", epochs, allow_zero=True), positive_int("batch_size", batch_size),
                           flag("shuffle", shuffle), None if patience is None else positive_int("patience", patience),
@@ -289,14 +259,19 @@ class Sequential:
         with _out_of_memory_said(self.device, batch_size, X), trainer.strategy.guard(), self._admission, \
                 self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
             run = trainer.start(self, X, Y, loss, optimizer, validation_data, self.shuffle_rng)
-            self.loss, self.optimizer, self.history = loss, optimizer, run.history   # once the data passed
-            return run.train()
+            try:
+                self.loss, self.optimizer, self.history = loss, optimizer, run.history   # once the data passed
+                return run.train()
+            finally:        # this run's state, even after a callback's own fit; free the run's copy of X
+                self.loss, self.optimizer, self.history = loss, optimizer, run.history
+                self.layers[0].keep_own_input()
 
     # -- persistence (gpunn.modelfile) --------------------------------------------------------------
     def save(self, path: PathLike) -> None:
         """Write the network to ``path`` atomically, in its extension's format: ``.npz`` (gpunn's), ``.onnx``
         or ``.safetensors`` (:mod:`gpunn.exports`); any other extension is a SaveError."""
-        modelfile.write(path, self, self.loss, self.optimizer)
+        with self._admission.reading("save"):
+            modelfile.write(path, self, self.loss, self.optimizer)
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
@@ -324,23 +299,32 @@ class Sequential:
 
     # -- pickle and copy.deepcopy: through host arrays, onto the same device ----------------------
     def __getstate__(self) -> dict:
-        return {"config": self.config(), "params": self._store.host(),
-                "device": str(self.device), "fused": self._fused_choice, "seed": self.seed,
-                "shuffle_rng": self.shuffle_rng.bit_generator.state, "loss": self.loss.name if self.loss else None,
-                "optimizer": self.optimizer, "history": self.history}
+        return _pickled(self)
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__([Dense.from_config(c) for c in state["config"]["layers"]],  # type: ignore[misc]
-                      device=state["device"], dtype=state["config"]["dtype"], seed=state["seed"],
-                      fused=state["fused"])
-        self._store.assign(state["params"])
-        self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
-        self.loss = losses_mod.get(state["loss"]) if state["loss"] else None
-        self.optimizer, self.history = state["optimizer"], state["history"]
+        _unpickled(self, state)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device='{self.device}', dtype='{self.dtype.name}')"
+
+
+def _pickled(net: Sequential) -> dict:
+    """A network's pickle: host arrays and copies taken together, while no other thread trains it."""
+    with net.reading("a copy or pickle"):
+        return {"config": net.config(), "params": net._store.host(), "device": str(net.device),
+                "fused": net._fused_choice, "seed": net.seed, "loss": net.loss,
+                "shuffle_rng": net.shuffle_rng.bit_generator.state,
+                "optimizer": copy.deepcopy(net.optimizer), "history": copy.deepcopy(net.history)}
+
+
+def _unpickled(net: Sequential, state: dict) -> None:
+    """Make ``net`` (a bare instance) the network of a :func:`_pickled` state, on the same device."""
+    net.__init__([Dense.from_config(c) for c in state["config"]["layers"]],  # type: ignore[misc]
+                 device=state["device"], dtype=state["config"]["dtype"], seed=state["seed"], fused=state["fused"])
+    net._store.assign(state["params"])
+    net.shuffle_rng.bit_generator.state = state["shuffle_rng"]
+    net.loss, net.optimizer, net.history = state["loss"], state["optimizer"], state["history"]
 
 
 def _summary(net: Sequential) -> Summary:
@@ -402,6 +386,12 @@ def _checked_layers(layers: Any) -> list[Dense]:
         raise ConfigError("softmax over a single output is always 1; use activation='sigmoid' for one "
                           "output unit (with binary_cross_entropy), or give the last layer two or more outputs")
     return layers
+
+
+def _default_loss(net: Sequential) -> str:
+    """The loss of a fit or evaluate given none (and none from an earlier fit or file): cross-entropy after a
+    softmax output (squared error there would train a classifier slowly and score it oddly), else squared error."""
+    return "cross_entropy" if net.layers[-1].activation.rowwise else "squared_error"
 
 
 def _loss_for(loss: str | losses_mod.Loss, activation: Activation) -> losses_mod.Loss:

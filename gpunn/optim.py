@@ -22,14 +22,15 @@ from typing import Any
 import numpy
 
 from .backend import to_host
-from .errors import ConfigError, unknown_name
+from .errors import ConfigError
 from .ops import XpOps
+from .registry import Registry, round_trip
 from .scalars import Checked, flag, is_number, real, shown
 from .schedules import Schedule
 from .schedules import from_config as schedule_from_config
 from .types import Array, ArrayModule
 
-__all__ = ["Optimizer", "SGD", "Adam", "from_config", "get", "names"]
+__all__ = ["Optimizer", "SGD", "Adam", "REGISTRY", "from_config", "get", "names", "portable_config"]
 
 
 def _learning_rate(name: str, value: Any) -> float | Schedule:
@@ -90,6 +91,11 @@ class Optimizer:
     """
 
     _state_names: tuple[str, ...] = ()
+    name = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        REGISTRY.add(cls)       # files name optimisers by key (gpunn.registry): every subclass joins
 
     def __init__(self) -> None:
         self.state: dict[str, Array] = {}
@@ -142,7 +148,8 @@ class Optimizer:
         xp = ops.xp
         if self._bound is not params:   # a new network (or one moved to another device)
             pending, self._pending = self._pending, None
-            if pending is not None and all(pending[1][k].shape == params.shape for k in self._state_names):
+            if pending is not None and all(getattr(pending[1].get(k), "shape", None) == params.shape
+                                           for k in self._state_names):
                 self.t = pending[0]      # state loaded from a pickle or a checkpoint: moved to this device
                 self.state = {k: ops.device.asarray(pending[1][k], dtype=params.dtype) for k in self._state_names}
             else:
@@ -186,19 +193,42 @@ class Optimizer:
         """Apply one step to ``params`` from ``grads`` (flat buffers of the same size)."""
         raise NotImplementedError  # pragma: no cover
 
-    def snapshot(self) -> tuple[int, dict]:
-        """A copy of the state (to roll back a diverged epoch)."""
-        return self.t, {k: v.copy() for k, v in self.state.items()}
+    def snapshot(self) -> tuple:
+        """A copy of the state (to roll back a diverged epoch): the step count, the state arrays, the buffer
+        they belong to, and any state loaded but not yet used (a checkpoint's or a pickle's)."""
+        return self.t, {k: v.copy() for k, v in self.state.items()}, self._bound, self._pending
 
-    def restore(self, snap: tuple[int, dict]) -> None:
-        """Go back to a :meth:`snapshot`; state the snapshot did not have yet (taken before the first
-        update) goes back to its starting value, zero."""
-        self.t = snap[0]
-        for k, v in self.state.items():
-            if k in snap[1]:
-                v[...] = snap[1][k]
-            else:
-                v.fill(0)
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The state arrays this optimiser keeps (velocity; m and v; none)."""
+        return self._state_names
+
+    def host_snapshot(self, snap: tuple, params: Array) -> tuple[int, dict[str, numpy.ndarray]]:
+        """A :meth:`snapshot` of the optimiser of ``params`` as host arrays (what a checkpoint keeps): (steps,
+        arrays), empty before the first update (what a fresh optimiser starts from)."""
+        t, arrays, bound, pending = snap
+        if bound is not None and bound is params:
+            return t, {k: numpy.array(to_host(v), copy=True) for k, v in arrays.items()}
+        return pending if pending is not None else (0, {})
+
+    @staticmethod
+    def snapshot_of_host(t: int, arrays: dict[str, numpy.ndarray]) -> tuple:
+        """The :meth:`snapshot` that :meth:`restore` takes for a :meth:`host_snapshot`: state taken at the
+        next update, as a checkpoint's is."""
+        return int(t), {}, None, (int(t), dict(arrays))
+
+    def restore(self, snap: tuple) -> None:
+        """Go back to a :meth:`snapshot`, exactly: state of the same buffer is copied back; a snapshot taken
+        before this buffer's first update (a new optimiser, one whose earlier network is gone, a loaded
+        checkpoint's state not used yet) puts the optimiser back before that update, so the next update
+        starts as the first one did (from the loaded state, else from zero)."""
+        t, arrays, bound, pending = snap
+        if bound is not None and bound is self._bound:
+            for k, v in self.state.items():
+                v[...] = arrays[k]
+        else:
+            self._bound, self.state, self._scratch, self._pending = None, {}, [], pending
+        self.t = t
 
     def reset(self) -> None:
         """Forget all state (momentum, moments, step count)."""
@@ -211,6 +241,10 @@ class Optimizer:
 
     def config(self) -> dict:
         raise NotImplementedError  # pragma: no cover
+
+
+#: Every Optimizer subclass by its key (gpunn.registry): the built-in ones below and any defined since.
+REGISTRY = Registry("optimiser")
 
 
 class SGD(Optimizer):
@@ -228,6 +262,7 @@ class SGD(Optimizer):
         L2 penalty λ: g = ∂E/∂w + λw for the weights (biases are not decayed).
     """
 
+    name = "sgd"
     momentum = Checked(_unit_interval, _nesterov_needs_momentum)
     nesterov = Checked(flag, _nesterov_needs_momentum)
     weight_decay = Checked(_non_negative)
@@ -274,8 +309,8 @@ class SGD(Optimizer):
             w -= xp.multiply(v if mu else g, lr, out=s)
 
     def config(self) -> dict:
-        return {"name": "sgd", "lr": self._lr_config(), "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay}
+        return {"name": Registry.key_of(type(self)), "lr": self._lr_config(), "momentum": self.momentum,
+                "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
     def __repr__(self) -> str:
         return f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, " \
@@ -290,6 +325,7 @@ class Adam(Optimizer):
     """
 
     _state_names = ("m", "v")
+    name = "adam"
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
@@ -345,24 +381,23 @@ class Adam(Optimizer):
         w -= s
 
     def config(self) -> dict:
-        return {"name": "adam", "lr": self._lr_config(), "betas": [self.beta1, self.beta2], "eps": self.eps,
-                "weight_decay": self.weight_decay}
+        return {"name": Registry.key_of(type(self)), "lr": self._lr_config(), "betas": [self.beta1, self.beta2],
+                "eps": self.eps, "weight_decay": self.weight_decay}
 
     def __repr__(self) -> str:
         return f"Adam(lr={self.lr}, betas=({self.beta1}, {self.beta2}), eps={self.eps})"
 
 
-_REGISTRY = {"sgd": SGD, "adam": Adam}
-
-
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def from_config(config: dict) -> Optimizer:
     """An optimiser (without state) from :meth:`Optimizer.config`'s dict."""
     params = dict(config)
     name = params.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"an optimiser configuration names its class ('name'); got {str(config)[:200]}")
     if isinstance(params.get("lr"), dict):
         params["lr"] = schedule_from_config(params["lr"])
     if "betas" in params and isinstance(params["betas"], list):
@@ -379,7 +414,14 @@ def get(spec: str | Optimizer | None, **kwargs: Any) -> Optimizer:
         return spec
     if spec is None:
         spec = "sgd"
-    key = str(spec).strip().lower()
-    if key not in _REGISTRY:
-        raise unknown_name("optimiser", spec, names())
-    return _REGISTRY[key](**kwargs)
+    cls = REGISTRY.get(spec) or REGISTRY.get(str(spec).strip().lower())
+    if cls is None:
+        raise REGISTRY.unknown(spec)
+    return cls(**kwargs)
+
+
+# -- what a file stores (gpunn.registry: the rule for saved schedules and optimisers) ----------------------
+def portable_config(optimizer: Optimizer) -> dict:
+    """The optimiser's configuration as a file stores it, proven to load back as an equal optimiser
+    (schedule included); SaveError naming the fix otherwise (:mod:`gpunn.registry`)."""
+    return round_trip(optimizer.config(), from_config, lambda o: o.config(), f"the optimiser {optimizer!r}")

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import ConfigError, unknown_name
+from .errors import ConfigError
+from .registry import Registry
 from .scalars import Checked, integer, real
 
 __all__ = ["Schedule", "StepDecay", "ExponentialDecay", "CosineDecay", "from_config", "names"]
@@ -44,11 +45,15 @@ class Schedule:
 
     name = ""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        REGISTRY.add(cls)       # files name schedules by key (gpunn.registry): every subclass joins
+
     def __call__(self, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def config(self) -> dict:
-        return {"name": self.name, **{k: v for k, v in vars(self).items()}}
+        return {"name": Registry.key_of(type(self)), **{k: v for k, v in vars(self).items()}}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -59,6 +64,10 @@ class Schedule:
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, tuple(sorted(vars(self).items()))))
+
+
+#: Every Schedule subclass by its key (gpunn.registry): the built-in ones below and any defined since.
+REGISTRY = Registry("schedule")
 
 
 class StepDecay(Schedule):
@@ -108,20 +117,18 @@ class CosineDecay(Schedule):
         return self.final + (self.initial - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-_REGISTRY: dict[str, type[Schedule]] = {cls.name: cls for cls in (StepDecay, ExponentialDecay, CosineDecay)}
-
-
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def from_config(config: dict) -> Schedule:
     """A schedule from :meth:`Schedule.config`'s dict."""
     params = dict(config)
     name = params.pop("name", None)
-    if name not in _REGISTRY:
-        raise unknown_name("schedule", name, names())
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise REGISTRY.unknown(name)
     try:
-        return _REGISTRY[name](**params)
+        return cls(**params)
     except TypeError as exc:
         raise ConfigError(f"bad parameters {params} for schedule {name!r}: {exc}") from None

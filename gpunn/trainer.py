@@ -23,7 +23,7 @@ import numpy
 
 from . import data as data_mod
 from .backend import Device, device_of, to_host
-from .checkpoint import Checkpoint, fingerprint, run_config
+from .checkpoint import Checkpoint, EpochStart, HistoryTable, fingerprint, run_config
 from .distributed import agreed
 from .errors import ConfigError, DivergenceError
 from .history import Evaluation, History
@@ -122,6 +122,7 @@ class _Start:
     params: Array
     optimizer: tuple
     perm: numpy.ndarray | None
+    rng: dict | None = None         # the shuffling generator's state before ``perm`` was drawn
 
 
 class _EarlyStopping:
@@ -164,6 +165,7 @@ class Run:
         self.val, self.order, self.config = val, order, config
         self.strategy = trainer.strategy
         self.history = History()
+        self.table = HistoryTable()                     # the history as a checkpoint writes it, a row per epoch
         self.stopping = _EarlyStopping(trainer.patience)
         self.acc = data_mod.Accuracy(model.xp, model.n_out)
         self.rows = [int(s) for s in data.sizes]
@@ -174,10 +176,10 @@ class Run:
         """Train the remaining epochs (all, or those after a checkpoint's); returns the history."""
         t = self.trainer
         config = self.config
-        saved = self.strategy.on_root(lambda: Checkpoint.load(t.checkpoint, config)) if config is not None else None
-        first = self._resume(saved) if saved is not None else 0
+        saved = (self.strategy.on_root(lambda: Checkpoint.load(t.checkpoint, config, self.optimizer.state_names))
+                 if config is not None else None)
+        first, previous = self._resume(saved) if saved is not None else (0, None)
         params = self.model.flat_parameters()
-        previous = None
         for epoch in range(first, t.epochs if not self.history.stopped_early else first):
             record, previous = self._epoch(epoch, previous)
             self.history.append(record)
@@ -187,8 +189,10 @@ class Run:
             stop = any([bool(c.on_epoch_end(record)) for c in t.callbacks or []]) or stop
             stop = self.strategy.any(stop)              # a rank that stopped alone would hang the others
             self.history.stopped_early = stop
+            if self.config is not None:
+                self.table.append(record)               # as the callbacks left it
             if self.config is not None and self.strategy.is_root:
-                self._checkpoint(epoch + 1).save(t.checkpoint)
+                self._checkpoint(epoch + 1, previous).save(t.checkpoint)
             if stop:
                 break
         self.stopping.restore_best(params, self.history)
@@ -239,13 +243,17 @@ class Run:
             self._replay(previous, len(losses) - 1)
         else:
             self._replay(this, 0)
+        left = "the weights were left at the last state whose loss was finite"
         if k == len(losses):
             what = f"the weights became non-finite in the update of epoch {epoch + 1}, step {k}"
         else:
             kind = "NaN" if numpy.isnan(losses[k]) else "infinite"
             what = f"the loss became {kind} at epoch {epoch + 1}, step {k + 1}"
+            if k == 0 and previous is None:     # no state of this run (or its checkpoint) had a finite loss
+                what += ", already for the weights this fit started from"
+                left = "the weights were left as the fit found them: no state of this run had a finite loss"
         return DivergenceError(
-            f"{what}; training stopped and the weights were left at the last state whose loss was finite. "
+            f"{what}; training stopped and {left}. "
             "Lower the learning rate, standardise the inputs, or use a loss that suits the output activation")
 
     def _epoch(self, epoch: int, previous: _Start | None) -> tuple[dict, _Start]:
@@ -253,8 +261,9 @@ class Run:
         those of the last finite loss (DivergenceError); on any other exception (Ctrl-C, bad data in a
         streamed batch) those of the epoch's start."""
         t0 = time.perf_counter()
+        rng = dict(self.order.bit_generator.state) if self.trainer.shuffle else None
         start = _Start(self.model.flat_parameters().copy(), self.optimizer.snapshot(),
-                       self.order.permutation(self.data.n) if self.trainer.shuffle else None)
+                       self.order.permutation(self.data.n) if self.trainer.shuffle else None, rng)
         try:
             self.data.order(start.perm)
             losses_host, finite, correct = self._run_epoch()
@@ -286,26 +295,41 @@ class Run:
         record["val_loss"], record["val_accuracy"] = ev.loss, ev.accuracy
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def _checkpoint(self, epochs_done: int) -> Checkpoint:
+    def _checkpoint(self, epochs_done: int, last: _Start) -> Checkpoint:
+        """The checkpoint after ``epochs_done`` epochs, the last of which started from ``last``."""
         assert self.config is not None
         t, state = self.optimizer.host_state()
         weights = self.stopping.weights
-        return Checkpoint(self.config, epochs_done, numpy.array(to_host(self.model.flat_parameters()), copy=True),
-                          t, state, dict(self.order.bit_generator.state), self.history.epochs,
+        params = self.model.flat_parameters()
+        last_t, last_state = self.optimizer.host_snapshot(last.optimizer, params)
+        return Checkpoint(self.config, epochs_done, numpy.array(to_host(params), copy=True),
+                          t, state, dict(self.order.bit_generator.state), self.table,
                           self.history.stopped_early, self.stopping.state(),
-                          None if weights is None else numpy.array(to_host(weights), copy=True))
+                          None if weights is None else numpy.array(to_host(weights), copy=True),
+                          EpochStart(numpy.array(to_host(last.params), copy=True), last_t, last_state, last.rng))
 
-    def _resume(self, saved: Checkpoint) -> int:
-        """Put the run back where the checkpoint left it; returns the number of finished epochs."""
-        model = self.model
-        model.flat_parameters()[...] = model.device.asarray(saved.params)
+    def _resume(self, saved: Checkpoint) -> tuple[int, _Start | None]:
+        """Put the run back where the checkpoint left it; returns the number of finished epochs and the start
+        of the last of them (to roll back to, as the uninterrupted run would, if the next one diverges at once)."""
+        device = self.model.device
+        self.model.flat_parameters()[...] = device.asarray(saved.params)
         self.optimizer.load_state(saved.optimizer_t, saved.optimizer_state)
         self.order.bit_generator.state = saved.shuffle_rng
-        self.history.epochs = list(saved.history)
+        self.table = saved.history
+        self.history.epochs = HistoryTable.records(saved.history.header(), saved.history.array(), saved.epoch, "")
         self.history.stopped_early = saved.stopped_early
-        best = None if saved.best_weights is None else model.device.asarray(saved.best_weights)
+        best = None if saved.best_weights is None else device.asarray(saved.best_weights)
         self.stopping.load(saved.best, best)
-        return saved.epoch
+        last = saved.last_start
+        if last is None:
+            return saved.epoch, None
+        perm = None
+        if last.shuffle_rng is not None:
+            order = numpy.random.Generator(numpy.random.PCG64())
+            order.bit_generator.state = last.shuffle_rng
+            perm = order.permutation(self.data.n)
+        return saved.epoch, _Start(device.asarray(last.params), self.optimizer.snapshot_of_host(
+            last.optimizer_t, last.optimizer_state), perm, last.shuffle_rng)
 
 
 def report(progress: bool | Callable[[dict], None], record: dict) -> None:

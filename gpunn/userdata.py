@@ -317,7 +317,8 @@ def fold_scaling(net: Sequential, scaling: dict) -> None:
 # -- the model file with the data's description -----------------------------------------------------
 def save_model(net: Sequential, path: PathLike, info: dict | None) -> None:
     """Save ``net`` as :meth:`Sequential.save` does (format by extension), with ``info`` under ``data``."""
-    modelfile.write(path, net, net.loss, net.optimizer, None if info is None else {"data": info})
+    with net.reading("save"):
+        modelfile.write(path, net, net.loss, net.optimizer, None if info is None else {"data": info})
 
 
 def load_model(path: PathLike, device: Any = None) -> tuple[Sequential, dict | None]:

@@ -70,9 +70,19 @@ def to_device_array(a: ArrayLike, dev: Device, dtype: numpy.dtype, name: str) ->
     return dev.asarray(src, dtype=dtype)
 
 
+#: Elements per chunk of the NaN/inf check: its mask is this big, never the size of the data.
+FINITE_CHUNK = 1 << 20
+
+
 def check_finite(xp: ArrayModule, a: Array, name: str) -> None:
-    if not bool(xp.isfinite(a).all()):
-        bad = int(xp.count_nonzero(~xp.isfinite(a)))
+    """DataError if ``a`` holds NaN or inf; checked a chunk of rows at a time, with one host sync."""
+    rows = max(1, FINITE_CHUNK // max(1, a[:1].size)) if a.ndim else 1
+    ok = xp.ones((), dtype=bool)
+    for s in range(0, a.shape[0] if a.ndim else 1, rows):
+        ok &= xp.isfinite(a[s:s + rows] if a.ndim else a).all()
+    if not bool(ok):
+        bad = sum(int(xp.count_nonzero(~xp.isfinite(a[s:s + rows] if a.ndim else a)))
+                  for s in range(0, a.shape[0] if a.ndim else 1, rows))
         raise DataError(f"{name} contains {bad} NaN or infinite value(s); clean or impute them first")
 
 

@@ -1,0 +1,74 @@
+"""Who may use a network now: one training thread at a time, readers only between training calls.
+
+A network's training methods (forward, backward, step, train_step, fit) enter its :class:`Admission` as
+the one trainer (re-entrant for that thread); any other thread gets a ConcurrencyError instead of mixing
+its steps with the first one's. Readers (predict, evaluate, save, copy, pickle) enter :meth:`reading`:
+refused with ConcurrencyError while another thread trains, and a trainer that arrives while they read
+waits for them to finish, so a reader never sees weights in the middle of an update and a trainer never
+changes weights a reader is reading. The trainer's own thread may read at any time (a callback that
+saves or predicts at an epoch's end sees that epoch's weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from .errors import ConcurrencyError
+
+__all__ = ["Admission"]
+
+
+class Admission:
+    """One trainer or any number of readers of one network (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+        self._readers = 0
+
+    def busy_elsewhere(self) -> bool:
+        """Whether another thread is training right now."""
+        owner = self._owner
+        return owner is not None and owner != threading.get_ident()
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
+            if self._owner is not None:
+                raise ConcurrencyError("this network is being trained in another thread; its training methods "
+                                       "(forward, backward, step, train_step, fit) take one thread at a time")
+            self._owner, self._depth = me, 1
+            while self._readers:            # readers already in finish first; new ones are refused meanwhile
+                self._cond.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def reading(self, what: str) -> Iterator[None]:
+        """Hold off training while ``what`` reads the network; ConcurrencyError if another thread trains."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner is not None and self._owner != me:
+                raise ConcurrencyError(f"this network is being trained in another thread; {what} would see weights "
+                                       "in the middle of an update: wait for training to finish (or do it from a "
+                                       "callback, at an epoch's end)")
+            counted = self._owner != me
+            if counted:
+                self._readers += 1
+        try:
+            yield
+        finally:
+            if counted:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
