@@ -205,6 +205,7 @@ class Sequential:
     # -- the lecture's step ----------------------------------------------------------------------
     def _forward(self, x: Array) -> Array:
         """Step 2: each layer's y = f(x·W + b) from the layer below's y."""
+        self._ops.begin_step(x.shape[0])     # the CPU's BLAS threads for this batch (gpunn.threads)
         for layer in self.layers:
             x = layer.forward(x, self._ops)
         return x

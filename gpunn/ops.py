@@ -4,12 +4,15 @@
 CuPy alike and is the reference. On a CUDA device with fused kernels on, :class:`FusedOps` runs the
 same operations as single kernels (:mod:`gpunn.kernels`), falling back to the reference where no
 kernel covers a case. :func:`ops_for` chooses between them for a device: layers and optimisers
-receive an ops object and never ask which backend they run on.
+receive an ops object and never ask which backend they run on. Each step starts with
+:meth:`XpOps.begin_step`, which on the CPU applies gpunn's choice of BLAS threads for the batch
+(:mod:`gpunn.threads`).
 """
 from __future__ import annotations
 
 import os
 
+from . import threads
 from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
@@ -33,6 +36,8 @@ class XpOps:
     def __init__(self, device: Device):
         self.device = device
         self.xp = device.xp
+        #: called with the batch's rows at the start of every step: the CPU's BLAS thread choice
+        self.begin_step = _nothing if device.is_cuda else threads.apply
         # NumPy's take in its default mode ('raise') gathers into a temporary and copies it to ``out``;
         # the rows gathered here are a permutation, always in range, so 'clip' gives the same rows
         # without the copy. CuPy's take has no mode and writes ``out`` directly.
@@ -72,6 +77,10 @@ class XpOps:
         """:meth:`gpunn.optim.SGD.update`'s whole formula as one fused operation, where this ops has one;
         returns False (nothing done) where the optimiser must run its own ``xp`` formula."""
         return False
+
+
+def _nothing(rows: int) -> None:
+    """A GPU's step needs no thread choice."""
 
 
 class FusedOps(XpOps):

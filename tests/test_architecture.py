@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 #: Bottom to top. A module may import modules of lower floors only (never its own floor, never higher).
 FLOORS: list[set[str]] = [
     {"errors", "types", "version"},
-    {"backend"},
+    {"backend", "threads"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
     {"losses"},
     {"validation", "kernels"},
