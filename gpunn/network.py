@@ -99,7 +99,8 @@ class Sequential:
         Seeds the host generator (PCG64) that draws the initial weights and the minibatch order, so
         a seed gives the same start and the same batches on every device.
     fused : bool, optional
-        Use fused CUDA kernels on a GPU (default: on unless ``GPUNN_FUSED=0``).
+        Use fused kernels: CUDA ones on a GPU, numba ones on the CPU where numba is installed (bitwise
+        equal to the NumPy path); default: on unless ``GPUNN_FUSED=0``.
 
     ``predict`` and ``evaluate`` may be called from several threads at once; the training methods
     (``forward``, ``backward``, ``step``, ``train_step``, ``fit``) must not run concurrently on one network.
@@ -151,7 +152,7 @@ class Sequential:
 
     @property
     def fused(self) -> bool:
-        """Whether the network runs gpunn's fused CUDA kernels."""
+        """Whether the network runs gpunn's fused kernels (CUDA on a GPU, numba on the CPU)."""
         return self._ops.fused
 
     @property

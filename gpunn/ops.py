@@ -1,36 +1,39 @@
 """The elementwise operations of a layer's pass, for one device: the compute layer.
 
 :class:`XpOps` writes them with the array namespace ``xp`` and ``out=`` buffers; it serves NumPy and
-CuPy alike and is the reference. On a CUDA device with fused kernels on, :class:`FusedOps` runs the
-same operations as single kernels (:mod:`gpunn.kernels`), falling back to the reference where no
-kernel covers a case. :func:`ops_for` chooses between them for a device: layers and optimisers
-receive an ops object and never ask which backend they run on. Each step starts with
-:meth:`XpOps.begin_step`, which on the CPU applies gpunn's choice of BLAS threads for the batch
-(:mod:`gpunn.threads`).
+CuPy alike and is the reference. With fused kernels on, :class:`FusedOps` runs the same operations as
+single kernels, falling back to the reference where no kernel covers a case: on a CUDA device the CUDA
+kernels of :mod:`gpunn.kernels`; on the CPU (:class:`CpuFusedOps`) the numba kernels of
+:mod:`gpunn.cpukernels`, bitwise equal to the reference, where numba is installed. :func:`ops_for`
+chooses for a device: layers and optimisers receive an ops object and never ask which backend they
+run on. Each step starts with :meth:`XpOps.begin_step`, which on the CPU applies gpunn's choice of BLAS
+threads for the batch (:mod:`gpunn.threads`).
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from . import threads
+from . import cpukernels, threads
 from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
 from .losses import Loss
 from .types import Array, OutputLayer
 
-__all__ = ["XpOps", "FusedOps", "ops_for", "fused_enabled"]
+__all__ = ["XpOps", "FusedOps", "CpuFusedOps", "ops_for", "fused_enabled"]
 
 
 def fused_enabled() -> bool:
-    """Whether CUDA devices use gpunn's fused kernels by default (``GPUNN_FUSED=0`` turns them off)."""
+    """Whether gpunn's fused kernels are used by default, CUDA ones on a GPU and numba ones on the CPU
+    (``GPUNN_FUSED=0`` turns both off)."""
     return os.environ.get("GPUNN_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class XpOps:
     """Reference implementation over any array namespace."""
 
-    #: True where the operations run as fused CUDA kernels.
+    #: True where the operations run as fused kernels (CUDA, or numba on the CPU).
     fused = False
 
     def __init__(self, device: Device):
@@ -84,13 +87,14 @@ def _nothing(rows: int) -> None:
 
 
 class FusedOps(XpOps):
-    """:class:`XpOps` with each elementwise chain as one CUDA kernel (:class:`gpunn.kernels.FusedKernels`)."""
+    """:class:`XpOps` with each elementwise chain as one kernel: by default the CUDA ones
+    (:class:`gpunn.kernels.FusedKernels`); ``kernels`` may be another set with the same methods."""
 
     fused = True
 
-    def __init__(self, device: Device):
+    def __init__(self, device: Device, kernels: Any = None):
         super().__init__(device)
-        self.kernels = FusedKernels(device)
+        self.kernels = kernels if kernels is not None else FusedKernels(device)
 
     def bias_activation(self, act, z, b, y, rowstats):
         done = self.kernels.softmax(z, b, y, rowstats) if act.rowwise else self.kernels.bias_activation(act, z, b, y)
@@ -117,9 +121,20 @@ class FusedOps(XpOps):
         return True
 
 
+class CpuFusedOps(FusedOps):
+    """:class:`FusedOps` on the CPU: the numba kernels of :class:`gpunn.cpukernels.CpuKernels`, bitwise
+    equal to :class:`XpOps` on NumPy (tests/test_cpukernels.py)."""
+
+    def __init__(self, device: Device):
+        super().__init__(device, cpukernels.CpuKernels())
+
+
 def ops_for(device: Device, fused: bool | None = None) -> XpOps:
-    """The operations for ``device``: fused CUDA kernels when it is a GPU and ``fused`` (default:
-    :func:`fused_enabled`) is on, else the ``xp`` reference."""
-    if device.is_cuda and (fused_enabled() if fused is None else bool(fused)):
+    """The operations for ``device``: with ``fused`` (default: :func:`fused_enabled`) on, the fused
+    CUDA kernels on a GPU and the numba kernels on the CPU where numba imports; else the ``xp``
+    reference."""
+    if not (fused_enabled() if fused is None else bool(fused)):
+        return XpOps(device)
+    if device.is_cuda:
         return FusedOps(device)
-    return XpOps(device)
+    return CpuFusedOps(device) if cpukernels.available() else XpOps(device)

@@ -17,7 +17,7 @@ FLOORS: list[set[str]] = [
     {"backend", "threads"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
     {"losses"},
-    {"validation", "kernels"},
+    {"validation", "kernels", "cpukernels"},
     {"ops"},
     {"layers"},
     {"optim"},
