@@ -33,6 +33,7 @@ file, or in numba's user cache directory where that is read-only).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -306,13 +307,14 @@ MAX_SOFTMAX_COLS = 128
 
 
 class CpuKernels:
-    """The kernels' calls for the NumPy backend, with :class:`gpunn.kernels.FusedKernels`' interface.
+    """The kernels' calls for the NumPy backend.
 
-    Each method returns False, doing nothing, where no kernel covers the case (an activation whose whole
-    chain is one NumPy call, a softmax wider than MAX_SOFTMAX_COLS, a one-column sum that NumPy adds
-    pairwise); the caller then runs the NumPy code. The constants each kernel takes (1, 0, α, 1 − α, the
-    exponent cap) are made once per activation and dtype, rounded to the dtype as NumPy rounds a Python
-    float it multiplies an array with.
+    :meth:`forward` and :meth:`backward` return, once per activation and dtype, one function running
+    that activation's whole chain (kernels and the NumPy transcendental between them), or None where
+    no kernel would save a pass (tanh, softplus, identity forward; identity and softmax backward): the
+    caller then runs the NumPy code. The constants the kernels take (0, 1, α, 1 − α, the exponent cap)
+    are bound into those functions, rounded to the dtype as NumPy rounds a Python float it multiplies
+    an array with.
     """
 
     def __init__(self) -> None:
@@ -320,90 +322,75 @@ class CpuKernels:
         if k is None:
             raise RuntimeError(reason)
         self.k = k
-        self._consts: dict[tuple, tuple] = {}
         self._sgd_last: tuple = (None, None)
         self._dummy: dict[Any, Array] = {}
-        k_ = self.k
-        self._fwd = {"sigmoid": self._sigmoid, "relu": lambda c, z, b, y: k_.bias_relu(z, b, y, c[0]),
-                     "leaky_relu": lambda c, z, b, y: k_.bias_leaky(z, b, y, c[2]), "elu": self._elu}
-        self._bwd = {"sigmoid": lambda c, z, y, g, d: k_.sigmoid_bwd(y, g, d, c[1]),
-                     "tanh": lambda c, z, y, g, d: k_.tanh_bwd(y, g, d, c[1]),
-                     "relu": lambda c, z, y, g, d: k_.relu_bwd(z, g, d, c[1], c[0]),
-                     "leaky_relu": lambda c, z, y, g, d: k_.leaky_bwd(z, g, d, c[2], c[3], c[1], c[0]),
-                     "softplus": self._softplus_bwd,
-                     "elu": lambda c, z, y, g, d: k_.elu_bwd(y, g, d, c[2], c[3], c[1], c[0])}
 
-    def constants(self, act: Activation, dtype: Any) -> tuple:
+    @staticmethod
+    def constants(act: Activation, dtype: Any) -> tuple:
         """(0, 1, p, 1 − p, exponent cap) in ``dtype``, plus whether p ≤ 1 (ELU's branch, decided on
         the Python float as the NumPy path decides it); p is α or a (0 where there is none)."""
-        key = (act.name, act.param, dtype)
-        hit = self._consts.get(key)
-        if hit is None:
-            t = numpy.dtype(dtype).type
-            p = act.param
-            hit = self._consts[key] = (t(0.0), t(1.0), t(p), t(1.0 - p), t(exp_cap(dtype)), p <= 1.0)
-        return hit
+        t = numpy.dtype(dtype).type
+        p = act.param
+        return t(0.0), t(1.0), t(p), t(1.0 - p), t(exp_cap(dtype)), p <= 1.0
 
-    # -- forward ------------------------------------------------------------------------------
-    def bias_activation(self, act: Activation, z: Array, b: Array, y: Array) -> bool:
-        """z ← z + b, y = f(z); False for activations that are one NumPy call (tanh, softplus, identity)."""
-        fn = self._fwd.get(act.name)
-        if fn is None:
-            return False
-        fn(self.constants(act, z.dtype), z, b, y)
-        return True
+    def forward(self, act: Activation, dtype: Any) -> Callable[[Array, Array, Array, Any], bool] | None:
+        """fn(z, b, y, rowstats): z ← z + b, y = f(z), returning False (nothing done) only for a softmax
+        wider than MAX_SOFTMAX_COLS; None where the NumPy code is as short."""
+        k, (zero, one, p, _, cap, small) = self.k, self.constants(act, dtype)
+        exp, expm1, log = numpy.exp, numpy.expm1, numpy.log
 
-    def _sigmoid(self, c: tuple, z: Array, b: Array, y: Array) -> None:
-        self.k.bias_sigmoid_pre(z, b, y, c[4])
-        numpy.exp(y, out=y)
-        self.k.sigmoid_post(y, c[1])
+        def sigmoid(z, b, y, rowstats):
+            k.bias_sigmoid_pre(z, b, y, cap)
+            exp(y, out=y)
+            k.sigmoid_post(y, one)
+            return True
 
-    def _elu(self, c: tuple, z: Array, b: Array, y: Array) -> None:
-        self.k.bias_elu_pre(z, b, y, c[0])
-        numpy.expm1(y, out=y)
-        self.k.elu_post(z, y, c[2], c[5], c[0])
+        def elu(z, b, y, rowstats):
+            k.bias_elu_pre(z, b, y, zero)
+            expm1(y, out=y)
+            k.elu_post(z, y, p, small, zero)
+            return True
 
-    def softmax(self, z: Array, b: Array, y: Array, rowstats: Array) -> bool:
-        """z ← z + b, y = softmax(z) by rows, rowstats = (log-partition, log Σ e^(z − max))."""
-        if z.shape[1] > MAX_SOFTMAX_COLS:
-            return False
-        self.k.softmax_pre(z, b, y, rowstats)
-        numpy.exp(y, out=y)
-        self.k.softmax_post(y, rowstats, self.constants_of(z.dtype)[0])
-        total = rowstats[:, 1:2]
-        numpy.log(total, out=total)
-        rowstats[:, 0:1] += total
-        return True
+        def softmax(z, b, y, rowstats):
+            if z.shape[1] > MAX_SOFTMAX_COLS:
+                return False
+            k.softmax_pre(z, b, y, rowstats)
+            exp(y, out=y)
+            k.softmax_post(y, rowstats, zero)
+            total = rowstats[:, 1:2]
+            log(total, out=total)
+            rowstats[:, 0:1] += total
+            return True
 
-    def constants_of(self, dtype: Any) -> tuple:
-        """:meth:`constants` of an activation without a parameter."""
-        key = ("", 0.0, dtype)
-        hit = self._consts.get(key)
-        if hit is None:
-            t = numpy.dtype(dtype).type
-            hit = self._consts[key] = (t(0.0), t(1.0), t(0.0), t(1.0), t(exp_cap(dtype)), True)
-        return hit
+        fns = {"sigmoid": sigmoid, "elu": elu, "softmax": softmax,
+               "relu": lambda z, b, y, rowstats: k.bias_relu(z, b, y, zero) or True,
+               "leaky_relu": lambda z, b, y, rowstats: k.bias_leaky(z, b, y, p) or True}
+        return fns.get(act.name)
 
-    # -- backward -----------------------------------------------------------------------------
-    def activation_backward(self, act: Activation, z: Array, y: Array, grad: Array, out: Array) -> bool:
-        """δ = f′(z) ⊙ grad; False for identity and softmax."""
-        fn = self._bwd.get(act.name)
-        if fn is None:
-            return False
-        fn(self.constants(act, z.dtype), z, y, grad, out)
-        return True
+    def backward(self, act: Activation, dtype: Any) -> Callable[[Array, Array, Array, Array], None] | None:
+        """fn(z, y, g, d): δ = f′(z) ⊙ g into d; None for identity and softmax."""
+        k, (zero, one, p, q, _, _) = self.k, self.constants(act, dtype)
+        negative, expm1 = numpy.negative, numpy.expm1
 
-    def _softplus_bwd(self, c: tuple, z: Array, y: Array, g: Array, d: Array) -> None:
-        numpy.negative(y, out=d)
-        numpy.expm1(d, out=d)
-        self.k.neg_mul(d, g)
+        def softplus(z, y, g, d):
+            negative(y, out=d)
+            expm1(d, out=d)
+            k.neg_mul(d, g)
+
+        fns = {"sigmoid": lambda z, y, g, d: k.sigmoid_bwd(y, g, d, one),
+               "tanh": lambda z, y, g, d: k.tanh_bwd(y, g, d, one),
+               "relu": lambda z, y, g, d: k.relu_bwd(z, g, d, one, zero),
+               "leaky_relu": lambda z, y, g, d: k.leaky_bwd(z, g, d, p, q, one, zero),
+               "softplus": softplus,
+               "elu": lambda z, y, g, d: k.elu_bwd(y, g, d, p, q, one, zero)}
+        return fns.get(act.name)
 
     def column_sum(self, delta: Array, out: Array) -> bool:
         """out = Σ over the rows of delta, row after row; False for one column (NumPy adds it pairwise)
         and for no rows."""
         if delta.shape[1] < 2 or delta.shape[0] == 0:
             return False
-        self.k.colsum(delta, out, self.constants_of(delta.dtype)[0])
+        self.k.colsum(delta, out, delta.dtype.type(0.0))
         return True
 
     def cross_entropy(self, z: Array, y: Array, rowstats: Array, t: Array, delta: Array, out: Array) -> bool:
@@ -413,7 +400,6 @@ class CpuKernels:
         self.k.xent_delta(y, t, delta, delta.dtype.type(inv_b))
         return True
 
-    # -- the update ---------------------------------------------------------------------------
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> None:
         """:meth:`gpunn.optim.SGD.update`'s formula over the whole flat buffer, in one pass."""

@@ -498,7 +498,8 @@ class Sequential:
                 for k, layer in enumerate(self.layers)]
         rows.append(["", "total", "", "", "", "", f"{self.n_parameters:,}"])
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        lines = [f"Sequential on {self.device}, {self.dtype.name}" + (", fused CUDA kernels" if self.fused else "")]
+        kernels = ", fused CUDA kernels" if self.device.is_cuda else ", fused CPU kernels"
+        lines = [f"Sequential on {self.device}, {self.dtype.name}" + (kernels if self.fused else "")]
         for r in [head, *rows]:
             lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         return Summary("\n".join(lines))

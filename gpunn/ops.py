@@ -40,7 +40,9 @@ class XpOps:
         self.device = device
         self.xp = device.xp
         #: called with the batch's rows at the start of every step: the CPU's BLAS thread choice
-        self.begin_step = _nothing if device.is_cuda else threads.apply
+        self.begin_step = _nothing if device.is_cuda else threads.policy().apply
+        # NumPy's ndarray.sum is a Python wrapper around add.reduce: one call fewer per layer and step
+        self._column_sum = (lambda d, axis, out: d.sum(axis=axis, out=out)) if device.is_cuda else self.xp.add.reduce
         # NumPy's take in its default mode ('raise') gathers into a temporary and copies it to ``out``;
         # the rows gathered here are a permutation, always in range, so 'clip' gives the same rows
         # without the copy. CuPy's take has no mode and writes ``out`` directly.
@@ -62,7 +64,7 @@ class XpOps:
 
     def column_sum(self, delta: Array, out: Array) -> Array:
         """∂E/∂b = Σ over the batch of δ."""
-        return delta.sum(axis=0, out=out)
+        return self._column_sum(delta, axis=0, out=out)
 
     def loss_backward(self, loss: Loss, layer: OutputLayer, t: Array, grad_y: Array, delta: Array,
                       out: Array | None) -> tuple[Array, bool]:
@@ -87,14 +89,13 @@ def _nothing(rows: int) -> None:
 
 
 class FusedOps(XpOps):
-    """:class:`XpOps` with each elementwise chain as one kernel: by default the CUDA ones
-    (:class:`gpunn.kernels.FusedKernels`); ``kernels`` may be another set with the same methods."""
+    """:class:`XpOps` with each elementwise chain as one CUDA kernel (:class:`gpunn.kernels.FusedKernels`)."""
 
     fused = True
 
-    def __init__(self, device: Device, kernels: Any = None):
+    def __init__(self, device: Device):
         super().__init__(device)
-        self.kernels = kernels if kernels is not None else FusedKernels(device)
+        self.kernels = FusedKernels(device)
 
     def bias_activation(self, act, z, b, y, rowstats):
         done = self.kernels.softmax(z, b, y, rowstats) if act.rowwise else self.kernels.bias_activation(act, z, b, y)
@@ -121,12 +122,62 @@ class FusedOps(XpOps):
         return True
 
 
-class CpuFusedOps(FusedOps):
-    """:class:`FusedOps` on the CPU: the numba kernels of :class:`gpunn.cpukernels.CpuKernels`, bitwise
-    equal to :class:`XpOps` on NumPy (tests/test_cpukernels.py)."""
+class CpuFusedOps(XpOps):
+    """:class:`XpOps` on NumPy with each elementwise chain as numba kernels
+    (:class:`gpunn.cpukernels.CpuKernels`), bitwise equal to the reference (tests/test_cpukernels.py).
+
+    The function running an activation's chain is looked up once per activation object and dtype
+    (the lecture's 4-8-1 step is bound by Python calls, so a step does no more dictionary work than
+    it must)."""
+
+    fused = True
 
     def __init__(self, device: Device):
-        super().__init__(device, cpukernels.CpuKernels())
+        super().__init__(device)
+        self.kernels = cpukernels.CpuKernels()
+        self._fwd: dict[int, tuple] = {}     # id(activation) -> (activation, dtype, function or None)
+        self._bwd: dict[int, tuple] = {}
+        self._values: dict[Any, Array] = {}  # dtype -> one-element scratch for the loss value
+        self._colsum = self.kernels.k.colsum
+        self._zero = {self.xp.dtype(t): self.xp.dtype(t).type(0.0) for t in ("float32", "float64")}
+
+    def bias_activation(self, act, z, b, y, rowstats):
+        hit = self._fwd.get(id(act))
+        if hit is None or hit[0] is not act or hit[1] is not z.dtype:
+            hit = self._fwd[id(act)] = (act, z.dtype, self.kernels.forward(act, z.dtype))
+        if hit[2] is not None and hit[2](z, b, y, rowstats):
+            return y
+        return super().bias_activation(act, z, b, y, rowstats)
+
+    def activation_backward(self, act, z, y, grad, out, scratch, rowstats):
+        hit = self._bwd.get(id(act))
+        if hit is None or hit[0] is not act or hit[1] is not z.dtype:
+            hit = self._bwd[id(act)] = (act, z.dtype, self.kernels.backward(act, z.dtype))
+        if hit[2] is None:
+            return super().activation_backward(act, z, y, grad, out, scratch, rowstats)
+        hit[2](z, y, grad, out)
+        return out
+
+    def column_sum(self, delta, out):
+        rows, cols = delta.shape
+        if cols < 2 or rows == 0:          # NumPy adds one column pairwise: the reference does it
+            return self._column_sum(delta, axis=0, out=out)
+        self._colsum(delta, out, self._zero[delta.dtype])    # 0 + row after row, as NumPy sums the rows
+        return out
+
+    def loss_backward(self, loss, layer, t, grad_y, delta, out):
+        value = out
+        if value is None:
+            value = self._values.get(t.dtype)
+            if value is None:
+                value = self._values[t.dtype] = self.xp.empty(1, t.dtype)
+        if loss.fused_backward(self.kernels, layer, t, delta, value):
+            return (out if out is not None else value[0]), True      # value[0]: a NumPy scalar, as XpOps gives
+        return super().loss_backward(loss, layer, t, grad_y, delta, out)
+
+    def sgd_update(self, params, grads, velocity, mask, lr, momentum, nesterov, weight_decay):
+        self.kernels.sgd_update(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
+        return True
 
 
 def ops_for(device: Device, fused: bool | None = None) -> XpOps:
