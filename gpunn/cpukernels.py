@@ -46,6 +46,14 @@ from .types import Array
 # z is (rows, cols) C-contiguous in training; b is (cols,). Comparisons select the operand NumPy's
 # maximum/minimum return: the second one on a tie (so max(-0.0, 0.0) is +0.0, as NumPy gives).
 
+def bias_add(z, b):
+    """z ← z + b (for the activations whose f is one NumPy call; also spares NumPy's broadcast buffer)."""
+    rows, cols = z.shape
+    for i in range(rows):
+        for j in range(cols):
+            z[i, j] = z[i, j] + b[j]
+
+
 def bias_sigmoid_pre(z, b, y, cap):
     """z ← z + b; y = min(−z, cap): the sigmoid up to its exp."""
     rows, cols = z.shape
@@ -269,8 +277,8 @@ def sgd_update(w, g, v, mask, lr, mu, lr_mu, wd, has_v, nesterov, has_wd):
             w[i] = w[i] - gd * lr
 
 
-KERNELS = (bias_sigmoid_pre, sigmoid_post, bias_relu, bias_leaky, bias_elu_pre, elu_post, sigmoid_bwd, tanh_bwd,
-           relu_bwd, leaky_bwd, neg_mul, elu_bwd, colsum, softmax_pre, softmax_post, xent_delta,
+KERNELS = (bias_add, bias_sigmoid_pre, sigmoid_post, bias_relu, bias_leaky, bias_elu_pre, elu_post, sigmoid_bwd,
+           tanh_bwd, relu_bwd, leaky_bwd, neg_mul, elu_bwd, colsum, softmax_pre, softmax_post, xent_delta,
            sgd_plain, sgd_update)
 
 
@@ -311,10 +319,9 @@ class CpuKernels:
 
     :meth:`forward` and :meth:`backward` return, once per activation and dtype, one function running
     that activation's whole chain (kernels and the NumPy transcendental between them), or None where
-    no kernel would save a pass (tanh, softplus, identity forward; identity and softmax backward): the
-    caller then runs the NumPy code. The constants the kernels take (0, 1, α, 1 − α, the exponent cap)
-    are bound into those functions, rounded to the dtype as NumPy rounds a Python float it multiplies
-    an array with.
+    no kernel would save a pass (identity and softmax backward): the caller then runs the NumPy code.
+    The constants the kernels take (0, 1, α, 1 − α, the exponent cap) are bound into those functions,
+    rounded to the dtype as NumPy rounds a Python float it multiplies an array with.
     """
 
     def __init__(self) -> None:
@@ -335,9 +342,9 @@ class CpuKernels:
 
     def forward(self, act: Activation, dtype: Any) -> Callable[[Array, Array, Array, Any], bool] | None:
         """fn(z, b, y, rowstats): z ← z + b, y = f(z), returning False (nothing done) only for a softmax
-        wider than MAX_SOFTMAX_COLS; None where the NumPy code is as short."""
+        wider than MAX_SOFTMAX_COLS."""
         k, (zero, one, p, _, cap, small) = self.k, self.constants(act, dtype)
-        exp, expm1, log = numpy.exp, numpy.expm1, numpy.log
+        exp, expm1, log, tanh, logaddexp = numpy.exp, numpy.expm1, numpy.log, numpy.tanh, numpy.logaddexp
 
         def sigmoid(z, b, y, rowstats):
             k.bias_sigmoid_pre(z, b, y, cap)
@@ -362,7 +369,15 @@ class CpuKernels:
             rowstats[:, 0:1] += total
             return True
 
-        fns = {"sigmoid": sigmoid, "elu": elu, "softmax": softmax,
+        def identity(z, b, y, rowstats):
+            k.bias_add(z, b)
+            if y is not z:
+                y[...] = z
+            return True
+
+        fns = {"sigmoid": sigmoid, "elu": elu, "softmax": softmax, "identity": identity,
+               "tanh": lambda z, b, y, rowstats: k.bias_add(z, b) or tanh(z, out=y) is y,
+               "softplus": lambda z, b, y, rowstats: k.bias_add(z, b) or logaddexp(0.0, z, out=y) is y,
                "relu": lambda z, b, y, rowstats: k.bias_relu(z, b, y, zero) or True,
                "leaky_relu": lambda z, b, y, rowstats: k.bias_leaky(z, b, y, p) or True}
         return fns.get(act.name)
