@@ -139,6 +139,8 @@ class CpuFusedOps(XpOps):
         self._bwd: dict[int, tuple] = {}
         self._values: dict[Any, Array] = {}  # dtype -> one-element scratch for the loss value
         self._colsum = self.kernels.k.colsum
+        self._plain = self.kernels.k.sgd_plain
+        self._sgd_plain: tuple = (None, None, None)     # (lr, dtype, lr in the dtype)
         self._zero = {self.xp.dtype(t): self.xp.dtype(t).type(0.0) for t in ("float32", "float64")}
 
     def bias_activation(self, act, z, b, y, rowstats):
@@ -160,22 +162,35 @@ class CpuFusedOps(XpOps):
 
     def column_sum(self, delta, out):
         rows, cols = delta.shape
-        if cols < 2 or rows == 0:          # NumPy adds one column pairwise: the reference does it
+        # NumPy sums the rows of an array of two or more columns one after the other, from 0; a single
+        # column it sums pairwise, which is the same order below 8 rows: from 8 rows the reference runs.
+        if rows == 0 or (cols < 2 and rows >= 8):
             return self._column_sum(delta, axis=0, out=out)
-        self._colsum(delta, out, self._zero[delta.dtype])    # 0 + row after row, as NumPy sums the rows
+        self._colsum(delta, out, self._zero[delta.dtype])
         return out
 
     def loss_backward(self, loss, layer, t, grad_y, delta, out):
-        value = out
-        if value is None:
-            value = self._values.get(t.dtype)
+        if type(loss).fused_backward is not Loss.fused_backward:      # the loss has a fused form
+            value = out
             if value is None:
-                value = self._values[t.dtype] = self.xp.empty(1, t.dtype)
-        if loss.fused_backward(self.kernels, layer, t, delta, value):
-            return (out if out is not None else value[0]), True      # value[0]: a NumPy scalar, as XpOps gives
-        return super().loss_backward(loss, layer, t, grad_y, delta, out)
+                value = self._values.get(t.dtype)
+                if value is None:
+                    value = self._values[t.dtype] = self.xp.empty(1, t.dtype)
+            if loss.fused_backward(self.kernels, layer, t, delta, value):
+                return (out if out is not None else value[0]), True   # value[0]: a NumPy scalar, as XpOps gives
+        value, direct = loss.backward(layer, t, grad_y, delta)
+        if out is None:
+            return value, direct
+        out[...] = value
+        return out, direct
 
     def sgd_update(self, params, grads, velocity, mask, lr, momentum, nesterov, weight_decay):
+        if velocity is None and not weight_decay:       # plain SGD, eq (15): one kernel call
+            hit = self._sgd_plain
+            if hit[0] != lr or hit[1] is not params.dtype:
+                hit = self._sgd_plain = (lr, params.dtype, params.dtype.type(lr))
+            self._plain(params, grads, hit[2])
+            return True
         self.kernels.sgd_update(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
         return True
 
