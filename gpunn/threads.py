@@ -8,11 +8,18 @@ therefore chooses the threads itself, before every step, from
 1. the user's BLAS settings: ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set in
    the environment win, and gpunn never touches the threads;
 2. the user's explicit choice: :func:`set_threads` (``gpunn bench --threads``), else the environment
-   variable ``GPUNN_THREADS`` — a number, ``auto`` (the default) or ``off`` (leave the threads alone);
+   variable ``GPUNN_THREADS`` — a number, ``auto`` (the default), ``steady`` or ``off`` (leave the threads
+   alone);
 3. otherwise (``auto``): 1 thread for batches below :data:`MIN_ROWS` rows (more cannot pay there); above,
    the cores this process may use (its CPU affinity and its cgroup's CPU quota) divided among the MPI
    ranks on this machine (:func:`set_local_ranks`, else the launcher's environment), less the cores that
-   other processes kept busy during the last :data:`LOOK_EVERY` seconds.
+   other processes kept busy during the last :data:`LOOK_EVERY` seconds. ``steady`` is the same rule
+   without that last term.
+
+OpenBLAS's GEMM results differ in the last bits between thread counts (it blocks the sums differently).
+Below :data:`MIN_ROWS` rows every mode but a fixed number gives one thread, so results do not depend on
+the machine's load; above it, ``auto`` follows the load and a run's last bits may differ between a quiet
+and a busy machine: ``steady`` or a number make them depend on the machine and batch size only.
 
 The choice is applied through threadpoolctl's ``ThreadpoolController`` (made once; a switch costs
 ~8 µs) and kept: nothing is done while it does not change. Per step the cost is one comparison (and,
@@ -44,20 +51,22 @@ LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_CO
 
 
 def parse_setting(value: Any, where: str) -> int | str:
-    """A thread setting as ``"auto"``, ``"off"`` or a positive int; ConfigError otherwise."""
+    """A thread setting as ``"auto"``, ``"steady"``, ``"off"`` or a positive int; ConfigError otherwise."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("", "auto"):
             return "auto"
         if text in ("off", "none", "system"):
             return "off"
+        if text == "steady":
+            return "steady"
         value = text
     try:
         n = int(value)
     except (TypeError, ValueError):
         n = 0
     if isinstance(value, bool) or n < 1 or str(n) != str(value).strip():
-        raise ConfigError(f"{where} must be a positive number of threads, 'auto' or 'off'; got {value!r}")
+        raise ConfigError(f"{where} must be a positive number of threads, 'auto', 'steady' or 'off'; got {value!r}")
     return n
 
 
@@ -131,7 +140,8 @@ def choose(rows: int, cores: int, ranks: int = 1, others_busy: float = 0.0, sett
     """The BLAS threads for a step of ``rows`` rows (None: leave the threads as they are).
 
     ``cores``: usable cores; ``ranks``: processes of this job on the machine; ``others_busy``: cores
-    other processes kept busy lately; ``setting``: the user's (``"auto"``, ``"off"`` or a number);
+    other processes kept busy lately (ignored by ``"steady"``); ``setting``: the user's (``"auto"``,
+    ``"steady"``, ``"off"`` or a number);
     ``user_blas``: a BLAS thread variable the user set (it wins).
     """
     if user_blas is not None or setting == "off":
@@ -141,6 +151,8 @@ def choose(rows: int, cores: int, ranks: int = 1, others_busy: float = 0.0, sett
     if rows < MIN_ROWS:
         return 1
     share = max(1, cores // max(1, ranks))
+    if setting == "steady":
+        return share
     free = cores - max(0, math.ceil(others_busy - BUSY_MARGIN))
     return max(1, min(share, free))
 
@@ -254,8 +266,9 @@ def apply(rows: int) -> None:
 
 
 def set_threads(n: int | str | None) -> None:
-    """Set the BLAS threads of gpunn's steps: a number, ``"auto"`` (the policy), ``"off"`` (leave them
-    alone) or None (back to ``GPUNN_THREADS``). BLAS thread variables set in the environment still win."""
+    """Set the BLAS threads of gpunn's steps: a number, ``"auto"`` (the policy), ``"steady"`` (the policy
+    without the machine's load), ``"off"`` (leave them alone) or None (back to ``GPUNN_THREADS``). BLAS
+    thread variables set in the environment still win."""
     _POLICY.setting = None if n is None else parse_setting(n, "threads")
     _POLICY.invalidate()
 
@@ -302,9 +315,10 @@ def summary(info: dict | None = None) -> str:
         text = "left alone (GPUNN_THREADS=off)"
     elif isinstance(d["setting"], int):
         text = f"{d['setting']} (set by the user)"
-    elif d["setting"] == "auto":
+    elif d["setting"] in ("auto", "steady"):
         share = max(1, d["usable_cores"] // d["local_ranks"])
-        text = (f"auto: 1 below {d['min_rows']} rows, else up to {share} less the cores others keep busy "
+        busy = " less the cores others keep busy" if d["setting"] == "auto" else ""
+        text = (f"{d['setting']}: 1 below {d['min_rows']} rows, else {'up to ' if busy else ''}{share}{busy} "
                 f"({d['usable_cores']} usable: affinity {d['affinity']}, cgroup quota "
                 f"{'none' if d['cgroup_quota'] is None else format(d['cgroup_quota'], 'g')}; "
                 f"{d['local_ranks']} local rank{'s' if d['local_ranks'] != 1 else ''})")

@@ -18,6 +18,16 @@ pytestmark = pytest.mark.skipif(not cpukernels.available(),
                                 reason=f"fused CPU kernels: {cpukernels.unavailable_reason()}")
 
 DTYPES = ["float32", "float64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """The two networks of a comparison alternate steps: the BLAS threads must not change between them
+    (OpenBLAS's GEMM gives other last bits on other thread counts, and the auto policy follows the load)."""
+    from gpunn import threads
+    threads.set_threads(1)
+    yield
+    threads.set_threads(None)
 BATCHES = [1, 5, 37, 300]
 HIDDEN = ["sigmoid", "tanh", "relu", {"name": "leaky_relu", "alpha": 0.1}, "softplus", "elu",
           {"name": "elu", "a": 0.5}, {"name": "elu", "a": 1.7}, "identity"]

@@ -30,6 +30,9 @@ def quiet_env(monkeypatch):
     (256, 2, 1, 0.2, "auto", None, 2),          # background noise below the margin
     (256, 8, 1, 3.0, "auto", None, 5),
     (256, 2, 1, 5.0, "auto", None, 1),          # never fewer than one
+    (256, 2, 1, 1.0, "steady", None, 2),        # steady: the load does not count
+    (100, 8, 1, 1.0, "steady", None, 1),
+    (2048, 8, 2, 0.0, "steady", None, 4),
     (1, 2, 1, 0.0, 3, None, 3),                 # the user's number, even for small batches
     (4096, 2, 1, 0.0, "off", None, None),       # off: left alone
     (4096, 2, 1, 0.0, 3, "OMP_NUM_THREADS=1", None),   # a user BLAS variable wins over everything
@@ -39,6 +42,7 @@ def test_the_rule(rows, cores, ranks, busy, setting, user, expected):
 
 
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), ("", "auto"), (" AUTO ", "auto"), ("off", "off"),
+                                            ("steady", "steady"),
                                             ("none", "off"), ("4", 4), (2, 2), (" 3 ", 3)])
 def test_settings_parse(value, expected):
     assert threads.parse_setting(value, "x") == expected
@@ -46,7 +50,7 @@ def test_settings_parse(value, expected):
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", 2.5, True, "1.0", 0, None])
 def test_bad_settings_say_what_is_expected(value):
-    with pytest.raises(ConfigError, match="positive number of threads, 'auto' or 'off'"):
+    with pytest.raises(ConfigError, match="positive number of threads, 'auto', 'steady' or 'off'"):
         threads.parse_setting(value, "GPUNN_THREADS")
 
 
@@ -165,3 +169,31 @@ def test_describe_and_summary_say_what_was_chosen(quiet_env):
     quiet_env.setenv("GPUNN_THREADS", "zero")
     threads.set_threads(None)
     assert "invalid" in threads.describe()["setting"]
+
+
+def _train(n_threads, fused, rows=512):
+    threads.set_threads(n_threads)
+    net = gpunn.mlp([300, 64, 10], activation="sigmoid", device="cpu", seed=1, fused=fused)
+    g = numpy.random.Generator(numpy.random.PCG64(2))
+    x = g.normal(size=(rows, 300)).astype("float32")
+    t = numpy.eye(10, dtype="float32")[g.integers(0, 10, rows)]
+    opt = gpunn.SGD(lr=0.1, momentum=0.9)
+    for _ in range(3):
+        net.train_step(x, t, "cross_entropy", opt)
+    assert threads.current() == (1 if n_threads == "auto" and rows < threads.MIN_ROWS else n_threads)
+    return numpy.array(net.flat_parameters()).view("u4")
+
+
+def test_the_fused_kernels_add_no_dependence_on_the_thread_count(quiet_env):
+    """The fused CPU kernels are serial: at a given BLAS thread count they give the NumPy path's bits."""
+    pytest.importorskip("numba")
+    for n in (1, 2):
+        assert numpy.array_equal(_train(n, fused=False), _train(n, fused=True))
+
+
+def test_below_min_rows_the_result_does_not_depend_on_the_load(quiet_env, monkeypatch):
+    """OpenBLAS's GEMM gives other last bits on 2 threads than on 1 (why 'steady' exists); below MIN_ROWS
+    the policy picks one thread whatever the machine's load, so results are the same busy or quiet."""
+    quiet = _train("auto", fused=None, rows=100)
+    monkeypatch.setattr(threads.LoadMeter, "others_busy", lambda self: 5.0)
+    assert numpy.array_equal(quiet, _train("auto", fused=None, rows=100))
