@@ -17,13 +17,14 @@ operation, in the same order and in the array's dtype (constants are passed as s
 never as Python floats, which numba would widen to float64). NumPy's own ``exp``, ``expm1``, ``tanh``,
 ``log1p`` and ``matmul`` stay outside the kernels: numba's would be the C library's scalar ones,
 which differ from NumPy's SIMD ones in the last bit (and are slower). Where NumPy's result depends on
-how it reduces (a row sum is pairwise, a column sum of a one-column array too), the kernel reduces the
-same way; tests/test_cpukernels.py checks every kernel, activation, loss, optimiser setting and dtype
-against the NumPy path bit for bit.
+how it reduces, the kernel reduces the same way (a softmax row pairwise, a column sum row after row from
+0); where that would need NumPy's recursive pairwise sum (a softmax wider than 128 classes, a one-column
+sum of 8 rows or more), the NumPy code runs. tests/test_cpukernels.py checks every kernel, activation,
+loss, optimiser setting and dtype against the NumPy path bit for bit.
 
 The kernels are serial: at the batch sizes where rows are many, numba's ``parallel=True`` was measured
-no faster and would start a second thread pool beside OpenBLAS's (see CPU-NOTES); the BLAS threads
-are what :mod:`gpunn.threads` chooses.
+no faster and would start a second thread pool beside OpenBLAS's; the BLAS threads are what
+:mod:`gpunn.threads` chooses.
 
 numba is optional (``pip install gpunn[fast]``). It is imported on first use; where it is missing or
 fails to import, :func:`available` is False, :func:`unavailable_reason` says why, and
@@ -399,14 +400,6 @@ class CpuKernels:
                "softplus": softplus,
                "elu": lambda z, y, g, d: k.elu_bwd(y, g, d, p, q, one, zero)}
         return fns.get(act.name)
-
-    def column_sum(self, delta: Array, out: Array) -> bool:
-        """out = Σ over the rows of delta, row after row; False for one column (NumPy adds it pairwise)
-        and for no rows."""
-        if delta.shape[1] < 2 or delta.shape[0] == 0:
-            return False
-        self.k.colsum(delta, out, delta.dtype.type(0.0))
-        return True
 
     def cross_entropy(self, z: Array, y: Array, rowstats: Array, t: Array, delta: Array, out: Array) -> bool:
         """out[0] = the mean cross-entropy (NumPy's sum and dot, as the NumPy path) and δ = (y − t)/B."""
