@@ -5,7 +5,7 @@ import numpy
 import pytest
 
 import gpunn
-from gpunn import threads
+from gpunn import cpukernels, threads
 from gpunn.errors import ConfigError
 
 
@@ -186,7 +186,8 @@ def _train(n_threads, fused, rows=512):
 
 def test_the_fused_kernels_add_no_dependence_on_the_thread_count(quiet_env):
     """The fused CPU kernels are serial: at a given BLAS thread count they give the NumPy path's bits."""
-    pytest.importorskip("numba")
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
     for n in (1, 2):
         assert numpy.array_equal(_train(n, fused=False), _train(n, fused=True))
 
