@@ -41,6 +41,7 @@ from gpunn.bench import WORKLOADS, build, calls_for, environment, format_table, 
 # -- contenders: make(net, X, T, lr, loss_name) -> (step, params, sync) --------------------------------
 # ``net`` is a gpunn network already on the benchmark's device; the others copy its initial weights.
 def gpunn_contender(net, X, T, lr, loss_name):
+    net.ops.warm_up()               # the fused CPU kernels now, not after the first seconds of stepping
     x = net.device.asarray(X, dtype=net.dtype)
     t = net.device.asarray(T, dtype=net.dtype)
     loss = losses.get(loss_name)

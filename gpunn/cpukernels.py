@@ -34,6 +34,7 @@ file, or in numba's user cache directory where that is read-only).
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -294,6 +295,16 @@ def _compiled() -> tuple[Any, str | None]:
     jit = numba.njit(cache=True, error_model="numpy", nogil=True)
     compiled = {fn.__name__: jit(fn) for fn in KERNELS}
     return SimpleNamespace(**compiled, version=numba.__version__), None
+
+
+def installed() -> bool:
+    """Whether numba is installed (found without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def loaded() -> bool:
+    """Whether numba has been imported and the kernels made in this process (loading them again is cheap)."""
+    return _compiled.cache_info().currsize > 0 and _compiled()[0] is not None
 
 
 def available() -> bool:

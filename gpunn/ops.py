@@ -12,6 +12,7 @@ threads for the batch (:mod:`gpunn.threads`).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from . import cpukernels, threads
@@ -77,6 +78,9 @@ class XpOps:
         out[...] = value
         return out, direct
 
+    def warm_up(self) -> None:
+        """Load now whatever this ops would load lazily (nothing here; see :class:`CpuFusedOps`)."""
+
     def sgd_update(self, params: Array, grads: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> bool:
         """:meth:`gpunn.optim.SGD.update`'s whole formula as one fused operation, where this ops has one;
@@ -128,22 +132,55 @@ class CpuFusedOps(XpOps):
 
     The function running an activation's chain is looked up once per activation object and dtype
     (the lecture's 4-8-1 step is bound by Python calls, so a step does no more dictionary work than
-    it must)."""
+    it must).
+
+    With ``lazy`` (a network on the default settings) the ops run the reference until the network has
+    been stepping for :data:`LAZY_SECONDS`, and only then load the kernels: numba's start-up (its import,
+    its code generator, the cached kernels; 0.3–2 s once per process) is never paid by a short run (a
+    test, ``gpunn train`` on the digits) and is a small share of a long one. The switch cannot change a
+    result, the two paths being bitwise equal. :meth:`warm_up` loads them at once (benchmarks do).
+    """
 
     fused = True
+    #: Seconds of training after which a lazy CpuFusedOps loads the kernels.
+    LAZY_SECONDS = 2.0
 
-    def __init__(self, device: Device):
+    def __init__(self, device: Device, lazy: bool = False):
         super().__init__(device)
-        self.kernels = cpukernels.CpuKernels()
+        self.kernels: Any = None
         self._fwd: dict[int, tuple] = {}     # id(activation) -> (activation, dtype, function or None)
         self._bwd: dict[int, tuple] = {}
         self._values: dict[Any, Array] = {}  # dtype -> one-element scratch for the loss value
-        self._colsum = self.kernels.k.colsum
-        self._plain = self.kernels.k.sgd_plain
         self._sgd_plain: tuple = (None, None, None)     # (lr, dtype, lr in the dtype)
         self._zero = {self.xp.dtype(t): self.xp.dtype(t).type(0.0) for t in ("float32", "float64")}
+        self._apply_threads = self.begin_step
+        self._since: float | None = None
+        if lazy and not cpukernels.loaded():
+            self.begin_step = self._lazy_begin_step
+        else:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Load the kernels now; where numba does not import, stay on the reference (``fused`` False)."""
+        if self.kernels is None:
+            if cpukernels.available():
+                self.kernels = cpukernels.CpuKernels()
+                self._colsum, self._plain = self.kernels.k.colsum, self.kernels.k.sgd_plain
+            else:
+                self.fused = False
+        self.begin_step = self._apply_threads
+
+    def _lazy_begin_step(self, rows: int) -> None:
+        self._apply_threads(rows)
+        now = time.perf_counter()
+        if self._since is None:
+            self._since = now
+        elif now - self._since >= self.LAZY_SECONDS:
+            self.warm_up()
 
     def bias_activation(self, act, z, b, y, rowstats):
+        if self.kernels is None:
+            return super().bias_activation(act, z, b, y, rowstats)
         hit = self._fwd.get(id(act))
         if hit is None or hit[0] is not act or hit[1] is not z.dtype:
             hit = self._fwd[id(act)] = (act, z.dtype, self.kernels.forward(act, z.dtype))
@@ -152,6 +189,8 @@ class CpuFusedOps(XpOps):
         return super().bias_activation(act, z, b, y, rowstats)
 
     def activation_backward(self, act, z, y, grad, out, scratch, rowstats):
+        if self.kernels is None:
+            return super().activation_backward(act, z, y, grad, out, scratch, rowstats)
         hit = self._bwd.get(id(act))
         if hit is None or hit[0] is not act or hit[1] is not z.dtype:
             hit = self._bwd[id(act)] = (act, z.dtype, self.kernels.backward(act, z.dtype))
@@ -164,13 +203,13 @@ class CpuFusedOps(XpOps):
         rows, cols = delta.shape
         # NumPy sums the rows of an array of two or more columns one after the other, from 0; a single
         # column it sums pairwise, which is the same order below 8 rows: from 8 rows the reference runs.
-        if rows == 0 or (cols < 2 and rows >= 8):
+        if rows == 0 or (cols < 2 and rows >= 8) or self.kernels is None:
             return self._column_sum(delta, axis=0, out=out)
         self._colsum(delta, out, self._zero[delta.dtype])
         return out
 
     def loss_backward(self, loss, layer, t, grad_y, delta, out):
-        if type(loss).fused_backward is not Loss.fused_backward:      # the loss has a fused form
+        if type(loss).fused_backward is not Loss.fused_backward and self.kernels is not None:  # a fused form
             value = out
             if value is None:
                 value = self._values.get(t.dtype)
@@ -185,6 +224,8 @@ class CpuFusedOps(XpOps):
         return out, direct
 
     def sgd_update(self, params, grads, velocity, mask, lr, momentum, nesterov, weight_decay):
+        if self.kernels is None:
+            return False
         if velocity is None and not weight_decay:       # plain SGD, eq (15): one kernel call
             hit = self._sgd_plain
             if hit[0] != lr or hit[1] is not params.dtype:
@@ -197,10 +238,13 @@ class CpuFusedOps(XpOps):
 
 def ops_for(device: Device, fused: bool | None = None) -> XpOps:
     """The operations for ``device``: with ``fused`` (default: :func:`fused_enabled`) on, the fused
-    CUDA kernels on a GPU and the numba kernels on the CPU where numba imports; else the ``xp``
+    CUDA kernels on a GPU and the numba kernels on the CPU where numba is installed (by default loaded
+    after :data:`CpuFusedOps.LAZY_SECONDS` of training, with ``fused=True`` at once); else the ``xp``
     reference."""
     if not (fused_enabled() if fused is None else bool(fused)):
         return XpOps(device)
     if device.is_cuda:
         return FusedOps(device)
+    if fused is None:
+        return CpuFusedOps(device, lazy=True) if cpukernels.installed() else XpOps(device)
     return CpuFusedOps(device) if cpukernels.available() else XpOps(device)

@@ -203,11 +203,39 @@ def test_non_contiguous_targets_agree():
 def test_the_fused_switch_covers_the_cpu(monkeypatch):
     cpu = gpunn.Device("cpu")
     assert type(ops.ops_for(cpu)) is ops.CpuFusedOps and ops.ops_for(cpu).fused
+    assert ops.ops_for(cpu, fused=True).kernels is not None      # asked for: loaded at once
     assert type(ops.ops_for(cpu, fused=False)) is ops.XpOps
     monkeypatch.setenv("GPUNN_FUSED", "0")
     assert type(ops.ops_for(cpu)) is ops.XpOps
     assert gpunn.mlp([2, 3, 1], output="sigmoid", device="cpu", seed=0).fused is False
     assert type(ops.ops_for(cpu, fused=True)) is ops.CpuFusedOps
+
+
+def test_by_default_the_kernels_load_after_the_first_seconds_of_training(monkeypatch):
+    """A default network steps on the reference until LAZY_SECONDS have passed, then on the kernels: the
+    switch in the middle of a run changes no bit."""
+    monkeypatch.setattr(cpukernels, "loaded", lambda: False)
+    monkeypatch.setattr(ops.CpuFusedOps, "LAZY_SECONDS", 0.0)
+    lazy = gpunn.mlp([6, 9, 4], activation="elu", device="cpu", seed=3)
+    ref = gpunn.mlp([6, 9, 4], activation="elu", device="cpu", seed=3, fused=False)
+    assert type(lazy.ops) is ops.CpuFusedOps and lazy.ops.kernels is None and lazy.fused
+    x, t = data(11, 6, 4, "cross_entropy", "float32")
+    assert_steps_agree([ref, lazy], x, t, "cross_entropy", lambda: gpunn.SGD(lr=0.1, momentum=0.9), steps=3)
+    assert lazy.ops.kernels is not None         # the first step started the clock, the second loaded them
+
+
+def test_warm_up_loads_at_once_and_falls_back_where_numba_fails(monkeypatch):
+    monkeypatch.setattr(cpukernels, "loaded", lambda: False)
+    o = ops.CpuFusedOps(gpunn.Device("cpu"), lazy=True)
+    assert o.kernels is None
+    o.warm_up()
+    assert o.kernels is not None and o.fused
+    monkeypatch.setattr(cpukernels, "available", lambda: False)
+    broken = ops.CpuFusedOps(gpunn.Device("cpu"), lazy=True)
+    broken.warm_up()
+    assert broken.kernels is None and broken.fused is False
+    z = numpy.ones((2, 3), "float32")
+    assert broken.sgd_update(z, z, None, None, 0.1, 0.0, False, 0.0) is False   # the optimiser's own formula
 
 
 def test_the_compiled_kernels_are_cached_on_disk():
