@@ -324,6 +324,23 @@ def numba_version() -> str | None:
 
 #: Widest softmax layer the kernels take (their row sum is NumPy's pairwise sum up to one block).
 MAX_SOFTMAX_COLS = 128
+#: Elements in a block of rows (128 KiB of float32 per array): a chain with a NumPy call between its
+#: kernels (sigmoid, ELU, the softplus derivative) runs block by block, so that its second and third
+#: passes find the block in the cache. Elementwise work: the blocks change no bit.
+BLOCK_ELEMENTS = 1 << 15
+
+
+def by_rows(fn: Callable, sliced: tuple[int, ...]) -> Callable:
+    """``fn(*args)`` on blocks of rows of the arguments at positions ``sliced`` (the others passed whole)."""
+    def run(*args: Any) -> Any:
+        rows, cols = args[0].shape
+        step = max(1, BLOCK_ELEMENTS // max(1, cols))
+        if rows <= step:
+            return fn(*args)
+        for r in range(0, rows, step):
+            fn(*(a[r:r + step] if i in sliced else a for i, a in enumerate(args)))
+        return True
+    return run
 
 
 class CpuKernels:
@@ -387,7 +404,8 @@ class CpuKernels:
                 y[...] = z
             return True
 
-        fns = {"sigmoid": sigmoid, "elu": elu, "softmax": softmax, "identity": identity,
+        fns = {"sigmoid": by_rows(sigmoid, (0, 2)), "elu": by_rows(elu, (0, 2)), "softmax": softmax,
+               "identity": identity,
                "tanh": lambda z, b, y, rowstats: k.bias_add(z, b) or tanh(z, out=y) is y,
                "softplus": lambda z, b, y, rowstats: k.bias_add(z, b) or logaddexp(0.0, z, out=y) is y,
                "relu": lambda z, b, y, rowstats: k.bias_relu(z, b, y, zero) or True,
@@ -408,7 +426,7 @@ class CpuKernels:
                "tanh": lambda z, y, g, d: k.tanh_bwd(y, g, d, one),
                "relu": lambda z, y, g, d: k.relu_bwd(z, g, d, one, zero),
                "leaky_relu": lambda z, y, g, d: k.leaky_bwd(z, g, d, p, q, one, zero),
-               "softplus": softplus,
+               "softplus": by_rows(softplus, (0, 1, 2, 3)),
                "elu": lambda z, y, g, d: k.elu_bwd(y, g, d, p, q, one, zero)}
         return fns.get(act.name)
 
