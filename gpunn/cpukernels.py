@@ -330,17 +330,14 @@ MAX_SOFTMAX_COLS = 128
 BLOCK_ELEMENTS = 1 << 15
 
 
-def by_rows(fn: Callable, sliced: tuple[int, ...]) -> Callable:
-    """``fn(*args)`` on blocks of rows of the arguments at positions ``sliced`` (the others passed whole)."""
-    def run(*args: Any) -> Any:
-        rows, cols = args[0].shape
-        step = max(1, BLOCK_ELEMENTS // max(1, cols))
-        if rows <= step:
-            return fn(*args)
-        for r in range(0, rows, step):
-            fn(*(a[r:r + step] if i in sliced else a for i, a in enumerate(args)))
-        return True
-    return run
+def in_blocks(fn: Callable, args: tuple, sliced: tuple[int, ...]) -> bool:
+    """``fn(*args)`` on blocks of rows of the arguments at positions ``sliced`` (the others passed whole),
+    each block of at most BLOCK_ELEMENTS elements (or one row)."""
+    rows, cols = args[0].shape
+    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    for r in range(0, rows, step):
+        fn(*(a[r:r + step] if i in sliced else a for i, a in enumerate(args)))
+    return True
 
 
 class CpuKernels:
@@ -376,12 +373,16 @@ class CpuKernels:
         exp, expm1, log, tanh, logaddexp = numpy.exp, numpy.expm1, numpy.log, numpy.tanh, numpy.logaddexp
 
         def sigmoid(z, b, y, rowstats):
+            if z.size > BLOCK_ELEMENTS and z.shape[0] > 1:
+                return in_blocks(sigmoid, (z, b, y, rowstats), (0, 2))
             k.bias_sigmoid_pre(z, b, y, cap)
             exp(y, out=y)
             k.sigmoid_post(y, one)
             return True
 
         def elu(z, b, y, rowstats):
+            if z.size > BLOCK_ELEMENTS and z.shape[0] > 1:
+                return in_blocks(elu, (z, b, y, rowstats), (0, 2))
             k.bias_elu_pre(z, b, y, zero)
             expm1(y, out=y)
             k.elu_post(z, y, p, small, zero)
@@ -404,7 +405,7 @@ class CpuKernels:
                 y[...] = z
             return True
 
-        fns = {"sigmoid": by_rows(sigmoid, (0, 2)), "elu": by_rows(elu, (0, 2)), "softmax": softmax,
+        fns = {"sigmoid": sigmoid, "elu": elu, "softmax": softmax,
                "identity": identity,
                "tanh": lambda z, b, y, rowstats: k.bias_add(z, b) or tanh(z, out=y) is y,
                "softplus": lambda z, b, y, rowstats: k.bias_add(z, b) or logaddexp(0.0, z, out=y) is y,
@@ -418,6 +419,9 @@ class CpuKernels:
         negative, expm1 = numpy.negative, numpy.expm1
 
         def softplus(z, y, g, d):
+            if z.size > BLOCK_ELEMENTS and z.shape[0] > 1:
+                in_blocks(softplus, (z, y, g, d), (0, 1, 2, 3))
+                return
             negative(y, out=d)
             expm1(d, out=d)
             k.neg_mul(d, g)
@@ -426,7 +430,7 @@ class CpuKernels:
                "tanh": lambda z, y, g, d: k.tanh_bwd(y, g, d, one),
                "relu": lambda z, y, g, d: k.relu_bwd(z, g, d, one, zero),
                "leaky_relu": lambda z, y, g, d: k.leaky_bwd(z, g, d, p, q, one, zero),
-               "softplus": by_rows(softplus, (0, 1, 2, 3)),
+               "softplus": softplus,
                "elu": lambda z, y, g, d: k.elu_bwd(y, g, d, p, q, one, zero)}
         return fns.get(act.name)
 
