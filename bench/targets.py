@@ -13,6 +13,8 @@ Measured, each contender alone in a process of its own (bench/compare.py's isola
    The shares at 32 and 256 are recorded beside it.
 3. The busy machine: gpunn and PyTorch at mlp batch 32 and 256 on the quiet machine and with another
    process spinning on one of this process's CPUs (pinned there), each alone; slowdown = busy / quiet.
+4. Where gpunn's step goes, one BLAS thread: each operation (GEMMs, bias + activation, derivative,
+   column sums, loss, update) timed alone on the step's buffers, at every configuration of 1.
 
 Targets (issue 23): vs PyTorch ≥ 1.30 / 1.15 / 1.12 at mlp 32 / 256 / 2048 and ≥ 15 at lecture; vs JAX
 ≥ 1.0 at every batch size; GEMM share ≥ 95 % at 2048 on one thread; gpunn's busy slowdown ≤ 2 at 32
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +67,65 @@ def gemm_share(batch: int, rounds: int, min_time: float) -> dict:
     row = json.loads(run.stdout.strip().splitlines()[-1])
     return {k: row[k] for k in ("batch", "us_per_step", "gflops", "ceiling_gflops", "share_of_ceiling",
                                 "share_spread", "threads")}
+
+
+def op_profile(workload: str, batch: int, rounds: int, min_time: float) -> dict:
+    """µs of each operation of gpunn's step (fused CPU kernels, this process's BLAS threads), each timed
+    alone on the step's own buffers: the GEMMs, every layer's bias + activation and derivative, the
+    column sums, the loss and the update; "the rest" is the step less their sum (Python, and the cache
+    misses that operations timed alone in a loop do not have)."""
+    import numpy
+
+    from gpunn.bench import build, timed
+    net, X, T, loss, opt = build(workload, "cpu", "float32", batch)
+    net.ops.warm_up()
+    x, t = numpy.asarray(X, numpy.float32), numpy.asarray(T, numpy.float32)
+    ops, xp = net.ops, numpy
+    for _ in range(3):
+        net.train_step(x, t, loss, opt)
+    parts, a = {}, x
+    for k, L in enumerate(net.layers):
+        b = L.buffers(xp, batch)
+        parts[f"gemm L{k} x·W"] = lambda a=a, L=L, b=b: xp.matmul(a, L.W, out=b.z)
+        parts[f"L{k} bias + {L.activation.name}"] = \
+            lambda L=L, b=b: ops.bias_activation(L.activation, b.z, L.b, b.y, b.rowstats)
+        parts[f"gemm L{k} xᵀ·δ"] = lambda a=a, L=L, b=b: xp.matmul(a.T, b.delta, out=L.grad_W)
+        parts[f"L{k} column sum"] = lambda L=L, b=b: ops.column_sum(b.delta, L.grad_b)
+        if b.dx is not None:
+            below = net.layers[k - 1]
+            bb = below.buffers(xp, batch)
+            parts[f"gemm L{k} δ·Wᵀ"] = lambda L=L, b=b: xp.matmul(b.delta, L.W.T, out=b.dx)
+            parts[f"L{k - 1} δ = f′·g ({below.activation.name})"] = lambda below=below, bb=bb, b=b: \
+                ops.activation_backward(below.activation, bb.z, bb.y, b.dx, bb.delta, bb.scratch, bb.rowstats)
+        a = b.y
+    out, gy = net.layers[-1], xp.empty((batch, net.n_out), numpy.float32)
+    parts[f"loss {loss.name}"] = lambda: ops.loss_backward(loss, out, t, gy, out.buffers(xp, batch).delta, None)
+    parts["update"] = lambda: opt.update(net.flat_parameters(), net.flat_gradients(), None, ops)
+    with numpy.errstate(all="ignore"):
+        us = {name: statistics.median(timed(fn, lambda: None, rounds, min_time)["per"]) * 1e6
+              for name, fn in parts.items()}
+        step = statistics.median(timed(lambda: net.train_step(x, t, loss, opt), lambda: None, rounds,
+                                       min_time)["per"]) * 1e6
+    gemm = sum(v for n, v in us.items() if n.startswith("gemm"))
+    us["the rest (Python, cache misses between operations)"] = max(0.0, step - sum(us.values()))
+    return {"workload": workload, "batch": batch, "step_us": step, "gemm_us": gemm, "parts_us": us}
+
+
+def profiles(configs: list[tuple[str, int]], rounds: int, min_time: float) -> list[dict]:
+    """:func:`op_profile` of each configuration on one BLAS thread, each in a fresh process."""
+    out = []
+    for w, b in configs:
+        code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import targets; "
+                f"print(json.dumps(targets.op_profile({w!r}, {b}, {rounds}, {min_time!r})))")
+        env = dict(os.environ, GPUNN_THREADS="1")
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.pop(name, None)
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+        if run.returncode == 0:
+            out.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        else:
+            out.append({"workload": w, "batch": b, "error": (run.stderr.strip().splitlines() or ["?"])[-1]})
+    return out
 
 
 def spinner() -> subprocess.Popen:
@@ -126,7 +188,22 @@ def _judge(got: float | None, goal: float, at_most: bool = False) -> tuple[str, 
     return f"{got:.2f}×", "met" if ok else "NOT met"
 
 
-def markdown(env: dict, ratios: list[dict], shares: dict, busy: list[dict], names: list[str]) -> str:
+def profile_tables(profs: list[dict]) -> list[str]:
+    """Markdown lines: per configuration, the step's operations (µs, share of the step)."""
+    lines = ["", "## Where the step goes (fused CPU kernels, one BLAS thread, each operation timed alone)", ""]
+    for p in profs:
+        if "error" in p:
+            lines += [f"{p['workload']} b{p['batch']}: not profiled ({p['error']})", ""]
+            continue
+        lines += [f"{p['workload']} b{p['batch']}: step {p['step_us']:.1f} µs, GEMMs {p['gemm_us']:.1f} µs "
+                  f"({100 * p['gemm_us'] / p['step_us']:.1f} %)", ""]
+        rows = [[name, f"{v:.1f}", f"{100 * v / p['step_us']:.1f} %"] for name, v in p["parts_us"].items()]
+        lines += [format_table(["operation", "µs", "share of step"], rows, markdown=True), ""]
+    return lines
+
+
+def markdown(env: dict, ratios: list[dict], shares: dict, busy: list[dict], names: list[str],
+             profs: list[dict] | None = None) -> str:
     lines = [f"# CPU targets of issue 23 — {env['cpu']}, {env['date']}, commit {env['commit']}", "",
              f"Machine `{env['machine']}`: {env['cpu']}, {env['cores']} cores; Python {env['python']}, NumPy "
              f"{env['numpy']}, BLAS {env['blas']}; numba {env['numba']}; torch {env.get('torch')}; jax "
@@ -152,6 +229,7 @@ def markdown(env: dict, ratios: list[dict], shares: dict, busy: list[dict], name
     lines.append(format_table(["contender", "batch", "quiet µs", "busy µs", "slowdown"],
                               [[r["contender"], str(r["batch"]), f"{r['quiet_us']:.1f}", f"{r['busy_us']:.1f}",
                                 f"{r['slowdown']:.2f}×"] for r in busy], markdown=True))
+    lines += profile_tables(profs or [])
     skipped = {k: v for r in ratios for k, v in r["skipped"].items()}
     if skipped:
         lines += [""] + [f"- {k} not measured: {v}" for k, v in skipped.items()]
@@ -176,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         r["skipped"].update(skipped)
     shares = {b: gemm_share(b, rounds, min_time) for b in (32, 256, 2048)}
     busy = busy_machine([n for n in names if n in ("gpunn", "torch")], rounds, min_time)
-    text = markdown(env, ratios, shares, busy, names)
+    profs = profiles(CONFIGS, rounds, min(min_time, 0.1))
+    text = markdown(env, ratios, shares, busy, names, profs)
     print(text)
     stem = f"{env['date']}-cpu-targets-{re.sub(r'[^a-z0-9]+', '-', env['cpu'].lower()).strip('-')[:40]}"
     os.makedirs(args.out, exist_ok=True)
@@ -184,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         fh.write(text)
     with open(os.path.join(args.out, stem + ".json"), "w") as fh:
         json.dump({"environment": env, "ratios": ratios, "gemm_share_one_thread": shares, "busy": busy,
-                   "verdicts": verdicts(ratios, shares, busy)}, fh, indent=2, default=str)
+                   "profiles": profs, "verdicts": verdicts(ratios, shares, busy)}, fh, indent=2, default=str)
     print(f"wrote {os.path.join(args.out, stem)}.md and .json", file=sys.stderr)
     return 0
 

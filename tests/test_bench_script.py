@@ -194,6 +194,15 @@ def test_the_targets_record_judges_every_target():
     assert "| vs PyTorch eager, mlp b2048 ≥ 1.12 | 2.00× | met |" in text and "jax not measured" in text
 
 
+def test_the_step_profile_names_every_operation():
+    import targets
+    p = targets.op_profile("lecture", 1, 1, 0.005)
+    parts = p["parts_us"]
+    assert {"gemm L0 x·W", "L1 bias + sigmoid", "gemm L1 δ·Wᵀ", "L0 δ = f′·g (sigmoid)", "loss squared_error",
+            "update"} <= set(parts) and p["step_us"] > 0 and p["gemm_us"] > 0
+    assert "| gemm L0 x·W |" in "\n".join(targets.profile_tables([p, {"workload": "mlp", "batch": 2, "error": "x"}]))
+
+
 def test_the_gemm_share_worker_runs_on_one_thread():
     import targets
     row = targets.gemm_share(8, 1, 0.01)
