@@ -324,20 +324,6 @@ def numba_version() -> str | None:
 
 #: Widest softmax layer the kernels take (their row sum is NumPy's pairwise sum up to one block).
 MAX_SOFTMAX_COLS = 128
-#: Elements in a block of rows (128 KiB of float32 per array): a chain with a NumPy call between its
-#: kernels (sigmoid, ELU, the softplus derivative) runs block by block, so that its second and third
-#: passes find the block in the cache. Elementwise work: the blocks change no bit.
-BLOCK_ELEMENTS = 1 << 15
-
-
-def in_blocks(fn: Callable, args: tuple, sliced: tuple[int, ...]) -> bool:
-    """``fn(*args)`` on blocks of rows of the arguments at positions ``sliced`` (the others passed whole),
-    each block of at most BLOCK_ELEMENTS elements (or one row)."""
-    rows, cols = args[0].shape
-    step = max(1, BLOCK_ELEMENTS // max(1, cols))
-    for r in range(0, rows, step):
-        fn(*(a[r:r + step] if i in sliced else a for i, a in enumerate(args)))
-    return True
 
 
 class CpuKernels:
@@ -373,16 +359,12 @@ class CpuKernels:
         exp, expm1, log, tanh, logaddexp = numpy.exp, numpy.expm1, numpy.log, numpy.tanh, numpy.logaddexp
 
         def sigmoid(z, b, y, rowstats):
-            if z.size > BLOCK_ELEMENTS and z.shape[0] > 1:
-                return in_blocks(sigmoid, (z, b, y, rowstats), (0, 2))
             k.bias_sigmoid_pre(z, b, y, cap)
             exp(y, out=y)
             k.sigmoid_post(y, one)
             return True
 
         def elu(z, b, y, rowstats):
-            if z.size > BLOCK_ELEMENTS and z.shape[0] > 1:
-                return in_blocks(elu, (z, b, y, rowstats), (0, 2))
             k.bias_elu_pre(z, b, y, zero)
             expm1(y, out=y)
             k.elu_post(z, y, p, small, zero)
@@ -405,8 +387,7 @@ class CpuKernels:
                 y[...] = z
             return True
 
-        fns = {"sigmoid": sigmoid, "elu": elu, "softmax": softmax,
-               "identity": identity,
+        fns = {"sigmoid": sigmoid, "elu": elu, "softmax": softmax, "identity": identity,
                "tanh": lambda z, b, y, rowstats: k.bias_add(z, b) or tanh(z, out=y) is y,
                "softplus": lambda z, b, y, rowstats: k.bias_add(z, b) or logaddexp(0.0, z, out=y) is y,
                "relu": lambda z, b, y, rowstats: k.bias_relu(z, b, y, zero) or True,
@@ -419,9 +400,6 @@ class CpuKernels:
         negative, expm1 = numpy.negative, numpy.expm1
 
         def softplus(z, y, g, d):
-            if z.size > BLOCK_ELEMENTS and z.shape[0] > 1:
-                in_blocks(softplus, (z, y, g, d), (0, 1, 2, 3))
-                return
             negative(y, out=d)
             expm1(d, out=d)
             k.neg_mul(d, g)

@@ -88,17 +88,6 @@ def test_every_hidden_activation_is_bitwise_equal_to_numpy(hidden, batch, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", HIDDEN, ids=str)
-def test_chains_run_in_blocks_of_rows_give_the_same_bits(hidden, dtype, monkeypatch):
-    """Large batches run the sigmoid, ELU and softplus chains block by block (cache-sized): blocks of 2
-    rows of 17 here (the last one short), against the NumPy path."""
-    monkeypatch.setattr(cpukernels, "BLOCK_ELEMENTS", 40)
-    nets = pair([6, 17, 17, 3], hidden, "sigmoid", dtype)
-    x, t = data(37, 6, 3, "squared_error", dtype)
-    assert_steps_agree(nets, x, t, "squared_error", lambda: gpunn.SGD(lr=0.3))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("output,loss", OUTPUTS)
 def test_every_output_and_loss_is_bitwise_equal_to_numpy(output, loss, batch, dtype):
