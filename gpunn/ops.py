@@ -1,9 +1,9 @@
 """The elementwise operations of a layer's pass, for one device: the compute layer.
 
 :class:`XpOps` writes them with the array namespace ``xp`` and ``out=`` buffers; it serves NumPy and
-CuPy alike and is the reference. With fused kernels on, :class:`FusedOps` runs the same operations as
-single kernels, falling back to the reference where no kernel covers a case: on a CUDA device the CUDA
-kernels of :mod:`gpunn.kernels`; on the CPU (:class:`CpuFusedOps`) the numba kernels of
+CuPy alike and is the reference. With fused kernels on, the same operations run as single kernels,
+falling back to the reference where no kernel covers a case: on a CUDA device :class:`FusedOps` with the
+CUDA kernels of :mod:`gpunn.kernels`; on the CPU :class:`CpuFusedOps` with the numba kernels of
 :mod:`gpunn.cpukernels`, bitwise equal to the reference, where numba is installed. :func:`ops_for`
 chooses for a device: layers and optimisers receive an ops object and never ask which backend they
 run on. Each step starts with :meth:`XpOps.begin_step`, which on the CPU applies gpunn's choice of BLAS
