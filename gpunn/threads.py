@@ -232,7 +232,8 @@ class ThreadPolicy:
             if self.meter is None:
                 self.meter = LoadMeter(affinity())
             busy = self.meter.others_busy() or 0.0
-        n = choose(rows, usable_cores(), self.local_ranks(), busy, setting, user_blas)
+        cores = usable_cores() if rows >= MIN_ROWS else 1       # below MIN_ROWS the cores do not count
+        n = choose(rows, cores, self.local_ranks(), busy, setting, user_blas)
         if n is not None and n != self.applied:
             self.set_blas_threads(n)
 
