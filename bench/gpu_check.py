@@ -239,11 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         report["rows"].append(row)
         report["shares"].append(share)
         save()
+    from gpunn.kernels import stale_counters
+    stale = report["colsum_stale_counters"] = stale_counters(Device("cuda:0"))
+    print(f"# colsum ticket counters left non-zero after every fused step here: {stale}")
     save()
     print()
     rate = report["ceiling"]["cupy_tflops"]
     print(format_table(HEAD, [_row(r, s, rate) for r, s in zip(report["rows"], report["shares"])], markdown=True))
-    return 1 if failed or not all(s["host_ran_ahead"] for s in syncs) else 0
+    return 1 if failed or stale or not all(s["host_ran_ahead"] for s in syncs) else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Data-parallel and streaming costs on this machine (CPU): the numbers issue 15 asks to record.
 
     mpiexec -n 2 python bench/scaleout.py allreduce      # one allreduce of the mlp's flat gradients
-    mpiexec -n 2 python bench/scaleout.py step           # a data-parallel step at global batch 2048
-    python bench/scaleout.py step                        # the same step in one process (the baseline)
+    mpiexec -n 2 python bench/scaleout.py step           # data-parallel steps: 784-64-10 and 784-512-512-10
+    python bench/scaleout.py step                        # at global batch 256 and 2048; one process = baseline
     python bench/scaleout.py stream                      # one epoch from a memmap vs from memory
+    mpiexec -n 2 python bench/scaleout.py drift          # float32 weights after a long run vs one process
 
-Each prints one JSON line (rank 0). Set OPENBLAS_NUM_THREADS to fix the BLAS threads per process.
+Each prints JSON lines (rank 0). Nothing set: gpunn.distributed.init() chooses the BLAS threads per rank;
+set OPENBLAS_NUM_THREADS to fix them yourself.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import numpy
 
 import gpunn
 from gpunn.distributed import init, shard
+from gpunn.strategy import for_communicator
 
 SIZES = [784, 512, 512, 10]
 BATCH = 2048
+NETS = {"784-64-10": [784, 64, 10], "784-512-512-10": [784, 512, 512, 10]}
 
 
 def _allreduce(comm) -> dict:
@@ -41,25 +45,49 @@ def _allreduce(comm) -> dict:
             "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3}
 
 
-def _step(comm) -> dict:
+def _step(comm, sizes: list[int], batch: int) -> dict:
     g = numpy.random.default_rng(0)
-    X = g.normal(size=(BATCH, SIZES[0])).astype("float32")
-    T = numpy.eye(SIZES[-1], dtype="float32")[g.integers(0, SIZES[-1], BATCH)]
-    mine = shard(0, BATCH, comm.rank, comm.size)
+    X = g.normal(size=(batch, sizes[0])).astype("float32")
+    T = numpy.eye(sizes[-1], dtype="float32")[g.integers(0, sizes[-1], batch)]
+    mine = shard(0, batch, comm.rank, comm.size)
     x, t = X[mine], T[mine]
-    net = gpunn.mlp(SIZES, activation="sigmoid", device="cpu", seed=0)
+    net = gpunn.mlp(sizes, activation="sigmoid", device="cpu", seed=0)
     opt, loss = gpunn.SGD(lr=1e-3), gpunn.losses.get("cross_entropy")
+    strategy, out = for_communicator(comm), numpy.zeros(1, "float32")
     for _ in range(3):
-        net.train_step(x, t, loss, opt, comm=comm, global_batch=BATCH)
+        strategy.step(net, x, t, loss, opt, out, batch)
     times = []
-    for _ in range(20):
+    for _ in range(max(10, 40960 // batch)):
         if comm.size > 1:
-            comm._comm.Barrier()
+            comm.any(False)                        # start together
         t0 = time.perf_counter()
-        net.train_step(x, t, loss, opt, comm=comm, global_batch=BATCH)
+        strategy.step(net, x, t, loss, opt, out, batch)
         times.append(time.perf_counter() - t0)
-    return {"what": "step", "ranks": comm.size, "global_batch": BATCH, "median_ms": statistics.median(times) * 1e3,
-            "blas_threads_per_rank": os.environ.get("OPENBLAS_NUM_THREADS", "default")}
+    return {"what": "step", "net": "-".join(map(str, sizes)), "ranks": comm.size, "global_batch": batch,
+            "median_ms": statistics.median(times) * 1e3, "blas": _threads()}
+
+
+def _threads() -> str:
+    from threadpoolctl import threadpool_info
+    return ",".join(f"{i['internal_api']}:{i['num_threads']}" for i in threadpool_info())
+
+
+def _drift(comm, epochs: int = 300) -> dict:
+    """Weights after a long float32 run on the ranks vs the same run in one process (rank 0 trains both)."""
+    X, y = gpunn.datasets.load_digits()
+    out = {}
+    for label, c in (("ranks", comm), ("alone", None)):
+        if label == "alone" and not comm.is_root:
+            break
+        net = gpunn.mlp([64, 32, 10], device="cpu", seed=0)
+        net.fit(X, y, loss="cross_entropy", optimizer=gpunn.SGD(lr=0.1, momentum=0.9), epochs=epochs,
+                batch_size=64, comm=c)
+        out[label] = gpunn.to_host(net.flat_parameters()).astype("float64")
+    if not comm.is_root:
+        return {}
+    diff = numpy.abs(out["ranks"] - out["alone"]).max() / numpy.abs(out["alone"]).max()
+    return {"what": "drift", "ranks": comm.size, "epochs": epochs, "steps": epochs * -(-len(X) // 64),
+            "dtype": "float32", "max_relative_weight_difference": float(diff)}
 
 
 def _stream() -> dict:
@@ -85,9 +113,15 @@ def _stream() -> dict:
 def main() -> int:
     what = sys.argv[1] if len(sys.argv) > 1 else "step"
     comm = init(device="cpu")
-    result = {"allreduce": _allreduce, "step": _step}.get(what, lambda c: _stream())(comm)
+    if what == "step":
+        results = [_step(comm, sizes, batch) for sizes in NETS.values() for batch in (256, 2048)]
+    elif what == "drift":
+        results = [_drift(comm)]
+    else:
+        results = [{"allreduce": _allreduce}.get(what, lambda c: _stream())(comm)]
     if comm.is_root:
-        print(json.dumps(result))
+        for r in results:
+            print(json.dumps(r), flush=True)
     return 0
 
 

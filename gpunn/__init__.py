@@ -23,6 +23,7 @@ from .errors import (
     DataTypeError,
     DeviceError,
     DeviceSpecError,
+    DistributedError,
     DivergenceError,
     GpunnError,
     ModelFileError,
@@ -37,7 +38,7 @@ from .version import __version__
 
 __all__ = [
     "Adam", "ConcurrencyError", "ConfigError", "DataError", "DataTypeError", "Dense", "Device", "DeviceError",
-    "DeviceSpecError",
+    "DeviceSpecError", "DistributedError",
     "DivergenceError", "Evaluation", "GpunnError", "History", "ModelFileError", "OutOfMemoryError", "SGD",
     "SaveError", "Sequential", "ShapeError", "activations", "array_module", "available_devices",
     "cuda_unavailable_reason", "datasets", "device_of", "get_device", "init", "load", "losses", "mlp", "optim",

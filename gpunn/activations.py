@@ -20,6 +20,7 @@ import numpy
 
 from .backend import xp_of
 from .errors import ConfigError, ShapeError, unknown_name
+from .scalars import Checked, real
 from .types import Array, DTypeLike
 
 __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "ELU", "Identity", "Softmax",
@@ -30,13 +31,6 @@ __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "EL
 def exp_cap(dtype: DTypeLike) -> float:
     """Largest argument whose exp is finite in ``dtype`` (less a margin); cached per dtype."""
     return float(numpy.log(numpy.finfo(dtype).max)) - 1.0
-
-
-def _number(what: str, value: object) -> float:
-    """``value`` as a float (a real number, not a bool or a string), else ConfigError."""
-    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.integer, numpy.floating)):
-        raise ConfigError(f"{what} must be a number; got {value!r}")
-    return float(value)
 
 
 class Activation:
@@ -156,12 +150,11 @@ class LeakyReLU(Activation):
     """Leaky rectifier: z where z > 0, else αz (eq 3, α = 0.01); f′ = 1 or α."""
 
     name = "leaky_relu"
+    alpha = Checked(lambda name, value: real("leaky_relu alpha", value, 0.0, 1.0, high_open=True))
+    param = property(lambda self: self.alpha, doc="α (what the fused kernels take)")
 
     def __init__(self, alpha: float = 0.01):
-        alpha = _number("leaky_relu alpha", alpha)
-        if not (0.0 <= alpha < 1.0):
-            raise ConfigError(f"leaky_relu alpha must be in [0, 1); got {alpha}")
-        self.alpha = self.param = alpha
+        self.alpha = alpha
 
     def forward(self, z, out, rowstats=None):
         xp = xp_of(z)
@@ -202,11 +195,11 @@ class ELU(Activation):
     name = "elu"
     needs_scratch = True
 
+    a = Checked(lambda name, value: real("elu parameter a", value, 0.0, low_open=True))
+    param = property(lambda self: self.a, doc="a (what the fused kernels take)")
+
     def __init__(self, a: float = 1.0):
-        a = _number("elu parameter a", a)
-        if not (a > 0.0 and numpy.isfinite(a)):
-            raise ConfigError(f"elu parameter a must be a positive finite number; got {a}")
-        self.a = self.param = a
+        self.a = a
 
     def forward(self, z, out, rowstats=None):
         xp = xp_of(z)

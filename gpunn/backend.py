@@ -6,20 +6,20 @@ imported lazily, on the first CUDA request, so ``import gpunn`` never pulls it i
 
 Device specs: ``"cpu"``, ``"cuda"`` (= ``"cuda:0"``), ``"cuda:N"`` and ``"auto"``. The default spec comes
 from the environment variable ``GPUNN_DEVICE``, else ``"auto"``: ``cuda:0`` when CuPy imports and a
-device is usable, else ``cpu`` with a one-time warning naming the reason. An explicit CUDA request
-that cannot be met raises :class:`~gpunn.errors.DeviceError`; it never falls back silently.
+device is usable, else ``cpu`` with a one-time notice on the ``gpunn`` logger naming the reason (a log
+record, not a warning, so ``-W error`` does not break CPU-only scripts). An explicit CUDA request that cannot be
+met raises :class:`~gpunn.errors.DeviceError`; it never falls back silently.
 N indexes the devices *visible* to the process: set ``CUDA_VISIBLE_DEVICES`` before the first CUDA use.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import re
 import sys
 import threading
-import types
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,6 +41,8 @@ _cupy_import_error: str | None = None
 _cupy_tried = False
 _lock = threading.Lock()
 _warned_fallback = False
+#: gpunn's logger: notices such as the auto device's fallback to the CPU.
+LOGGER = logging.getLogger("gpunn")
 _default_spec: contextvars.ContextVar[str | None] = contextvars.ContextVar("gpunn_device", default=None)
 
 
@@ -216,9 +218,14 @@ class HostToDevice:
 
     ``slot()`` gives the host buffer to fill next; ``send(m)`` copies its first ``m`` rows to the device
     on the copy stream and makes the compute stream wait for that copy, so on a GPU the host fills and
-    sends batch k + 1 while batch k computes, and device memory holds two batches. Each buffer is reused
-    only after the copy that read it, and the computation that read its device twin, have finished.
-    On cpu the host buffer is the batch itself: no copy.
+    sends batch k + 1 while batch k computes, and device memory holds two batches. On cpu the host
+    buffer is the batch itself: no copy.
+
+    Order on a GPU, for batch k in buffer i = k mod 2: the device array ``send`` returns may be read by
+    work queued until the next ``send``. So that next call records buffer i's *release* event on the
+    compute stream (after step k, its last reader), and copy k + 2, into the same buffer, waits for it;
+    copy k + 1 waits only for step k − 1 and so overlaps step k. The host refills buffer i after copy k
+    has read it (its *copied* event). The four events are made once, without timing, and re-recorded.
     """
 
     def __init__(self, device: Device, shape: tuple, dtype: Any):
@@ -230,29 +237,62 @@ class HostToDevice:
             with device.activate():
                 self.dev = [cp.empty(shape, dtype) for _ in range(2)]
                 self.stream = cp.cuda.Stream(non_blocking=True)
-            self.copied: list[Any] = [None, None]
+                self.copied = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+                self.released = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+            self.recorded = [False, False]        # whether released[i] has been recorded yet
 
     def slot(self) -> numpy.ndarray:
         """The host buffer to fill for the next batch (waits, if need be, for the copy that last read it)."""
         i = self.k % 2
-        if self.device.is_cuda and self.copied[i] is not None:
+        if self.device.is_cuda and self.k >= 2:
             self.copied[i].synchronize()
         return self.host[i]
 
     def send(self, m: int) -> Array:
-        """The first ``m`` rows of the buffer just filled, on the device (ready for the compute stream)."""
+        """The first ``m`` rows of the buffer just filled, on the device (ready for the compute stream).
+
+        The returned array may be read by work queued on the current stream until the next ``send``."""
         i = self.k % 2
         self.k += 1
         if not self.device.is_cuda:
             return self.host[i][:m]
-        cp = self.device.xp
-        compute = cp.cuda.get_current_stream()
-        self.stream.wait_event(compute.record())       # the step that last read dev[i] has finished
+        compute = self.device.xp.cuda.get_current_stream()
+        if self.k >= 2:                                  # the previous batch's readers are all queued now
+            compute.record(self.released[1 - i])
+            self.recorded[1 - i] = True
+        if self.recorded[i]:
+            self.stream.wait_event(self.released[i])    # the step that last read dev[i] has finished
         with self.stream:
             self.dev[i][:m].set(self.host[i][:m])
-        self.copied[i] = self.stream.record()
+        self.stream.record(self.copied[i])
         compute.wait_event(self.copied[i])
         return self.dev[i][:m]
+
+
+class Handoff:
+    """Orders the use of shared device buffers by work queued on different CUDA streams.
+
+    A lock orders threads on the host, but each thread's work runs on its own current stream (CuPy's
+    per-thread default stream, or a user's ``with stream:``), so the next holder could overwrite buffers
+    the last holder's kernels are still reading. :meth:`acquire` makes the current stream wait for the
+    event :meth:`release` recorded after the last holder's work; on cpu both do nothing. Call both under
+    the host lock. The event is made once, without timing.
+    """
+
+    def __init__(self, device: Device):
+        self.device = device
+        self._event: Any = None
+
+    def acquire(self) -> None:
+        if self._event is not None:
+            self.device.xp.cuda.get_current_stream().wait_event(self._event)
+
+    def release(self) -> None:
+        if not self.device.is_cuda:
+            return
+        if self._event is None:
+            self._event = self.device.xp.cuda.Event(disable_timing=True)
+        self.device.xp.cuda.get_current_stream().record(self._event)
 
 
 _CPU = Device("cpu")
@@ -265,21 +305,17 @@ def to_host(a: Array) -> numpy.ndarray:
 
 
 def _warn_fallback(reason: str) -> None:
+    """Say once, on the ``gpunn`` logger (WARNING), that 'auto' fell back to the CPU.
+
+    A log record, not a Python warning: ``python -W error`` or a test suite's ``filterwarnings = error`` would
+    turn a warning into an exception in every CPU-only script, for a notice. Without logging configured the
+    line goes to stderr (Python's last-resort handler); ``logging.getLogger("gpunn").setLevel(logging.ERROR)``
+    silences it.
+    """
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
-        warnings.warn(f"gpunn: device 'auto' falls back to cpu: {reason}", RuntimeWarning,
-                      stacklevel=_caller_level())
-
-
-def _caller_level() -> int:
-    """The stacklevel of the first frame outside gpunn, so a warning points at the user's line."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    frame: types.FrameType | None = sys._getframe(1)
-    level = 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
-        frame, level = frame.f_back, level + 1
-    return level
+        LOGGER.warning("gpunn: device 'auto' falls back to cpu: %s", reason)
 
 
 def get_device(spec: str | Device | None = None) -> Device:

@@ -21,6 +21,7 @@ from . import cpukernels, losses, threads
 from .backend import Device, available_devices, cuda_unavailable_reason, cupy_module, tf32_enabled
 from .network import Sequential, mlp
 from .optim import SGD
+from .scalars import integer, real
 from .types import Array
 from .version import __version__
 
@@ -118,6 +119,7 @@ def gemm_sequence(net: Sequential, x: Array) -> Callable[[], None]:
 def time_workload(workload: str, device: Any, dtype: str, batch: int, repeats: int = 5,
                   min_time: float = 0.2, fused: bool | None = None) -> dict:
     """One benchmark row: µs/step (median, spread), samples/s, GFLOP/s and share of the GEMM ceiling."""
+    repeats, min_time = integer("repeats", repeats, low=1), real("min_time", min_time, 0.0, low_open=True)
     dev = Device(device) if not isinstance(device, Device) else device
     with dev.activate():
         net, X, T, loss, opt = build(workload, dev, dtype, batch, fused=fused)

@@ -5,7 +5,8 @@ the first and of the last of N SGD steps, and the parameters after the N steps, 
 largest difference relative to the reference's scale, max|a − ref| / max|ref|, against a per-dtype
 tolerance (tighter for the first step; looser once N steps have let rounding differences grow). The
 NumPy float64 row runs the reference a second time: a determinism check. A device asked for that
-cannot be used is reported and fails the check: a check that checked nothing does not pass.
+cannot be used is reported and fails the check: a check that checked nothing does not pass. Each fused
+GPU row also checks that the column sums left every ticket counter at zero (:func:`stale_counters`).
 """
 from __future__ import annotations
 
@@ -15,13 +16,18 @@ import numpy
 
 from .activations import ActivationSpec
 from .backend import Device, cuda_unavailable_reason, parse_spec, tf32_enabled, to_host
+from .kernels import stale_counters
 from .layers import Dense
 from .network import Sequential
 from .optim import SGD
+from .scalars import integer
 
 ARCH: list[tuple[int, int, ActivationSpec]] = [
-    (37, 64, "tanh"), (64, 48, "sigmoid"), (48, 32, {"name": "elu", "a": 0.7}), (32, 5, "softmax")]
-BATCH = 33            # odd sizes catch indexing bugs
+    (37, 64, "tanh"), (64, 44, "sigmoid"), (44, 32, {"name": "elu", "a": 0.7}), (32, 5, "softmax")]
+#: Odd sizes catch indexing bugs; 131 rows take the fused column sum's multi-chunk path (3 chunks of at most
+#: 44 rows per column tile, combined by the tile's last block), and widths 44 and 5 put tile boundaries
+#: inside 32-byte sectors.
+BATCH = 131
 #: tolerances on max|a − ref| / max|ref|: the first step, and the last step and weights after N steps
 TOLERANCES = {"float32": {"step": 1e-5, "trained": 1e-4}, "float64": {"step": 1e-10, "trained": 1e-9}}
 
@@ -87,6 +93,7 @@ def backends(devices: list[str], dtypes: list[str]) -> tuple[list[tuple], list[s
 
 def run_check(devices: list[str], dtypes: list[str], steps: int = 20, seed: int = 0) -> dict:
     """Compare each backend to the NumPy float64 reference. Returns rows, notes and an overall pass flag."""
+    steps, seed = integer("steps", steps, low=1), integer("seed", seed, low=0, limit=None)
     ref = trace("cpu", "float64", steps, seed)
     todo, notes, skipped = backends(devices, dtypes)
     rows = []
@@ -98,5 +105,9 @@ def run_check(devices: list[str], dtypes: list[str], steps: int = 20, seed: int 
             d = rel_diff(got[key], ref_arr)
             rows.append({"backend": label, "quantity": key, "max_rel_diff": d, "tolerance": tol_k,
                          "passed": bool(d <= tol_k)})
+        if fused:       # every fused column sum must have left its ticket counters at zero
+            stale = stale_counters(Device(spec))
+            rows.append({"backend": label, "quantity": "colsum counters non-zero", "max_rel_diff": stale,
+                         "tolerance": 0, "passed": stale == 0})
     return {"steps": steps, "seed": seed, "rows": rows, "notes": notes, "skipped": skipped,
             "passed": bool(rows) and not skipped and all(r["passed"] for r in rows)}

@@ -77,8 +77,8 @@ class Checkpoint:
     @classmethod
     def load(cls, path: Any, config: dict) -> Checkpoint | None:
         """The checkpoint at ``path`` (None if there is none), refused unless it was made by ``config``."""
-        if not os.path.lexists(os.fspath(path)):
-            return None
+        if not os.path.exists(os.fspath(path)):     # a dangling symbolic link too: saves write through links,
+            return None                             # so the first save creates its target
         optional = {"best_weights", "optimizer_velocity", "optimizer_m", "optimizer_v"}
         header, arrays = io.read_archive(path, FORMAT, {"params"}, optional, what="gpunn checkpoint")
         saved = header.get("config")

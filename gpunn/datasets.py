@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 import math
+import numbers
 import os
 import struct
 import zlib
@@ -17,6 +18,7 @@ import numpy
 
 from .errors import ConfigError, DataError, ShapeError, unknown_name
 from .io import open_regular
+from .scalars import flag, integer, is_number, real, shown
 from .validation import one_hot_host
 
 __all__ = ["load_digits", "xor", "two_spirals", "two_moons", "train_test_split", "standardize", "one_hot",
@@ -30,6 +32,7 @@ def load_digits(scaled: bool = True) -> tuple[numpy.ndarray, numpy.ndarray]:
     ``scaled``; y int64 labels 0..9. Source: UCI ML repository (E. Alpaydin, C. Kaynak), the
     subset scikit-learn ships; licence CC BY 4.0.
     """
+    scaled = flag("scaled", scaled)
     ref = importlib.resources.files("gpunn") / "data" / "digits.npz"
     with ref.open("rb") as fh, numpy.load(fh, allow_pickle=False) as data:
         images, labels = data["images"], data["labels"]
@@ -44,11 +47,17 @@ def xor() -> tuple[numpy.ndarray, numpy.ndarray]:
 
 
 def _rng(seed: int | None) -> numpy.random.Generator:
+    seed = None if seed is None else integer("seed", seed, low=0, limit=None)     # SeedSequence takes any size
     return numpy.random.Generator(numpy.random.PCG64(seed))
+
+
+def _sizes(n: Any, noise: Any) -> tuple[int, float]:
+    return integer("n", n, low=2), real("noise", noise, 0.0)
 
 
 def two_spirals(n: int = 400, noise: float = 0.1, seed: int | None = 0) -> tuple[numpy.ndarray, numpy.ndarray]:
     """Two interleaved spirals in 2-D: X (n, 2), labels y (n,) in {0, 1}."""
+    n, noise = _sizes(n, noise)
     rng = _rng(seed)
     m = n // 2
     theta = numpy.sqrt(rng.uniform(0, 1, size=n)) * 3 * numpy.pi
@@ -61,6 +70,7 @@ def two_spirals(n: int = 400, noise: float = 0.1, seed: int | None = 0) -> tuple
 
 def two_moons(n: int = 400, noise: float = 0.1, seed: int | None = 0) -> tuple[numpy.ndarray, numpy.ndarray]:
     """Two interleaving half circles in 2-D: X (n, 2), labels y (n,) in {0, 1}."""
+    n, noise = _sizes(n, noise)
     rng = _rng(seed)
     m = n // 2
     t_out = numpy.linspace(0, numpy.pi, m)
@@ -77,15 +87,13 @@ def train_test_split(X: Any, y: Any, test_size: float = 0.25, seed: int | None =
     n = X.shape[0]
     if y.shape[0] != n:
         raise ShapeError(f"X has {n} samples but y has {y.shape[0]}")
-    if isinstance(test_size, (bool, numpy.bool_)) or not isinstance(test_size, (int, float, numpy.integer,
-                                                                                   numpy.floating)):
-        raise ConfigError(f"test_size must be a fraction in (0, 1) or a whole number of samples; got {test_size!r}")
-    if isinstance(test_size, (float, numpy.floating)):
-        if not 0.0 < test_size < 1.0:
-            raise ConfigError(f"test_size as a fraction must be in (0, 1); got {test_size!r}")
-        n_test = int(round(test_size * n))
+    if not is_number(test_size):
+        raise ConfigError(f"test_size must be a fraction in (0, 1) or a whole number of samples; got "
+                          f"{shown(test_size)}")
+    if isinstance(test_size, numbers.Integral):
+        n_test = integer("test_size", test_size, low=1)
     else:
-        n_test = int(test_size)
+        n_test = int(round(real("test_size as a fraction", test_size, 0.0, 1.0, low_open=True, high_open=True) * n))
     if not 0 < n_test < n:
         raise ConfigError(f"test_size gives {n_test} test samples out of {n}; it must leave both parts non-empty")
     perm = _rng(seed).permutation(n)
@@ -99,6 +107,7 @@ def standardize(X_train: Any, *others: Any, eps: float = 1e-8):
     Returns the scaled X_train followed by each of ``others`` scaled the same way. Constant
     features (std below ``eps``) are only centred.
     """
+    eps = real("eps", eps, 0.0)
     X_train = numpy.asarray(X_train, dtype=numpy.float64)
     mean = X_train.mean(axis=0)
     std = X_train.std(axis=0)

@@ -63,3 +63,7 @@ def unknown_name(kind: str, name: object, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(str(name), valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}.{hint}")
+
+
+class DistributedError(GpunnError, RuntimeError):
+    """Data-parallel ranks cannot go on together: a rank left the job, or a collective call timed out."""

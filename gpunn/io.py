@@ -96,12 +96,13 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object]) -> None:
     missing folder, a folder, a special file (FIFO, device, socket), a read-only file, a bad path
     value. Any earlier file stays intact and no temporary is left behind, also on Ctrl-C.
     """
-    shown = _path_text(path, SaveError, "save to")
+    shown = _save_path_text(path)
     target = os.path.realpath(shown)            # write through symbolic links: the link stays a link
     folder, name = os.path.split(target)
     mode = _mode_for(shown, target, folder)
-    _remove_stale_temporaries(folder, name)
-    tmp = os.path.join(folder, f".{name}.gpunn-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    prefix = _temporary_prefix(folder, name)
+    _remove_stale_temporaries(folder, prefix)
+    tmp = os.path.join(folder, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
@@ -122,9 +123,46 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object]) -> None:
 
 def check_writable(path: PathLike) -> None:
     """SaveError now if :func:`atomic_write` could not replace ``path`` (checked before long work)."""
-    shown = _path_text(path, SaveError, "save to")
+    shown = _save_path_text(path)
     target = os.path.realpath(shown)
     _mode_for(shown, target, os.path.dirname(target))
+
+
+def _save_path_text(path: PathLike) -> str:
+    """``path`` as text for a save; SaveError when it ends in a separator, which names a folder (writing a
+    file there instead would make the path the caller holds never find it again)."""
+    shown = _path_text(path, SaveError, "save to")
+    last = os.path.basename(shown.replace(os.altsep, os.sep) if os.altsep else shown)
+    if last in ("", ".", ".."):
+        raise SaveError(f"cannot save to {shown}: a path ending in {last or os.sep!r} names a folder; give a file "
+                        "name as its last part")
+    return shown
+
+
+#: Characters a temporary name adds to its prefix: the pid (at most 7 digits on Linux, 10 elsewhere), '-',
+#: 8 hex digits and '.tmp'.
+_TEMPORARY_SUFFIX = 10 + 1 + 8 + 4
+
+
+def _temporary_prefix(folder: str, name: str) -> str:
+    """``.{name}.gpunn-`` with ``name`` cut (at a character boundary) so that the whole temporary name stays
+    within the file system's limit on a name's bytes (NAME_MAX): a valid 255-byte name stays savable."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    room = max(1, (limit if limit > 0 else 255) - len(".") - len(".gpunn-") - _TEMPORARY_SUFFIX)
+    raw = os.fsencode(name)
+    if len(raw) > room:
+        cut = raw[:room]
+        while cut:          # drop a partial UTF-8 character at the end; fsdecode keeps undecodable bytes
+            try:
+                cut.decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                cut = cut[:-1]
+        name = os.fsdecode(cut or raw[:room])
+    return f".{name}.gpunn-"
 
 
 def _mode_for(shown: str, target: str, folder: str) -> int:
@@ -166,9 +204,9 @@ def _umask() -> int:
     return mask
 
 
-def _remove_stale_temporaries(folder: str, name: str) -> None:
-    """Delete temporaries of earlier saves to ``name`` whose process no longer runs (killed saves)."""
-    prefix = f".{name}.gpunn-"
+def _remove_stale_temporaries(folder: str, prefix: str) -> None:
+    """Delete temporaries (named ``prefix``, pid, token) of earlier saves whose process no longer runs (killed
+    saves)."""
     try:
         entries = [e for e in os.listdir(folder) if e.startswith(prefix) and e.endswith(".tmp")]
     except OSError:

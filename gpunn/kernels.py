@@ -6,16 +6,21 @@ multiply, column sum, update). Here each of those chains is one kernel:
 - ``bias_act_fwd<T, A>``: z ← z + b in place on the matmul output, then y = f(z)   (lecture §1.1)
 - ``act_bwd<T, A>``: δ = f′(z, y) ⊙ ∂E/∂y                                        (eqs 11, 14)
 - ``colsum<T>``: grad_b = Σ over the batch of δ on a 2-D grid, with a fixed reduction order (deterministic)
+- ``softmax_fwd<T>``, ``xent_bwd<T>``, ``sum_scaled<T>``: the softmax output layer and its cross-entropy
+  (loss and δ), a warp per row with a fixed-order shuffle reduction, and the loss's mean in a fixed order
 - ``sgd_update<T>``: eq (15) with momentum / Nesterov / weight decay over the network's one flat
   parameter buffer (every W and b are views of it)
 
 The arithmetic is the NumPy path's, operation for operation: the same overflow-safe formulas and
 the same order, compiled with ``--fmad=false`` (no fused multiply-add contraction) and without
 fast-math, so fused and unfused results should agree to rounding of the transcendental functions.
-A host emulation (tests/emulation.py) checks that on CPU CI, kernel by kernel and, through the
+Two differences: the softmax's row sums and the cross-entropy's Σ t·z are added in a warp's fixed
+order (lanes over strided columns, then a butterfly), and CuPy compiles every RawModule with
+``-ftz=true``, so float32 subnormals (|x| < 1.2e-38) are flushed to zero on the GPU where NumPy keeps
+them. A host emulation (tests/emulation.py) checks all of it on CPU CI, kernel by kernel and, through the
 ``fakecupy`` test backend, in whole training steps; on a card test_fused_matches_unfused_on_gpu does.
 This module holds the kernels and their launches only; :class:`gpunn.ops.FusedOps` decides when to
-use them (softmax and Adam stay plain ``xp`` code). ``GPUNN_FUSED=0`` or
+use them (Adam stays plain ``xp`` code). ``GPUNN_FUSED=0`` or
 ``Sequential(..., fused=False)`` switches all of this off.
 """
 from __future__ import annotations
@@ -33,10 +38,16 @@ ACTIVATION_IDS = {"identity": 0, "sigmoid": 1, "tanh": 2, "relu": 3, "leaky_relu
 CTYPES = {"float32": "float", "float64": "double"}
 OPTIONS = ("--fmad=false",)   # CuPy adds -ftz=true and its default C++ standard itself
 BLOCK = 256
-#: Blocks the column sum aims for: 2 per SM of an H100/H200 (132 SMs), so a batch fills the card.
+#: Blocks the column sum aims for per SM of the device (``colsum_blocks``), so that a batch fills the card.
+COLSUM_BLOCKS_PER_SM = 2
+#: The column sum's aim where the device does not say its SM count: 2 per SM of an H100/H200 (132 SMs).
 COLSUM_BLOCKS = 264
-#: Widest softmax layer the one-thread-per-row kernels take (wider ones use the plain xp code).
+#: Widest softmax layer the warp-per-row kernels take (32 columns per lane; wider ones use the xp code).
 MAX_SOFTMAX_COLS = 1024
+#: Rows (warps) per block of the softmax and cross-entropy kernels: block (32, SOFTMAX_ROWS).
+SOFTMAX_ROWS = 4
+#: bias_act_fwd indexes with 32 bits: larger buffers take the xp code.
+MAX_INT32 = 2**31 - 1
 
 SOURCE = r"""
 // gpunn fused kernels. T is float or double; A is the activation id (see ACTIVATION_IDS).
@@ -50,6 +61,9 @@ __device__ __forceinline__ float  g_log(float x)    { return logf(x); }
 __device__ __forceinline__ double g_log(double x)   { return log(x); }
 __device__ __forceinline__ float  g_tanh(float x)   { return tanhf(x); }
 __device__ __forceinline__ double g_tanh(double x)  { return tanh(x); }
+// +infinity without math.h's INFINITY, which NVRTC (CuPy's compiler) does not define
+__device__ __forceinline__ float  g_inf(float)      { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ double g_inf(double)     { return __longlong_as_double(0x7ff0000000000000LL); }
 
 // f(z), written exactly as gpunn/activations.py computes it with NumPy (NaN propagates like NumPy).
 template<typename T, int A>
@@ -99,11 +113,13 @@ __device__ __forceinline__ T act_d(T z, T y, T g, T p, T q) {
     return g;
 }
 
+// 32-bit indexing (the launcher takes the xp code at 2^31 elements or more): the column of element i is
+// a 32-bit unsigned remainder, not a 64-bit one (a long division routine per element). i + stride stays
+// below 2^32 since the grid has at most 2^20 blocks of 256 threads.
 template<typename T, int A>
-__global__ void bias_act_fwd(T* z, const T* __restrict__ b, T* y, long long n, int ncol, T p, T cap) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        T v = z[i] + b[i % ncol];
+__global__ void bias_act_fwd(T* z, const T* __restrict__ b, T* y, int n, int ncol, T p, T cap) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)n; i += gridDim.x * blockDim.x) {
+        T v = z[i] + b[i % (unsigned)ncol];
         z[i] = v;
         y[i] = act_f<T, A>(v, p, cap);
     }
@@ -119,10 +135,13 @@ __global__ void act_bwd(const T* __restrict__ z, const T* __restrict__ y, const 
 
 // Column sums of a (rows, cols) C-contiguous matrix over a 2-D grid that fills the GPU: blockIdx.x
 // picks 32 columns, blockIdx.y a chunk of ``chunk`` rows. Block (32, 8): each thread sums a strided set
-// of its chunk's rows in order, row 0 of the block adds the 8 partial sums in order and writes the
+// of its chunk's rows in order, warp 0 (threadIdx.y == 0) adds the 8 partial sums in order and writes the
 // chunk's sums to part[blockIdx.y, :]. The block that finishes a column tile last (a ticket counter per
 // tile) adds the chunks' sums in chunk order and resets the counter: deterministic, whatever the order
 // in which blocks finish.
+// Memory order (as PyTorch's Reduce.cuh): the writing warp fences (release) before the ticket; the last
+// block fences again once it knows it is last (acquire) and reads the partials with __ldcg (L2, never a
+// stale L1 line: a tile boundary can fall inside a 32-byte sector another block wrote, cols % 8 != 0).
 template<typename T>
 __global__ void colsum(const T* __restrict__ d, T* __restrict__ out, T* part, int* count, int rows, int cols,
                        int chunk) {
@@ -136,21 +155,24 @@ __global__ void colsum(const T* __restrict__ d, T* __restrict__ out, T* part, in
         for (int r = r0 + threadIdx.y; r < r1; r += 8) acc += d[(long long)r * cols + c];
     tile[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
-    if (threadIdx.y == 0 && c < cols) {
-        T s = tile[0][threadIdx.x];
-        for (int k = 1; k < 8; ++k) s += tile[k][threadIdx.x];
-        part[(long long)blockIdx.y * cols + c] = s;
+    if (threadIdx.y == 0) {
+        if (c < cols) {
+            T s = tile[0][threadIdx.x];
+            for (int k = 1; k < 8; ++k) s += tile[k][threadIdx.x];
+            part[(long long)blockIdx.y * cols + c] = s;
+        }
+        __threadfence();                                   // release: the partials before the ticket
+        if (threadIdx.x == 0) last = (atomicAdd(&count[blockIdx.x], 1) == (int)gridDim.y - 1);
     }
-    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0 && threadIdx.y == 0)
-        last = (atomicAdd(&count[blockIdx.x], 1) == (int)gridDim.y - 1);
-    __syncthreads();
-    if (last && threadIdx.y == 0 && c < cols) {
-        T s = part[c];
-        for (int k = 1; k < (int)gridDim.y; ++k) s += part[(long long)k * cols + c];
-        out[c] = s;
-        if (threadIdx.x == 0) count[blockIdx.x] = 0;       // ready for the next launch
+    if (last && threadIdx.y == 0) {
+        __threadfence();                                   // acquire: the ticket before the partials
+        if (c < cols) {
+            T s = __ldcg(part + c);
+            for (int k = 1; k < (int)gridDim.y; ++k) s += __ldcg(part + (long long)k * cols + c);
+            out[c] = s;
+        }
+        if (threadIdx.x == 0) count[blockIdx.x] = 0;       // ready for the next launch on this stream
     }
 }
 
@@ -178,46 +200,66 @@ __global__ void sgd_update(T* p, const T* __restrict__ g, T* v, const T* __restr
     }
 }
 
-// Softmax output layer, one thread per row (rows of a classifier's output are short), in the NumPy
-// path's order: z += b; m = max_c z; e = e^(z - m); s = Σ_c e in column order; y = e / s;
-// col = (m + log s, log s): the log-partition the cross-entropy reads.
+// Sums and maxima over the 32 lanes of a warp by an XOR butterfly (offsets 16, 8, 4, 2, 1): a fixed
+// order, and since a + b == b + a exactly, every lane ends with the same bits. Deterministic.
+template<typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) { T w = __shfl_xor_sync(0xffffffffu, v, o); v = v + w; }
+    return v;
+}
+
+template<typename T>
+__device__ __forceinline__ T warp_max(T v) {               // NaN propagates, as in NumPy's max
+    for (int o = 16; o > 0; o >>= 1) { T w = __shfl_xor_sync(0xffffffffu, v, o); v = (w > v || w != w) ? w : v; }
+    return v;
+}
+
+// Softmax output layer, one warp per row (block (32, ROWS): ROWS rows per block), columns strided over the
+// lanes so that a warp reads consecutive addresses: z += b; m = max_c z; e = e^(z - m); s = Σ_c e; y = e / s;
+// col = (m + log s, log s): the log-partition the cross-entropy reads. The row loop is warp-uniform, so
+// every lane reaches every shuffle.
 template<typename T>
 __global__ void softmax_fwd(T* z, const T* __restrict__ b, T* y, T* col, int rows, int cols) {
-    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
-         r += (long long)gridDim.x * blockDim.x) {
-        T* zr = z + r * cols;
-        T* yr = y + r * cols;
-        T m = zr[0] + b[0];
-        for (int c = 0; c < cols; ++c) {
+    int lane = threadIdx.x;
+    for (int r = blockIdx.x * blockDim.y + threadIdx.y; r < rows; r += gridDim.x * blockDim.y) {
+        T* zr = z + (long long)r * cols;
+        T* yr = y + (long long)r * cols;
+        T m = -g_inf(T(0));
+        for (int c = lane; c < cols; c += 32) {
             T v = zr[c] + b[c];
             zr[c] = v;
-            m = (v > m || v != v) ? v : m;              // NaN propagates, as in NumPy's max
+            m = (v > m || v != v) ? v : m;
         }
+        m = warp_max(m);
         T s = T(0);
-        for (int c = 0; c < cols; ++c) { T e = g_exp(zr[c] - m); yr[c] = e; s = s + e; }
-        for (int c = 0; c < cols; ++c) yr[c] = yr[c] / s;
-        T ls = g_log(s);
-        col[2 * r] = m + ls;
-        col[2 * r + 1] = ls;
+        for (int c = lane; c < cols; c += 32) { T e = g_exp(zr[c] - m); yr[c] = e; s = s + e; }
+        s = warp_sum(s);
+        for (int c = lane; c < cols; c += 32) yr[c] = yr[c] / s;
+        if (lane == 0) {
+            T ls = g_log(s);
+            col[2 * r] = m + ls;
+            col[2 * r + 1] = ls;
+        }
     }
 }
 
-// Cross-entropy after softmax, one thread per row: rowloss = log-partition − Σ_c t·z (= −Σ t log y for
-// rows of t that sum to 1) and the output δ = (y − t) / B.
+// Cross-entropy after softmax, one warp per row: rowloss = log-partition − Σ_c t·z (= −Σ t log y for rows
+// of t that sum to 1) and the output δ = (y − t) / B.
 template<typename T>
 __global__ void xent_bwd(const T* __restrict__ z, const T* __restrict__ y, const T* __restrict__ col,
                          const T* __restrict__ t, T* __restrict__ delta, T* __restrict__ rowloss, int rows,
                          int cols, T inv_b) {
-    for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < rows;
-         r += (long long)gridDim.x * blockDim.x) {
+    int lane = threadIdx.x;
+    for (int r = blockIdx.x * blockDim.y + threadIdx.y; r < rows; r += gridDim.x * blockDim.y) {
         T tz = T(0);
-        for (int c = 0; c < cols; ++c) {
-            long long i = r * cols + c;
+        for (int c = lane; c < cols; c += 32) {
+            long long i = (long long)r * cols + c;
             tz = tz + t[i] * z[i];
             T d = y[i] - t[i];
             delta[i] = d * inv_b;
         }
-        rowloss[r] = col[2 * r] - tz;
+        tz = warp_sum(tz);
+        if (lane == 0) rowloss[r] = col[2 * r] - tz;
     }
 }
 
@@ -257,7 +299,7 @@ def instantiation_source() -> str:
     for ctype in CTYPES.values():
         for a in sorted(set(ACTIVATION_IDS.values())):
             lines.append(f"template __global__ void bias_act_fwd<{ctype}, {a}>({ctype}*, const {ctype}*, "
-                         f"{ctype}*, long long, int, {ctype}, {ctype});")
+                         f"{ctype}*, int, int, {ctype}, {ctype});")
             lines.append(f"template __global__ void act_bwd<{ctype}, {a}>(const {ctype}*, const {ctype}*, "
                          f"const {ctype}*, {ctype}*, long long, {ctype}, {ctype});")
         lines.append(f"template __global__ void colsum<{ctype}>(const {ctype}*, {ctype}*, {ctype}*, int*, int, int, "
@@ -291,23 +333,69 @@ def _grid(n: int) -> tuple[int]:
     return (max(1, min((n + BLOCK - 1) // BLOCK, 1 << 20)),)
 
 
+def _row_grid(rows: int) -> tuple[int]:
+    """Blocks of SOFTMAX_ROWS warps, one warp per row (the kernels stride over rows past 2^20 blocks)."""
+    return (max(1, min(-(-rows // SOFTMAX_ROWS), 1 << 20)),)
+
+
+def colsum_blocks(device: Device) -> int:
+    """The column sum's target grid size on ``device``: COLSUM_BLOCKS_PER_SM per SM it reports."""
+    try:
+        sms = int(device.xp.cuda.runtime.getDeviceProperties(device.index)["multiProcessorCount"])
+    except Exception:          # a runtime that does not say: the H100/H200 figure
+        return COLSUM_BLOCKS
+    return max(1, COLSUM_BLOCKS_PER_SM * sms)
+
+
+def colsum_plan(rows: int, cols: int, blocks: int) -> tuple[int, int, int]:
+    """(column tiles, row chunks, rows per chunk) of a column sum: chunks of at least 64 rows, and enough of
+    them that tiles × chunks ≥ ``blocks`` where the rows allow it."""
+    tiles = (cols + 31) // 32
+    chunks = max(1, min((rows + 63) // 64, -(-blocks // tiles)))
+    chunk = -(-rows // chunks)
+    return tiles, -(-rows // chunk), chunk
+
+
+#: The column sum's scratch, (device index, stream pointer, shape, dtype, chunks) -> (partial sums, counters):
+#: launches on one stream run one after another, so every network and layer of one shape shares one set
+#: per stream, and two streams never share counters. Bounded by shapes × streams, not by networks.
+_SCRATCH: dict[tuple, tuple[Array, Array]] = {}
+
+
+def stale_counters(device: Device) -> int:
+    """Ticket counters of ``device`` that are not zero (synchronises: a check, not for a step).
+
+    Every colsum launch leaves its counters at zero, so this is 0 unless a launch was cut short (which
+    also ends the CUDA context) or two launches raced on one set of counters. gpunn check, the GPU
+    tests and bench/gpu_check.py assert it.
+    """
+    return sum(int((count != 0).sum()) for key, (_, count) in list(_SCRATCH.items()) if key[0] == device.index)
+
+
 class FusedKernels:
     """Launches of the compiled kernels on one device.
 
     Everything a launch needs besides its arrays (the kernel, its scalar arguments, the grid) depends
     only on the activation, the dtype and the buffer sizes, so it is built once and cached: the host
     work per launch is a few dictionary lookups. Each launch method returns False, launching nothing,
-    where no kernel covers the case (a softmax wider than MAX_SOFTMAX_COLS, a non-contiguous view); the
-    caller then runs the ``xp`` code.
+    where no kernel covers the case (a softmax wider than MAX_SOFTMAX_COLS, a non-contiguous view, a
+    bias add over 2^31 elements); the caller then runs the ``xp`` code.
+
+    The column sum's scratch (partial sums and ticket counters) is per (device, CUDA stream, shape, dtype),
+    shared by every instance (``_SCRATCH``): launches on one stream run one after the other, so layers of
+    one shape share it safely, while two streams never share counters (:func:`stale_counters` checks that
+    every launch left them at zero).
     """
 
     def __init__(self, device: Device):
+        self.device = device
         self.module = module(device)
+        self.colsum_blocks = colsum_blocks(device)
         self._act_args: dict[tuple, tuple] = {}     # (kernel, activation, param, dtype) -> (fn, scalars)
         self._sizes: dict[tuple, tuple] = {}        # shape -> (grid, size arguments)
         self._sgd_last: tuple = (None, None)        # (dtype, hyper-parameters), (fn, scalars): one slot,
         #                                             so a learning-rate schedule cannot grow a cache
-        self._colsum: dict[tuple, tuple] = {}       # (shape, dtype) -> (fn, grid, scratch, counters, sizes)
+        self._colsum: dict[tuple, tuple] = {}       # (shape, dtype, stream) -> (fn, grid, scratch, counters, sizes)
         self._plain: dict[tuple, Any] = {}          # (kernel, dtype) -> fn, for the non-activation kernels
         self._rowloss: dict[tuple, Array] = {}      # (rows, dtype) -> per-row loss scratch
         self.xp = device.xp
@@ -328,11 +416,13 @@ class FusedKernels:
         return hit
 
     def _size(self, shape: tuple) -> tuple:
-        """(grid, int64 element count, int32 column count, int32 row count) for a (rows, cols) buffer."""
+        """(grid, int64 element count, int32 column count, int32 row count, int32 element count or None
+        past 2^31) for a (rows, cols) buffer."""
         hit = self._sizes.get(shape)
         if hit is None:
             n = shape[0] * shape[1]
-            hit = self._sizes[shape] = (_grid(n), numpy.int64(n), numpy.int32(shape[1]), numpy.int32(shape[0]))
+            hit = self._sizes[shape] = (_grid(n), numpy.int64(n), numpy.int32(shape[1]), numpy.int32(shape[0]),
+                                        numpy.int32(n) if n <= MAX_INT32 else None)
         return hit
 
     def bias_activation(self, act: Activation, z: Array, b: Array, y: Array) -> bool:
@@ -341,7 +431,9 @@ class FusedKernels:
         if k is None or not (z.flags.c_contiguous and y.flags.c_contiguous and b.flags.c_contiguous):
             return False
         fn, p, cap = k
-        grid, n, ncol, _ = self._size(z.shape)
+        grid, _, ncol, _, n = self._size(z.shape)
+        if n is None:
+            return False
         fn(grid, (BLOCK,), (z, b, y, n, ncol, p, cap))
         return True
 
@@ -350,8 +442,8 @@ class FusedKernels:
         if z.shape[1] > MAX_SOFTMAX_COLS or not all(v.flags.c_contiguous for v in (z, b, y, col)):
             return False
         fn = self._function("softmax_fwd", z.dtype)
-        _, _, cols, rows = self._size(z.shape)
-        fn(_grid(z.shape[0]), (BLOCK,), (z, b, y, col, rows, cols))
+        _, _, cols, rows, _ = self._size(z.shape)
+        fn(_row_grid(z.shape[0]), (32, SOFTMAX_ROWS), (z, b, y, col, rows, cols))
         return True
 
     def cross_entropy(self, z: Array, y: Array, col: Array, t: Array, delta: Array, out: Array) -> bool:
@@ -363,9 +455,10 @@ class FusedKernels:
         rowloss = self._rowloss.get(key)
         if rowloss is None:
             rowloss = self._rowloss[key] = self.xp.empty(rows_n, z.dtype)
-        _, _, cols, rows = self._size(z.shape)
+        _, _, cols, rows, _ = self._size(z.shape)
         inv_b = z.dtype.type(1.0 / rows_n)
-        self._function("xent_bwd", z.dtype)(_grid(rows_n), (BLOCK,), (z, y, col, t, delta, rowloss, rows, cols, inv_b))
+        self._function("xent_bwd", z.dtype)(_row_grid(rows_n), (32, SOFTMAX_ROWS),
+                                            (z, y, col, t, delta, rowloss, rows, cols, inv_b))
         self._function("sum_scaled", z.dtype)((1,), (1, 256), (rowloss, out, rows, inv_b))
         return True
 
@@ -382,30 +475,33 @@ class FusedKernels:
         if k is None or not all(v.flags.c_contiguous for v in (z, y, grad, out)):
             return False
         fn, p, q = k
-        grid, n, _, _ = self._size(z.shape)
+        grid, n, _, _, _ = self._size(z.shape)
         fn(grid, (BLOCK,), (z, y, grad, out, n, p, q))
         return True
 
     def column_sum(self, delta: Array, out: Array) -> bool:
-        """out = Σ over the rows of delta, in a fixed order, on a grid of at least COLSUM_BLOCKS blocks."""
+        """out = Σ over the rows of delta, in a fixed order, on a grid of at least ``colsum_blocks`` blocks."""
         if not (delta.flags.c_contiguous and out.flags.c_contiguous):
             return False
-        key = (delta.shape, delta.dtype)
+        key = (delta.shape, delta.dtype, self.xp.cuda.get_current_stream().ptr)
         hit = self._colsum.get(key)
         if hit is None:
-            rows, cols = delta.shape
-            tiles = (cols + 31) // 32
-            chunks = max(1, min((rows + 63) // 64, -(-COLSUM_BLOCKS // tiles)))   # ≥ 64 rows per chunk
-            chunk = -(-rows // chunks)
-            chunks = -(-rows // chunk)
-            fn = self.module.get_function(f"colsum<{CTYPES[delta.dtype.name]}>")
-            part = self.xp.empty((chunks, cols), delta.dtype)
-            count = self.xp.zeros(tiles, numpy.int32)              # every launch leaves it at zero again
-            hit = self._colsum[key] = (fn, (tiles, chunks), part, count,
-                                       (numpy.int32(rows), numpy.int32(cols), numpy.int32(chunk)))
+            hit = self._colsum[key] = self._colsum_setup(delta, key[2])
         fn, grid, part, count, sizes = hit
         fn(grid, (32, 8), (delta, out, part, count) + sizes)
         return True
+
+    def _colsum_setup(self, delta: Array, stream: int) -> tuple:
+        rows, cols = delta.shape
+        tiles, chunks, chunk = colsum_plan(rows, cols, self.colsum_blocks)
+        fn = self.module.get_function(f"colsum<{CTYPES[delta.dtype.name]}>")
+        key = (self.device.index, stream, delta.shape, delta.dtype, chunks)
+        scratch = _SCRATCH.get(key)
+        if scratch is None:
+            with self.device.activate():
+                scratch = _SCRATCH[key] = (self.xp.empty((chunks, cols), delta.dtype),
+                                           self.xp.zeros(tiles, numpy.int32))   # each launch leaves it at zero
+        return (fn, (tiles, chunks)) + scratch + ((numpy.int32(rows), numpy.int32(cols), numpy.int32(chunk)),)
 
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> None:
@@ -419,7 +515,7 @@ class FusedKernels:
                 (t(lr), t(momentum), t(lr * momentum), t(weight_decay), numpy.int32(1 if momentum else 0),
                  numpy.int32(1 if nesterov else 0), numpy.int32(1 if weight_decay else 0)))
         fn, scalars = self._sgd_last[1]
-        grid, n, _, _ = self._size((1, p.size))
+        grid, n, _, _, _ = self._size((1, p.size))
         # absent buffers are a one-element dummy, never p itself: the kernel's pointers are __restrict__
         dummy = self._dummy.get(dt)
         if dummy is None:

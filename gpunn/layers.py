@@ -23,6 +23,7 @@ from . import activations
 from . import init as initializers
 from .errors import ConfigError
 from .ops import XpOps
+from .scalars import integer
 from .types import Array, ArrayModule
 from .validation import as_model_array
 
@@ -48,6 +49,23 @@ class Buffers:
         return self.z[:n], self.y[:n], None if self.rowstats is None else self.rowstats[:n]
 
 
+class _Fixed:
+    """A layer attribute set once, by the constructor: its buffers, its place in the network's parameters and
+    the network's checks (chaining, softmax last) were made for that value, so a later assignment is refused."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else obj.__dict__[self.name]
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.name in obj.__dict__:
+            raise ConfigError(f"a Dense layer's {self.name} is fixed when it is made; build a new gpunn.Dense "
+                              "(and a new network) instead")
+        obj.__dict__[self.name] = value
+
+
 class Dense:
     """A fully connected layer of ``n_out`` neurons over ``n_in`` inputs.
 
@@ -63,12 +81,11 @@ class Dense:
     After a forward and backward pass the layer exposes ``W, b, z, y, delta, grad_W, grad_b``.
     """
 
+    n_in, n_out, activation, init = _Fixed(), _Fixed(), _Fixed(), _Fixed()
+
     def __init__(self, n_in: int, n_out: int, activation: activations.ActivationSpec = "sigmoid",
                  init: str | None = None):
-        for name, v in (("n_in", n_in), ("n_out", n_out)):
-            if isinstance(v, (bool, numpy.bool_)) or not isinstance(v, (int, numpy.integer)) or v < 1:
-                raise ConfigError(f"Dense {name} must be a positive integer; got {v!r}")
-        self.n_in, self.n_out = int(n_in), int(n_out)
+        self.n_in, self.n_out = integer("Dense n_in", n_in, low=1), integer("Dense n_out", n_out, low=1)
         self.activation = activations.get(activation)
         self.init = init if init is not None else initializers.default_for(self.activation.name)
         initializers.get(self.init)  # validate the name now, not at the first fit

@@ -9,42 +9,49 @@ operations. The lecture's loop is available one step at a time::
     net.step(gpunn.SGD(lr=0.5))          # step 5: w ← w − η δ y (eq 15)
 
 :meth:`Sequential.train_step` does all three on one batch without a host sync, and
-:meth:`Sequential.fit` repeats it over shuffled minibatches (:mod:`gpunn.training`).
+:meth:`Sequential.fit` repeats it over shuffled minibatches. The model hands the rest to units of
+their own: the flat buffers to :mod:`gpunn.params`, the epoch loop to :mod:`gpunn.trainer` (with a
+strategy from :mod:`gpunn.strategy`), chunked inference to :mod:`gpunn.inference` and the file to
+:mod:`gpunn.modelfile`.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
-from typing import Any, TypeGuard
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy
 
-from . import io, optim, training
 from . import losses as losses_mod
+from . import modelfile, optim
 from .activations import Activation, ActivationSpec
-from .backend import Device, device_of, get_device, is_cupy_array, to_host
+from .backend import Device, device_of, get_device
+from .backprop import Backprop
 from .callbacks import checked as checked_callbacks
 from .distributed import Communicator
 from .distributed import check as checked_comm
 from .errors import (
     ConcurrencyError,
     ConfigError,
-    DeviceError,
-    DeviceSpecError,
-    ModelFileError,
     OutOfMemoryError,
     ShapeError,
 )
+from .history import Evaluation, History
+from .inference import CHUNK, Inference
 from .layers import Dense
-from .ops import XpOps, ops_for
-from .training import Evaluation, History
-from .types import Array, ArrayLike, ArrayModule, DTypeLike, PathLike
-from .validation import check_dtype, features, positive_int, streamed_features, targets
+from .ops import ops_for
+from .params import ParameterStore
+from .scalars import flag, integer, shown
+from .strategy import for_communicator
+from .trainer import Trainer
+from .types import Array, ArrayLike, DTypeLike, PathLike
+from .validation import check_dtype, features, positive_int, step_arrays, targets
 
 __all__ = ["Sequential", "Summary", "mlp", "load", "History", "Evaluation"]
 
 #: Rows per chunk in predict/evaluate: bounds the inference buffers' memory.
-INFER_CHUNK = 8192
+INFER_CHUNK = CHUNK
 
 
 class Summary(str):
@@ -54,7 +61,7 @@ class Summary(str):
         return str(self)
 
 
-class _OneTrainer:
+class _Admission:
     """Admits one thread at a time to a network's training methods (re-entrant for that thread); any
     other thread gets a ConcurrencyError instead of silently mixing its steps with the first one's."""
 
@@ -88,88 +95,52 @@ class _OneTrainer:
 class Sequential:
     """A feed-forward network: a list of :class:`~gpunn.Dense` layers applied in order.
 
-    Parameters
-    ----------
-    layers : list of Dense
-        Consecutive layers must chain: ``layers[k].n_out == layers[k+1].n_in``.
-    device : str or Device, optional
-        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``; default from ``GPUNN_DEVICE``, else auto.
-    dtype : {"float32", "float64"}, default "float32"
-    seed : int, optional
-        Seeds the host generator (PCG64) that draws the initial weights and the minibatch order, so
-        a seed gives the same start and the same batches on every device.
-    fused : bool, optional
-        Use fused kernels: CUDA ones on a GPU, numba ones on the CPU where numba is installed (bitwise
-        equal to the NumPy path); default: on unless ``GPUNN_FUSED=0``.
+    layers : list of Dense, chaining: ``layers[k].n_out == layers[k+1].n_in``.
+    device : ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a Device; default ``GPUNN_DEVICE``, else auto.
+    dtype : {"float32", "float64"}, default "float32".
+    seed : int; seeds the host generators (PCG64) of the initial weights and of the minibatch order
+        (``shuffle_rng``, drawn from by the trainer): the same start and batches on every device.
+    fused : bool; fused kernels, CUDA on a GPU, numba on the CPU (default: on unless ``GPUNN_FUSED=0``).
 
     ``predict`` and ``evaluate`` may be called from several threads at once; the training methods
     (``forward``, ``backward``, ``step``, ``train_step``, ``fit``) must not run concurrently on one network.
+    The run's state (``loss``, ``optimizer``, ``history``) is that of the last fit.
     """
 
     def __init__(self, layers: list[Dense], device: str | Device | None = None, dtype: DTypeLike = "float32",
                  seed: int | None = None, fused: bool | None = None):
         self.layers = _checked_layers(layers)
-        for layer in self.layers:
+        for k, layer in enumerate(self.layers):
             layer.attach(self)
+            layer.input_grad = k > 0      # the first layer computes no input gradient
         self.dtype = check_dtype(dtype)
         self.device = get_device(device)
-        self._fused_choice = fused
-        self.seed = None if seed is None else positive_int("seed", seed, allow_zero=True)
+        self._fused_choice = None if fused is None else flag("fused", fused)
+        self.seed = None if seed is None else integer("seed", seed, low=0, limit=None)
         init_seq, shuffle_seq = numpy.random.SeedSequence(self.seed).spawn(2)
-        #: the seeded host generator of the minibatch order (used by :meth:`fit`)
+        #: the seeded host generator of the minibatch order (the trainer draws each epoch's order from it)
         self.shuffle_rng = numpy.random.Generator(numpy.random.PCG64(shuffle_seq))
-        rng = numpy.random.Generator(numpy.random.PCG64(init_seq))
-        host = numpy.zeros(sum(layer.n_in * layer.n_out + layer.n_out for layer in self.layers))
-        for layer, (w, _) in zip(self.layers, _layout(self.layers)):
-            host[w] = layer.initial_weights(rng).ravel()     # biases start at zero
-        for k, layer in enumerate(self.layers):
-            layer.input_grad = k > 0      # the first layer computes no input gradient
-        self._infer_lock = threading.Lock()
-        self._trainer = _OneTrainer()
-        self._bind(host)
+        store = ParameterStore.initial(self.layers, self.device, self.dtype,
+                                       numpy.random.Generator(numpy.random.PCG64(init_seq)))
+        self._admission = _Admission()
+        self._inference = Inference(self)
+        self._use(store)
         self.optimizer: optim.Optimizer | None = None
         self.loss: losses_mod.Loss | None = None
         self.history: History | None = None
         self._step_loss: losses_mod.Loss | None = None
 
     # -- parameters -------------------------------------------------------------------------------
-    def _bind(self, host_params: numpy.ndarray) -> None:
-        dev = self.device
-        self._ops: XpOps = ops_for(dev, self._fused_choice)
-        with dev.activate():
-            self._params = dev.asarray(host_params, dtype=self.dtype)
-            self._grads = dev.xp.zeros_like(self._params)
-        self._decay_mask: Array = None
-        self._grad_y: dict[int, Array] = {}
-        for layer, (w, b) in zip(self.layers, _layout(self.layers)):
-            shape = (layer.n_in, layer.n_out)
-            layer.bind(self._params[w].reshape(shape), self._params[b], self._grads[w].reshape(shape), self._grads[b])
+    def _use(self, store: ParameterStore) -> None:
+        self._store, self._ops = store, ops_for(store.device, self._fused_choice)
+        self._backprop = Backprop(self.layers, store, self._ops)
 
-    @property
-    def ops(self) -> XpOps:
-        """The compute operations this network runs with (:func:`gpunn.ops.ops_for` of its device)."""
-        return self._ops
-
-    @property
-    def fused(self) -> bool:
-        """Whether the network runs gpunn's fused kernels (CUDA on a GPU, numba on the CPU)."""
-        return self._ops.fused
-
-    @property
-    def xp(self) -> ArrayModule:
-        return self.device.xp
-
-    @property
-    def n_in(self) -> int:
-        return self.layers[0].n_in
-
-    @property
-    def n_out(self) -> int:
-        return self.layers[-1].n_out
-
-    @property
-    def n_parameters(self) -> int:
-        return int(self._params.size)
+    ops = property(lambda self: self._ops, doc="The compute operations of the network's device (gpunn.ops.ops_for).")
+    fused = property(lambda self: self._ops.fused, doc="Whether the network runs fused kernels (CUDA or numba).")
+    xp = property(lambda self: self.device.xp, doc="The array module of the network's device.")
+    n_in = property(lambda self: self.layers[0].n_in, doc="Inputs of the first layer.")
+    n_out = property(lambda self: self.layers[-1].n_out, doc="Outputs of the last layer.")
+    n_parameters = property(lambda self: self._store.size, doc="Weights and biases in all.")
 
     def parameters(self) -> list[Array]:
         """[W₁, b₁, W₂, b₂, ...]: views of the live parameters on the model's device."""
@@ -177,308 +148,165 @@ class Sequential:
 
     def flat_parameters(self) -> Array:
         """All parameters as one flat array (a view; W then b, layer by layer)."""
-        return self._params
+        return self._store.params
 
     def flat_gradients(self) -> Array:
         """All gradients ∂E/∂w of the last backward pass as one flat array, laid out as
         :meth:`flat_parameters` (a view: what the optimiser reads, and what data-parallel training sums)."""
-        return self._grads
+        return self._store.grads
 
     def decay_mask(self) -> Array:
         """1 for weights, 0 for biases, as a flat array (used by weight decay)."""
-        if self._decay_mask is None:
-            host = numpy.zeros(self.n_parameters)
-            for w, _ in _layout(self.layers):
-                host[w] = 1.0
-            self._decay_mask = self.device.asarray(host, dtype=self.dtype)
-        return self._decay_mask
+        return self._store.decay_mask()
+
+    def output(self) -> Array:
+        """The output layer's y from the last forward pass (of training, not of inference)."""
+        return self.layers[-1].y
 
     def to(self, device: str | Device, fused: bool | None = None) -> Sequential:
         """Move the network to ``device`` (in place); returns self. Optimiser state starts afresh."""
-        new = get_device(device)
+        new, fused = get_device(device), None if fused is None else flag("fused", fused)
         if new == self.device and fused == self._fused_choice:
             return self
-        host = to_host(self._params)
         self.device, self._fused_choice = new, fused
-        self._bind(host)
+        self._use(self._store.moved(new))
         return self
 
-    # -- the lecture's step ----------------------------------------------------------------------
-    def _forward(self, x: Array) -> Array:
-        """Step 2: each layer's y = f(x·W + b) from the layer below's y."""
-        self._ops.begin_step(x.shape[0])     # the CPU's BLAS threads for this batch (gpunn.threads)
-        for layer in self.layers:
-            x = layer.forward(x, self._ops)
-        return x
+    # -- the lecture's step (gpunn.backprop) ------------------------------------------------------------
+    def gradients(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss, out: Array | None = None) -> Array:
+        """Steps 2–4 on one batch, without the update: every layer's δ and ∂E/∂w (:meth:`flat_gradients`).
+        Returns the batch's mean loss as :meth:`train_step` does (into ``out`` when given); no host sync."""
+        if loss is not self._step_loss:     # checked once per loss object, not every step
+            self._step_loss = _loss_for(loss, self.layers[-1].activation)
+        x, t = step_arrays(X, Y, self.device, self.dtype, self.n_in, self.n_out, self._step_loss)
+        with self._admission, self.device.activate():
+            self._backprop.forward(x)
+            return self._backprop.backward(t, self._step_loss, out)
 
-    def _backward(self, t: Array, loss: losses_mod.Loss, value_out: Array | None = None) -> Array:
-        """Steps 3–4: the output δ from the loss (eq 13), then each hidden layer's δ (eq 14)."""
-        out, xp = self.layers[-1], self._ops.xp
-        b = t.shape[0]
-        gy = self._grad_y.get(b)
-        if gy is None:
-            gy = self._grad_y[b] = xp.empty((b, self.n_out), self.dtype)
-        value, direct = self._ops.loss_backward(loss, out, t, gy, out.buffers(xp, b).delta, value_out)
-        grad = out.backward(gy, self._ops, delta_ready=direct)
-        for layer in reversed(self.layers[:-1]):
-            grad = layer.backward(grad, self._ops)
-        return value
-
-    def _update(self, optimizer: optim.Optimizer) -> None:
-        """Step 5: the optimiser's update of every weight (eq 15 for SGD)."""
-        optimizer.attach(self)
-        mask = self.decay_mask() if getattr(optimizer, "weight_decay", 0.0) else None
-        optimizer.update(self._params, self._grads, mask, self._ops)
+    def update(self, optimizer: optim.Optimizer) -> None:
+        """Step 5: the optimiser's update of every weight from the current gradients (eq 15 for SGD)."""
+        _check_optimizer(optimizer)
+        with self._admission, self.device.activate():
+            optimizer.attach(self)
+            self._backprop.update(optimizer)
 
     def train_step(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss,
-                   optimizer: optim.Optimizer, out: Array | None = None, comm: Communicator | None = None,
-                   global_batch: int | None = None) -> Array:
-        """One forward, backward and update on one batch (lecture §2 steps 2–5); returns the batch's
-        mean loss as a 0-d array on the model's device, without waiting for the device. With ``out`` (a
-        one-element array of the model's device and dtype) the loss is written there instead, and no
-        array is allocated: what :meth:`fit` does with its per-step loss buffer.
-
-        With ``comm`` (:mod:`gpunn.distributed`), X and Y are this rank's share (possibly empty) of a
-        batch of ``global_batch`` rows over all ranks: the gradient of the whole batch is summed from every
-        rank's share, weighted by its rows, and every rank makes the same update. The loss returned is this
-        rank's part of the batch's mean loss (the sum over ranks is the batch's mean loss).
-
-        X and Y that are already arrays of the model's device and dtype, shaped (batch, n_in) and
-        (batch, n_out), are used as they are (no checks that would read values back from a GPU);
-        anything else goes through the full checks of :meth:`fit` first.
-        """
-        if loss is not self._step_loss:     # checked once per loss object, not every step
-            loss = _loss_for(loss, self.layers[-1].activation)
-            self._step_loss = loss
-        if not isinstance(optimizer, optim.Optimizer):
-            raise ConfigError(f"optimizer must be a gpunn optimiser such as gpunn.SGD(lr=0.1); got {optimizer!r}")
-        if comm is not None and comm.size > 1:
-            return self._shared_step(X, Y, loss, optimizer, out, comm, global_batch)
-        x, t = self._batch(X, Y, loss)
-        with self._trainer, self.device.activate():
-            self._forward(x)
-            value = self._backward(t, loss, out)
-            self._update(optimizer)
+                   optimizer: optim.Optimizer, out: Array | None = None) -> Array:
+        """One forward, backward and update on one batch (lecture §2 steps 2–5); returns the batch's mean
+        loss as a 0-d array on the model's device, without waiting for the device (written into ``out``, a
+        one-element device array, when given: then nothing is allocated). X and Y that are already arrays
+        of the model's device, dtype and shapes are used as they are (:func:`gpunn.validation.step_arrays`),
+        anything else is checked as :meth:`fit` checks it. Data-parallel steps: :mod:`gpunn.strategy`."""
+        _check_optimizer(optimizer)
+        with self._admission:
+            value = self.gradients(X, Y, loss, out)
+            self.update(optimizer)
         return value
-
-    def _shared_step(self, X: Any, Y: Any, loss: losses_mod.Loss, optimizer: optim.Optimizer, out: Array | None,
-                     comm: Communicator, global_batch: int | None) -> Array:
-        """One data-parallel step: this rank's share of the gradient, one allreduce, the same update."""
-        n_local = int(X.shape[0])
-        if global_batch is None or not 0 <= n_local <= global_batch:
-            raise ConfigError(f"a data-parallel step needs global_batch >= this rank's {n_local} rows; got "
-                              f"{global_batch!r}")
-        share = n_local / global_batch
-        with self._trainer, self.device.activate():
-            if n_local:
-                x, t = self._batch(X, Y, loss)
-                self._forward(x)
-                value = self._backward(t, loss, out)
-                self._grads *= share                  # this rank's rows' part of the batch mean
-                value *= share
-            else:                                      # a short last batch left this rank no rows
-                self._grads.fill(0)
-                value = out if out is not None else self.xp.zeros((), self.dtype)
-                value[...] = 0
-            comm.allreduce_sum(self._grads)
-            self._update(optimizer)
-        return value
-
-    def _batch(self, X: ArrayLike, Y: ArrayLike, loss: losses_mod.Loss) -> tuple[Array, Array]:
-        """(x, t) ready for a step: the arrays themselves when they already fit, else checked copies."""
-        dev, array_type = self.device, self.xp.ndarray
-        if (type(X) is array_type and type(Y) is array_type and X.dtype == self.dtype and Y.dtype == self.dtype
-                and X.ndim == 2 and X.shape[1] == self.n_in and Y.shape == (X.shape[0], self.n_out)
-                and (not dev.is_cuda or X.device.id == Y.device.id == dev.index)):
-            return X, Y
-        device_of(X, Y)
-        x = features(X, dev, self.dtype, self.n_in)
-        return x, targets(Y, dev, self.dtype, loss, self.n_out, x.shape[0])
 
     def forward(self, X: ArrayLike) -> Array:
         """Forward pass (lecture §2 step 2) on a batch; returns the output y (a copy, on the model's device).
-
-        Each layer's ``x, z, y`` stay readable until the next forward of the same batch size.
-        """
+        Each layer's ``x, z, y`` stay readable until the next forward of the same batch size."""
         device_of(X)
         x = features(X, self.device, self.dtype, self.n_in)
-        with self._trainer, self.device.activate():
-            return self._forward(x).copy()
+        with self._admission, self.device.activate():
+            return self._backprop.forward(x).copy()
 
     def backward(self, Y: ArrayLike, loss: str | losses_mod.Loss = "squared_error") -> float:
         """Backward pass for targets Y of the last forward (steps 3–4, eqs 13–14); returns the mean loss.
-
-        Each layer's ``delta``, ``grad_W`` and ``grad_b`` hold the results afterwards.
-        """
+        Each layer's ``delta``, ``grad_W`` and ``grad_b`` hold the results afterwards."""
         loss = _loss_for(loss, self.layers[-1].activation)
         if self.layers[-1].y is None:
             raise ConfigError("call forward(X) before backward(Y)")
-        n = self.layers[-1].y.shape[0]
-        t = targets(Y, self.device, self.dtype, loss, self.n_out, n)
-        with self._trainer, self.device.activate():
-            return float(self._backward(t, loss))
+        t = targets(Y, self.device, self.dtype, loss, self.n_out, self.layers[-1].y.shape[0])
+        with self._admission, self.device.activate():
+            return float(self._backprop.backward(t, loss))
 
     def step(self, optimizer: optim.Optimizer | None = None) -> None:
         """Update the weights from the last backward pass (step 5, eq 15); default ``SGD(lr=0.1)``."""
-        if optimizer is None:
-            optimizer = self.optimizer or optim.SGD(lr=0.1)
-        with self._trainer, self.device.activate():
-            self._update(optimizer)
+        optimizer = optimizer or self.optimizer or optim.SGD(lr=0.1)
+        self.update(optimizer)
         self.optimizer = optimizer
 
-    # -- inference: the same ops as training, in chunks, in the layers' inference buffers ----------
-    def _infer_chunks(self, x: Array, chunk: int, use: Callable[[slice, Array, Array], None]) -> None:
-        """Call ``use(rows, z, y)`` with the last layer's z and y for each chunk of x (under the lock)."""
-        if self._trainer.busy_elsewhere():
-            raise ConcurrencyError("this network is being trained in another thread; predict and evaluate "
-                                   "would see weights in the middle of an update; wait for training to finish")
-        streamed = training.is_streamed(x)
-        with self._infer_lock, self.device.activate():
-            for start in range(0, x.shape[0], chunk):
-                a = x[start:start + chunk]
-                if streamed:                            # read from the file, checked, moved: one chunk at a time
-                    a = features(a, self.device, self.dtype, self.n_in)
-                z = a
-                for layer in self.layers:
-                    z, a = layer.infer(a, self._ops)
-                use(slice(start, start + a.shape[0]), z, a)
+    # -- inference (gpunn.inference) ----------------------------------------------------------------
+    def training_elsewhere(self) -> bool:
+        return self._admission.busy_elsewhere()        # another thread is in a training method now
 
     def predict(self, X: ArrayLike, batch_size: int = INFER_CHUNK) -> Array:
-        """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X.
-
-        Computed ``batch_size`` rows at a time (this bounds the working memory); a NumPy memmap is read from
-        its file a chunk at a time.
-        """
-        batch_size = positive_int("batch_size", batch_size)
-        device_of(X)
-        x = self._inputs(X)
-        out = self.xp.empty((x.shape[0], self.n_out), self.dtype)
-
-        def keep(rows: slice, z: Array, y: Array) -> None:
-            out[rows] = y
-        self._infer_chunks(x, batch_size, keep)
-        return device_of(X).asarray(out) if is_cupy_array(X) else to_host(out)
+        """Outputs for X, shape (n_samples, n_out), as an array of the same library (and GPU) as X, computed
+        ``batch_size`` rows at a time (a memmap is read from its file a chunk at a time)."""
+        return self._inference.predict(X, batch_size)
 
     def evaluate(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss | None = None) -> Evaluation:
         """Mean loss (the one used in :meth:`fit`, else squared error) and accuracy on (X, Y)."""
         loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
-        device_of(X, Y)
-        x = self._inputs(X)
-        t = targets(Y, self.device, self.dtype, loss, self.n_out, x.shape[0])
-        return self.evaluate_prepared(x, t, loss)
-
-    def _inputs(self, X: ArrayLike) -> Array:
-        """X checked and on the device; a memmap stays on disk (read a chunk at a time by inference)."""
-        if training.is_streamed(X):
-            return streamed_features(X, self.n_in)
-        return features(X, self.device, self.dtype, self.n_in)
+        return self._inference.evaluate(X, Y, loss)
 
     def evaluate_prepared(self, x: Array, t: Array, loss: losses_mod.Loss) -> Evaluation:
         """:meth:`evaluate` for arrays already checked and on the device (as :meth:`fit` holds them)."""
-        total, correct = [0.0], [0]
-        classify = training.is_classification(t)
-        acc = training.Accuracy(self.xp, self.n_out)
+        return self._inference.evaluate_prepared(x, t, loss)
 
-        def score(rows: slice, z: Array, y: Array) -> None:
-            total[0] += float(loss.value(z, y, t[rows])) * y.shape[0]
-            if classify:
-                correct[0] += int(acc.count(y, acc.labels(t[rows])))
-        self._infer_chunks(x, INFER_CHUNK, score)
-        n = x.shape[0]
-        return Evaluation(total[0] / n, correct[0] / n if classify else None)
-
-    # -- training ---------------------------------------------------------------------------------
+    # -- training (gpunn.trainer) ---------------------------------------------------------------------
     def fit(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss | None = None,
             optimizer: optim.Optimizer | str | None = None, epochs: int = 10, batch_size: int = 32,
             shuffle: bool = True, validation_data: tuple | None = None, patience: int | None = None,
             progress: bool | Callable[[dict], None] = False, callbacks: list | None = None,
             checkpoint: PathLike | None = None, comm: Communicator | None = None) -> History:
-        """Train with minibatch backpropagation; returns a :class:`History` (also kept as ``self.history``).
+        """Train with minibatch backpropagation (:mod:`gpunn.trainer`); returns a :class:`History`, also
+        kept as ``self.history``, with ``self.loss`` and ``self.optimizer`` (the run's state).
 
-        Parameters
-        ----------
-        X : array of shape (n_samples, n_in)
-        Y : array of shape (n_samples, n_out), or integer labels (n_samples,) for cross-entropy
-        loss : {"squared_error", "binary_cross_entropy", "cross_entropy"} or Loss
-            Default: the loss of the last fit (or of the loaded model file), else squared error.
-        optimizer : Optimizer or name
-            Default: the optimiser of the last fit (it continues with its state) or of the loaded model
-            file, else SGD(lr=0.1).
-        epochs : int >= 0
-        batch_size : int >= 1; a batch size above n_samples trains on the whole set at once.
-        shuffle : bool, reshuffle the samples every epoch (from the seeded host generator).
+        X : array of shape (n_samples, n_in), or a NumPy memmap (read a batch at a time).
+        Y : array of shape (n_samples, n_out), or integer labels (n_samples,) for cross-entropy.
+        loss : {"squared_error", "binary_cross_entropy", "cross_entropy"} or Loss; default: the last fit's
+            (or the loaded model file's), else squared error.
+        optimizer : Optimizer or name; default: the last fit's (it continues with its state) or the loaded
+            file's, else SGD(lr=0.1).
+        epochs : int >= 0. batch_size : int >= 1 (above n_samples: the whole set at once).
+        shuffle : reshuffle the samples every epoch (from the seeded ``shuffle_rng``).
         validation_data : (X_val, Y_val), evaluated after every epoch.
-        patience : int, stop when the validation loss (training loss without validation data) has not
-            improved for this many epochs, and restore the best weights.
-        progress : bool or callable; True prints one line per epoch to stderr, a callable gets each record.
-        callbacks : list of objects with ``on_epoch_end(record)`` (:mod:`gpunn.callbacks`); one returning
-            True stops training after that epoch.
-        checkpoint : path; after every epoch everything needed to continue is written there atomically,
-            and a run started again with the same path and settings resumes from it
-            (:mod:`gpunn.checkpoint`): the result is bitwise the same as an uninterrupted run's.
-        comm : :class:`gpunn.distributed.Communicator`; data-parallel training over its ranks, every rank
-            calling fit with the same data and settings. ``batch_size`` is then the global batch; only
-            rank 0 reports progress and writes the checkpoint.
+        patience : stop when the validation loss (training loss without validation data) has not improved
+            for this many epochs, and restore the best weights.
+        progress : True prints one line per epoch to stderr; a callable gets each record.
+        callbacks : objects with ``on_epoch_end(record)`` (:mod:`gpunn.callbacks`); True from one stops.
+        checkpoint : path written atomically after every epoch; a run started again with the same path and
+            settings resumes from it, bitwise the same as an uninterrupted run (:mod:`gpunn.checkpoint`).
+        comm : :class:`gpunn.distributed.Communicator`: data-parallel over its ranks
+            (:class:`gpunn.strategy.DataParallel`); ``batch_size`` is then the global batch, and only rank 0
+            reports and writes the checkpoint.
 
-        A NaN or infinite loss stops training with :class:`~gpunn.errors.DivergenceError` naming the
-        epoch and step; the weights are left at the last state that gave a finite loss. On
-        KeyboardInterrupt the weights and ``self.history`` are those of the last finished epoch.
+        A NaN or infinite loss raises :class:`~gpunn.errors.DivergenceError` naming the epoch and step, the
+        weights left at the last state whose loss was finite. On KeyboardInterrupt the weights and
+        ``self.history`` are those of the last finished epoch.
         """
         loss = _loss_for(loss if loss is not None else (self.loss or "squared_error"), self.layers[-1].activation)
-        if optimizer is None:
-            optimizer = self.optimizer or optim.SGD(lr=0.1)
-        optimizer = optim.get(optimizer)
-        epochs = positive_int("epochs", epochs, allow_zero=True)
-        batch_size = positive_int("batch_size", batch_size)
-        if patience is not None:
-            patience = positive_int("patience", patience)
-        callbacks = checked_callbacks(callbacks)
-        comm = checked_comm(comm)
+        optimizer = optim.get(optimizer if optimizer is not None else (self.optimizer or optim.SGD(lr=0.1)))
+        trainer = Trainer(positive_int("epochs", epochs, allow_zero=True), positive_int("batch_size", batch_size),
+                          flag("shuffle", shuffle), None if patience is None else positive_int("patience", patience),
+                          progress if callable(progress) else flag("progress", progress),
+                          checked_callbacks(callbacks), checkpoint, for_communicator(checked_comm(comm)))
         device_of(X, Y)
-        try:
-            # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
-            # per-operation overflow warnings would only be noise on the way there.
-            with self._trainer, self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
-                return training.fit(self, X, Y, loss, optimizer, epochs, batch_size, shuffle, validation_data,
-                                    patience, progress, callbacks, checkpoint, comm)
-        except Exception as exc:
-            if _is_cupy_oom(exc):
-                raise OutOfMemoryError(
-                    f"{self.device} ran out of memory training with batch_size={batch_size} and "
-                    f"{_n_samples(X)} samples ({exc}); use a smaller batch size, fewer or narrower layers, "
-                    "or float32") from None
-            raise
+        # Divergence is detected from the loss once per epoch (DivergenceError), so NumPy's
+        # per-operation overflow warnings would only be noise on the way there.
+        with _out_of_memory_said(self.device, batch_size, X), trainer.strategy.guard(), self._admission, \
+                self.device.activate(), numpy.errstate(over="ignore", invalid="ignore"):
+            run = trainer.start(self, X, Y, loss, optimizer, validation_data, self.shuffle_rng)
+            self.loss, self.optimizer, self.history = loss, optimizer, run.history   # once the data passed
+            return run.train()
 
-    # -- persistence ------------------------------------------------------------------------------
+    # -- persistence (gpunn.modelfile) --------------------------------------------------------------
     def save(self, path: PathLike) -> None:
-        """Write the network to ``path`` (.npz arrays + JSON header), atomically; see :func:`load`."""
-        extra = {"loss": self.loss.name if self.loss else None,
-                 "optimizer": self.optimizer.config() if self.optimizer else None}
-        io.write_model(path, {**self.config(), **extra}, to_host(self._params))
+        """Write the network to ``path`` atomically, in its extension's format: ``.npz`` (gpunn's), ``.onnx``
+        or ``.safetensors`` (:mod:`gpunn.exports`); any other extension is a SaveError."""
+        modelfile.write(path, self, self.loss, self.optimizer)
 
     @classmethod
     def load(cls, path: PathLike, device: str | Device | None = None) -> Sequential:
-        """Read a network saved by :meth:`save` onto ``device`` (default: the default device).
-
-        Every malformed file is a :class:`~gpunn.errors.ModelFileError`, found with time and memory bounded
-        by the file's size (see :mod:`gpunn.io`).
-        """
-        header, params = io.read_model(path)
-        _check_layer_sizes(header, params.size, path)      # before anything is allocated from the header
-        try:
-            net = cls.from_config(header, device=device)
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, (DeviceError, DeviceSpecError)):
-                raise
-            raise ModelFileError(f"{path} has an invalid layer description: {exc}") from None
-        net._params[...] = net.device.asarray(params)
-        try:
-            net.loss = losses_mod.get(header["loss"]) if header.get("loss") else None
-            net.optimizer = optim.from_config(header["optimizer"]) if header.get("optimizer") else None
-            if net.loss is not None:
-                net.loss.check_activation(net.layers[-1].activation)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise ModelFileError(f"{path} has an invalid loss or optimiser description: {exc}") from None
+        """Read a network saved by :meth:`save` (``.npz`` or ``.safetensors``) onto ``device`` (default: the
+        default device). Every malformed file is a :class:`~gpunn.errors.ModelFileError`, found with time and
+        memory bounded by the file's size (see :mod:`gpunn.modelfile`)."""
+        saved = modelfile.read(path)
+        net = cls(saved.layers, device=device, dtype=saved.dtype, seed=0)
+        net._store.assign(saved.params)
+        net.loss, net.optimizer = saved.loss, saved.optimizer
         return net
 
     @classmethod
@@ -492,21 +320,11 @@ class Sequential:
 
     def summary(self) -> Summary:
         """A table of the layers: sizes, activations, parameter counts and the total (shows itself at a prompt)."""
-        head = ["#", "layer", "inputs -> outputs", "activation", "weights", "biases", "parameters"]
-        rows = [[str(k), "Dense", f"{layer.n_in} -> {layer.n_out}", repr(layer.activation),
-                 f"{layer.n_in * layer.n_out:,}", f"{layer.n_out:,}", f"{layer.n_in * layer.n_out + layer.n_out:,}"]
-                for k, layer in enumerate(self.layers)]
-        rows.append(["", "total", "", "", "", "", f"{self.n_parameters:,}"])
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        kernels = ", fused CUDA kernels" if self.device.is_cuda else ", fused CPU kernels"
-        lines = [f"Sequential on {self.device}, {self.dtype.name}" + (kernels if self.fused else "")]
-        for r in [head, *rows]:
-            lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        return Summary("\n".join(lines))
+        return _summary(self)
 
     # -- pickle and copy.deepcopy: through host arrays, onto the same device ----------------------
     def __getstate__(self) -> dict:
-        return {"config": self.config(), "params": numpy.array(to_host(self._params), copy=True),
+        return {"config": self.config(), "params": self._store.host(),
                 "device": str(self.device), "fused": self._fused_choice, "seed": self.seed,
                 "shuffle_rng": self.shuffle_rng.bit_generator.state, "loss": self.loss.name if self.loss else None,
                 "optimizer": self.optimizer, "history": self.history}
@@ -515,7 +333,7 @@ class Sequential:
         self.__init__([Dense.from_config(c) for c in state["config"]["layers"]],  # type: ignore[misc]
                       device=state["device"], dtype=state["config"]["dtype"], seed=state["seed"],
                       fused=state["fused"])
-        self._params[...] = self.device.asarray(state["params"])
+        self._store.assign(state["params"])
         self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
         self.loss = losses_mod.get(state["loss"]) if state["loss"] else None
         self.optimizer, self.history = state["optimizer"], state["history"]
@@ -523,6 +341,20 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device='{self.device}', dtype='{self.dtype.name}')"
+
+
+def _summary(net: Sequential) -> Summary:
+    head = ["#", "layer", "inputs -> outputs", "activation", "weights", "biases", "parameters"]
+    rows = [[str(k), "Dense", f"{layer.n_in} -> {layer.n_out}", repr(layer.activation),
+             f"{layer.n_in * layer.n_out:,}", f"{layer.n_out:,}", f"{layer.n_in * layer.n_out + layer.n_out:,}"]
+            for k, layer in enumerate(net.layers)]
+    rows.append(["", "total", "", "", "", "", f"{net.n_parameters:,}"])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    kernels = ", fused CUDA kernels" if net.device.is_cuda else ", fused CPU kernels"
+    lines = [f"Sequential on {net.device}, {net.dtype.name}" + (kernels if net.fused else "")]
+    for r in [head, *rows]:
+        lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return Summary("\n".join(lines))
 
 
 def mlp(sizes: list[int], activation: ActivationSpec = "sigmoid", output: ActivationSpec = "softmax",
@@ -547,6 +379,11 @@ def load(path: PathLike, device: str | Device | None = None) -> Sequential:
 
 
 def _checked_layers(layers: Any) -> list[Dense]:
+    if isinstance(layers, Dense):
+        raise ConfigError("layers must be a list of gpunn.Dense; got one Dense: pass [layer]")
+    if layers is None or isinstance(layers, (str, bytes, dict, set, frozenset)) or not hasattr(layers, "__iter__"):
+        raise ConfigError(f"layers must be a list (or tuple) of gpunn.Dense; got {shown(layers)} "
+                          f"({type(layers).__name__})")
     layers = list(layers)
     if not layers:
         raise ConfigError("a Sequential network needs at least one layer")
@@ -568,30 +405,6 @@ def _checked_layers(layers: Any) -> list[Dense]:
     return layers
 
 
-def _check_layer_sizes(header: dict, n_params: int, path: Any) -> None:
-    """ModelFileError unless the header's layers are Dense layers that chain and hold exactly ``n_params``
-    parameters (so nothing larger than the file's own parameters is ever allocated)."""
-    layers = header.get("layers")
-    if not isinstance(layers, list) or not layers or len(layers) > n_params:
-        raise ModelFileError(f"{path} has no valid layer list in its header")
-    total, previous = 0, None
-    for k, c in enumerate(layers):
-        n_in, n_out = (c.get("n_in"), c.get("n_out")) if isinstance(c, dict) else (None, None)
-        if not (isinstance(c, dict) and c.get("type") == "Dense" and _size(n_in) and _size(n_out)):
-            raise ModelFileError(f"{path}: layer {k} is not a Dense layer with positive sizes "
-                                 f"({str(c)[:120]}); this gpunn knows Dense layers only")
-        if previous is not None and n_in != previous:
-            raise ModelFileError(f"{path}: layer {k} has n_in={n_in} but the layer before has n_out={previous}")
-        total += n_in * n_out + n_out
-        previous = n_out
-    if total != n_params:
-        raise ModelFileError(f"{path}: the layers need {total} parameters but the file holds {n_params}")
-
-
-def _size(v: Any) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
 def _loss_for(loss: str | losses_mod.Loss, activation: Activation) -> losses_mod.Loss:
     """The loss named ``loss``, refused (ConfigError) when it does not suit the output activation."""
     loss = losses_mod.get(loss)
@@ -599,14 +412,22 @@ def _loss_for(loss: str | losses_mod.Loss, activation: Activation) -> losses_mod
     return loss
 
 
-def _layout(layers: list[Dense]) -> list[tuple[slice, slice]]:
-    """Where each layer's W and b live in the flat parameter (and gradient) buffer: W₁, b₁, W₂, b₂, ..."""
-    out, off = [], 0
-    for layer in layers:
-        nw = layer.n_in * layer.n_out
-        out.append((slice(off, off + nw), slice(off + nw, off + nw + layer.n_out)))
-        off += nw + layer.n_out
-    return out
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, optim.Optimizer):
+        raise ConfigError(f"optimizer must be a gpunn optimiser such as gpunn.SGD(lr=0.1); got {optimizer!r}")
+
+
+@contextlib.contextmanager
+def _out_of_memory_said(device: Device, batch_size: int, X: Any) -> Iterator[None]:
+    """CuPy's out-of-memory error inside as an OutOfMemoryError that says what to change."""
+    try:
+        yield
+    except Exception as exc:
+        if _is_cupy_oom(exc):
+            raise OutOfMemoryError(
+                f"{device} ran out of memory training with batch_size={batch_size} and {_n_samples(X)} samples "
+                f"({exc}); use a smaller batch size, fewer or narrower layers, or float32") from None
+        raise
 
 
 def _is_cupy_oom(exc: BaseException) -> bool:

@@ -11,7 +11,6 @@ threads for the batch (:mod:`gpunn.threads`).
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
 from .losses import Loss
+from .scalars import env_flag, flag
 from .types import Array, OutputLayer
 
 __all__ = ["XpOps", "FusedOps", "CpuFusedOps", "ops_for", "fused_enabled"]
@@ -27,8 +27,9 @@ __all__ = ["XpOps", "FusedOps", "CpuFusedOps", "ops_for", "fused_enabled"]
 
 def fused_enabled() -> bool:
     """Whether gpunn's fused kernels are used by default, CUDA ones on a GPU and numba ones on the CPU
-    (``GPUNN_FUSED=0`` turns both off)."""
-    return os.environ.get("GPUNN_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+    (``GPUNN_FUSED=0`` turns both off; a value that is not a switch, such as ``maybe``, is a ConfigError:
+    :func:`gpunn.scalars.parse_flag`)."""
+    return env_flag("GPUNN_FUSED", True)
 
 
 class XpOps:
@@ -240,8 +241,10 @@ def ops_for(device: Device, fused: bool | None = None) -> XpOps:
     """The operations for ``device``: with ``fused`` (default: :func:`fused_enabled`) on, the fused
     CUDA kernels on a GPU and the numba kernels on the CPU where numba is installed (by default loaded
     after :data:`CpuFusedOps.LAZY_SECONDS` of training, with ``fused=True`` at once); else the ``xp``
-    reference."""
-    if not (fused_enabled() if fused is None else bool(fused)):
+    reference. ``fused`` (or ``GPUNN_FUSED``) is checked on every device, so a bad value is refused on
+    the CPU too rather than first on a GPU."""
+    on = fused_enabled() if fused is None else flag("fused", fused)
+    if not on:
         return XpOps(device)
     if device.is_cuda:
         return FusedOps(device)

@@ -24,6 +24,7 @@ import numpy
 from .backend import to_host
 from .errors import ConfigError, unknown_name
 from .ops import XpOps
+from .scalars import Checked, flag, is_number, real, shown
 from .schedules import Schedule
 from .schedules import from_config as schedule_from_config
 from .types import Array, ArrayModule
@@ -31,34 +32,50 @@ from .types import Array, ArrayModule
 __all__ = ["Optimizer", "SGD", "Adam", "from_config", "get", "names"]
 
 
-def _checked(name: str, value: Any, ok: Any, requirement: str) -> float:
-    """``value`` as a float satisfying ``ok``, else a ConfigError saying what is required."""
-    try:
-        v = math.nan if isinstance(value, (str, bytes, bool)) else float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    if not ok(v):
-        raise ConfigError(f"{name} must be {requirement}; got {value!r}")
-    return v
-
-
-def _learning_rate(value: Any) -> float | Schedule:
-    """A learning rate: a positive number, or a schedule (a function of the global step)."""
+def _learning_rate(name: str, value: Any) -> float | Schedule:
+    """A learning rate: a positive finite number, or a schedule (a function of the global step)."""
     if isinstance(value, Schedule):
         return value
-    return _positive_float("lr", value)
+    if not is_number(value):
+        raise ConfigError(f"{name} must be a positive finite number or a gpunn.schedules.Schedule; got "
+                          f"{shown(value)} ({type(value).__name__})")
+    return real(name, value, 0.0, low_open=True)
 
 
 def _positive_float(name: str, value: Any) -> float:
-    return _checked(name, value, lambda v: math.isfinite(v) and v > 0.0, "a positive finite number")
+    return real(name, value, 0.0, low_open=True)
 
 
 def _unit_interval(name: str, value: Any) -> float:
-    return _checked(name, value, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    return real(name, value, 0.0, 1.0, high_open=True)
 
 
 def _non_negative(name: str, value: Any) -> float:
-    return _checked(name, value, lambda v: math.isfinite(v) and v >= 0.0, "a finite number >= 0")
+    return real(name, value, 0.0)
+
+
+def _nesterov_needs_momentum(opt: Any, name: str, value: Any) -> None:
+    momentum = value if name == "momentum" else opt.__dict__.get("momentum", 0.0)
+    nesterov = value if name == "nesterov" else opt.__dict__.get("nesterov", False)
+    if nesterov and momentum == 0.0:
+        raise ConfigError("nesterov=True needs momentum > 0" + (" (set nesterov = False first)"
+                                                                 if name == "momentum" else ""))
+
+
+def scheduled_lr(schedule: Schedule, step: int) -> float:
+    """η from ``schedule`` at ``step``, checked: a finite real number >= 0 (a host number, so the check costs
+    no device sync), else a ConfigError naming the schedule and the step."""
+    value = schedule(step)
+    if is_number(value):
+        try:
+            v = float(value)
+        except OverflowError:
+            v = math.inf
+        if math.isfinite(v) and v >= 0.0:
+            return v
+    raise ConfigError(f"the learning-rate schedule {shown(schedule)} returned {shown(value)} "
+                      f"({type(value).__name__}) at step {step}; a schedule must return a finite real number "
+                      ">= 0 (a Python or NumPy float)")
 
 
 #: Elements per block of the CPU update (1 MiB of float32); on a GPU the whole buffer is one block.
@@ -133,6 +150,9 @@ class Optimizer:
                 self.t = 0
             self._bound = params
             self._scratch = []
+        for name in self._state_names:  # momentum switched on between steps: its velocity starts at zero
+            if name not in self.state:
+                self.state[name] = xp.zeros_like(params)
         if len(self._scratch) < scratch:
             size = params.size if ops.device.is_cuda else min(BLOCK, params.size)
             self._scratch += [xp.empty(size, params.dtype) for _ in range(scratch - len(self._scratch))]
@@ -151,12 +171,13 @@ class Optimizer:
             yield tuple(None if a is None else a[start:stop] for a in arrays) + \
                 tuple(s[:stop - start] for s in self._scratch)
 
-    lr: float | Schedule = 0.0
+    #: η: a positive number or a Schedule, checked on every assignment (also ``opt.lr = ...`` in a callback).
+    lr = Checked(_learning_rate, default=0.0)
 
     def current_lr(self) -> float:
-        """η for the next step: the number, or the schedule at the number of steps taken so far."""
+        """η for the next step: the number, or the schedule at the number of steps taken so far (checked)."""
         lr = self.lr
-        return float(lr(self.t)) if isinstance(lr, Schedule) else lr
+        return scheduled_lr(lr, self.t) if isinstance(lr, Schedule) else lr
 
     def _lr_config(self) -> float | dict:
         return self.lr.config() if isinstance(self.lr, Schedule) else self.lr
@@ -207,16 +228,21 @@ class SGD(Optimizer):
         L2 penalty λ: g = ∂E/∂w + λw for the weights (biases are not decayed).
     """
 
+    momentum = Checked(_unit_interval, _nesterov_needs_momentum)
+    nesterov = Checked(flag, _nesterov_needs_momentum)
+    weight_decay = Checked(_non_negative)
+
     def __init__(self, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0):
         super().__init__()
-        self.lr = _learning_rate(lr)
-        self.momentum = _unit_interval("momentum", momentum)
-        self.nesterov = bool(nesterov)
-        self.weight_decay = _non_negative("weight_decay", weight_decay)
-        if self.nesterov and self.momentum == 0.0:
-            raise ConfigError("nesterov=True needs momentum > 0")
-        self._state_names = ("velocity",) if self.momentum else ()
+        self.lr = lr
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+
+    @property
+    def _state_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("velocity",) if self.momentum else ()
 
     def update(self, params, grads, decay_mask, ops):
         self._prepare(params, ops, scratch=2 if self.weight_decay else 1)
@@ -227,9 +253,9 @@ class SGD(Optimizer):
                           self.weight_decay):
             return      # the formula below as one fused kernel (on a GPU: gpunn/kernels.py, sgd_update)
         for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):
-            self._step(ops.xp, lr, w, g, v, mask, s, s2[0] if s2 else None)
+            self._update_block(ops.xp, lr, w, g, v, mask, s, s2[0] if s2 else None)
 
-    def _step(self, xp: ArrayModule, lr: float, w: Array, g: Array, v: Array, mask: Array, s: Array,
+    def _update_block(self, xp: ArrayModule, lr: float, w: Array, g: Array, v: Array, mask: Array, s: Array,
               s2: Array) -> None:
         """One block of the update, in place: weights w, gradients g, velocity v (None without momentum),
         decay mask (None without weight decay); ``s``, ``s2`` are scratch arrays of the block's size."""
@@ -268,22 +294,36 @@ class Adam(Optimizer):
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__()
-        self.lr = _learning_rate(lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ConfigError(f"betas must be a pair (beta1, beta2); got {betas!r}")
-        self.beta1 = _unit_interval("beta1", betas[0])
-        self.beta2 = _unit_interval("beta2", betas[1])
-        self.eps = _positive_float("eps", eps)
-        self.weight_decay = _non_negative("weight_decay", weight_decay)
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+
+    beta1 = Checked(_unit_interval)
+    beta2 = Checked(_unit_interval)
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """(β₁, β₂); assigning a pair checks both before changing either."""
+        return self.beta1, self.beta2
+
+    @betas.setter
+    def betas(self, pair: Any) -> None:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ConfigError(f"betas must be a pair (beta1, beta2); got {shown(pair)}")
+        b1, b2 = _unit_interval("beta1", pair[0]), _unit_interval("beta2", pair[1])
+        self.beta1, self.beta2 = b1, b2
+    eps = Checked(_positive_float)
+    weight_decay = Checked(_non_negative)
 
     def update(self, params, grads, decay_mask, ops):
         self._prepare(params, ops, scratch=2)
         lr = self.current_lr()
         self.t += 1
         for block in self._blocks(params, grads, self.state["m"], self.state["v"], decay_mask):
-            self._step(ops.xp, lr, *block)
+            self._update_block(ops.xp, lr, *block)
 
-    def _step(self, xp: ArrayModule, lr: float, w: Array, g: Array, m: Array, v: Array, mask: Array | None,
+    def _update_block(self, xp: ArrayModule, lr: float, w: Array, g: Array, m: Array, v: Array, mask: Array | None,
               s: Array, s2: Array) -> None:
         """One block of the update, in place; ``s``, ``s2`` are scratch arrays of the block's size."""
         b1, b2, t = self.beta1, self.beta2, self.t

@@ -88,13 +88,18 @@ def train(dataset: str = "digits", sizes: list[int] | None = None, activation: s
           epochs: int | None = None, batch_size: int | None = None, patience: int | None = None,
           device: Any = None, dtype: str = "float32", seed: int = 0, checkpoint: Any = None,
           progress: Any = False, callbacks: list[Callback] | None = None,
-          comm: Communicator | None = None) -> tuple[Sequential, dict]:
-    """Train as ``gpunn train`` does; returns the network and the run's summary (test figures included)."""
+          comm: Communicator | None = None, data: Split | None = None,
+          output: str | None = None) -> tuple[Sequential, dict]:
+    """Train as ``gpunn train`` does; returns the network and the run's summary (test figures included).
+
+    ``data`` (already split) replaces the named data set, which then only chooses the defaults; ``output``
+    the output activation (default: softmax for cross-entropy, else sigmoid).
+    """
     hidden, default_act, default_epochs, default_batch = defaults(dataset)
     activation = activation or default_act
-    data = split(dataset, loss, seed)
+    data = data if data is not None else split(dataset, loss, seed)
     sizes = sizes or [data.n_features, *hidden, data.n_outputs]
-    out_act = "softmax" if loss == "cross_entropy" else "sigmoid"
+    out_act = output or ("softmax" if loss == "cross_entropy" else "sigmoid")
     net = mlp(sizes, activation=activation, output=out_act, device=device, dtype=dtype, seed=seed)
     lr = default_lr(optimizer, activation, loss, dataset) if lr is None else lr
     opt = optim.SGD(lr=lr, momentum=momentum) if optimizer == "sgd" else optim.Adam(lr=lr)

@@ -15,22 +15,28 @@ import math
 from typing import Any
 
 from .errors import ConfigError, unknown_name
+from .scalars import Checked, integer, real
 
 __all__ = ["Schedule", "StepDecay", "ExponentialDecay", "CosineDecay", "from_config", "names"]
 
 
-def _positive(name: str, value: Any, integer: bool = False) -> Any:
-    ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        kind = "a positive integer" if integer else "a positive finite number"
-        raise ConfigError(f"{name} must be {kind}; got {value!r}")
-    return value if integer else float(value)
+def _positive(name: str, value: Any) -> float:
+    return real(name, value, 0.0, low_open=True)
+
+
+def _count(name: str, value: Any) -> int:
+    return integer(name, value, low=1)
 
 
 def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ConfigError(f"{name} must be a number in (0, 1]; got {value!r}")
-    return float(value)
+    return real(name, value, 0.0, 1.0, low_open=True)
+
+
+def _final_within_initial(schedule: Any, name: str, value: float) -> None:
+    initial = value if name == "initial" else schedule.__dict__.get("initial", math.inf)
+    final = value if name == "final" else schedule.__dict__.get("final", 0.0)
+    if final > initial:
+        raise ConfigError(f"final must be a number in [0, initial]; got final={final:g} > initial={initial:g}")
 
 
 class Schedule:
@@ -59,11 +65,12 @@ class StepDecay(Schedule):
     """η = initial · factor^⌊step / every⌋: multiplied by ``factor`` every ``every`` steps."""
 
     name = "step_decay"
+    initial = Checked(_positive)
+    factor = Checked(_fraction)
+    every = Checked(_count)
 
     def __init__(self, initial: float, factor: float = 0.5, every: int = 1000):
-        self.initial = _positive("initial", initial)
-        self.factor = _fraction("factor", factor)
-        self.every = _positive("every", every, integer=True)
+        self.initial, self.factor, self.every = initial, factor, every
 
     def __call__(self, step: int) -> float:
         return self.initial * self.factor ** (step // self.every)
@@ -73,11 +80,12 @@ class ExponentialDecay(Schedule):
     """η = initial · rate^(step / every): a smooth decay by ``rate`` every ``every`` steps (Keras's form)."""
 
     name = "exponential_decay"
+    initial = Checked(_positive)
+    rate = Checked(_fraction)
+    every = Checked(_count)
 
     def __init__(self, initial: float, rate: float = 0.96, every: int = 1000):
-        self.initial = _positive("initial", initial)
-        self.rate = _fraction("rate", rate)
-        self.every = _positive("every", every, integer=True)
+        self.initial, self.rate, self.every = initial, rate, every
 
     def __call__(self, step: int) -> float:
         return self.initial * self.rate ** (step / self.every)
@@ -88,13 +96,12 @@ class CosineDecay(Schedule):
     at step 0 down to ``final`` at ``total_steps``, then constant."""
 
     name = "cosine_decay"
+    initial = Checked(_positive, _final_within_initial)
+    total_steps = Checked(_count)
+    final = Checked(lambda name, value: real(name, value, 0.0), _final_within_initial)
 
     def __init__(self, initial: float, total_steps: int, final: float = 0.0):
-        self.initial = _positive("initial", initial)
-        self.total_steps = _positive("total_steps", total_steps, integer=True)
-        if isinstance(final, bool) or not isinstance(final, (int, float)) or not 0.0 <= final <= self.initial:
-            raise ConfigError(f"final must be a number in [0, initial]; got {final!r}")
-        self.final = float(final)
+        self.initial, self.total_steps, self.final = initial, total_steps, final
 
     def __call__(self, step: int) -> float:
         progress = min(step, self.total_steps) / self.total_steps

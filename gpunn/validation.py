@@ -11,6 +11,7 @@ import numpy
 
 from .backend import Device, device_of, is_cupy_array
 from .errors import ConfigError, DataError, DataTypeError, DeviceError, ShapeError
+from .scalars import integer
 from .types import Array, ArrayLike, ArrayModule, DTypeLike
 
 if TYPE_CHECKING:
@@ -31,12 +32,21 @@ def check_dtype(dtype: DTypeLike) -> numpy.dtype:
 
 
 def _read_array(a: ArrayLike, name: str) -> numpy.ndarray:
-    """A list, scalar or array-like as a NumPy array, or DataTypeError when it is not rectangular."""
+    """A list, scalar or array-like (pandas, a CPU tensor of another library...) as a NumPy array, or
+    DataTypeError when it cannot be read as one: not rectangular, or an object that refuses the conversion
+    (a PyTorch tensor that requires grad, one on a GPU), whose own message says how to convert it."""
+    if isinstance(a, numpy.ma.MaskedArray) and numpy.ma.is_masked(a):
+        raise DataTypeError(f"{name} is a masked array with masked entries; fill them first "
+                            f"({name}.filled(value)) or drop those rows")
     try:
-        return numpy.asarray(a)
-    except (ValueError, TypeError) as exc:
-        raise DataTypeError(f"{name} cannot be read as an array ({exc}); pass a rectangular "
-                            "numeric array") from None
+        arr = numpy.asarray(a)
+    except Exception as exc:       # anything a foreign __array__ raises (RuntimeError from torch, ...)
+        kind = f"{type(a).__module__}.{type(a).__qualname__}"
+        raise DataTypeError(f"{name} ({kind}) cannot be read as an array ({str(exc)[:200]}); pass a rectangular "
+                            "numeric NumPy array (from PyTorch: tensor.detach().cpu().numpy())") from None
+    if arr.dtype.kind == "O" and arr.ndim == 0 and hasattr(a, "toarray"):
+        raise DataTypeError(f"{name} is a sparse matrix; gpunn takes dense arrays: pass {name}.toarray()")
+    return arr
 
 
 def to_device_array(a: ArrayLike, dev: Device, dtype: numpy.dtype, name: str) -> Array:
@@ -158,12 +168,25 @@ def as_model_array(value: ArrayLike, target: Array, name: str) -> Array:
     arr = to_device_array(value, dev, target.dtype, name)
     if tuple(arr.shape) != tuple(target.shape):
         raise ShapeError(f"{name} must have shape {tuple(target.shape)}; got {tuple(arr.shape)}")
+    check_finite(dev.xp, arr, name)
     return arr
 
 
 def positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
-        raise ConfigError(f"{name} must be an integer; got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}; got {value}")
-    return int(value)
+    """``value`` as an int >= 1 (>= 0 with ``allow_zero``): :func:`gpunn.scalars.integer`'s rule."""
+    return integer(name, value, low=0 if allow_zero else 1)
+
+
+def step_arrays(X: ArrayLike, Y: ArrayLike, dev: Device, dtype: numpy.dtype, n_in: int, n_out: int,
+                loss: Loss) -> tuple[Array, Array]:
+    """(x, t) for a training step: X and Y themselves when they are already arrays of ``dev`` and ``dtype``
+    shaped (batch, n_in) and (batch, n_out) (no checks that would read values back from a GPU), else
+    checked copies (:func:`features`, :func:`targets`)."""
+    array_type = dev.xp.ndarray
+    if (type(X) is array_type and type(Y) is array_type and X.dtype == dtype and Y.dtype == dtype
+            and X.ndim == 2 and X.shape[1] == n_in and Y.shape == (X.shape[0], n_out)
+            and (not dev.is_cuda or X.device.id == Y.device.id == dev.index)):
+        return X, Y
+    device_of(X, Y)
+    x = features(X, dev, dtype, n_in)
+    return x, targets(Y, dev, dtype, loss, n_out, x.shape[0])

@@ -6,7 +6,7 @@
 The record names the card, date and commit, keeps the script's own output (tests, agreement, benchmark)
 and judges the targets of the CuPy path against the measured figures: gpunn fused ≥ 1.0× PyTorch eager
 on `mlp` at batch 256 and 2048, `wide`'s GFLOP/s ≥ 80 % of the cuBLAS GEMM rate measured in the same
-run, and no sync inside a step.
+run, no sync inside a step, and every column-sum ticket counter back at zero.
 It only reads what the card produced; a figure missing from the run is reported as not measured.
 """
 from __future__ import annotations
@@ -72,6 +72,10 @@ def targets(bench: dict) -> list[tuple[str, str, str]]:
                      "met" if all(s["host_ran_ahead"] for s in syncs) else "NOT met"))
     else:
         rows.append(("no host–device sync inside a step", "not measured", "unknown"))
+    stale = bench.get("colsum_stale_counters")
+    rows.append(("column-sum ticket counters at zero after the benchmark",
+                 "not measured" if stale is None else f"{stale} non-zero",
+                 "unknown" if stale is None else "met" if stale == 0 else "NOT met"))
     return rows
 
 
@@ -88,7 +92,8 @@ def report(out: Path, commit: str | None = None) -> tuple[str, str]:
     md = [f"# GPU check on {name}, {stamp}", "",
           f"- card: {name}; run (UTC): {date}",
           f"- commit: {commit}; command: `OUT=... bash scripts/gpu-check.sh` (from the source tree)",
-          "- raw files: `env.txt`, `pytest-gpu.txt`, `check.txt`, `bench.txt`, `gpu-bench.json` from $OUT", "",
+          "- raw files: `env.txt`, `pytest-gpu.txt`, `check.txt`, `sanitizer.txt`, `bench.txt`, `gpu-bench.json` "
+          "from $OUT", "",
           "## Targets of the CuPy path (same run, same card, float32)", "",
           "| target | measured | verdict |", "|---|---|---|"]
     md += [f"| {t} | {m} | {v} |" for t, m, v in targets(bench)]
@@ -99,7 +104,8 @@ def report(out: Path, commit: str | None = None) -> tuple[str, str]:
         md += [f"| {w} | {b} | {n} | {v['host_us_per_step']:.0f} | {v['gpu_us_per_step']:.0f} |"
                for w, b, n, v in split]
     for title, fname in [("Versions and card", "env.txt"), ("GPU tests", "pytest-gpu.txt"),
-                         ("Agreement check", "check.txt"), ("Benchmark", "bench.txt")]:
+                         ("Agreement check", "check.txt"), ("compute-sanitizer", "sanitizer.txt"),
+                         ("Benchmark", "bench.txt")]:
         text = _read(out, fname).strip()
         md += ["", f"## {title} (`{fname}`)", ""]
         if not text:

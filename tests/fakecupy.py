@@ -6,6 +6,8 @@ the network, save/load, predict's return type) and count every host read-back of
 ``RawModule`` runs gpunn's fused kernels on the host emulation (tests/emulation.py), which checks
 every launch argument against the kernel's signature, so the fused path's wiring runs on CI too.
 ``random``, ``cuda.Event`` and ``cuda.get_elapsed_time`` are enough for bench/gpu_check.py to run.
+Streams, events, copies and kernel launches are logged in order (``LOG``), so tests can prove what a
+card would have to finish before what (tests/test_gpu_streams.py).
 It checks gpunn's logic, not CuPy's API: that needs a card (scripts/gpu-check.sh).
 """
 from __future__ import annotations
@@ -17,6 +19,9 @@ import time
 import types
 
 import numpy
+
+#: The SM count the fake GPU reports (an H100/H200's), which sizes the column sum's grid.
+SMS = 132
 
 
 class _Dev:
@@ -43,8 +48,14 @@ class ndarray(numpy.ndarray):
             value = value.view(numpy.ndarray)
         super().__setitem__(key, value)
 
-    def get(self, *a, **k):
-        return self._read().copy()
+    def get(self, stream=None, order="C", out=None):
+        """Device-to-host copy, as CuPy's ``ndarray.get``: into ``out`` (a host array of the same shape) if given."""
+        if out is None:
+            return self._read().copy()
+        if type(out) is not numpy.ndarray or out.shape != self.shape:
+            raise ValueError(f"fakecupy: get(out=) takes a host array of shape {self.shape}")
+        out[...] = self._read()
+        return out
 
     def set(self, arr, stream=None):
         """Host-to-device copy into this array, as CuPy's ``ndarray.set``: a host array of the same shape."""
@@ -54,6 +65,7 @@ class ndarray(numpy.ndarray):
         if not self.flags.c_contiguous:
             raise ValueError("fakecupy: set() needs a C-contiguous destination")
         ndarray.calls += 1
+        LOG.append(("copy", get_current_stream().id, self.__array_interface__["data"][0]))
         self.view(numpy.ndarray)[...] = arr
 
     def __float__(self):
@@ -196,6 +208,7 @@ class RawModule:
 
         def kernel(grid, block, args, **kw):
             emulation.launch(name, grid, block, args)
+            LOG.append(("kernel", get_current_stream().id, name))
             self.launches[name] = self.launches.get(name, 0) + 1
             ndarray.calls += 1
         return kernel
@@ -215,14 +228,28 @@ class _Random:
 cupy.random = _Random()
 
 
+#: What the fake GPU was asked to do, in order: ("record", stream, event), ("wait", stream, event),
+#: ("copy", stream, destination buffer) and ("kernel", stream, name), where stream and event are the
+#: serial numbers of the fake's objects (stream 0 is the null stream) and a buffer is its base address.
+#: tests/test_gpu_streams.py derives from it which operations a card must finish before which.
+LOG: list[tuple[str, int, object]] = []
+
+
 class _Event:
     """Everything on the fake runs at once, in order: an event is done as soon as it is recorded."""
 
-    def __init__(self, *a, **k):
+    made = 0
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        _Event.made += 1
+        self.id = _Event.made
         self.t = None
+        self.disable_timing = disable_timing
 
     def record(self, stream=None):
+        stream = stream or get_current_stream()
         self.t = time.perf_counter()
+        LOG.append(("record", stream.id, self.id))
 
     def synchronize(self):
         pass
@@ -248,16 +275,30 @@ cupy.RawKernel = RawKernel
 
 
 def _elapsed_ms(start, end):
+    if start.disable_timing or end.disable_timing:     # CUDA: cudaErrorInvalidResourceHandle
+        raise ValueError("fakecupy: get_elapsed_time of an Event made with disable_timing=True")
     return (end.t - start.t) * 1e3
 
 
 class _Stream(contextlib.AbstractContextManager):
-    """A CUDA stream: everything on the fake runs at once, so streams only record what waited on what."""
+    """A CUDA stream: everything on the fake runs at once, so streams only record what waited on what
+    (in ``LOG``). ``with stream:`` makes it the current stream, as in CuPy."""
+
+    made = 0
 
     def __init__(self, non_blocking=False, null=False):
+        self.id = 0 if null else _Stream.made + 1
+        if not null:
+            _Stream.made += 1
+        self.ptr = self.id
         self.waited = 0
 
+    def __enter__(self):
+        _CURRENT.append(self)
+        return self
+
     def __exit__(self, *exc):
+        _CURRENT.pop()
         return False
 
     def record(self, event=None):
@@ -269,20 +310,26 @@ class _Stream(contextlib.AbstractContextManager):
         if not isinstance(event, _Event) or event.t is None:
             raise ValueError("fakecupy: wait_event needs a recorded Event")
         self.waited += 1
+        LOG.append(("wait", self.id, event.id))
 
 
 _NULL_STREAM = _Stream(null=True)
+_CURRENT: list[_Stream] = []
+
+
+def get_current_stream():
+    return _CURRENT[-1] if _CURRENT else _NULL_STREAM
 
 
 cupy.cuda = types.SimpleNamespace(
     Device=_CudaDevice,
     Event=_Event,
     Stream=_Stream,
-    get_current_stream=lambda: _NULL_STREAM,
+    get_current_stream=get_current_stream,
     alloc_pinned_memory=lambda nbytes: bytearray(nbytes),
     get_elapsed_time=_elapsed_ms,
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (8 << 30, 16 << 30),
-                                  getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": 1},
+                                  getDeviceProperties=lambda i: {"name": b"Fake GPU", "multiProcessorCount": SMS},
                                   runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0))
 
 
@@ -310,5 +357,8 @@ def install(monkeypatch, fused: bool = True) -> types.ModuleType:
         monkeypatch.setenv("GPUNN_FUSED", "0")
     else:
         monkeypatch.delenv("GPUNN_FUSED", raising=False)
+    monkeypatch.setattr(kernels, "_SCRATCH", {})
     ndarray.reads = ndarray.calls = ndarray.allocations = 0
+    LOG.clear()
+    _CURRENT.clear()
     return cupy

@@ -14,19 +14,24 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 #: Bottom to top. A module may import modules of lower floors only (never its own floor, never higher).
 FLOORS: list[set[str]] = [
     {"errors", "types", "version"},
-    {"backend", "threads"},
+    {"backend", "scalars", "threads"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
-    {"losses"},
+    {"losses", "exports"},
     {"validation", "kernels", "cpukernels"},
     {"ops"},
     {"layers"},
+    {"params"},
     {"optim"},
-    {"checkpoint"},
-    {"training"},
+    {"checkpoint", "data", "history", "backprop"},
+    {"strategy"},
+    {"trainer"},
+    {"inference", "modelfile"},
     {"network"},
     {"datasets", "check", "bench", "plots"},
-    {"recipes", "sklearn"},
+    {"userdata"},
+    {"recipes", "sklearn", "options"},
     {"cli"},
+    {"__main__"},
     {"__init__"},
 ]
 FLOOR = {name: k for k, names in enumerate(FLOORS) for name in names}
@@ -120,3 +125,75 @@ def test_no_function_is_longer_than_60_lines():
                 if n > MAX_LINES:
                     long.append(f"{module}.py:{node.lineno} {node.name} has {n} lines")
     assert long == []
+
+
+MAX_CLASS_LINES = 250
+
+
+def test_no_class_is_longer_than_250_lines():
+    long = [f"{module}.py:{node.lineno} {node.name} has {node.end_lineno - node.lineno + 1} lines"
+            for module, text in package_sources().items() for node in ast.walk(ast.parse(text))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES]
+    assert long == []
+
+
+#: Names and annotations by which code holds a model that another unit handed it.
+MODEL_NAMES = {"net", "model", "network"}
+MODEL_TYPES = ("Sequential", "Trainable", "Steppable", "InferenceModel")
+
+
+def _model_params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+    return {a.arg for a in args if a.arg in MODEL_NAMES
+            or (a.annotation is not None and any(t in ast.unparse(a.annotation) for t in MODEL_TYPES))}
+
+
+def _holds_model(node: ast.expr, params: set[str]) -> bool:
+    """``node`` is a model handed in: a model parameter, or ``<anything>.model`` / ``.net`` / ``.network``."""
+    if isinstance(node, ast.Name):
+        return node.id in params
+    return isinstance(node, ast.Attribute) and node.attr in MODEL_NAMES
+
+
+def model_attribute_writes(sources: dict[str, str]) -> list[str]:
+    """Every assignment to an attribute of a model that a function outside ``network.py`` was handed."""
+    out = []
+    for module, text in sources.items():
+        if module == "network":
+            continue
+        for fn in ast.walk(ast.parse(text)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            params = _model_params(fn)
+            for node in ast.walk(fn):
+                targets = (node.targets if isinstance(node, ast.Assign) else
+                           [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+                        and node.args):
+                    targets = [ast.Attribute(value=node.args[0], attr="?")]
+                for t in targets:
+                    for leaf in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                        if isinstance(leaf, ast.Attribute) and _holds_model(leaf.value, params):
+                            out.append(f"{module}.py:{node.lineno} {fn.name} assigns {ast.unparse(leaf)}")
+    return out
+
+
+def test_only_the_model_assigns_a_models_attributes():
+    assert model_attribute_writes(package_sources()) == []
+
+
+@pytest.mark.parametrize("text", [
+    "def fit(net, h):\n    net.history = h\n",
+    "def f(m: 'Sequential'):\n    m.loss, x = 1, 2\n",
+    "class R:\n    def g(self):\n        self.model.optimizer = None\n",
+    "def f(model):\n    setattr(model, 'history', None)\n",
+    "def f(net):\n    net.epochs += 1\n",
+])
+def test_the_model_attribute_checker_catches_what_it_should(text):
+    assert model_attribute_writes({"trainer": text}) != []
+
+
+def test_the_model_attribute_checker_allows_what_it_should():
+    ok = ("def f(net, h):\n    net.flat_parameters()[...] = h\n    h.x = 1\n"
+          "class R:\n    def g(self):\n        self.history = 1\n")
+    assert model_attribute_writes({"trainer": ok, "network": "def f(net):\n    net.loss = 1\n"}) == []

@@ -57,16 +57,18 @@ class TestWithoutCuda:
         if "not installed" in reason:
             assert "gpunn[cuda12]" in reason
 
-    def test_auto_falls_back_to_cpu_with_one_warning(self, monkeypatch):
+    def test_auto_falls_back_to_cpu_with_one_log_record_and_no_warning(self, monkeypatch, caplog):
+        """A notice on the gpunn logger, not a warning: ``-W error`` must not break CPU-only scripts."""
+        import logging
+        import warnings
         monkeypatch.setattr(backend, "_warned_fallback", False)
         monkeypatch.delenv("GPUNN_DEVICE", raising=False)
-        with pytest.warns(RuntimeWarning, match="falls back to cpu"):
-            d = gpunn.get_device()
-        assert d == "cpu"
-        import warnings
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="gpunn"):
             warnings.simplefilter("error")
-            assert gpunn.get_device("auto") == "cpu"   # second time: no warning
+            assert gpunn.get_device() == "cpu"
+            assert gpunn.get_device("auto") == "cpu"   # second time: no second notice
+        notes = [r for r in caplog.records if "falls back to cpu" in r.getMessage()]
+        assert len(notes) == 1 and notes[0].name == "gpunn" and notes[0].levelno == logging.WARNING
 
     def test_env_variable_is_the_default(self, monkeypatch):
         monkeypatch.setenv("GPUNN_DEVICE", "cuda:0")

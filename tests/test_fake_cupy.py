@@ -213,7 +213,7 @@ def test_an_mlp_training_step_makes_few_device_calls_and_allocates_nothing(fake_
 
 def test_the_column_sum_grid_fills_the_card(fake_gpu):
     """mlp at batch 2048: 512 columns are 16 tiles; the rows are cut into chunks so that the grid has at
-    least kernels.COLSUM_BLOCKS blocks (2 per SM of an H100/H200), instead of 16."""
+    least 2 blocks per SM the device reports (the fake says 132, as an H100/H200), instead of 16."""
     from gpunn import kernels
     net = gpunn.mlp([784, 512, 512, 10], activation="sigmoid", device="cuda:0", seed=0)
     delta = net.device.asarray(rng(0).normal(size=(2048, 512)), dtype=net.dtype)
@@ -221,4 +221,13 @@ def test_the_column_sum_grid_fills_the_card(fake_gpu):
     net.ops.column_sum(delta, out)
     numpy.testing.assert_allclose(host(out), host(delta).astype(numpy.float64).sum(axis=0), rtol=1e-4, atol=1e-4)
     (fn, grid, part, count, sizes), = net.ops.kernels._colsum.values()
+    assert net.ops.kernels.colsum_blocks == 2 * fakecupy.SMS == kernels.COLSUM_BLOCKS
     assert grid[0] == 16 and grid[0] * grid[1] >= kernels.COLSUM_BLOCKS and part.shape == (grid[1], 512)
+    assert kernels.stale_counters(net.device) == 0
+
+
+def test_the_column_sum_grid_follows_the_sm_count(fake_gpu, monkeypatch):
+    from gpunn import kernels
+    monkeypatch.setattr(fakecupy, "SMS", 16)
+    fk = kernels.FusedKernels(gpunn.Device("cuda:0"))
+    assert fk.colsum_blocks == 32 and kernels.colsum_plan(2048, 512, fk.colsum_blocks) == (16, 2, 1024)

@@ -1,6 +1,7 @@
 """The fused CUDA kernels, checked without a GPU where possible.
 
-1. ``nvcc`` compiles the kernel source for sm_90 (catches syntax and type errors on CPU CI).
+1. ``nvcc`` compiles every kernel for sm_90 and sm_80 without register spills (catches syntax and type
+   errors on CPU CI), and, where cuobjdump is installed, the column sum's SASS orders its memory accesses.
 2. The same source, compiled as plain C++ with a tiny CUDA emulation (tests/emulation.py: the launch
    walks the whole grid, thread by thread, after checking every argument against the kernel's
    signature), must compute what the NumPy path computes: this checks indexing, formulas and
@@ -10,6 +11,7 @@
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -26,13 +28,68 @@ from helpers import host, rng
 NVCC = shutil.which("nvcc")
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
-def test_kernels_compile_for_sm90(tmp_path):
+def _cuda_tool(name: str) -> str | None:
+    """A CUDA binary tool: on PATH, beside nvcc, or from NVIDIA's pip wheel (nvidia-cuda-cuobjdump and
+    nvidia-cuda-nvdisasm put them under nvidia/cu13/bin)."""
+    import sysconfig
+    from pathlib import Path
+    dirs = [Path(NVCC).resolve().parent] if NVCC else []
+    dirs += [Path(sysconfig.get_paths()["purelib"]) / "nvidia" / cu / "bin" for cu in ("cu13", "cu12")]
+    found = shutil.which(name) or next((str(d / name) for d in dirs if (d / name).is_file()), None)
+    return found
+
+
+def _nvcc(tmp_path, arch: str, *extra: str) -> subprocess.CompletedProcess:
     src = tmp_path / "gpunn_kernels.cu"
     src.write_text(kernels.instantiation_source())
-    r = subprocess.run([NVCC, "-arch=sm_90", "--std=c++17", *kernels.OPTIONS, "-ftz=true", "-c", str(src), "-o",
-                        str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
+    return subprocess.run([NVCC, f"-arch={arch}", "--std=c++17", *kernels.OPTIONS, "-ftz=true", *extra, str(src)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_every_kernel_compiles_without_spills(tmp_path, arch):
+    """Every exported instance compiles for Hopper and Ampere, and ptxas reports no register spills."""
+    r = _nvcc(tmp_path, arch, "-c", "-o", "k.o", "-Xptxas", "-v")
     assert r.returncode == 0, r.stderr[-3000:]
+    compiled = re.findall(r"Compiling entry function '(\w+)'", r.stderr)
+    assert len(compiled) == len(kernels.name_expressions()), compiled
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    assert len(spills) == len(compiled) and all(a == b == "0" for a, b in spills), r.stderr[-3000:]
+
+
+def _sass_function(sass: str, mangled: str) -> list[str]:
+    """The instruction lines of one function in ``cuobjdump -sass`` output."""
+    body = sass.split(f"Function : {mangled}", 1)[1].split("Function : ", 1)[0]
+    return [line.split("*/", 1)[1].split(";")[0].strip() for line in body.splitlines()
+            if re.match(r"\s*/\*[0-9a-f]{4}\*/", line)]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+@pytest.mark.parametrize("ctype,mangled", [("float", "_Z6colsumIfEvPKT_PS0_S3_Piiii"),
+                                           ("double", "_Z6colsumIdEvPKT_PS0_S3_Piiii")])
+def test_colsum_orders_its_ticket_before_the_partials_in_sass(tmp_path, ctype, mangled):
+    """What the card executes (sm_90 SASS): the writing warp's fence (MEMBAR) before the ticket ATOMG,
+    another MEMBAR after it, and only strong (L2-coherent) loads of the other blocks' partials after it,
+    never a weak LDG.E that a stale L1 line could serve."""
+    cuobjdump, nvdisasm = _cuda_tool("cuobjdump"), _cuda_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        pytest.skip("cuobjdump/nvdisasm not installed (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    r = _nvcc(tmp_path, "sm_90", "-cubin", "-o", "k.cubin")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import os
+    env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
+    d = subprocess.run([cuobjdump, "-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert d.returncode == 0, d.stderr[-2000:]
+    code = _sass_function(d.stdout, mangled)
+    (atom,) = [i for i, op in enumerate(code) if op.startswith("ATOMG")]
+    assert any(op.startswith("MEMBAR") for op in code[:atom]), "no release fence before the ticket"
+    loads = [i for i, op in enumerate(code) if op.startswith("LDG") and i > atom]
+    assert loads, "no loads of the partials after the ticket"
+    assert any(op.startswith("MEMBAR") for op in code[atom:loads[0]]), "no acquire fence between ticket and loads"
+    weak = [code[i] for i in loads if ".STRONG.GPU" not in code[i] and ".STRONG.SYS" not in code[i]]
+    assert not weak, weak
 
 
 def test_kernels_compile_with_cupys_nvrtc(monkeypatch):
@@ -66,7 +123,8 @@ def test_cupy_signatures_take_the_out_arguments_gpunn_passes():
     # what the streamed batches (backend.HostToDevice) and gpu_check's blocker use
     for name in ("alloc_pinned_memory", "Stream", "get_current_stream", "Event"):
         assert hasattr(cupy.cuda, name), name
-    assert all(hasattr(cupy.cuda.Stream, m) for m in ("record", "wait_event"))
+    assert all(hasattr(cupy.cuda.Stream, m) for m in ("record", "wait_event")) and cupy.cuda.Stream.null.ptr == 0
+    assert hasattr(cupy.cuda.runtime, "getDeviceProperties")    # the SM count sizes the column sum's grid
     assert all(hasattr(cupy.cuda.Event, m) for m in ("done", "synchronize"))
     assert hasattr(cupy.ndarray, "set") and hasattr(cupy, "RawKernel")
     mod = cupy.RawModule(code=kernels.SOURCE, options=kernels.OPTIONS, name_expressions=kernels.name_expressions())
@@ -116,7 +174,7 @@ def test_emulated_kernels_match_numpy_path(emulated, act, dtype):
         if act.name == "identity":
             y_k = z_k
             y_ref = z_ref
-        _launch(f"bias_act_fwd<{ctype}, {a}>", z0.size, z_k, b, y_k, numpy.int64(z0.size), numpy.int32(45),
+        _launch(f"bias_act_fwd<{ctype}, {a}>", z0.size, z_k, b, y_k, numpy.int32(z0.size), numpy.int32(45),
                 dtype(act.param), dtype(activations.exp_cap(dtype)))
         numpy.testing.assert_array_equal(z_k, z_ref)
         numpy.testing.assert_allclose(y_k, y_ref, equal_nan=True, **TOL[dtype])
@@ -148,6 +206,31 @@ def test_emulated_colsum(emulated, dtype, shape, chunk):
         assert not count.any()
 
 
+#: Shapes whose tile boundaries fall inside a 32-byte sector (cols % 8 != 0) and that take several row chunks
+MULTI_CHUNK = [(4099, 100), (2048, 300), (65, 33), (3, 1000)]
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", MULTI_CHUNK, ids=str)
+def test_emulated_colsum_as_launched_on_an_h100(emulated, dtype, shape):
+    """The grid FusedKernels plans for 132 SMs: several chunks per tile where the rows allow it; three
+    launches bitwise equal, equal to a float64 sum, the counters back at zero."""
+    rows, cols = shape
+    tiles, chunks, chunk = kernels.colsum_plan(rows, cols, kernels.COLSUM_BLOCKS)
+    assert tiles * chunks >= min(kernels.COLSUM_BLOCKS, tiles * -(-rows // 64)) and (chunks > 1) == (rows > 64)
+    d = rng(4).normal(size=shape).astype(dtype)
+    part, count = numpy.full((chunks, cols), numpy.nan, dtype), numpy.zeros(tiles, numpy.int32)
+    outs = numpy.full((3, cols), numpy.nan, dtype)
+    for out in outs:
+        emulation.launch(f"colsum<{kernels.CTYPES[numpy.dtype(dtype).name]}>", (tiles, chunks), (32, 8),
+                         (d, out, part, count, numpy.int32(rows), numpy.int32(cols), numpy.int32(chunk)))
+        assert not count.any()
+    assert (outs == outs[0]).all()
+    eps = numpy.finfo(dtype).eps
+    numpy.testing.assert_allclose(outs[0], d.astype(numpy.float64).sum(axis=0), rtol=0,
+                                  atol=float(4 * eps * numpy.sqrt(rows) * numpy.abs(d).sum(axis=0).max()))
+
+
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 0.0),
                                                   (0.0, False, 1e-2), (0.5, True, 1e-3)])
@@ -168,6 +251,14 @@ def test_emulated_sgd_is_bitwise_the_numpy_update(emulated, dtype, momentum, nes
         numpy.testing.assert_array_equal(p_k, p_ref)
         if momentum:
             numpy.testing.assert_array_equal(v_k, opt.state["velocity"])
+
+
+def test_the_source_uses_no_host_header_macro():
+    """nvcc includes the CUDA runtime headers (and math.h's INFINITY, NAN, ...), NVRTC, CuPy's compiler,
+    does not: a macro from them compiles in the nvcc test and fails on the card. (Checked with NVRTC 13.5:
+    ``-T(INFINITY)`` in softmax_fwd does not compile there.)"""
+    code = re.sub(r"//[^\n]*", "", kernels.SOURCE)
+    assert not re.findall(r"\b(INFINITY|NAN|HUGE_VALF?|M_PI\w*|FLT_\w+|DBL_\w+|INT_MAX)\b", code)
 
 
 def test_every_activation_but_softmax_has_a_kernel():
@@ -250,6 +341,18 @@ def test_launch_checker_rejects_bad_launches(emulated):
         emulation.launch("colsum<float>", (1,), (32, 8), args[:3])
     with pytest.raises(KeyError, match="no kernel"):
         emulation.launch("colsum<half>x", (1,), (32, 8), args)
+    f = numpy.zeros((2, 2), numpy.float32)
+    with pytest.raises(ValueError, match="not whole warps"):     # a shuffle needs all 32 lanes of each warp
+        emulation.launch("softmax_fwd<float>", (1,), (16, 3), (f, f[0].copy(), f.copy(), f.copy(), numpy.int32(2),
+                                                               numpy.int32(2)))
+    # block (8, 4) puts 4 rows in one warp: with 3 rows, the fourth row's lanes skip the shuffles
+    z = numpy.zeros((3, 2), numpy.float32)
+    with pytest.raises(RuntimeError, match="did not all take the same shuffles"):
+        emulation.launch("softmax_fwd<float>", (1,), (8, 4), (z, z[0].copy(), z.copy(), z.copy(), numpy.int32(3),
+                                                              numpy.int32(2)))
+    y = numpy.empty_like(z)                                   # and the next launch runs on fresh lanes
+    emulation.launch("softmax_fwd<float>", (1,), (32, 4), (z, z[0].copy(), y, z.copy(), numpy.int32(3), numpy.int32(2)))
+    assert (y == 0.5).all()
 
 
 def test_too_small_a_colsum_grid_leaves_columns_unwritten(emulated):
@@ -263,7 +366,7 @@ def test_too_small_a_colsum_grid_leaves_columns_unwritten(emulated):
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("rows,cols", [(1, 2), (37, 10), (300, 3)])
+@pytest.mark.parametrize("rows,cols", [(1, 2), (37, 10), (300, 3), (5, 33), (9, 100), (3, 1000), (6, 1024)])
 def test_emulated_softmax_and_cross_entropy_match_their_formulas(emulated, dtype, rows, cols):
     """softmax_fwd, xent_bwd and sum_scaled against formulas written here (float64 references)."""
     g = rng(9)
@@ -273,8 +376,8 @@ def test_emulated_softmax_and_cross_entropy_match_their_formulas(emulated, dtype
     t = numpy.eye(cols, dtype=dtype)[g.integers(0, cols, rows)]
     ct = kernels.CTYPES[numpy.dtype(dtype).name]
     z, y, col = z0.copy(), numpy.empty_like(z0), numpy.empty((rows, 2), dtype)
-    emulation.launch(f"softmax_fwd<{ct}>", kernels._grid(rows), (kernels.BLOCK,),
-                     (z, b, y, col, numpy.int32(rows), numpy.int32(cols)))
+    warps = kernels._row_grid(rows), (32, kernels.SOFTMAX_ROWS)        # as FusedKernels launches them
+    emulation.launch(f"softmax_fwd<{ct}>", *warps, (z, b, y, col, numpy.int32(rows), numpy.int32(cols)))
     zr = z0.astype(numpy.float64) + b
     p = numpy.exp(zr - zr.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
@@ -284,7 +387,7 @@ def test_emulated_softmax_and_cross_entropy_match_their_formulas(emulated, dtype
     numpy.testing.assert_allclose(y, p, **tol)
     numpy.testing.assert_allclose(col[:, 0], lse, **tol)
     delta, rowloss, out = numpy.empty_like(z0), numpy.empty(rows, dtype), numpy.full(1, numpy.nan, dtype)
-    emulation.launch(f"xent_bwd<{ct}>", kernels._grid(rows), (kernels.BLOCK,),
+    emulation.launch(f"xent_bwd<{ct}>", *warps,
                      (z, y, col, t, delta, rowloss, numpy.int32(rows), numpy.int32(cols), dtype(1.0 / rows)))
     emulation.launch(f"sum_scaled<{ct}>", (1,), (1, 256), (rowloss, out, numpy.int32(rows), dtype(1.0 / rows)))
     numpy.testing.assert_allclose(delta, (p - t) / rows, **tol)

@@ -19,7 +19,7 @@ def test_the_readme_has_python_examples():
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{k}" for k in range(len(BLOCKS))])
 def test_readme_block_runs_alone(code, tmp_path):
-    for extra in ("sklearn", "matplotlib"):           # blocks that need an optional extra say so by importing it
+    for extra in ("sklearn", "matplotlib", "onnxruntime", "safetensors"):   # a block that needs an extra imports it
         if f"import {extra}" in code or f"from {extra}" in code:
             pytest.importorskip(extra, reason=f"{extra} not installed: this README block needs the extra")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,

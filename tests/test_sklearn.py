@@ -46,7 +46,7 @@ def test_the_estimator_trains_the_network_gpunn_would():
     X, y = _digits()
     clf = MLPClassifier(hidden_layer_sizes=(20,), activation="tanh", solver="sgd", learning_rate_init=0.05,
                         momentum=0.5, nesterovs_momentum=False, alpha=0.0, batch_size=50, max_iter=3,
-                        tol=-numpy.inf, random_state=7).fit(X, y)
+                        random_state=7).fit(X, y)
     seed = int(numpy.random.RandomState(7).randint(0, 2**31 - 1))
     net = gpunn.mlp([64, 20, 10], activation="tanh", output="softmax", device="cpu", dtype="float64", seed=seed)
     codes = numpy.searchsorted(clf.classes_, y)

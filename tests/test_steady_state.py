@@ -80,7 +80,8 @@ def test_fit_reuses_buffers_across_epochs():
     assert max(steady) - min(steady) < 64 * 32 * 4, peaks
 
 
-COMPUTE_MODULES = ["activations.py", "layers.py", "losses.py", "optim.py", "ops.py", "network.py", "training.py"]
+COMPUTE_MODULES = ["activations.py", "layers.py", "losses.py", "optim.py", "ops.py", "network.py", "trainer.py",
+                   "params.py", "data.py", "strategy.py", "inference.py"]
 
 
 @pytest.mark.parametrize("name", COMPUTE_MODULES)

@@ -9,6 +9,7 @@ import numpy
 import pytest
 
 import gpunn
+import gpunn.trainer
 from gpunn.ops import ops_for
 from helpers import host, rng
 
@@ -94,14 +95,14 @@ def test_the_weights_left_after_divergence_are_those_of_the_last_finite_loss(dev
 
 
 def test_progress_lines_say_what_the_record_holds(capsys):
-    gpunn.training.report(True, {"epoch": 3, "loss": 0.123456, "accuracy": 0.5, "val_loss": 0.25,
+    gpunn.trainer.report(True, {"epoch": 3, "loss": 0.123456, "accuracy": 0.5, "val_loss": 0.25,
                                  "val_accuracy": 0.75, "seconds": 1.5})
     assert capsys.readouterr().err == "epoch 3  loss 0.12346  acc 0.5000  val_loss 0.25000  val_acc 0.7500  1.50s\n"
-    gpunn.training.report(True, {"epoch": 1, "loss": 2.0, "accuracy": None, "seconds": 0.25})
+    gpunn.trainer.report(True, {"epoch": 1, "loss": 2.0, "accuracy": None, "seconds": 0.25})
     assert capsys.readouterr().err == "epoch 1  loss 2.00000  0.25s\n"
     seen = []
-    gpunn.training.report(seen.append, {"epoch": 1})
-    gpunn.training.report(False, {"epoch": 2})
+    gpunn.trainer.report(seen.append, {"epoch": 1})
+    gpunn.trainer.report(False, {"epoch": 2})
     assert seen == [{"epoch": 1}] and capsys.readouterr().err == ""
 
 
@@ -145,7 +146,7 @@ def test_divergence_says_which_non_finite_value(device, value, word, monkeypatch
 def test_early_stopping_counts_epochs_without_improvement():
     """Patience 2 on the training loss (no validation data): stop at the 2nd epoch that does not improve
     on the best; a tie is no improvement; the best epoch's weights are restored."""
-    stopping = gpunn.training._EarlyStopping(2)
+    stopping = gpunn.trainer._EarlyStopping(2)
     params = numpy.zeros(3)
     losses = [5.0, 4.0, 4.0, 3.0, 3.5, 3.0]             # epoch 4 is the best; 5 and 6 do not improve
     stops = []
@@ -156,7 +157,7 @@ def test_early_stopping_counts_epochs_without_improvement():
     history = gpunn.History()
     stopping.restore_best(params, history)
     assert history.best_epoch == 4 and (params == 4).all()
-    watched = gpunn.training._EarlyStopping(1)        # with validation data, val_loss is what counts
+    watched = gpunn.trainer._EarlyStopping(1)        # with validation data, val_loss is what counts
     assert not watched.should_stop({"epoch": 1, "loss": 9.0, "val_loss": 1.0}, params)
     assert watched.should_stop({"epoch": 2, "loss": 0.1, "val_loss": 2.0}, params)
 
