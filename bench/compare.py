@@ -1,8 +1,9 @@
 """gpunn against the tools people would otherwise use, same workloads, weights and batches.
 
 Contenders: gpunn (NumPy backend), a hand-written NumPy loop (preallocated arrays, ``out=``: the
-tightest code we could write), PyTorch eager on the CPU (if importable) and scikit-learn's
-MLPClassifier (if importable; `mlp`-style classification workloads only). Before timing, every
+tightest code we could write), PyTorch eager on the CPU (if importable), JAX's jitted step (``jax.jit``
+of the whole forward, backward and SGD update, if importable) and scikit-learn's MLPClassifier (if
+importable; `mlp`-style classification workloads only). Before timing, every
 contender trains a few steps from the same initial weights on the same batches and must agree with
 gpunn.
 
@@ -19,6 +20,7 @@ the contenders disturb each other.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -39,6 +41,7 @@ from gpunn.bench import WORKLOADS, build, calls_for, environment, format_table, 
 # -- contenders: make(net, X, T, lr, loss_name) -> (step, params, sync) --------------------------------
 # ``net`` is a gpunn network already on the benchmark's device; the others copy its initial weights.
 def gpunn_contender(net, X, T, lr, loss_name):
+    net.ops.warm_up()               # the fused CPU kernels now, not after the first seconds of stepping
     x = net.device.asarray(X, dtype=net.dtype)
     t = net.device.asarray(T, dtype=net.dtype)
     loss = losses.get(loss_name)
@@ -181,6 +184,52 @@ def torch_contender(net, X, T, lr, loss_name):
     return step, params, sync
 
 
+def jax_contender(net, X, T, lr, loss_name):
+    """JAX's jitted step: forward, loss, gradient (jax.grad) and the SGD update as one XLA program, the
+    parameters donated so that XLA updates them in place."""
+    import jax
+    import jax.numpy as jnp
+    if net.device.is_cuda:
+        raise ValueError("the JAX contender runs on the CPU here")
+    if net.dtype == numpy.float64:
+        jax.config.update("jax_enable_x64", True)
+    cpu = jax.devices("cpu")[0]
+    acts = [layer.activation.name for layer in net.layers]
+    if any(a not in ("sigmoid", "relu", "softmax") for a in acts):
+        raise ValueError(f"activations {acts}: the JAX contender knows sigmoid, relu and softmax")
+    params = [(jax.device_put(numpy.array(layer.W, dtype=net.dtype), cpu),
+               jax.device_put(numpy.array(layer.b, dtype=net.dtype), cpu)) for layer in net.layers]
+    x = jax.device_put(numpy.ascontiguousarray(X, dtype=net.dtype), cpu)
+    t = jax.device_put(numpy.ascontiguousarray(T, dtype=net.dtype), cpu)
+
+    def loss_fn(ps, x, t):
+        a = x
+        for (W, b), act in zip(ps[:-1], acts[:-1]):
+            a = jax.nn.sigmoid(a @ W + b) if act == "sigmoid" else jax.nn.relu(a @ W + b)
+        z = a @ ps[-1][0] + ps[-1][1]
+        if loss_name == "cross_entropy":       # softmax output: −Σ t log softmax(z), batch mean
+            return -jnp.mean(jnp.sum(t * jax.nn.log_softmax(z, axis=1), axis=1))
+        y = jax.nn.sigmoid(z) if acts[-1] == "sigmoid" else z
+        return 0.5 * jnp.mean(jnp.sum((y - t) ** 2, axis=1))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def update(ps, x, t):
+        grads = jax.grad(loss_fn)(ps, x, t)
+        return jax.tree_util.tree_map(lambda p, g: p - lr * g, ps, grads)
+
+    state = [params]
+
+    def step():
+        state[0] = update(state[0], x, t)
+
+    def sync():
+        jax.block_until_ready(state[0])
+
+    def params_host():
+        return [numpy.asarray(p, dtype=numpy.float64) for pair in state[0] for p in pair]
+    return step, params_host, sync
+
+
 def sklearn_contender(net, X, T, lr, loss_name):
     from sklearn.neural_network import MLPClassifier
     if net.device.is_cuda:
@@ -206,15 +255,16 @@ def sklearn_contender(net, X, T, lr, loss_name):
 
 
 CONTENDERS: dict[str, Callable] = {"gpunn": gpunn_contender, "gpunn-unfused": gpunn_contender,
-                                   "numpy": numpy_contender, "torch": torch_contender, "sklearn": sklearn_contender}
-DEFAULTS = {"cpu": "gpunn,numpy,torch,sklearn", "cuda": "gpunn,gpunn-unfused,torch"}
+                                   "numpy": numpy_contender, "torch": torch_contender, "jax": jax_contender,
+                                   "sklearn": sklearn_contender}
+DEFAULTS = {"cpu": "gpunn,numpy,torch,jax,sklearn", "cuda": "gpunn,gpunn-unfused,torch"}
 
 
 def available(names: list[str], device: str = "cpu") -> tuple[list[str], dict[str, str]]:
     """The contenders that can run on ``device``, and why each other one cannot."""
     ok, skipped = [], {}
     for name in names:
-        mod = {"torch": "torch", "sklearn": "sklearn"}.get(name)
+        mod = {"torch": "torch", "sklearn": "sklearn", "jax": "jax"}.get(name)
         if mod:
             try:
                 m = __import__(mod)
@@ -223,6 +273,9 @@ def available(names: list[str], device: str = "cpu") -> tuple[list[str], dict[st
                 continue
             if name == "torch" and device.startswith("cuda") and not m.cuda.is_available():
                 skipped[name] = f"torch {m.__version__} cannot use CUDA here (a CPU build, or no driver)"
+                continue
+            if name == "jax" and device.startswith("cuda"):
+                skipped[name] = "the JAX contender runs on the CPU only"
                 continue
         ok.append(name)
     return ok, skipped
@@ -393,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         env["sklearn"] = sklearn.__version__
     except ImportError:
         env["sklearn"] = None
+    try:
+        import jax
+        env["jax"] = jax.__version__
+    except ImportError:
+        env["jax"] = None
     print(f"# {json.dumps(env)}")
     for name, why in skipped.items():
         print(f"# {name} skipped: {why}")

@@ -26,6 +26,7 @@ class Backprop:
 
     def forward(self, x: Array) -> Array:
         """Step 2: each layer's y = f(x·W + b) from the layer below's y; returns the output layer's y."""
+        self.ops.begin_step(x.shape[0])      # the CPU's BLAS threads for this batch (gpunn.threads)
         for layer in self.layers:
             x = layer.forward(x, self.ops)
         return x

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy
 
-from . import losses
+from . import cpukernels, losses, threads
 from .backend import Device, available_devices, cuda_unavailable_reason, cupy_module, tf32_enabled
 from .network import Sequential, mlp
 from .optim import SGD
@@ -123,6 +123,7 @@ def time_workload(workload: str, device: Any, dtype: str, batch: int, repeats: i
     dev = Device(device) if not isinstance(device, Device) else device
     with dev.activate():
         net, X, T, loss, opt = build(workload, dev, dtype, batch, fused=fused)
+        net.ops.warm_up()           # the fused CPU kernels now, not after the first seconds of stepping
         t0 = time.perf_counter()
         x = dev.asarray(X, dtype=net.dtype)
         t = dev.asarray(T, dtype=net.dtype)
@@ -142,7 +143,8 @@ def time_workload(workload: str, device: Any, dtype: str, batch: int, repeats: i
             "ceiling_gflops": flops / g["median"] / 1e9,
             # the step contains the products: a share above 100 % is noise, never a figure to print
             "share_of_ceiling": share if share <= 1.0 else None, "share_spread": [min(shares), max(shares)],
-            "h2d_ms": h2d * 1e3, "steps_timed": r["calls"] * repeats}
+            "h2d_ms": h2d * 1e3, "steps_timed": r["calls"] * repeats,
+            "threads": None if dev.is_cuda else threads.current()}
 
 
 def timed_pair(step: Callable[[], None], gemm: Callable[[], None], sync: Callable[[], None], repeats: int,
@@ -173,7 +175,9 @@ def environment(dtype: str | None = None) -> dict:
     """Versions and hardware for benchmark headers and ``gpunn info``."""
     env: dict[str, Any] = {"gpunn": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
                            "cpu": _cpu_model(), "cores": os.cpu_count(), "blas": _blas(),
-                           "tf32": tf32_enabled(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
+                           "tf32": tf32_enabled(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+                           "threads": threads.describe(), "numba": cpukernels.numba_version(),
+                           "cpu_kernels_unavailable_reason": cpukernels.unavailable_reason()}
     if dtype:
         env["dtype"] = dtype
     reason = cuda_unavailable_reason()

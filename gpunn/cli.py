@@ -20,7 +20,7 @@ from typing import Any
 import click
 import numpy
 
-from . import activations, losses, optim, recipes, userdata
+from . import activations, losses, ops, optim, recipes, threads, userdata
 from .backend import LOGGER, Device, available_devices, cuda_unavailable_reason, parse_spec, to_host
 from .bench import WORKLOADS, environment, format_table, time_workload
 from .check import run_check
@@ -202,6 +202,9 @@ def info(as_json: bool) -> None:
         return
     click.echo(f"gpunn {env['gpunn']}  Python {env['python']}  NumPy {env['numpy']}")
     click.echo(f"BLAS: {env['blas'] or 'unknown (install threadpoolctl to see it)'}")
+    click.echo(f"BLAS threads: {threads.summary(env['threads'])}")
+    click.echo("fused CPU kernels: " + (f"numba {env['numba']}" + ("" if ops.fused_enabled() else " (off: GPUNN_FUSED)")
+                                        if env["numba"] else f"off ({env['cpu_kernels_unavailable_reason']})"))
     click.echo(f"CPU: {env['cpu']} ({env['cores']} cores)")
     if env.get("openblas_coretype"):
         click.echo(f"OPENBLAS_CORETYPE={env['openblas_coretype']}")
@@ -570,11 +573,14 @@ def plot_activations_cmd(path: str) -> None:
 @click.option("--repeats", type=Count(1), default=5, show_default=True)
 @click.option("--min-time", type=Number(0.0, low_open=True), default=0.2, show_default=True,
               help="Seconds per repeat.")
-@click.option("--fused/--unfused", default=None, help="Fused CUDA kernels (default: on unless GPUNN_FUSED=0).")
+@click.option("--fused/--unfused", default=None,
+              help="Fused kernels, CUDA or numba on the CPU (default: on unless GPUNN_FUSED=0).")
+@click.option("--threads", "threads_setting", default=None,
+              help="BLAS threads: a number, 'auto' (gpunn's policy) or 'off' (default: GPUNN_THREADS, else auto).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown.")
 @_friendly
-def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json_path, markdown):
+def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, threads_setting, json_path, markdown):
     """Time training steps: µs/step, samples/s, GFLOP/s and share of the matmul ceiling.
 
     \b
@@ -590,6 +596,11 @@ def bench(workloads, devices, batch_sizes, dtype, repeats, min_time, fused, json
                                      param_hint="--workload")
     sizes = _csv("positive integer", batch_sizes, _positive("positive integer")) if batch_sizes else None
     devs = [Device(d) for d in _csv("device", devices)]
+    if threads_setting is not None:
+        try:
+            threads.set_threads(threads_setting)
+        except GpunnError as exc:
+            raise click.BadParameter(str(exc), param_hint="--threads") from None
     if "wide" in names and any(not d.is_cuda for d in devs):
         click.echo("gpunn: note: the wide workload (4096-wide layers, batch 4096, ~0.4 TFLOP a step) is GPU-sized; "
                    "on a CPU each step takes seconds", err=True)
@@ -618,14 +629,16 @@ def _print_header(env: dict) -> None:
         click.echo(f"# GPU {g['device']}: {g['name']}, {g['memory_total_gib']:.0f} GiB, {g['sm_count']} SMs")
     if env["cuda_unavailable_reason"]:
         click.echo(f"# CUDA: {env['cuda_unavailable_reason']}")
+    click.echo(f"# BLAS threads: {threads.summary(env['threads'])}; fused CPU kernels: "
+               + (f"numba {env['numba']}" if env["numba"] else "off"))
 
 
 def _print_table(rows: list[dict], markdown: bool) -> None:
-    head = ["workload", "device", "batch", "us/step", "spread", "samples/s", "GFLOP/s", "ceiling", "share",
-            "h2d ms"]
-    body = [[r["workload"], r["device"] + ("" if not r["device"].startswith("cuda") else
-                                            (" fused" if r["fused"] else " unfused")),
-             str(r["batch"]), f"{r['us_per_step']:.1f}", f"{r['us_min']:.0f}-{r['us_max']:.0f}",
+    head = ["workload", "device", "batch", "threads", "us/step", "spread", "samples/s", "GFLOP/s", "ceiling",
+            "share", "h2d ms"]
+    body = [[r["workload"], r["device"] + (" fused" if r["fused"] else " unfused"), str(r["batch"]),
+             "-" if r.get("threads") is None else str(r["threads"]),
+             f"{r['us_per_step']:.1f}", f"{r['us_min']:.0f}-{r['us_max']:.0f}",
              f"{r['samples_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['ceiling_gflops']:.1f}",
              f"{100 * r['share_of_ceiling']:.0f}%" if r["share_of_ceiling"] is not None else "noisy",
              f"{r['h2d_ms']:.2f}"] for r in rows]

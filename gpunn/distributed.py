@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy
 
+from . import threads
 from .backend import Device, cuda_unavailable_reason, get_device, is_cupy_array
 from .errors import ConfigError, DistributedError
 from .scalars import real
@@ -368,34 +369,11 @@ def init(device: str | Device | None = None, timeout: float | None = None) -> Co
         device = f"cuda:{local_rank}" if cuda_unavailable_reason(local_rank) is None else "cpu"
     comm = Communicator(world, get_device(device), local_rank, local_size, timeout)
     _end_the_job_with(comm)
-    chosen = share_cores(local_size)
+    threads.set_local_ranks(local_size)          # the BLAS thread policy divides the cores among them
     if comm.is_root:
-        print(f"gpunn: {comm.size} ranks, {local_size} on this node: {chosen}", file=sys.stderr, flush=True)
+        print(f"gpunn: {comm.size} ranks, {local_size} on this node; BLAS threads per rank: {threads.summary()}",
+              file=sys.stderr, flush=True)
     return comm
-
-
-#: Variables by which a user sets the BLAS threads; where any is set, gpunn leaves the threads alone.
-USER_THREAD_VARIABLES = ("GPUNN_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                         "BLIS_NUM_THREADS")
-_limits: list = []      # the thread limit applied (kept alive: it stays in force)
-
-
-def share_cores(local_ranks: int) -> str:
-    """Give this rank's BLAS its share of the cores this process may use: usable cores // ranks on this
-    node, at least 1, unless the user set the threads (:data:`USER_THREAD_VARIABLES`). Returns what was
-    chosen, in words. Several ranks each starting one BLAS thread per core would fight for the cores."""
-    for var in USER_THREAD_VARIABLES:
-        if os.environ.get(var):
-            return f"BLAS threads as set by the user ({var}={os.environ[var]})"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = max(1, cores // max(1, local_ranks))
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return f"BLAS threads left as they are (threadpoolctl missing; would have set {n})"
-    _limits.append(ThreadpoolController().limit(limits=n, user_api="blas"))
-    return (f"{n} BLAS thread(s) per rank ({cores} usable cores / {local_ranks} local ranks; set "
-            "OPENBLAS_NUM_THREADS or GPUNN_THREADS to choose)")
 
 
 def _end_the_job_with(comm: Communicator) -> None:

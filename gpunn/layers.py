@@ -167,10 +167,12 @@ class Dense:
 
         The layer keeps ``x, z, y`` for :meth:`backward` (and for a reader: lecture §2 step 2).
         """
-        bufs = self.buffers(ops.xp, x.shape[0])
-        self._pre_activation(x, bufs.z, bufs.y, bufs.rowstats, ops)
-        self.x, self.z, self.y, self.rowstats = x, bufs.z, bufs.y, bufs.rowstats
-        return bufs.y
+        bufs = self._bufs.get(x.shape[0]) or self.buffers(ops.xp, x.shape[0])
+        z, y = bufs.z, bufs.y
+        ops.xp.matmul(x, self._W, out=z)                           # z_j = Σ_i w_ij y_i
+        ops.bias_activation(self.activation, z, self._b, y, bufs.rowstats)
+        self.x, self.z, self.y, self.rowstats = x, z, y, bufs.rowstats
+        return y
 
     def infer(self, x: Array, ops: XpOps) -> tuple[Array, Array]:
         """(z, y) for a batch x, in inference buffers: the training buffers and ``x, z, y`` stay as they were.

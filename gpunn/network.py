@@ -69,7 +69,7 @@ class Sequential:
     dtype : {"float32", "float64"}, default "float32".
     seed : int; seeds the host generators (PCG64) of the initial weights and of the minibatch order
         (``shuffle_rng``, drawn from by the trainer): the same start and batches on every device.
-    fused : bool; fused CUDA kernels on a GPU (default: on unless ``GPUNN_FUSED=0``).
+    fused : bool; fused kernels, CUDA on a GPU, numba on the CPU (default: on unless ``GPUNN_FUSED=0``).
 
     ``predict`` and ``evaluate`` may be called from several threads at once; the training methods
     (``forward``, ``backward``, ``step``, ``train_step``, ``fit``) must not run concurrently on one network.
@@ -105,7 +105,7 @@ class Sequential:
         self._backprop = Backprop(self.layers, store, self._ops)
 
     ops = property(lambda self: self._ops, doc="The compute operations of the network's device (gpunn.ops.ops_for).")
-    fused = property(lambda self: self._ops.fused, doc="Whether the network runs gpunn's fused CUDA kernels.")
+    fused = property(lambda self: self._ops.fused, doc="Whether the network runs fused kernels (CUDA or numba).")
     xp = property(lambda self: self.device.xp, doc="The array module of the network's device.")
     n_in = property(lambda self: self.layers[0].n_in, doc="Inputs of the first layer.")
     n_out = property(lambda self: self.layers[-1].n_out, doc="Outputs of the last layer.")
@@ -334,7 +334,8 @@ def _summary(net: Sequential) -> Summary:
             for k, layer in enumerate(net.layers)]
     rows.append(["", "total", "", "", "", "", f"{net.n_parameters:,}"])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [f"Sequential on {net.device}, {net.dtype.name}" + (", fused CUDA kernels" if net.fused else "")]
+    kernels = ", fused CUDA kernels" if net.device.is_cuda else ", fused CPU kernels"
+    lines = [f"Sequential on {net.device}, {net.dtype.name}" + (kernels if net.fused else "")]
     for r in [head, *rows]:
         lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     return Summary("\n".join(lines))

@@ -1,13 +1,20 @@
 """The elementwise operations of a layer's pass, for one device: the compute layer.
 
 :class:`XpOps` writes them with the array namespace ``xp`` and ``out=`` buffers; it serves NumPy and
-CuPy alike and is the reference. On a CUDA device with fused kernels on, :class:`FusedOps` runs the
-same operations as single kernels (:mod:`gpunn.kernels`), falling back to the reference where no
-kernel covers a case. :func:`ops_for` chooses between them for a device: layers and optimisers
-receive an ops object and never ask which backend they run on.
+CuPy alike and is the reference. With fused kernels on, the same operations run as single kernels,
+falling back to the reference where no kernel covers a case: on a CUDA device :class:`FusedOps` with the
+CUDA kernels of :mod:`gpunn.kernels`; on the CPU :class:`CpuFusedOps` with the numba kernels of
+:mod:`gpunn.cpukernels`, bitwise equal to the reference, where numba is installed. :func:`ops_for`
+chooses for a device: layers and optimisers receive an ops object and never ask which backend they
+run on. Each step starts with :meth:`XpOps.begin_step`, which on the CPU applies gpunn's choice of BLAS
+threads for the batch (:mod:`gpunn.threads`).
 """
 from __future__ import annotations
 
+import time
+from typing import Any
+
+from . import cpukernels, threads
 from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
@@ -15,24 +22,29 @@ from .losses import Loss
 from .scalars import env_flag, flag
 from .types import Array, OutputLayer
 
-__all__ = ["XpOps", "FusedOps", "ops_for", "fused_enabled"]
+__all__ = ["XpOps", "FusedOps", "CpuFusedOps", "ops_for", "fused_enabled"]
 
 
 def fused_enabled() -> bool:
-    """Whether CUDA devices use gpunn's fused kernels by default (``GPUNN_FUSED=0`` turns them off; a value
-    that is not a switch, such as ``maybe``, is a ConfigError: :func:`gpunn.scalars.parse_flag`)."""
+    """Whether gpunn's fused kernels are used by default, CUDA ones on a GPU and numba ones on the CPU
+    (``GPUNN_FUSED=0`` turns both off; a value that is not a switch, such as ``maybe``, is a ConfigError:
+    :func:`gpunn.scalars.parse_flag`)."""
     return env_flag("GPUNN_FUSED", True)
 
 
 class XpOps:
     """Reference implementation over any array namespace."""
 
-    #: True where the operations run as fused CUDA kernels.
+    #: True where the operations run as fused kernels (CUDA, or numba on the CPU).
     fused = False
 
     def __init__(self, device: Device):
         self.device = device
         self.xp = device.xp
+        #: called with the batch's rows at the start of every step: the CPU's BLAS thread choice
+        self.begin_step = _nothing if device.is_cuda else threads.policy().apply
+        # NumPy's ndarray.sum is a Python wrapper around add.reduce: one call fewer per layer and step
+        self._column_sum = (lambda d, axis, out: d.sum(axis=axis, out=out)) if device.is_cuda else self.xp.add.reduce
         # NumPy's take in its default mode ('raise') gathers into a temporary and copies it to ``out``;
         # the rows gathered here are a permutation, always in range, so 'clip' gives the same rows
         # without the copy. CuPy's take has no mode and writes ``out`` directly.
@@ -54,7 +66,7 @@ class XpOps:
 
     def column_sum(self, delta: Array, out: Array) -> Array:
         """∂E/∂b = Σ over the batch of δ."""
-        return delta.sum(axis=0, out=out)
+        return self._column_sum(delta, axis=0, out=out)
 
     def loss_backward(self, loss: Loss, layer: OutputLayer, t: Array, grad_y: Array, delta: Array,
                       out: Array | None) -> tuple[Array, bool]:
@@ -67,11 +79,18 @@ class XpOps:
         out[...] = value
         return out, direct
 
+    def warm_up(self) -> None:
+        """Load now whatever this ops would load lazily (nothing here; see :class:`CpuFusedOps`)."""
+
     def sgd_update(self, params: Array, grads: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> bool:
         """:meth:`gpunn.optim.SGD.update`'s whole formula as one fused operation, where this ops has one;
         returns False (nothing done) where the optimiser must run its own ``xp`` formula."""
         return False
+
+
+def _nothing(rows: int) -> None:
+    """A GPU's step needs no thread choice."""
 
 
 class FusedOps(XpOps):
@@ -108,11 +127,127 @@ class FusedOps(XpOps):
         return True
 
 
+class CpuFusedOps(XpOps):
+    """:class:`XpOps` on NumPy with each elementwise chain as numba kernels
+    (:class:`gpunn.cpukernels.CpuKernels`), bitwise equal to the reference (tests/test_cpukernels.py).
+
+    The function running an activation's chain is looked up once per activation object and dtype
+    (the lecture's 4-8-1 step is bound by Python calls, so a step does no more dictionary work than
+    it must).
+
+    With ``lazy`` (a network on the default settings) the ops run the reference until the network has
+    been stepping for :data:`LAZY_SECONDS`, and only then load the kernels: numba's start-up (its import,
+    its code generator, the cached kernels; 0.3–2 s once per process) is never paid by a short run (a
+    test, ``gpunn train`` on the digits) and is a small share of a long one. The switch cannot change a
+    result, the two paths being bitwise equal. :meth:`warm_up` loads them at once (benchmarks do).
+    """
+
+    fused = True
+    #: Seconds of training after which a lazy CpuFusedOps loads the kernels.
+    LAZY_SECONDS = 2.0
+
+    def __init__(self, device: Device, lazy: bool = False):
+        super().__init__(device)
+        self.kernels: Any = None
+        self._fwd: dict[int, tuple] = {}     # id(activation) -> (activation, dtype, function or None)
+        self._bwd: dict[int, tuple] = {}
+        self._values: dict[Any, Array] = {}  # dtype -> one-element scratch for the loss value
+        self._sgd_plain: tuple = (None, None, None)     # (lr, dtype, lr in the dtype)
+        self._zero = {self.xp.dtype(t): self.xp.dtype(t).type(0.0) for t in ("float32", "float64")}
+        self._apply_threads = self.begin_step
+        self._since: float | None = None
+        if lazy and not cpukernels.loaded():
+            self.begin_step = self._lazy_begin_step
+        else:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Load the kernels now; where numba does not import, stay on the reference (``fused`` False)."""
+        if self.kernels is None:
+            if cpukernels.available():
+                self.kernels = cpukernels.CpuKernels()
+                self._colsum, self._plain = self.kernels.k.colsum, self.kernels.k.sgd_plain
+            else:
+                self.fused = False
+        self.begin_step = self._apply_threads
+
+    def _lazy_begin_step(self, rows: int) -> None:
+        self._apply_threads(rows)
+        now = time.perf_counter()
+        if self._since is None:
+            self._since = now
+        elif now - self._since >= self.LAZY_SECONDS:
+            self.warm_up()
+
+    def bias_activation(self, act, z, b, y, rowstats):
+        if self.kernels is None:
+            return super().bias_activation(act, z, b, y, rowstats)
+        hit = self._fwd.get(id(act))
+        if hit is None or hit[0] is not act or hit[1] is not z.dtype:
+            hit = self._fwd[id(act)] = (act, z.dtype, self.kernels.forward(act, z.dtype))
+        if hit[2] is not None and hit[2](z, b, y, rowstats):
+            return y
+        return super().bias_activation(act, z, b, y, rowstats)
+
+    def activation_backward(self, act, z, y, grad, out, scratch, rowstats):
+        if self.kernels is None:
+            return super().activation_backward(act, z, y, grad, out, scratch, rowstats)
+        hit = self._bwd.get(id(act))
+        if hit is None or hit[0] is not act or hit[1] is not z.dtype:
+            hit = self._bwd[id(act)] = (act, z.dtype, self.kernels.backward(act, z.dtype))
+        if hit[2] is None:
+            return super().activation_backward(act, z, y, grad, out, scratch, rowstats)
+        hit[2](z, y, grad, out)
+        return out
+
+    def column_sum(self, delta, out):
+        rows, cols = delta.shape
+        # NumPy sums the rows of an array of two or more columns one after the other, from 0; a single
+        # column it sums pairwise, which is the same order below 8 rows: from 8 rows the reference runs.
+        if rows == 0 or (cols < 2 and rows >= 8) or self.kernels is None:
+            return self._column_sum(delta, axis=0, out=out)
+        self._colsum(delta, out, self._zero[delta.dtype])
+        return out
+
+    def loss_backward(self, loss, layer, t, grad_y, delta, out):
+        if type(loss).fused_backward is not Loss.fused_backward and self.kernels is not None:  # a fused form
+            value = out
+            if value is None:
+                value = self._values.get(t.dtype)
+                if value is None:
+                    value = self._values[t.dtype] = self.xp.empty(1, t.dtype)
+            if loss.fused_backward(self.kernels, layer, t, delta, value):
+                return (out if out is not None else value[0]), True   # value[0]: a NumPy scalar, as XpOps gives
+        value, direct = loss.backward(layer, t, grad_y, delta)
+        if out is None:
+            return value, direct
+        out[...] = value
+        return out, direct
+
+    def sgd_update(self, params, grads, velocity, mask, lr, momentum, nesterov, weight_decay):
+        if self.kernels is None:
+            return False
+        if velocity is None and not weight_decay:       # plain SGD, eq (15): one kernel call
+            hit = self._sgd_plain
+            if hit[0] != lr or hit[1] is not params.dtype:
+                hit = self._sgd_plain = (lr, params.dtype, params.dtype.type(lr))
+            self._plain(params, grads, hit[2])
+            return True
+        self.kernels.sgd_update(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
+        return True
+
+
 def ops_for(device: Device, fused: bool | None = None) -> XpOps:
-    """The operations for ``device``: fused CUDA kernels when it is a GPU and ``fused`` (default:
-    :func:`fused_enabled`) is on, else the ``xp`` reference. ``fused`` (or ``GPUNN_FUSED``) is checked on
-    every device, so a bad value is refused on the CPU too rather than first on a GPU."""
+    """The operations for ``device``: with ``fused`` (default: :func:`fused_enabled`) on, the fused
+    CUDA kernels on a GPU and the numba kernels on the CPU where numba is installed (by default loaded
+    after :data:`CpuFusedOps.LAZY_SECONDS` of training, with ``fused=True`` at once); else the ``xp``
+    reference. ``fused`` (or ``GPUNN_FUSED``) is checked on every device, so a bad value is refused on
+    the CPU too rather than first on a GPU."""
     on = fused_enabled() if fused is None else flag("fused", fused)
-    if device.is_cuda and on:
+    if not on:
+        return XpOps(device)
+    if device.is_cuda:
         return FusedOps(device)
-    return XpOps(device)
+    if fused is None:
+        return CpuFusedOps(device, lazy=True) if cpukernels.installed() else XpOps(device)
+    return CpuFusedOps(device) if cpukernels.available() else XpOps(device)

@@ -14,10 +14,10 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 #: Bottom to top. A module may import modules of lower floors only (never its own floor, never higher).
 FLOORS: list[set[str]] = [
     {"errors", "types", "version"},
-    {"backend", "scalars", "registry", "admission"},
+    {"backend", "scalars", "registry", "admission", "threads"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
     {"losses", "exports"},
-    {"validation", "kernels"},
+    {"validation", "kernels", "cpukernels"},
     {"ops"},
     {"layers"},
     {"params"},

@@ -5,7 +5,7 @@ import numpy
 import pytest
 
 import gpunn
-from gpunn import backend, ops
+from gpunn import backend, cpukernels, ops
 from gpunn.errors import DeviceError, DeviceSpecError, GpunnError
 from helpers import FakeCupyArray
 
@@ -130,4 +130,18 @@ def test_fused_switch(monkeypatch):
     assert ops.fused_enabled() is False
     monkeypatch.setenv("GPUNN_FUSED", "1")
     assert ops.fused_enabled() is True
-    assert ops.ops_for(gpunn.Device("cpu"), fused=True).fused is False    # fused kernels exist only on CUDA
+    # on the CPU the fused kernels are numba's, where numba imports (tests/test_cpukernels.py)
+    assert ops.ops_for(gpunn.Device("cpu"), fused=True).fused is cpukernels.available()
+    assert ops.ops_for(gpunn.Device("cpu"), fused=False).fused is False
+
+
+def test_without_numba_the_cpu_runs_the_numpy_path(monkeypatch):
+    """Where numba is missing or fails to import, fused CPU ops fall back to the NumPy reference."""
+    monkeypatch.setattr(cpukernels, "available", lambda: False)
+    assert type(ops.ops_for(gpunn.Device("cpu"), fused=True)) is ops.XpOps    # asked for: imported, refused
+    net = gpunn.mlp([2, 3, 1], output="sigmoid", device="cpu", seed=0)        # default: loaded lazily
+    net.ops.warm_up()
+    assert net.fused is False
+    net.fit(numpy.zeros((4, 2)), numpy.ones((4, 1)), epochs=1)
+    monkeypatch.setattr(cpukernels, "installed", lambda: False)
+    assert type(ops.ops_for(gpunn.Device("cpu"))) is ops.XpOps

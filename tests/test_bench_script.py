@@ -17,7 +17,7 @@ from gpunn.bench import step_flops
 
 
 def test_contenders_agree_with_gpunn():
-    names, _ = compare.available(["gpunn", "numpy", "torch", "sklearn"])
+    names, _ = compare.available(["gpunn", "numpy", "torch", "jax", "sklearn"])
     for workload in ("lecture", "mlp"):
         res = compare.agreement(workload, 5, names)
         assert "numpy" in res["diffs"]
@@ -157,3 +157,53 @@ def test_the_blocker_kernel_compiles_for_sm90(tmp_path):
     r = subprocess.run([shutil.which("nvcc"), "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "s.o")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_jax_contender_is_skipped_cleanly_without_jax(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax", None)          # import jax raises ImportError
+    names, skipped = compare.available(["gpunn", "jax"])
+    assert names == ["gpunn"] and skipped == {"jax": "jax is not installed"}
+
+
+def test_the_jax_contender_agrees_where_jax_is_installed():
+    pytest.importorskip("jax")
+    res = compare.agreement("mlp", 5, ["gpunn", "jax"])
+    assert res["diffs"]["jax"] <= 1e-4
+
+
+def test_the_targets_record_judges_every_target():
+    import targets
+    ratios = [{"workload": w, "batch": b, "us_per_step": {"gpunn": 10.0, "torch": 20.0},
+               "speedup_gpunn_vs": {"torch": 2.0}, "skipped": {"jax": "jax is not installed"},
+               "threads": {}} for w, b in targets.CONFIGS]
+    shares = {2048: {"us_per_step": 1.0, "gflops": 1.0, "ceiling_gflops": 1.0, "share_of_ceiling": 0.96,
+                     "share_spread": [0.95, 0.97]}}
+    busy = [{"contender": "gpunn", "batch": 32, "quiet_us": 1.0, "busy_us": 1.5, "slowdown": 1.5},
+            {"contender": "torch", "batch": 32, "quiet_us": 1.0, "busy_us": 9.0, "slowdown": 9.0},
+            {"contender": "gpunn", "batch": 256, "quiet_us": 1.0, "busy_us": 3.0, "slowdown": 3.0}]
+    got = {t: (m, v) for t, m, v in targets.verdicts(ratios, shares, busy)}
+    assert got["vs PyTorch eager, lecture b1 ≥ 15"] == ("2.00×", "NOT met")
+    assert got["vs PyTorch eager, mlp b32 ≥ 1.3"] == ("2.00×", "met")
+    assert got["vs JAX jitted step, mlp b256 ≥ 1.0"] == ("not measured", "unknown")
+    assert got["GEMM share, mlp b2048, 1 thread ≥ 95 %"] == ("96.0 %", "met")
+    assert got["busy machine slowdown, gpunn mlp b32 ≤ 2×"] == ("1.50× (PyTorch 9.00×)", "met")
+    assert got["busy machine slowdown, gpunn mlp b256 ≤ 2×"] == ("3.00× (PyTorch not measured)", "NOT met")
+    env = {"cpu": "Test CPU", "date": "2026-12-01", "commit": "abc", "machine": "m", "cores": 2, "python": "3",
+           "numpy": "2", "blas": "b", "numba": "0", "threads_summary": "auto"}
+    text = targets.markdown(env, ratios, shares, busy, ["gpunn", "torch"])
+    assert "| vs PyTorch eager, mlp b2048 ≥ 1.12 | 2.00× | met |" in text and "jax not measured" in text
+
+
+def test_the_step_profile_names_every_operation():
+    import targets
+    p = targets.op_profile("lecture", 1, 1, 0.005)
+    parts = p["parts_us"]
+    assert {"gemm L0 x·W", "L1 bias + sigmoid", "gemm L1 δ·Wᵀ", "L0 δ = f′·g (sigmoid)", "loss squared_error",
+            "update"} <= set(parts) and p["step_us"] > 0 and p["gemm_us"] > 0
+    assert "| gemm L0 x·W |" in "\n".join(targets.profile_tables([p, {"workload": "mlp", "batch": 2, "error": "x"}]))
+
+
+def test_the_gemm_share_worker_runs_on_one_thread():
+    import targets
+    row = targets.gemm_share(8, 1, 0.01)
+    assert row["threads"] in (1, None) and row["us_per_step"] > 0

@@ -17,9 +17,12 @@ def test_info_text_and_json():
     r = run("info")
     assert r.exit_code == 0, r.output
     assert "gpunn" in r.output and "NumPy" in r.output and "TF32" in r.output
+    assert "BLAS threads: " in r.output and "fused CPU kernels: " in r.output
     r = run("info", "--json")
     env = json.loads(r.output)
-    assert {"gpunn", "python", "numpy", "devices", "tf32", "gpus", "cuda_unavailable_reason"} <= set(env)
+    assert {"gpunn", "python", "numpy", "devices", "tf32", "gpus", "cuda_unavailable_reason", "threads",
+            "numba"} <= set(env)
+    assert {"mode", "usable_cores", "local_ranks", "min_rows", "applied"} <= set(env["threads"])
 
 
 def test_info_explains_unusable_default_device(monkeypatch):
@@ -129,7 +132,20 @@ def test_bench_tiny(tmp_path):
     for key in ("us_per_step", "samples_per_s", "gflops", "ceiling_gflops", "share_of_ceiling", "h2d_ms"):
         assert row[key] > 0, key
     assert row["batch"] == 2 and row["workload"] == "lecture"
-    assert "| workload |" in r.output
+    assert "| workload |" in r.output and "# BLAS threads: " in r.output and "| threads |" in r.output
+    assert row["threads"] in (None, 1)       # None where a user BLAS variable is set
+
+
+def test_bench_takes_a_thread_setting():
+    from gpunn import threads
+    try:
+        r = run("bench", "--workload", "lecture", "--batch-size", "1", "--repeats", "1", "--min-time", "0.01",
+                "--threads", "off")
+        assert r.exit_code == 0 and "left alone" in r.output, r.output
+        r = run("bench", "--threads", "lots")
+        assert r.exit_code == 2 and "--threads" in r.output
+    finally:
+        threads.set_threads(None)
 
 
 def test_default_train_reaches_95_percent_on_digits():

@@ -210,3 +210,18 @@ def test_a_custom_activation_never_runs_as_its_parents_fused_kernel(fake_gpu):
     gpu = net("cuda:0")
     assert gpu.fused
     numpy.testing.assert_allclose(host(gpu.predict(X)), host(net("cpu").predict(X)), rtol=1e-10)
+
+
+def test_a_custom_activation_never_runs_as_its_parents_fused_cpu_kernel():
+    """On the CPU with the fused (numba) kernels, a Tanh subclass runs its own forward and derivative."""
+    pytest.importorskip("numba", reason="the fused CPU kernels need numba (pip install 'gpunn[fast]')")
+
+    def net(fused):
+        return gpunn.Sequential([gpunn.Dense(2, 3, ScaledTanh(3.0)), gpunn.Dense(3, 1, "sigmoid")], device="cpu",
+                                dtype="float64", seed=0, fused=fused)
+    fast, plain = net(True), net(False)
+    assert fast.fused and not plain.fused
+    numpy.testing.assert_array_equal(fast.predict(X), plain.predict(X))
+    for n in (fast, plain):
+        n.train_step(X, numpy.ones((len(X), 1)), "squared_error", gpunn.SGD(lr=0.1))
+    numpy.testing.assert_array_equal(fast.flat_parameters(), plain.flat_parameters())

@@ -253,7 +253,7 @@ def test_summary_tables_the_layers():
     text = net.summary()
     assert repr(text) == str(text)
     lines = str(text).splitlines()
-    assert lines[0] == "Sequential on cpu, float32"
+    assert lines[0] == "Sequential on cpu, float32" + (", fused CPU kernels" if net.fused else "")
     assert lines[2].split() == ["0", "Dense", "64", "->", "32", "ReLU()", "2,048", "32", "2,080"]
     assert lines[3].split() == ["1", "Dense", "32", "->", "10", "Softmax()", "320", "10", "330"]
     assert lines[4].split() == ["total", f"{64 * 32 + 32 + 32 * 10 + 10:,}"]

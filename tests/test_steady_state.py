@@ -47,10 +47,13 @@ def _step_peak(hidden, out, loss, opt, B, width=64):
 def test_step_allocates_nothing_batch_sized(hidden, out, loss, opt):
     """Peak traced memory of 5 steady-state steps does not grow with the batch size.
 
-    (NumPy's ufunc machinery uses one fixed 8192-element iteration buffer for the broadcast bias
-    add, ~33 kB whatever the batch; that is not a batch-sized array.)
+    (NumPy's ufunc machinery uses one fixed 8192-element iteration buffer for a broadcast operation
+    on more than 8192 elements, ~33 kB whatever the batch; that is not a batch-sized array. The
+    smaller batch is large enough that its output layer's broadcasts take that buffer too: with the
+    fused CPU kernels the bias adds no longer go through NumPy, and what is left would otherwise take
+    the buffer at one batch size and not at the other.)
     """
-    small, large = _step_peak(hidden, out, loss, opt, 256), _step_peak(hidden, out, loss, opt, 4096)
+    small, large = _step_peak(hidden, out, loss, opt, 1024), _step_peak(hidden, out, loss, opt, 4096)
     smallest_large_batch_array = 4096 * 10 * 4          # the output layer's (B, 10) float32 buffer
     assert large - small < 2048, (small, large)
     assert large < smallest_large_batch_array / 2, large

@@ -1,0 +1,332 @@
+"""How many BLAS threads gpunn's own CPU work runs with: a policy, applied once per change.
+
+On a small CPU a second BLAS thread pays only for large batches, and costs a great deal when another
+process holds a core: an OpenBLAS call waits for its slowest thread, so a step with 2 threads on a
+2-core machine with one busy core was measured 3–62× slower than on a quiet one (CPU-NOTES). gpunn
+therefore chooses the threads itself, before every step, from
+
+1. the user's BLAS settings: ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set in
+   the environment win, and gpunn never touches the threads;
+2. the user's explicit choice: :func:`set_threads` (``gpunn bench --threads``), else the environment
+   variable ``GPUNN_THREADS`` — a number, ``auto`` (the default), ``steady`` or ``off`` (leave the threads
+   alone);
+3. otherwise (``auto``): 1 thread for batches below :data:`MIN_ROWS` rows (more cannot pay there); above,
+   the cores this process may use (its CPU affinity and its cgroup's CPU quota) divided among the MPI
+   ranks on this machine (:func:`set_local_ranks`, else the launcher's environment), less the cores that
+   other processes kept busy during the last :data:`LOOK_EVERY` seconds. ``steady`` is the same rule
+   without that last term.
+
+OpenBLAS's GEMM results differ in the last bits between thread counts (it blocks the sums differently).
+Below :data:`MIN_ROWS` rows every mode but a fixed number gives one thread, so results do not depend on
+the machine's load; above it, ``auto`` follows the load and a run's last bits may differ between a quiet
+and a busy machine: ``steady`` or a number make them depend on the machine and batch size only.
+
+The choice is applied through threadpoolctl's ``ThreadpoolController`` (made once; a switch costs
+~8 µs) and kept: nothing is done while it does not change. Per step the cost is one comparison (and,
+for batches of :data:`MIN_ROWS` rows or more, one clock read).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["MIN_ROWS", "LOOK_EVERY", "USER_BLAS_VARIABLES", "apply", "set_threads", "set_local_ranks",
+           "local_ranks", "usable_cores", "current", "describe", "summary", "choose", "policy"]
+
+#: Batches of fewer rows run on one BLAS thread: at B = 32 a second thread gained 1.31× on a quiet
+#: 2-core machine and lost up to 62× on a busy one (CPU-NOTES); from 256 rows it gains 1.67×.
+MIN_ROWS = 256
+#: Seconds between two looks at how busy the other processes keep this process's cores.
+LOOK_EVERY = 0.5
+#: Cores that other processes keep busy count from this fraction of a core up.
+BUSY_MARGIN = 0.25
+#: Environment variables by which a user sets BLAS threads; any of them set: gpunn leaves threads alone.
+USER_BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+#: Environment variables by which MPI launchers tell a rank how many ranks share its machine.
+LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def parse_setting(value: Any, where: str) -> int | str:
+    """A thread setting as ``"auto"``, ``"steady"``, ``"off"`` or a positive int; ConfigError otherwise."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "auto"):
+            return "auto"
+        if text in ("off", "none", "system"):
+            return "off"
+        if text == "steady":
+            return "steady"
+        value = text
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or n < 1 or str(n) != str(value).strip():
+        raise ConfigError(f"{where} must be a positive number of threads, 'auto', 'steady' or 'off'; got {value!r}")
+    return n
+
+
+def user_blas_setting(environ: Any = None) -> str | None:
+    """``NAME=value`` of the first BLAS thread variable the user set, or None."""
+    env = os.environ if environ is None else environ
+    for name in USER_BLAS_VARIABLES:
+        if env.get(name, "").strip():
+            return f"{name}={env[name].strip()}"
+    return None
+
+
+def cgroup_quota() -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``),
+    the smallest along the path to the root; None when there is none."""
+    quotas = []
+    try:
+        with open("/proc/self/cgroup") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            quotas += _quotas("/sys/fs/cgroup", path, "cpu.max", None)
+        elif "cpu" in controllers.split(","):
+            quotas += _quotas("/sys/fs/cgroup/cpu", path, "cpu.cfs_quota_us", "cpu.cfs_period_us")
+    return min(quotas) if quotas else None
+
+
+def _quotas(root: str, path: str, quota_file: str, period_file: str | None) -> list[float]:
+    found = []
+    parts = [p for p in path.split("/") if p]
+    for k in range(len(parts), -1, -1):
+        where = os.path.join(root, *parts[:k])
+        try:
+            with open(os.path.join(where, quota_file)) as fh:
+                fields = fh.read().split()
+            if period_file is not None:
+                with open(os.path.join(where, period_file)) as fh:
+                    fields.append(fh.read().strip())
+        except OSError:
+            continue
+        if len(fields) >= 2 and fields[0] not in ("max", "-1"):
+            try:
+                found.append(float(fields[0]) / float(fields[1]))
+            except (ValueError, ZeroDivisionError):
+                pass
+    return found
+
+
+def affinity() -> set[int]:
+    """The CPUs this process may run on."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # pragma: no cover - not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by its cgroup's quota (rounded up)."""
+    n = len(affinity())
+    quota = cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota - 1e-9)))
+    return max(1, n)
+
+
+def choose(rows: int, cores: int, ranks: int = 1, others_busy: float = 0.0, setting: int | str = "auto",
+           user_blas: str | None = None) -> int | None:
+    """The BLAS threads for a step of ``rows`` rows (None: leave the threads as they are).
+
+    ``cores``: usable cores; ``ranks``: processes of this job on the machine; ``others_busy``: cores
+    other processes kept busy lately (ignored by ``"steady"``); ``setting``: the user's (``"auto"``,
+    ``"steady"``, ``"off"`` or a number);
+    ``user_blas``: a BLAS thread variable the user set (it wins).
+    """
+    if user_blas is not None or setting == "off":
+        return None
+    if isinstance(setting, int):
+        return setting
+    if rows < MIN_ROWS:
+        return 1
+    share = max(1, cores // max(1, ranks))
+    if setting == "steady":
+        return share
+    free = cores - max(0, math.ceil(others_busy - BUSY_MARGIN))
+    return max(1, min(share, free))
+
+
+class LoadMeter:
+    """How many of this process's CPUs other processes kept busy between two looks: the busy time of
+    those CPUs in ``/proc/stat`` less this process's own CPU time (its BLAS workers' spinning included)."""
+
+    def __init__(self, cpus: set[int], stat_path: str = "/proc/stat", clock: Any = time.monotonic,
+                 cpu_clock: Any = time.process_time):
+        self.cpus = {f"cpu{c}" for c in cpus}
+        self.stat_path = stat_path
+        self.clock, self.cpu_clock = clock, cpu_clock
+        self.tick = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+        self.last: tuple[float, float, float] | None = None
+
+    def sample(self) -> tuple[float, float, float] | None:
+        """(wall seconds, busy CPU seconds of our CPUs, our own CPU seconds), or None without /proc/stat."""
+        busy = 0.0
+        try:
+            with open(self.stat_path) as fh:
+                for line in fh:
+                    fields = line.split()
+                    if fields and fields[0] in self.cpus:
+                        ticks = [int(v) for v in fields[1:9]]
+                        busy += sum(ticks) - ticks[3] - ticks[4]          # all but idle and iowait
+        except (OSError, ValueError):
+            return None
+        return self.clock(), busy * self.tick, self.cpu_clock()
+
+    def others_busy(self) -> float | None:
+        """Cores others kept busy since the previous call (None at the first call, or without /proc)."""
+        now = self.sample()
+        last, self.last = self.last, now
+        if now is None or last is None or now[0] - last[0] < 1e-3:
+            return None
+        wall = now[0] - last[0]
+        return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
+
+
+class ThreadPolicy:
+    """The process's thread choice: what the user set, what was applied, when to look again."""
+
+    def __init__(self) -> None:
+        self.rows: int | None = None       # rows of the step the choice was made for (None: choose again)
+        self.applied: int | None = None    # threads last set through the controller
+        self.setting: int | str | None = None      # set_threads(); None: GPUNN_THREADS decides
+        self.ranks: int | None = None              # set_local_ranks(); None: the launcher's environment
+        self.next_look = 0.0
+        self.meter: LoadMeter | None = None
+        self.controller: Any = None
+        self.error: str | None = None
+
+    def user_setting(self) -> int | str:
+        if self.setting is not None:
+            return self.setting
+        return parse_setting(os.environ.get("GPUNN_THREADS", "auto"), "GPUNN_THREADS")
+
+    def local_ranks(self) -> int:
+        if self.ranks is not None:
+            return self.ranks
+        for name in LOCAL_RANK_VARIABLES:
+            value = os.environ.get(name, "").strip()
+            if value.isdigit() and int(value) > 0:
+                return int(value)
+        return 1
+
+    def apply(self, rows: int) -> None:
+        """Make the BLAS threads this policy's choice for a step of ``rows`` rows."""
+        if rows == self.rows and (rows < MIN_ROWS or time.monotonic() < self.next_look):
+            return
+        self.rows = rows
+        self.next_look = time.monotonic() + LOOK_EVERY
+        setting, user_blas = self.user_setting(), user_blas_setting()
+        busy = 0.0
+        if rows >= MIN_ROWS and setting == "auto" and user_blas is None:
+            if self.meter is None:
+                self.meter = LoadMeter(affinity())
+            busy = self.meter.others_busy() or 0.0
+        cores = usable_cores() if rows >= MIN_ROWS else 1       # below MIN_ROWS the cores do not count
+        n = choose(rows, cores, self.local_ranks(), busy, setting, user_blas)
+        if n is not None and n != self.applied:
+            self.set_blas_threads(n)
+
+    def set_blas_threads(self, n: int) -> None:
+        """Set every BLAS library's threads to ``n`` (the controller is made at the first switch)."""
+        try:
+            if self.controller is None:
+                from threadpoolctl import ThreadpoolController
+                self.controller = ThreadpoolController()
+            self.controller.limit(limits=n, user_api="blas")
+            self.applied = n
+        except Exception as exc:   # threadpoolctl missing or refusing: run on with the threads as they are
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.next_look = math.inf
+
+    def invalidate(self) -> None:
+        self.rows = None
+
+
+_POLICY = ThreadPolicy()
+
+
+def policy() -> ThreadPolicy:
+    """The process's one policy object."""
+    return _POLICY
+
+
+def apply(rows: int) -> None:
+    """Apply the thread choice for a step of ``rows`` rows (what :meth:`gpunn.ops.XpOps.begin_step` calls)."""
+    _POLICY.apply(rows)
+
+
+def set_threads(n: int | str | None) -> None:
+    """Set the BLAS threads of gpunn's steps: a number, ``"auto"`` (the policy), ``"steady"`` (the policy
+    without the machine's load), ``"off"`` (leave them alone) or None (back to ``GPUNN_THREADS``). BLAS
+    thread variables set in the environment still win."""
+    _POLICY.setting = None if n is None else parse_setting(n, "threads")
+    _POLICY.invalidate()
+
+
+def set_local_ranks(n: int | None) -> None:
+    """Tell the policy how many processes of this job share the machine (MPI ranks on this node); None:
+    read the launcher's environment again."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"local ranks must be a positive integer; got {n!r}")
+    _POLICY.ranks = n
+    _POLICY.invalidate()
+
+
+def local_ranks() -> int:
+    """Processes of this job on this machine, as the policy counts them."""
+    return _POLICY.local_ranks()
+
+
+def current() -> int | None:
+    """The BLAS threads gpunn last set (None: it has not set any)."""
+    return _POLICY.applied
+
+
+def describe() -> dict:
+    """What the policy sees and chose, for ``gpunn info`` and benchmark records."""
+    user_blas = user_blas_setting()
+    try:
+        setting: int | str = _POLICY.user_setting()
+    except ConfigError as exc:
+        setting = f"invalid: {exc}"
+    cores, quota = usable_cores(), cgroup_quota()
+    return {"mode": "user BLAS variable" if user_blas else setting if isinstance(setting, str) else "fixed",
+            "user_blas": user_blas, "setting": setting, "usable_cores": cores, "affinity": len(affinity()),
+            "cgroup_quota": quota, "local_ranks": _POLICY.local_ranks(), "min_rows": MIN_ROWS,
+            "applied": _POLICY.applied, "error": _POLICY.error}
+
+
+def summary(info: dict | None = None) -> str:
+    """One line saying how gpunn chooses BLAS threads here."""
+    d = describe() if info is None else info
+    if d["user_blas"]:
+        text = f"left alone ({d['user_blas']} is set)"
+    elif d["setting"] == "off":
+        text = "left alone (GPUNN_THREADS=off)"
+    elif isinstance(d["setting"], int):
+        text = f"{d['setting']} (set by the user)"
+    elif d["setting"] in ("auto", "steady"):
+        share = max(1, d["usable_cores"] // d["local_ranks"])
+        busy = " less the cores others keep busy" if d["setting"] == "auto" else ""
+        text = (f"{d['setting']}: 1 below {d['min_rows']} rows, else {'up to ' if busy else ''}{share}{busy} "
+                f"({d['usable_cores']} usable: affinity {d['affinity']}, cgroup quota "
+                f"{'none' if d['cgroup_quota'] is None else format(d['cgroup_quota'], 'g')}; "
+                f"{d['local_ranks']} local rank{'s' if d['local_ranks'] != 1 else ''})")
+    else:
+        text = str(d["setting"])
+    if d["applied"] is not None:
+        text += f"; last set: {d['applied']}"
+    if d["error"]:
+        text += f"; not applied: {d['error']}"
+    return text

@@ -1,0 +1,200 @@
+"""gpunn's choice of BLAS threads (gpunn.threads): the rule, what it reads, and that it is applied once."""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import gpunn
+from gpunn import cpukernels, threads
+from gpunn.errors import ConfigError
+
+
+@pytest.fixture
+def quiet_env(monkeypatch):
+    """No user BLAS variables, no GPUNN_THREADS, no launcher's rank count; the policy reset afterwards."""
+    for name in threads.USER_BLAS_VARIABLES + threads.LOCAL_RANK_VARIABLES + ("GPUNN_THREADS",):
+        monkeypatch.delenv(name, raising=False)
+    yield monkeypatch
+    threads.set_threads(None)
+    threads.set_local_ranks(None)
+
+
+@pytest.mark.parametrize("rows,cores,ranks,busy,setting,user,expected", [
+    (1, 2, 1, 0.0, "auto", None, 1),            # the lecture's batch: one thread
+    (255, 8, 1, 0.0, "auto", None, 1),          # below MIN_ROWS: one thread whatever the cores
+    (256, 2, 1, 0.0, "auto", None, 2),          # from MIN_ROWS: the usable cores
+    (2048, 8, 2, 0.0, "auto", None, 4),         # shared among the local ranks
+    (2048, 2, 4, 0.0, "auto", None, 1),         # more ranks than cores: one each
+    (256, 2, 1, 1.0, "auto", None, 1),          # another process spins on one of 2 cores
+    (256, 2, 1, 0.6, "auto", None, 1),          # ... while it shares a core with us
+    (256, 2, 1, 0.2, "auto", None, 2),          # background noise below the margin
+    (256, 8, 1, 3.0, "auto", None, 5),
+    (256, 2, 1, 5.0, "auto", None, 1),          # never fewer than one
+    (256, 2, 1, 1.0, "steady", None, 2),        # steady: the load does not count
+    (100, 8, 1, 1.0, "steady", None, 1),
+    (2048, 8, 2, 0.0, "steady", None, 4),
+    (1, 2, 1, 0.0, 3, None, 3),                 # the user's number, even for small batches
+    (4096, 2, 1, 0.0, "off", None, None),       # off: left alone
+    (4096, 2, 1, 0.0, 3, "OMP_NUM_THREADS=1", None),   # a user BLAS variable wins over everything
+])
+def test_the_rule(rows, cores, ranks, busy, setting, user, expected):
+    assert threads.choose(rows, cores, ranks, busy, setting, user) == expected
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("", "auto"), (" AUTO ", "auto"), ("off", "off"),
+                                            ("steady", "steady"),
+                                            ("none", "off"), ("4", 4), (2, 2), (" 3 ", 3)])
+def test_settings_parse(value, expected):
+    assert threads.parse_setting(value, "x") == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", 2.5, True, "1.0", 0, None])
+def test_bad_settings_say_what_is_expected(value):
+    with pytest.raises(ConfigError, match="positive number of threads, 'auto', 'steady' or 'off'"):
+        threads.parse_setting(value, "GPUNN_THREADS")
+
+
+def test_user_blas_variables_are_found():
+    assert threads.user_blas_setting({}) is None
+    assert threads.user_blas_setting({"OMP_NUM_THREADS": " "}) is None
+    assert threads.user_blas_setting({"MKL_NUM_THREADS": "2"}) == "MKL_NUM_THREADS=2"
+
+
+def test_cgroup_quotas_are_read_along_the_path(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "a" / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "a" / "b" / "cpu.max").write_text("300000 100000\n")
+    assert threads._quotas(str(tmp_path), "/a/b", "cpu.max", None) == [3.0, 1.5]
+    (tmp_path / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "a" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "a" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads._quotas(str(tmp_path), "/a", "cpu.cfs_quota_us", "cpu.cfs_period_us") == [0.5]
+
+
+def test_usable_cores_take_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(threads, "affinity", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: None)
+    assert threads.usable_cores() == 4
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: 1.5)
+    assert threads.usable_cores() == 2
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: 0.2)
+    assert threads.usable_cores() == 1
+    assert threads.usable_cores() >= 1 and threads.cgroup_quota() is not None or True   # readable here
+
+
+def test_the_load_meter_subtracts_our_own_cpu_time(tmp_path):
+    stat = tmp_path / "stat"
+    clock = {"wall": 0.0, "cpu": 0.0}
+    meter = threads.LoadMeter({0, 1}, str(stat), clock=lambda: clock["wall"], cpu_clock=lambda: clock["cpu"])
+    meter.tick = 0.01
+
+    def write(busy0, busy1, other):
+        stat.write_text(f"cpu  1 1 1 1 1 1 1 1 0 0\ncpu0 {busy0} 0 0 500 7 0 0 0 0 0\n"
+                        f"cpu1 {busy1} 0 0 500 9 0 0 0 0 0\ncpu2 {other} 0 0 0 0 0 0 0 0 0\n")
+    write(100, 100, 0)
+    assert meter.others_busy() is None                 # the first look has nothing to compare with
+    write(150, 200, 10_000)                            # 1.5 CPU-seconds busy on our CPUs in 1 s (cpu2 not ours)
+    clock.update(wall=1.0, cpu=0.5)                    # of which 0.5 s were ours
+    assert meter.others_busy() == pytest.approx(1.0)
+    assert threads.LoadMeter({0}, str(tmp_path / "missing")).others_busy() is None
+
+
+class FakeController:
+    def __init__(self):
+        self.calls = []
+
+    def limit(self, limits, user_api):
+        self.calls.append((limits, user_api))
+
+
+def test_the_policy_switches_only_when_its_choice_changes(quiet_env, monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    policy = threads.ThreadPolicy()
+    policy.controller = FakeController()
+    policy.meter = threads.LoadMeter(set(), "/nonexistent")     # no load information: nobody else busy
+    for _ in range(5):
+        policy.apply(1)
+    policy.apply(32)
+    assert policy.controller.calls == [(1, "blas")] and policy.applied == 1
+    policy.apply(2048)
+    policy.apply(2048)
+    assert policy.controller.calls[-1] == (2, "blas") and len(policy.controller.calls) == 2
+    policy.ranks = 2
+    policy.invalidate()
+    policy.apply(2048)
+    assert policy.controller.calls[-1] == (1, "blas") and len(policy.controller.calls) == 3
+    quiet_env.setenv("OPENBLAS_NUM_THREADS", "2")
+    policy.invalidate()
+    policy.apply(4096)
+    assert len(policy.controller.calls) == 3            # the user's variable: nothing touched
+
+
+def test_a_training_step_sets_the_blas_threads(quiet_env):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    net = gpunn.mlp([4, 8, 1], output="sigmoid", device="cpu", seed=0)
+    net.train_step(numpy.zeros((1, 4), "float32"), numpy.zeros((1, 1), "float32"), "squared_error", gpunn.SGD())
+    assert threads.current() == 1
+    # NumPy's own BLAS (the one gpunn's matmuls run on; SciPy's, loaded later, is not gpunn's)
+    blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+    assert blas and all(i["num_threads"] == 1 for i in blas)
+    threads.set_threads(2)
+    net.train_step(numpy.zeros((1, 4), "float32"), numpy.zeros((1, 1), "float32"), "squared_error", gpunn.SGD())
+    assert threads.current() == 2
+
+
+def test_setters_check_their_values(quiet_env):
+    with pytest.raises(ConfigError):
+        threads.set_local_ranks(0)
+    with pytest.raises(ConfigError):
+        threads.set_threads("many")
+    threads.set_local_ranks(3)
+    assert threads.local_ranks() == 3
+    threads.set_local_ranks(None)
+    quiet_env.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
+    assert threads.local_ranks() == 4
+
+
+def test_describe_and_summary_say_what_was_chosen(quiet_env):
+    d = threads.describe()
+    assert d["mode"] == "auto" and d["usable_cores"] >= 1 and d["min_rows"] == threads.MIN_ROWS
+    assert threads.summary().startswith("auto: 1 below 256 rows")
+    threads.set_threads(3)
+    assert threads.summary().startswith("3 (set by the user)")
+    threads.set_threads("off")
+    assert threads.summary().startswith("left alone (GPUNN_THREADS=off)")
+    quiet_env.setenv("OMP_NUM_THREADS", "1")
+    assert threads.summary().startswith("left alone (OMP_NUM_THREADS=1 is set)")
+    quiet_env.setenv("GPUNN_THREADS", "zero")
+    threads.set_threads(None)
+    assert "invalid" in threads.describe()["setting"]
+
+
+def _train(n_threads, fused, rows=512):
+    threads.set_threads(n_threads)
+    net = gpunn.mlp([300, 64, 10], activation="sigmoid", device="cpu", seed=1, fused=fused)
+    g = numpy.random.Generator(numpy.random.PCG64(2))
+    x = g.normal(size=(rows, 300)).astype("float32")
+    t = numpy.eye(10, dtype="float32")[g.integers(0, 10, rows)]
+    opt = gpunn.SGD(lr=0.1, momentum=0.9)
+    for _ in range(3):
+        net.train_step(x, t, "cross_entropy", opt)
+    assert threads.current() == (1 if n_threads == "auto" and rows < threads.MIN_ROWS else n_threads)
+    return numpy.array(net.flat_parameters()).view("u4")
+
+
+def test_the_fused_kernels_add_no_dependence_on_the_thread_count(quiet_env):
+    """The fused CPU kernels are serial: at a given BLAS thread count they give the NumPy path's bits."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    for n in (1, 2):
+        assert numpy.array_equal(_train(n, fused=False), _train(n, fused=True))
+
+
+def test_below_min_rows_the_result_does_not_depend_on_the_load(quiet_env, monkeypatch):
+    """OpenBLAS's GEMM gives other last bits on 2 threads than on 1 (why 'steady' exists); below MIN_ROWS
+    the policy picks one thread whatever the machine's load, so results are the same busy or quiet."""
+    quiet = _train("auto", fused=None, rows=100)
+    monkeypatch.setattr(threads.LoadMeter, "others_busy", lambda self: 5.0)
+    assert numpy.array_equal(quiet, _train("auto", fused=None, rows=100))
