@@ -321,13 +321,7 @@ def get(spec: ActivationSpec) -> Activation:
     if isinstance(spec, type) and issubclass(spec, Activation):
         return spec()
     if isinstance(spec, dict):
-        params = dict(spec)
-        name = params.pop("name", None)
-        cls = _lookup(name)
-        try:
-            return cls(**params)
-        except TypeError as exc:
-            raise ConfigError(f"bad parameters {params} for activation {name!r}: {exc}") from None
+        return REGISTRY.build(spec, _lookup)
     if isinstance(spec, str):
         return _lookup(spec)()
     raise ConfigError(f"an activation must be a name, a dict or an Activation; got {type(spec).__name__}")

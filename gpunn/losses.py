@@ -155,15 +155,7 @@ def from_config(spec: Any) -> Loss:
     """A loss from what :func:`portable` stored: a key (or name) or a configuration dict."""
     if not isinstance(spec, dict):
         return get(spec)
-    params = dict(spec)
-    name = params.pop("name", None)
-    cls = REGISTRY.get(name)
-    if cls is None:
-        raise REGISTRY.unknown(name)
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ConfigError(f"bad parameters {params} for loss {name!r}: {exc}") from None
+    return REGISTRY.build(spec)
 
 
 def get(spec: str | Loss) -> Loss:

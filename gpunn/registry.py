@@ -54,6 +54,19 @@ class Registry:
     def get(self, key: Any) -> type | None:
         return self.classes.get(key) if isinstance(key, str) else None
 
+    def build(self, config: dict, lookup: Callable[[Any], type] | None = None) -> Any:
+        """The part a configuration dict describes: ``config["name"]`` looked up (``lookup``, default: by
+        key, ConfigError if unknown), called with the other entries (ConfigError if they do not fit)."""
+        params = dict(config)
+        name = params.pop("name", None)
+        cls = lookup(name) if lookup is not None else self.get(name)
+        if cls is None:
+            raise self.unknown(name)
+        try:
+            return cls(**params)
+        except TypeError as exc:
+            raise ConfigError(f"bad parameters {params} for {self.kind} {name!r}: {exc}") from None
+
     def unknown(self, key: Any) -> ConfigError:
         """The error for a key no class has; a qualified name is a class of the user's not defined here."""
         err = unknown_name(self.kind, key, self.all_names())

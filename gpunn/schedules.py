@@ -123,12 +123,4 @@ def names() -> list[str]:
 
 def from_config(config: dict) -> Schedule:
     """A schedule from :meth:`Schedule.config`'s dict."""
-    params = dict(config)
-    name = params.pop("name", None)
-    cls = REGISTRY.get(name)
-    if cls is None:
-        raise REGISTRY.unknown(name)
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ConfigError(f"bad parameters {params} for schedule {name!r}: {exc}") from None
+    return REGISTRY.build(config)
