@@ -35,10 +35,10 @@ class Admission:
 
     def __enter__(self) -> None:
         me = threading.get_ident()
+        if self._owner == me:               # re-entry: only this thread changes _owner from me, or _depth
+            self._depth += 1
+            return
         with self._cond:
-            if self._owner == me:
-                self._depth += 1
-                return
             if self._owner is not None:
                 raise ConcurrencyError("this network is being trained in another thread; its training methods "
                                        "(forward, backward, step, train_step, fit) take one thread at a time")
@@ -47,11 +47,12 @@ class Admission:
                 self._cond.wait()
 
     def __exit__(self, *exc: object) -> None:
-        with self._cond:
+        if self._depth > 1:                 # leaving a re-entry: this thread still trains
             self._depth -= 1
-            if self._depth == 0:
-                self._owner = None
-                self._cond.notify_all()
+            return
+        with self._cond:                    # nobody waits for a trainer: readers and other trainers are refused
+            self._depth -= 1
+            self._owner = None
 
     @contextlib.contextmanager
     def reading(self, what: str) -> Iterator[None]:

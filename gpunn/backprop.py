@@ -47,6 +47,11 @@ class Backprop:
             grad = layer.backward(grad, self.ops)
         return value
 
+    def gradients(self, x: Array, t: Array, loss: Loss, value_out: Array | None = None) -> Array:
+        """Steps 2–4: :meth:`forward` of x, then :meth:`backward` for targets t; returns the mean loss."""
+        self.forward(x)
+        return self.backward(t, loss, value_out)
+
     def update(self, optimizer: Optimizer) -> None:
         """Step 5: the optimiser's update of every parameter from the gradients (eq 15 for SGD)."""
         mask = self.store.decay_mask() if getattr(optimizer, "weight_decay", 0.0) else None

@@ -143,15 +143,17 @@ class Sequential:
         return self
 
     # -- the lecture's step (gpunn.backprop) ------------------------------------------------------------
+    def _arrays(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss) -> tuple[Array, Array, losses_mod.Loss]:
+        if loss is not self._step_loss:     # checked once per loss object, not every step
+            self._step_loss = _loss_for(loss, self.layers[-1].activation)
+        return (*step_arrays(X, Y, self.device, self.dtype, self.n_in, self.n_out, self._step_loss), self._step_loss)
+
     def gradients(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss, out: Array | None = None) -> Array:
         """Steps 2–4 on one batch, without the update: every layer's δ and ∂E/∂w (:meth:`flat_gradients`).
         Returns the batch's mean loss as :meth:`train_step` does (into ``out`` when given); no host sync."""
-        if loss is not self._step_loss:     # checked once per loss object, not every step
-            self._step_loss = _loss_for(loss, self.layers[-1].activation)
-        x, t = step_arrays(X, Y, self.device, self.dtype, self.n_in, self.n_out, self._step_loss)
+        x, t, checked = self._arrays(X, Y, loss)
         with self._admission, self.device.activate():
-            self._backprop.forward(x)
-            return self._backprop.backward(t, self._step_loss, out)
+            return self._backprop.gradients(x, t, checked, out)
 
     def update(self, optimizer: optim.Optimizer) -> None:
         """Step 5: the optimiser's update of every weight from the current gradients (eq 15 for SGD)."""
@@ -168,9 +170,11 @@ class Sequential:
         of the model's device, dtype and shapes are used as they are (:func:`gpunn.validation.step_arrays`),
         anything else is checked as :meth:`fit` checks it. Data-parallel steps: :mod:`gpunn.strategy`."""
         _check_optimizer(optimizer)
-        with self._admission:
-            value = self.gradients(X, Y, loss, out)
-            self.update(optimizer)
+        x, t, checked = self._arrays(X, Y, loss)
+        with self._admission, self.device.activate():
+            optimizer.attach(self)
+            value = self._backprop.gradients(x, t, checked, out)
+            self._backprop.update(optimizer)
         return value
 
     def forward(self, X: ArrayLike) -> Array:
