@@ -10,8 +10,12 @@ configuration is refused with a ConfigError naming what differs; ``epochs`` may 
 
 A checkpoint also holds the start of its last epoch (parameters, optimiser state, shuffling state), so a
 resumed run that diverges at its first step rolls back exactly as the uninterrupted run would. The
-history is a float64 table (:class:`HistoryTable`), not JSON: the header stays a few kB however long the
-run, and each epoch's write adds one row. Every field read back is checked (sizes against the run's
+history is a float64 table (:class:`HistoryTable`), not JSON, kept in a file beside the checkpoint
+(``PATH.history``) to which each epoch appends its row: an epoch's checkpoint costs the same at epoch 10
+and at epoch 100,000 (the table is rewritten only when a new field appears). The checkpoint's header holds
+the number of rows and a SHA-256 chained over them, so the history read back is exactly the one written
+(rows a crash appended after the last checkpoint are ignored, then overwritten). Every field read back
+is checked (sizes against the run's
 network, types, ranges): a checkpoint edited with its SHA-256 recomputed is a ModelFileError, never a
 broadcast, a silent zero or a raw exception.
 """
@@ -32,11 +36,31 @@ from .errors import ConfigError, ModelFileError
 from .registry import json_data
 from .types import Array
 
-__all__ = ["FORMAT", "VERSION", "Checkpoint", "EpochStart", "HistoryTable", "fingerprint", "run_config"]
+__all__ = ["FORMAT", "VERSION", "Checkpoint", "EpochStart", "HistoryTable", "fingerprint", "history_path", "row_chain",
+           "run_config"]
 
 FORMAT = "gpunn-checkpoint"
-#: The checkpoint layout (2: history as a table, the last epoch's start kept); other layouts are refused.
-VERSION = 2
+#: The checkpoint layout (3: the history appended to PATH.history, the last epoch's start kept); other
+#: layouts are refused.
+VERSION = 3
+
+
+def history_path(path: Any) -> str:
+    """The file beside the checkpoint ``path`` that holds its history rows: ``PATH.history``, or, where that
+    name would pass the file system's 255 bytes, the name cut and a SHA-256 of it in its place."""
+    folder, name = os.path.split(os.fsdecode(os.fspath(path)))
+    side = name + ".history"
+    if len(os.fsencode(side)) > 255:
+        raw = os.fsencode(name)
+        side = (raw[:200].decode("utf-8", "ignore") + "." + hashlib.sha256(raw).hexdigest()[:16] + ".history")
+    return os.path.join(folder, side)
+
+
+def row_chain(digest: str, rows: numpy.ndarray) -> str:
+    """The SHA-256 chain ``digest`` continued over each row of ``rows`` (its bytes, little-endian float64)."""
+    for row in rows:
+        digest = hashlib.sha256(digest.encode() + row.astype("<f8").tobytes()).hexdigest()
+    return digest
 
 
 def fingerprint(*arrays: Array | None) -> str:
@@ -81,6 +105,7 @@ class HistoryTable:
         self.other: dict[str, dict[str, Any]] = {}     # field -> {row: value} for values that are not numbers
         self.table = numpy.empty((0, 0))
         self.n = 0
+        self.synced: tuple[str, int, int, str] | None = None  # (file, rows, width, digest) written there last
 
     def append(self, record: dict) -> None:
         record = {str(k): v for k, v in record.items()}       # JSON names fields by strings
@@ -130,6 +155,54 @@ class HistoryTable:
     def header(self) -> dict:
         return {"fields": self.fields, "kinds": self.kinds, "absent": {k: v for k, v in self.absent.items() if v},
                 "other": self.other, "epochs": self.n}
+
+    def sync(self, path: str) -> dict:
+        """Make the file ``path`` hold exactly this table's rows: append the rows since the last sync (cost
+        independent of the rows before), or write it whole when it is new to this table or a field was added.
+        Returns what the checkpoint's header records of it: rows, width and the SHA-256 chain."""
+        width, rows = len(self.fields), self.table[:self.n]
+        last = self.synced
+        if last is not None and last[0] == path and last[2] == width and os.path.isfile(path):
+            start, digest = last[1], last[3]
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.lseek(fd, start * width * 8, os.SEEK_SET)
+                os.write(fd, numpy.ascontiguousarray(rows[start:], dtype="<f8").tobytes())
+                os.ftruncate(fd, self.n * width * 8)     # rows a crash left after the last checkpoint
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            start, digest = 0, ""
+            data = numpy.ascontiguousarray(rows, dtype="<f8").tobytes()
+            io.atomic_write(path, lambda fh: fh.write(data))
+        digest = row_chain(digest, rows[start:])
+        self.synced = (path, self.n, width, digest)
+        return {"rows": self.n, "width": width, "sha256": digest}
+
+    @staticmethod
+    def read(path: str, info: Any, shown: str) -> tuple[numpy.ndarray, tuple[str, int, int, str]]:
+        """The rows the checkpoint's header ``info`` describes, read from ``path`` and checked against its
+        SHA-256 chain (ModelFileError otherwise); rows after them are ignored. Returns them flat, and the
+        sync state to continue appending from."""
+        ok = isinstance(info, dict) and all(isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
+                                            and info[k] >= 0 for k in ("rows", "width")) \
+            and isinstance(info.get("sha256"), str)
+        if not ok:
+            raise ModelFileError(f"{shown}: the history's description is malformed; the checkpoint is corrupt or "
+                                 "was edited")
+        rows, width = info["rows"], info["width"]
+        with io.open_regular(path, ModelFileError, "checkpoint history file") as fh:
+            if os.fstat(fh.fileno()).st_size < rows * width * 8:
+                raise ModelFileError(f"{path} holds fewer history rows than its checkpoint {shown} recorded; "
+                                     "it was truncated or replaced: delete both to start afresh")
+            data = fh.read(rows * width * 8)
+        table = numpy.frombuffer(data, dtype="<f8").astype(numpy.float64).reshape(rows, width)
+        digest = row_chain("", table)
+        if digest != info["sha256"]:
+            raise ModelFileError(f"{path} is not the history its checkpoint {shown} recorded (SHA-256 differs); "
+                                 "it was edited or replaced: delete both to start afresh")
+        return table.reshape(-1), (path, rows, width, digest)
 
     @classmethod
     def records(cls, header: Any, flat: numpy.ndarray, epochs: int, shown: str) -> list[dict]:
@@ -200,19 +273,19 @@ class Checkpoint:
     last_start: EpochStart | None = None
 
     def save(self, path: Any) -> None:
-        arrays = {"params": self.params, **{f"optimizer_{k}": v for k, v in self.optimizer_state.items()},
-                  "history": self.history.array()}
+        arrays = {"params": self.params, **{f"optimizer_{k}": v for k, v in self.optimizer_state.items()}}
         if self.best_weights is not None:
             arrays["best_weights"] = self.best_weights
         header = {"dtype": self.params.dtype.name, "config": self.config, "epoch": self.epoch,
                   "checkpoint_version": VERSION, "optimizer_t": self.optimizer_t, "shuffle_rng": self.shuffle_rng,
-                  "history": self.history.header(), "stopped_early": self.stopped_early, "best": self.best}
+                  "history": {**self.history.header(), "file": self.history.sync(history_path(path))},
+                  "stopped_early": self.stopped_early, "best": self.best}
         if self.last_start is not None:
             s = self.last_start
             arrays["last_params"] = s.params
             arrays.update({f"last_optimizer_{k}": v for k, v in s.optimizer_state.items()})
             header["last_start"] = {"optimizer_t": s.optimizer_t, "shuffle_rng": s.shuffle_rng}
-        io.write_archive(path, FORMAT, header, arrays, nonfinite=_NONFINITE, typed={"history": "float64"})
+        io.write_archive(path, FORMAT, header, arrays, nonfinite=_NONFINITE)
 
     @classmethod
     def load(cls, path: Any, config: dict, state_names: tuple[str, ...]) -> Checkpoint | None:
@@ -222,15 +295,22 @@ class Checkpoint:
             return None                             # so the first save creates its target
         optional = {"best_weights", "last_params"} | {f"{p}optimizer_{k}" for p in ("", "last_")
                                                         for k in ("velocity", "m", "v")}
-        header, arrays = io.read_archive(path, FORMAT, {"params", "history"}, optional, what="gpunn checkpoint",
-                                         typed={"history": "float64"}, nonfinite=_NONFINITE)
+        header, arrays = io.read_archive(path, FORMAT, {"params"}, optional, what="gpunn checkpoint",
+                                         nonfinite=_NONFINITE)
         saved = header.get("config")
         if saved != config:
             differs = sorted(k for k in set(config) | set(saved if isinstance(saved, dict) else {})
                              if (saved if isinstance(saved, dict) else {}).get(k) != config.get(k))
             raise ConfigError(f"the checkpoint {path} was made by another run (different {', '.join(differs)}); "
                               "use another checkpoint path, delete it, or run with the same settings and data")
-        return _Reader(str(path), header, arrays, _n_parameters(config), state_names).checkpoint(config)
+        if header.get("checkpoint_version") != VERSION or not isinstance(header.get("history"), dict):
+            raise ModelFileError(f"{path} is a checkpoint of another layout (version "
+                                 f"{header.get('checkpoint_version')!r}, this gpunn writes {VERSION}); delete it "
+                                 "(and its .history file) to start afresh")
+        arrays["history"], synced = HistoryTable.read(history_path(path), header["history"].get("file"), str(path))
+        saved = _Reader(str(path), header, arrays, _n_parameters(config), state_names).checkpoint(config)
+        saved.history.synced = synced             # the next save appends after these rows
+        return saved
 
 
 #: Arrays a checkpoint may hold NaN/inf in: optimiser state (Adam's v can overflow while the weights stay

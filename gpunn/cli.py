@@ -24,6 +24,7 @@ from . import activations, losses, ops, optim, recipes, threads, userdata
 from .backend import LOGGER, Device, available_devices, cuda_unavailable_reason, parse_spec, to_host
 from .bench import WORKLOADS, environment, format_table, time_workload
 from .check import run_check
+from .checkpoint import history_path
 from .distributed import init as init_distributed
 from .errors import DistributedError, GpunnError
 from .exports import model_format
@@ -291,10 +292,7 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         raise click.BadParameter("give --dataset or --data, not both", param_hint="--data")
     if target is not None and data_spec is None:
         raise click.BadParameter("--target names a column of --data FILE; give --data too", param_hint="--target")
-    for path, option in ((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint")):
-        _writable(path, option, picture=option == "--plot", model=option == "--save")
-    distinct_outputs((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint"),
-                     inputs=_inputs(data_spec, "--data"))
+    _check_outputs(save_path, plot_path, checkpoint, data_spec)
     sizes = _csv("positive integer", layer_spec, _positive("positive integer")) if layer_spec else None
     prepared = _user_data(data_spec, target, loss, seed) if data_spec else None
     data = _split_of(prepared) if prepared else recipes.split(dataset, loss, seed)
@@ -323,6 +321,16 @@ def train(dataset, layer_spec, activation, loss, optimizer, lr, momentum, epochs
         summary["data"] = prepared.info
     _write_outputs(net, summary, prepared, save_path, plot_path, seed)
     _report_train(summary, net, dtype, as_json)
+
+
+def _check_outputs(save_path: str | None, plot_path: str | None, checkpoint: str | None,
+                   data_spec: str | None) -> None:
+    """Exit 2 before any work unless every output can be written and no two name one file (or an input)."""
+    for path, option in ((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint")):
+        _writable(path, option, picture=option == "--plot", model=option == "--save")
+    distinct_outputs((save_path, "--save"), (plot_path, "--plot"), (checkpoint, "--checkpoint"),
+                     (checkpoint and history_path(checkpoint), "--checkpoint's history file"),
+                     inputs=_inputs(data_spec, "--data"))
 
 
 def _communicator(device: str | None) -> Any:

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import gpunn
+from gpunn.checkpoint import history_path
 from gpunn.cli import main
 from gpunn.errors import SaveError
 from gpunn.io import write_text_atomic
@@ -149,7 +150,9 @@ def test_names_up_to_255_bytes_are_saved_checkpointed_and_read_back(tmp_path, na
     history = again.fit(X, Y, epochs=3, checkpoint=path)        # resumes after 2 epochs: trains one more
     assert [r["epoch"] for r in history.epochs] == [1, 2, 3]
     write_text_atomic(path, "text")
-    assert path.read_text() == "text" and os.listdir(tmp_path) == [name]     # no temporary left
+    side = os.path.basename(history_path(path))                  # the checkpoint's history rows beside it
+    assert len(os.fsencode(side)) <= 255
+    assert path.read_text() == "text" and sorted(os.listdir(tmp_path)) == sorted([name, side])   # no temporary
 
 
 def test_a_name_over_255_bytes_is_refused_before_training(tmp_path):
@@ -192,3 +195,11 @@ def test_output_into_a_closed_pipe_is_quiet(args):
         os.close(write_end)
     assert p.returncode == 1
     assert p.stderr.decode() == ""
+
+
+def test_an_output_naming_the_checkpoints_history_file_is_refused_before_work(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    r = run("train", "--dataset", "xor", "--epochs", "1", "--checkpoint", str(ckpt), "--save",
+            history_path(ckpt))
+    assert r.exit_code == 2 and "history file" in r.output
+    assert not ckpt.exists() and not os.path.exists(history_path(ckpt))

@@ -4,6 +4,7 @@ and a checkpoint edited with its SHA-256 recomputed is a ModelFileError, field b
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy
@@ -11,6 +12,7 @@ import pytest
 
 import gpunn
 from gpunn import io
+from gpunn.checkpoint import history_path, row_chain
 from gpunn.errors import DivergenceError, ModelFileError, SaveError
 from helpers import host, rng
 
@@ -68,7 +70,9 @@ def test_the_checkpoint_header_does_not_grow_with_the_epochs(tmp_path):
         with numpy.load(tmp_path / f"c{epochs}") as z:
             sizes.append(z["header"].size)
             header = json.loads(bytes(z["header"]))
-            assert z["history"].size == epochs * len(header["history"]["fields"])
+            assert "history" not in z.files       # the rows are in the file beside it, appended per epoch
+        rows = numpy.fromfile(history_path(tmp_path / f"c{epochs}"), dtype="<f8")
+        assert rows.size == epochs * len(header["history"]["fields"])
     assert sizes[1] - sizes[0] < 16         # only the digits of the counts grow
     again = _lin()
     hist = _fit(again, 50, 4, lr=1e-4, checkpoint=tmp_path / "c50")   # nothing left to train: history read back
@@ -107,13 +111,23 @@ def test_every_file_written_reads_back_at_the_header_limit(tmp_path, monkeypatch
 
 # -- checkpoints edited with the SHA-256 recomputed ------------------------------------------------------
 def _edit(path, change):
-    header, arrays = io.read_archive(path, "gpunn-checkpoint", {"params", "history"},
+    """Edit a checkpoint as its owner could: header and arrays (the history rows included), every SHA-256
+    (the archive's and the history file's chain) recomputed."""
+    header, arrays = io.read_archive(path, "gpunn-checkpoint", {"params"},
                                      {"best_weights", "last_params", "optimizer_velocity",
-                                      "last_optimizer_velocity"}, typed={"history": "float64"})
+                                      "last_optimizer_velocity"})
     for k in ("format", "format_version", "gpunn_version", "sha256"):
         header.pop(k)
+    arrays["history"] = numpy.fromfile(history_path(path), dtype="<f8")
     change(header, arrays)
-    io.write_archive(path, "gpunn-checkpoint", header, arrays, typed={"history": "float64"})
+    rows = arrays.pop("history")
+    width = max(1, len(header["history"]["fields"])) if isinstance(header.get("history"), dict) and \
+        isinstance(header["history"].get("fields"), list) else 1
+    table = rows.reshape(-1, width) if rows.size % width == 0 else rows.reshape(-1, 1)
+    rows.astype("<f8").tofile(history_path(path))
+    if isinstance(header.get("history"), dict):
+        header["history"]["file"] = {"rows": table.shape[0], "width": table.shape[1], "sha256": row_chain("", table)}
+    io.write_archive(path, "gpunn-checkpoint", header, arrays)
 
 
 EDITS = {
@@ -221,3 +235,57 @@ def test_records_a_callback_extended_load_back(tmp_path):
     resumed = _fit(_lin(), 3, 4, **run).epochs            # nothing left to train: all read back
     assert [r["note"] for r in resumed] == [None, "slow", None] and [r["flag"] for r in resumed] == [0, 1, 0]
     assert [r["7"] for r in resumed] == [0.5] * 3 and [r["loss"] for r in resumed] == [r["loss"] for r in first]
+
+
+# -- the history file beside a checkpoint: appended, checked ---------------------------------------------
+def test_each_epoch_appends_one_row_and_rewrites_no_earlier_one(tmp_path, monkeypatch):
+    """The cost of an epoch's checkpoint does not grow with the epochs before it: after the first epochs,
+    each save writes exactly one history row (width × 8 bytes) and never rewrites the history file."""
+    import gpunn.checkpoint as ckpt
+    path = tmp_path / "c"
+    side = history_path(path)
+    written, rewrites = [], []
+    real_write, real_atomic = os.write, ckpt.io.atomic_write
+    monkeypatch.setattr(ckpt.os, "write", lambda fd, data: written.append(len(data)) or real_write(fd, data))
+    monkeypatch.setattr(ckpt.io, "atomic_write",
+                        lambda p, w: (rewrites.append(os.fspath(p)) if os.fspath(p) == side else None)
+                        or real_atomic(p, w))
+    _fit(_lin(), 40, 4, lr=1e-4, checkpoint=path)
+    width = json.loads(bytes(numpy.load(path)["header"]))["history"]["file"]["width"]
+    assert len(rewrites) <= 2                                  # the first epoch, and once if a field appears
+    assert written and set(written) == {width * 8}             # then one row per epoch
+    assert os.path.getsize(side) == 40 * width * 8
+
+
+def test_rows_a_crash_left_after_the_last_checkpoint_are_ignored_then_overwritten(tmp_path):
+    path = tmp_path / "c"
+    _fit(_lin(), 3, 4, lr=1e-4, checkpoint=path)
+    with open(history_path(path), "ab") as fh:                 # epoch 4 appended, then the process died
+        fh.write(numpy.full(7, 123.0).tobytes())
+    resumed = _fit(_lin(), 6, 4, lr=1e-4, checkpoint=path)
+    whole = _fit(_lin(), 6, 4, lr=1e-4)
+    assert [r["loss"] for r in resumed.epochs] == [r["loss"] for r in whole.epochs]
+    again = _fit(_lin(), 6, 4, lr=1e-4, checkpoint=path)      # what was written since reads back
+    assert [r["loss"] for r in again.epochs] == [r["loss"] for r in whole.epochs]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "row-changed", "replaced-same-size"])
+def test_a_damaged_history_file_is_a_model_file_error(tmp_path, damage):
+    path = tmp_path / "c"
+    _fit(_lin(), 3, 4, lr=1e-4, checkpoint=path)
+    side = history_path(path)
+    rows = numpy.fromfile(side, dtype="<f8")
+    if damage == "missing":
+        os.remove(side)
+    elif damage == "truncated":
+        rows[:-1].tofile(side)
+    elif damage == "row-changed":
+        rows[1] += 1e-9
+        rows.tofile(side)
+    else:
+        numpy.zeros_like(rows).tofile(side)
+    net = _lin()
+    start = host(net.flat_parameters())
+    with pytest.raises(ModelFileError):
+        _fit(net, 6, 4, lr=1e-4, checkpoint=path)
+    numpy.testing.assert_array_equal(host(net.flat_parameters()), start)
