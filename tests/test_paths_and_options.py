@@ -199,7 +199,8 @@ def test_output_into_a_closed_pipe_is_quiet(args):
 
 def test_an_output_naming_the_checkpoints_history_file_is_refused_before_work(tmp_path):
     ckpt = tmp_path / "run.ckpt"
+    (tmp_path / "m.npz").symlink_to(history_path(ckpt))          # the model would overwrite the history
     r = run("train", "--dataset", "xor", "--epochs", "1", "--checkpoint", str(ckpt), "--save",
-            history_path(ckpt))
-    assert r.exit_code == 2 and "history file" in r.output
+            str(tmp_path / "m.npz"))
+    assert r.exit_code == 2 and "history file" in r.output, r.output
     assert not ckpt.exists() and not os.path.exists(history_path(ckpt))
