@@ -142,11 +142,17 @@ numpy.save(f"{sys.argv[1]}.{comm.rank}.npy", gpunn.to_host(net.flat_parameters()
 def test_cupy_arrays_are_summed_through_the_host_on_the_fake_gpu(tmp_path):
     run, _ = _launch(2, FAKE_GPU, tmp_path, str(tmp_path / "p"), os.path.dirname(__file__))
     assert run.returncode == 0, run.stderr[-2000:]
+    assert_two_ranks_trained_as_one_process(tmp_path / "p")
+
+
+def assert_two_ranks_trained_as_one_process(prefix) -> None:
+    """The weights the two ranks of FAKE_GPU-like jobs saved at ``prefix``.<rank>.npy are identical and equal
+    to the same Adam run in one process on the CPU."""
     g = numpy.random.default_rng(0)
     X, y = g.normal(size=(40, 5)), g.integers(0, 3, 40)
     ref = gpunn.mlp([5, 7, 3], activation="relu", device="cpu", dtype="float64", seed=1)
     ref.fit(X, y, loss="cross_entropy", optimizer=gpunn.Adam(lr=0.01), epochs=2, batch_size=12)
-    got = [numpy.load(tmp_path / f"p.{r}.npy") for r in range(2)]
+    got = [numpy.load(f"{prefix}.{r}.npy") for r in range(2)]
     numpy.testing.assert_array_equal(got[0], got[1])
     numpy.testing.assert_allclose(got[0], host(ref.flat_parameters()), rtol=1e-12, atol=1e-14)
 

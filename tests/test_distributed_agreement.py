@@ -12,7 +12,7 @@ import pytest
 
 import gpunn
 from helpers import host
-from test_distributed import _launch, pytestmark  # noqa: F401  (the same skip: no mpi4py, no mpiexec)
+from test_distributed import _launch, assert_two_ranks_trained_as_one_process, pytestmark  # noqa: F401  (the same skip: no mpi4py, no mpiexec)
 
 DIFFER = """
 import sys, numpy, gpunn
@@ -208,13 +208,7 @@ def test_without_a_working_nccl_every_rank_takes_the_host_route_together(tmp_pat
     run, seconds = _launch(2, NCCL, tmp_path, str(tmp_path / "p"), os.path.dirname(__file__), case, timeout=40)
     assert run.returncode == 0, run.stderr[-2000:]
     assert [(tmp_path / f"p.{r}.route").read_text() for r in range(2)] == ["host", "host"]
-    g = numpy.random.default_rng(0)
-    X, y = g.normal(size=(40, 5)), g.integers(0, 3, 40)
-    ref = gpunn.mlp([5, 7, 3], activation="relu", device="cpu", dtype="float64", seed=1)
-    ref.fit(X, y, loss="cross_entropy", optimizer=gpunn.Adam(lr=0.01), epochs=2, batch_size=12)
-    got = [numpy.load(tmp_path / f"p.{r}.npy") for r in range(2)]
-    numpy.testing.assert_array_equal(got[0], got[1])
-    numpy.testing.assert_allclose(got[0], host(ref.flat_parameters()), rtol=1e-12, atol=1e-14)
+    assert_two_ranks_trained_as_one_process(tmp_path / "p")
 
 
 NO_MPI4PY = "import sys; sys.modules['mpi4py'] = None\n"
