@@ -362,13 +362,15 @@ def init(device: str | Device | None = None, timeout: float | None = None) -> Co
                 "for another MPI than this mpiexec's; launch with the mpiexec of the environment mpi4py is "
                 "installed in (pip install 'gpunn[mpi]' brings MPICH and its mpiexec)")
         return Communicator(None, _alone_device(device), timeout=timeout)
+    _abort_on_uncaught(world)             # from here, an error on one rank ends the job, in init() too
+    _all_arrive(world, _timeout(timeout))   # so the blocking calls below never wait for a missing rank
     local = world.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
     if device is None:
         device = f"cuda:{local_rank}" if cuda_unavailable_reason(local_rank) is None else "cpu"
     comm = Communicator(world, get_device(device), local_rank, local_size, timeout)
-    _end_the_job_with(comm)
+    atexit.register(comm.leave)           # a rank that exits tells the others, so none waits for it in vain
     threads.set_local_ranks(local_size)          # the BLAS thread policy divides the cores among them
     if comm.is_root:
         print(f"gpunn: {comm.size} ranks, {local_size} on this node; BLAS threads per rank: {threads.summary()}",
@@ -376,17 +378,26 @@ def init(device: str | Device | None = None, timeout: float | None = None) -> Co
     return comm
 
 
-def _end_the_job_with(comm: Communicator) -> None:
-    """An uncaught exception on one rank ends the whole job (the others would wait in a collective), and a
-    rank that exits tells the others, so none waits for it in vain."""
+def _abort_on_uncaught(world: Any) -> None:
+    """An uncaught exception on one rank ends the whole job (the others would wait in a collective)."""
     previous = sys.excepthook
 
     def hook(kind: Any, value: Any, tb: Any) -> None:
         previous(kind, value, tb)
         sys.stderr.flush()
-        comm.abort(1)
+        world.Abort(1)
     sys.excepthook = hook
-    atexit.register(comm.leave)
+
+
+def _all_arrive(world: Any, limit: float) -> None:
+    """Wait, at most ``limit`` seconds, until every rank is in :func:`init`; else end the job, saying so."""
+    request, start = world.Ibarrier(), time.monotonic()
+    while not request.Test():
+        if time.monotonic() - start > limit:
+            print(f"gpunn: rank {world.Get_rank()}: the other ranks did not reach gpunn.distributed.init() within "
+                  f"{limit:g} s (GPUNN_COLLECTIVE_TIMEOUT); ending the job", file=sys.stderr, flush=True)
+            world.Abort(1)
+        time.sleep(0.001)
 
 
 def check(comm: Any) -> Communicator | None:

@@ -59,6 +59,11 @@ class Local:
         """Around a run: what to do when an exception leaves it on this process (alone: let it go)."""
         yield
 
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Around checks each rank makes of its own arguments: alone, their errors are raised as they are."""
+        yield
+
     def shard(self, data: Source) -> Source | Sharded:
         """The part of ``data`` this process trains on: all of it."""
         return data
@@ -123,6 +128,20 @@ class DataParallel(Local):
         if not ok:
             raise agreed(value)
         return value
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Each rank's checks of its own data and arguments, then one exchange: an error on any rank is the
+        same ConfigError on every rank, naming the ranks and their errors (not one rank leaving alone)."""
+        failure: GpunnError | None = None
+        try:
+            yield
+        except GpunnError as exc:
+            failure = exc
+        said = self.comm.allgather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        bad = [f"rank {r}: {text}" for r, text in enumerate(said) if text is not None]
+        if bad:
+            raise agreed(ConfigError("a rank's data or settings were refused, so no rank started: " + "; ".join(bad)))
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:

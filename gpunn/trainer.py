@@ -12,6 +12,7 @@ Per-step losses and correct counts stay on the device and are read back once per
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -73,14 +74,16 @@ class Trainer:
     def start(self, model: Trainable, X: Any, Y: Any, loss: Loss, optimizer: Optimizer, validation_data: Any,
               order: numpy.random.Generator) -> Run:
         """Check the data and make the run (nothing trained yet); ``order`` draws the batch order."""
-        source = data_mod.source(X, Y, loss, self.batch_size, model.ops, model.dtype, model.n_in, model.n_out)
-        val = _validation(model, validation_data, loss)
+        with self.strategy.together():              # a bad X on one rank is the same error on every rank
+            source = data_mod.source(X, Y, loss, self.batch_size, model.ops, model.dtype, model.n_in, model.n_out)
+            val = _validation(model, validation_data, loss)
         if self.strategy.size > 1:                  # the ranks agree on the whole run before any work
             self.strategy.agree(self._description(model, source, loss, optimizer, val))
         self.strategy.begin(model, order)           # every rank starts from the same weights and order
         config = None
         if self.checkpoint is not None:
-            check_writable(self.checkpoint)
+            path = self.checkpoint
+            self.strategy.on_root(lambda: check_writable(path))     # only the root writes it
             config = run_config(model, loss, optimizer, self.batch_size, self.shuffle, self.patience,
                                 (source.x, source.t), val)
         return Run(self, model, self.strategy.shard(source), loss, optimizer, val, order, config)
@@ -92,14 +95,22 @@ class Trainer:
             opt: Any = optimizer.config()
         except Exception:                           # a custom optimiser without a config: its repr
             opt = repr(optimizer)
+        t, state = optimizer.host_state()
         return {"network": model.config(), "device kind": model.device.kind, "loss": loss.name,
-                "optimizer": (type(optimizer).__name__, opt), "optimizer steps taken": optimizer.t,
+                "optimizer": (type(optimizer).__name__, _plain(opt)), "optimizer steps taken": t,
+                "optimizer state": {k: fingerprint(v) for k, v in sorted(state.items())},
                 "epochs": self.epochs, "batch_size": self.batch_size, "shuffle": bool(self.shuffle),
                 "patience": self.patience, "callbacks": [type(c).__name__ for c in self.callbacks or []],
                 "checkpoint given": self.checkpoint is not None,
                 "data shapes": (tuple(source.x.shape), tuple(source.t.shape)),
                 "data": fingerprint(source.x, source.t),
                 "validation data": None if val is None else (tuple(val[0].shape), fingerprint(*val))}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data that compares alike on every rank (a function in a custom part's configuration
+    becomes its qualified name, not its repr, whose address differs between processes)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=lambda o: getattr(o, "__qualname__", type(o).__name__)))
 
 
 def _validation(model: Trainable, validation_data: Any, loss: Loss) -> tuple[Array, Array] | None:

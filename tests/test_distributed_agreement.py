@@ -35,7 +35,12 @@ if odd:
     if what == "data": X = X.copy(); X[7, 2] += 1e-3
     if what == "length": X, y = X[:37], y[:37]
     if what == "validation": kw["validation_data"] = (X[:5], y[:5])
+    if what == "nan": X = X.copy(); X[3, 1] = float("nan")
 net = gpunn.mlp([5, 6, 3], activation=act, device="cpu", seed=0)
+if what == "optimizer-state":                       # each rank warmed the same optimiser up on its own data
+    kw["optimizer"] = gpunn.SGD(lr=0.1, momentum=0.9)
+    part = slice(8 * comm.rank, 8 * comm.rank + 8)
+    net.fit(X[part], y[part], loss="cross_entropy", optimizer=kw["optimizer"], epochs=1, batch_size=8)
 try:
     net.fit(X, y, **kw, comm=comm)
 except gpunn.ConfigError as exc:
@@ -48,7 +53,7 @@ open(f"{sys.argv[2]}.{comm.rank}", "w").write(f"rank {comm.rank} trained")
 @pytest.mark.parametrize("what,field", [
     ("lr", "optimizer"), ("momentum", "optimizer"), ("optimizer", "optimizer"), ("epochs", "epochs"),
     ("patience", "patience"), ("shuffle", "shuffle"), ("activation", "network"), ("data", "data"),
-    ("length", "data shapes"), ("validation", "validation data")])
+    ("length", "data shapes"), ("validation", "validation data"), ("optimizer-state", "optimizer state")])
 def test_ranks_that_describe_different_runs_are_all_refused_before_any_work(tmp_path, what, field):
     run, seconds = _launch(2, DIFFER, tmp_path, what, str(tmp_path / "said"), timeout=30)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -59,6 +64,43 @@ def test_ranks_that_describe_different_runs_are_all_refused_before_any_work(tmp_
     message = messages.pop()
     assert f"{field} (rank 0: " in message and "rank 1: " in message, message
     assert seconds < 20
+
+
+def test_data_refused_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
+    run, seconds = _launch(2, DIFFER, tmp_path, "nan", str(tmp_path / "said"), timeout=30)
+    assert run.returncode == 0, run.stderr[-2000:]
+    said = [(tmp_path / f"said.{r}").read_text() for r in range(2)]
+    assert said[0].split(" refused: ")[1] == said[1].split(" refused: ")[1]
+    assert "rank 1: DataError" in said[0] and "NaN" in said[0] and "rank 0:" not in said[0].split("refused: ")[1]
+
+
+def test_a_rank_that_fails_inside_init_ends_the_job_within_seconds(tmp_path):
+    script = ("import gpunn, os\n"
+              "comm = gpunn.distributed.init(device='cuda:0' if os.environ.get('PMI_RANK') == '1' else 'cpu')\n"
+              "net = gpunn.mlp([4, 3], device='cpu', seed=0)\n"
+              "import numpy\n"
+              "net.fit(numpy.zeros((8, 4)), numpy.zeros(8, int), loss='cross_entropy', epochs=100, comm=comm)\n")
+    run, seconds = _launch(2, script, tmp_path, timeout=60)
+    assert run.returncode != 0 and seconds < 15, (seconds, run.stderr[-1000:])
+
+
+CKPT_ROOT = """
+import sys, numpy, gpunn
+from gpunn.distributed import init
+comm = init(device="cpu")
+path = sys.argv[1] if comm.rank == 0 else sys.argv[1] + ".missing-folder/c"    # rank 1 could not write it
+g = numpy.random.default_rng(0)
+X, y = g.normal(size=(30, 4)), g.integers(0, 2, 30)
+net = gpunn.mlp([4, 6, 2], device="cpu", dtype="float64", seed=5)
+net.fit(X, y, loss="cross_entropy", epochs=2, batch_size=8, checkpoint=path, comm=comm)
+"""
+
+
+def test_a_checkpoint_only_rank_0_can_write_is_written_there(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    run, _ = _launch(2, CKPT_ROOT, tmp_path, str(ckpt), timeout=30)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert ckpt.exists()
 
 
 def test_ranks_that_agree_train(tmp_path):
