@@ -348,7 +348,9 @@ def measure_isolated(workload: str, batch: int, names: list[str], rounds: int, m
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workload", workload,
                "--batch-size", str(batch), "--rounds", str(rounds), "--min-time", str(min_time),
                "--dtype", dtype, "--device", device]
-        run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # the worker imports the gpunn this process runs (an uninstalled source tree too)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        run = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if run.returncode != 0:
             skipped[name] = f"worker failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else '?'}"
             continue

@@ -2,6 +2,8 @@
 finite-difference gradients, and a stand-in for a CuPy array."""
 from __future__ import annotations
 
+import os
+
 import numpy
 
 import gpunn
@@ -10,6 +12,18 @@ import gpunn
 def host(a):
     """A NumPy copy of ``a``: never a view of a CPU network's buffers, which later steps overwrite."""
     return numpy.array(gpunn.to_host(a), copy=True)
+
+
+def pythonpath(*first) -> str:
+    """A PYTHONPATH under which a child Python imports the gpunn under test (installed, or this source tree),
+    with ``first`` before it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gpunn.__file__)))
+    return os.pathsep.join(p for p in [*map(str, first), root, os.environ.get("PYTHONPATH", "")] if p)
+
+
+def child_env(*first, **variables) -> dict:
+    """This process's environment for a child Python that imports the gpunn under test (see :func:`pythonpath`)."""
+    return {**os.environ, **variables, "PYTHONPATH": pythonpath(*first)}
 
 
 def rng(seed: int = 0) -> numpy.random.Generator:

@@ -13,7 +13,7 @@ import pytest
 import gpunn
 from gpunn.errors import ConfigError, ModelFileError, SaveError
 from gpunn.schedules import Schedule
-from helpers import host
+from helpers import child_env, host
 
 X = numpy.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=float)
 Y = numpy.array([[0], [1], [1], [0]], dtype=float)
@@ -131,7 +131,7 @@ def test_a_second_process_loads_a_custom_class_once_its_module_is_imported(tmp_p
            "if sys.argv[1] == 'import': import myparts\n" \
            "try:\n    print(type(gpunn.load('m.npz').optimizer.lr).__qualname__)\n" \
            "except gpunn.errors.ModelFileError as e:\n    print('refused', e)\n"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = child_env(tmp_path)
     subprocess.run([sys.executable, "-c", save], cwd=tmp_path, env=env, check=True)
     out = [subprocess.run([sys.executable, "-c", load, arg], cwd=tmp_path, env=env, check=True,
                           capture_output=True, text=True).stdout for arg in ("import", "no")]

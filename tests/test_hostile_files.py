@@ -20,7 +20,7 @@ import pytest
 import gpunn
 from gpunn import io as gio
 from gpunn.errors import ModelFileError, SaveError
-from helpers import host
+from helpers import child_env, host
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed (pip install -e \".[test]\")")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -327,7 +327,8 @@ def test_saves_killed_at_random_moments_leave_a_loadable_file_and_no_temporaries
     target = tmp_path / "m.npz"
     rng = numpy.random.default_rng(0)
     for k in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target), str(k)], stdout=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target), str(k)], stdout=subprocess.PIPE,
+                                env=child_env())
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(float(rng.uniform(0.05, 0.4)))
         proc.send_signal(signal.SIGKILL)

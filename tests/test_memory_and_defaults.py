@@ -14,7 +14,7 @@ import numpy
 import pytest
 
 import gpunn
-from helpers import host, rng
+from helpers import child_env, host, rng
 
 LABELS = rng(1).integers(0, 2, size=20_000)
 
@@ -76,7 +76,7 @@ def test_a_memmap_shortened_during_fit_is_a_data_error_not_sigbus(tmp_path):
             print("DataError:", e)
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "GPUNN_DEVICE": "cpu"})
+                          env=child_env(GPUNN_DEVICE="cpu"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "DataError:" in done.stdout and "shortened" in done.stdout
     assert os.path.getsize(tmp_path / "x.npy") == 4096

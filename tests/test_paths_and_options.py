@@ -16,7 +16,7 @@ from gpunn.checkpoint import history_path
 from gpunn.cli import main
 from gpunn.errors import SaveError
 from gpunn.io import write_text_atomic
-from helpers import host, rng
+from helpers import child_env, host, rng
 
 
 def run(*args):
@@ -190,7 +190,7 @@ def test_output_into_a_closed_pipe_is_quiet(args):
     os.close(read_end)                      # the reader is gone before gpunn writes anything
     try:
         p = subprocess.run([sys.executable, "-m", "gpunn.cli", *args], stdout=write_end, stderr=subprocess.PIPE,
-                           timeout=120)
+                           timeout=120, env=child_env())
     finally:
         os.close(write_end)
     assert p.returncode == 1

@@ -1,13 +1,14 @@
 """Every ```python block of the README runs alone, as written, in a fresh interpreter."""
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+
+from helpers import pythonpath
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -24,5 +25,5 @@ def test_readme_block_runs_alone(code, tmp_path):
             pytest.importorskip(extra, reason=f"{extra} not installed: this README block needs the extra")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={"GPUNN_DEVICE": "cpu", "PATH": "/usr/bin:/bin",
-                              "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+                              "PYTHONPATH": pythonpath()})
     assert run.returncode == 0, run.stderr[-2000:]

@@ -17,7 +17,7 @@ from sklearn.utils.validation import has_fit_parameter  # noqa: E402
 
 import gpunn  # noqa: E402
 from gpunn.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
-from helpers import host, rng  # noqa: E402
+from helpers import child_env, host, rng  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -179,5 +179,5 @@ def test_coefs_are_host_copies_of_the_network(digits):
 def test_import_without_scikit_learn_names_the_extra():
     code = ("import sys; sys.modules['sklearn'] = None\n"
             "try:\n    import gpunn.sklearn\nexcept ImportError as e:\n    print(e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env())
     assert "pip install 'gpunn[sklearn]'" in r.stdout, r.stdout + r.stderr

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 import gpunn
 from gpunn import userdata
 from gpunn.cli import main
-from helpers import host, rng
+from helpers import child_env, host, rng
 
 
 def run(*args):
@@ -197,7 +196,7 @@ def test_a_model_from_the_python_api_evaluates_on_an_npz(tmp_path):
 
 
 def test_python_dash_m_gpunn_works():
-    env = {**os.environ, "GPUNN_DEVICE": "cpu"}
+    env = child_env(GPUNN_DEVICE="cpu")
     r = subprocess.run([sys.executable, "-m", "gpunn", "--help"], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.returncode == 0 and "Usage: gpunn" in r.stdout and "evaluate" in r.stdout
@@ -205,7 +204,7 @@ def test_python_dash_m_gpunn_works():
 
 def test_python_dash_w_error_does_not_break_a_cpu_only_script():
     code = "import gpunn; print(gpunn.mlp([2, 3, 2]).device)"
-    env = {k: v for k, v in os.environ.items() if k != "GPUNN_DEVICE"}
+    env = {k: v for k, v in child_env().items() if k != "GPUNN_DEVICE"}
     r = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.returncode == 0, r.stderr
