@@ -328,10 +328,4 @@ def get(spec: ActivationSpec) -> Activation:
 
 
 def _lookup(name: object) -> type[Activation]:
-    cls = REGISTRY.get(name)
-    if cls is None:
-        key = str(name).strip().lower()
-        cls = REGISTRY.get(_ALIASES.get(key, key))
-    if cls is None:
-        raise REGISTRY.unknown(name)
-    return cls
+    return REGISTRY.find(name, _ALIASES)

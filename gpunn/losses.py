@@ -162,10 +162,4 @@ def get(spec: str | Loss) -> Loss:
     """A loss from its name or an instance."""
     if isinstance(spec, Loss):
         return spec
-    cls = REGISTRY.get(spec)
-    if cls is None:
-        name = str(spec).strip().lower()
-        cls = REGISTRY.get(_ALIASES.get(name, name))
-    if cls is None:
-        raise REGISTRY.unknown(spec)
-    return cls()
+    return REGISTRY.find(spec, _ALIASES)()

@@ -54,6 +54,17 @@ class Registry:
     def get(self, key: Any) -> type | None:
         return self.classes.get(key) if isinstance(key, str) else None
 
+    def find(self, name: Any, aliases: dict[str, str] | None = None) -> type:
+        """The class of key ``name``, else of its lower-cased, stripped form or that form's alias; ConfigError
+        (listing the names) if none."""
+        cls = self.get(name)
+        if cls is None:
+            key = str(name).strip().lower()
+            cls = self.get((aliases or {}).get(key, key))
+        if cls is None:
+            raise self.unknown(name)
+        return cls
+
     def build(self, config: dict, lookup: Callable[[Any], type] | None = None) -> Any:
         """The part a configuration dict describes: ``config["name"]`` looked up (``lookup``, default: by
         key, ConfigError if unknown), called with the other entries (ConfigError if they do not fit)."""
