@@ -414,10 +414,7 @@ def get(spec: str | Optimizer | None, **kwargs: Any) -> Optimizer:
         return spec
     if spec is None:
         spec = "sgd"
-    cls = REGISTRY.get(spec) or REGISTRY.get(str(spec).strip().lower())
-    if cls is None:
-        raise REGISTRY.unknown(spec)
-    return cls(**kwargs)
+    return REGISTRY.find(spec)(**kwargs)
 
 
 # -- what a file stores (gpunn.registry: the rule for saved schedules and optimisers) ----------------------
