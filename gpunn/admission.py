@@ -23,7 +23,8 @@ class Admission:
     """One trainer or any number of readers of one network (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()        # taken directly where nobody waits (a C call, not Condition's)
+        self._cond = threading.Condition(self._lock)
         self._owner: int | None = None
         self._depth = 0
         self._readers = 0
@@ -38,7 +39,7 @@ class Admission:
         if self._owner == me:               # re-entry: only this thread changes _owner from me, or _depth
             self._depth += 1
             return
-        with self._cond:
+        with self._lock:
             if self._owner is not None:
                 raise ConcurrencyError("this network is being trained in another thread; its training methods "
                                        "(forward, backward, step, train_step, fit) take one thread at a time")
@@ -50,7 +51,7 @@ class Admission:
         if self._depth > 1:                 # leaving a re-entry: this thread still trains
             self._depth -= 1
             return
-        with self._cond:                    # nobody waits for a trainer: readers and other trainers are refused
+        with self._lock:                    # nobody waits for a trainer: readers and other trainers are refused
             self._depth -= 1
             self._owner = None
 

@@ -7,14 +7,14 @@ the admission of one training thread around it.
 """
 from __future__ import annotations
 
-from .layers import MAX_BATCH_SIZES, Dense
+from .layers import MAX_BATCH_SIZES, BoundStep, Dense
 from .losses import Loss
 from .ops import XpOps
 from .optim import Optimizer
 from .params import ParameterStore
 from .types import Array
 
-__all__ = ["Backprop"]
+__all__ = ["Backprop", "StepPlan"]
 
 
 class Backprop:
@@ -23,10 +23,15 @@ class Backprop:
     def __init__(self, layers: list[Dense], store: ParameterStore, ops: XpOps):
         self.layers, self.store, self.ops = layers, store, ops
         self._grad_y: dict[int, Array] = {}         # ∂E/∂y of the output, per batch size
+        self._plans: dict[tuple[int, int], StepPlan] = {}     # (rows, id(loss)) -> the step's bound calls
+        self.shown: StepPlan | None = None          # the plan whose arrays the layers expose
+        #: weights of the widest layer: × the batch's rows, the multiply-adds of the step's largest product
+        self.widest = max(layer.n_in * layer.n_out for layer in layers)
 
     def forward(self, x: Array) -> Array:
         """Step 2: each layer's y = f(x·W + b) from the layer below's y; returns the output layer's y."""
-        self.ops.begin_step(x.shape[0])      # the CPU's BLAS threads for this batch (gpunn.threads)
+        self.ops.begin_step(x.shape[0] * self.widest)     # the CPU's BLAS threads for this work (gpunn.threads)
+        self.shown = None                    # the layers show this pass's arrays now
         for layer in self.layers:
             x = layer.forward(x, self.ops)
         return x
@@ -48,11 +53,89 @@ class Backprop:
         return value
 
     def gradients(self, x: Array, t: Array, loss: Loss, value_out: Array | None = None) -> Array:
-        """Steps 2–4: :meth:`forward` of x, then :meth:`backward` for targets t; returns the mean loss."""
-        self.forward(x)
-        return self.backward(t, loss, value_out)
+        """Steps 2–4: :meth:`forward` of x, then :meth:`backward` for targets t; returns the mean loss. Run as
+        the :class:`StepPlan` of this batch size and loss (the same operations, bound once)."""
+        rows = x.shape[0]
+        self.ops.begin_step(rows * self.widest)          # the CPU's BLAS threads for this work (gpunn.threads)
+        plan = self._plans.get((rows, id(loss)))
+        if plan is None or not plan.current(loss):
+            plan = self._plan(rows, loss)
+        return plan.run(x, t, value_out)
+
+    def _plan(self, rows: int, loss: Loss) -> StepPlan:
+        """A new plan for ``rows`` and ``loss``; plans whose buffers a layer has since freed go (bounded
+        like the layers' buffers)."""
+        self._plans = {k: p for k, p in self._plans.items() if p.current(p.loss)}
+        while len(self._plans) >= MAX_BATCH_SIZES:
+            self._plans.pop(next(iter(self._plans)))
+        gy = self._grad_y.get(rows)
+        if gy is None:
+            if len(self._grad_y) >= MAX_BATCH_SIZES:
+                self._grad_y.clear()
+            gy = self._grad_y[rows] = self.ops.xp.empty((rows, self.layers[-1].n_out), self.store.dtype)
+        plan = self._plans[(rows, id(loss))] = StepPlan(self, rows, loss, gy)
+        return plan
 
     def update(self, optimizer: Optimizer) -> None:
         """Step 5: the optimiser's update of every parameter from the gradients (eq 15 for SGD)."""
         mask = self.store.decay_mask() if getattr(optimizer, "weight_decay", 0.0) else None
         optimizer.update(self.store.params, self.store.grads, mask, self.ops)
+
+
+class StepPlan:
+    """Steps 2–4 for one batch size and loss, as calls bound once to the layers' buffers
+    (:meth:`gpunn.layers.Dense.bound_step`): the operations of :meth:`Backprop.forward` and
+    :meth:`Backprop.backward` in the same order, without looking anything up again. The lecture's 4-8-1
+    step is bound by Python's calls, not by arithmetic; this halves them.
+
+    A plan is current while its ops bind the same calls (``ops.generation``: the CPU kernels loaded since
+    would change them), every layer's buffers are the ones it bound (``buffer_epoch``: made, freed, or
+    dropped with new parameters) and the loss is the same object; otherwise it is made again.
+    """
+
+    def __init__(self, backprop: Backprop, rows: int, loss: Loss, grad_y: Array):
+        self.backprop, self.ops, self.layers, self.loss, self.rows = backprop, backprop.ops, backprop.layers, loss, rows
+        self.generation = self.ops.generation
+        steps: list[BoundStep] = []
+        grad = grad_y
+        for k in range(len(self.layers) - 1, -1, -1):       # top down: each δ reads the layer above's ∂E/∂x
+            below = self.layers[k - 1].buffers(self.ops.xp, rows).y if k else None
+            steps.insert(0, self.layers[k].bound_step(self.ops, rows, below, grad))
+            grad = steps[0].bufs.dx
+        self.epochs = [layer.buffer_epoch for layer in self.layers]
+        self.steps = steps
+        self.first_W, self.first_gW = self.layers[0].W, self.layers[0].grad_W
+        self.first_delta = steps[0].bufs.delta
+        self.forward = [call for s in steps for call in s.forward]
+        self.output_delta = steps[-1].make_delta
+        self.backward = steps[-1].grads + [c for s in reversed(steps[:-1]) for c in (*s.make_delta, *s.grads)]
+        self.grad_y, self.output = grad_y, self.layers[-1]
+
+    def current(self, loss: Loss) -> bool:
+        """Whether this plan still binds what a step would use (see the class docstring)."""
+        return (loss is self.loss and self.generation == self.ops.generation
+                and [layer.buffer_epoch for layer in self.layers] == self.epochs)
+
+    def run(self, x: Array, t: Array, value_out: Array | None) -> Array:
+        """One step's forward and backward on batch x (shaped (rows, n_in)) for targets t; returns the loss."""
+        if self.backprop.shown is not self:
+            below = x
+            for layer, step in zip(self.layers, self.steps):
+                layer.show(below, step.bufs)
+                below = step.bufs.y
+            self.backprop.shown = self
+        else:
+            self.layers[0].x = x
+        matmul = self.ops.matmul
+        matmul(x, self.first_W, self.steps[0].bufs.z)          # z = x·W of the first layer
+        for call in self.forward:
+            call()
+        out = self.output
+        value, direct = self.ops.loss_backward(self.loss, out, t, self.grad_y, out.delta, value_out)
+        if not direct:
+            for call in self.output_delta:
+                call()
+        for call in self.backward:
+            call()
+        matmul(x.T, self.first_delta, self.first_gW)           # ∂E/∂W of the first layer (eq 8)
+        return value

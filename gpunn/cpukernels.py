@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -285,6 +286,22 @@ KERNELS = (bias_add, bias_sigmoid_pre, sigmoid_post, bias_relu, bias_leaky, bias
            sgd_plain, sgd_update)
 
 
+def compiled_for(kernel: Any, *args: Any) -> Callable[..., Any]:
+    """numba's compiled code of ``kernel`` for the types of ``args`` (``typeof`` of each: exactly the code
+    its dispatcher would run for them, compiled or loaded from the cache), callable without the
+    dispatcher's type resolution at every call (a third of a small kernel's cost). Only for arguments of
+    those very types: arrays bound for good (a step's buffers) and scalars of a fixed dtype."""
+    try:
+        return kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+    except Exception:   # pragma: no cover - numba refusing: its dispatcher decides at each call instead
+        return kernel
+
+
+def bind(kernel: Any, *args: Any) -> Callable[[], Any]:
+    """``kernel(*args)`` as a call taking no argument, through :func:`compiled_for` those arguments."""
+    return partial(compiled_for(kernel, *args), *args)
+
+
 # -- loading numba ---------------------------------------------------------------------------------
 @functools.cache
 def _compiled() -> tuple[Any, str | None]:
@@ -353,64 +370,54 @@ class CpuKernels:
         p = act.param
         return t(0.0), t(1.0), t(p), t(1.0 - p), t(exp_cap(dtype)), p <= 1.0
 
-    def forward(self, act: Activation, dtype: Any) -> Callable[[Array, Array, Array, Any], bool] | None:
-        """fn(z, b, y, rowstats): z ← z + b, y = f(z), returning False (nothing done) only for a softmax
-        wider than MAX_SOFTMAX_COLS."""
+    def forward(self, act: Activation, dtype: Any) -> Callable[[Array, Array, Array, Any], list | None] | None:
+        """A binder for ``act`` in ``dtype``: binder(z, b, y, rowstats, call=bind) gives the calls (each
+        taking no argument) that make z ← z + b, y = f(z) on those arrays, or None where no kernel covers
+        them (a softmax wider than MAX_SOFTMAX_COLS); ``call`` binds a kernel to its arguments (:func:`bind`
+        for calls made many times, ``functools.partial`` for one). None: no kernel for this activation."""
         k, (zero, one, p, _, cap, small) = self.k, self.constants(act, dtype)
         exp, expm1, log, tanh, logaddexp = numpy.exp, numpy.expm1, numpy.log, numpy.tanh, numpy.logaddexp
 
-        def sigmoid(z, b, y, rowstats):
-            k.bias_sigmoid_pre(z, b, y, cap)
-            exp(y, out=y)
-            k.sigmoid_post(y, one)
-            return True
+        def sigmoid(z, b, y, rowstats, call=bind):
+            return [call(k.bias_sigmoid_pre, z, b, y, cap), partial(exp, y, y), call(k.sigmoid_post, y, one)]
 
-        def elu(z, b, y, rowstats):
-            k.bias_elu_pre(z, b, y, zero)
-            expm1(y, out=y)
-            k.elu_post(z, y, p, small, zero)
-            return True
+        def elu(z, b, y, rowstats, call=bind):
+            return [call(k.bias_elu_pre, z, b, y, zero), partial(expm1, y, y),
+                    call(k.elu_post, z, y, p, small, zero)]
 
-        def softmax(z, b, y, rowstats):
+        def softmax(z, b, y, rowstats, call=bind):
             if z.shape[1] > MAX_SOFTMAX_COLS:
-                return False
-            k.softmax_pre(z, b, y, rowstats)
-            exp(y, out=y)
-            k.softmax_post(y, rowstats, zero)
-            total = rowstats[:, 1:2]
-            log(total, out=total)
-            rowstats[:, 0:1] += total
-            return True
+                return None
+            total, top = rowstats[:, 1:2], rowstats[:, 0:1]
+            return [call(k.softmax_pre, z, b, y, rowstats), partial(exp, y, y),
+                    call(k.softmax_post, y, rowstats, zero), partial(log, total, total),
+                    partial(numpy.add, top, total, top)]            # rowstats[:, 0] = m + log Σ e^(z−m)
 
-        def identity(z, b, y, rowstats):
-            k.bias_add(z, b)
-            if y is not z:
-                y[...] = z
-            return True
+        def identity(z, b, y, rowstats, call=bind):
+            return [call(k.bias_add, z, b)] + ([] if y is z else [partial(numpy.copyto, y, z)])
 
         fns = {"sigmoid": sigmoid, "elu": elu, "softmax": softmax, "identity": identity,
-               "tanh": lambda z, b, y, rowstats: k.bias_add(z, b) or tanh(z, out=y) is y,
-               "softplus": lambda z, b, y, rowstats: k.bias_add(z, b) or logaddexp(0.0, z, out=y) is y,
-               "relu": lambda z, b, y, rowstats: k.bias_relu(z, b, y, zero) or True,
-               "leaky_relu": lambda z, b, y, rowstats: k.bias_leaky(z, b, y, p) or True}
+               "tanh": lambda z, b, y, rowstats, call=bind: [call(k.bias_add, z, b), partial(tanh, z, y)],
+               "softplus": lambda z, b, y, rowstats, call=bind: [call(k.bias_add, z, b), partial(logaddexp, 0.0, z, y)],
+               "relu": lambda z, b, y, rowstats, call=bind: [call(k.bias_relu, z, b, y, zero)],
+               "leaky_relu": lambda z, b, y, rowstats, call=bind: [call(k.bias_leaky, z, b, y, p)]}
         return fns.get(Registry.key_of(type(act)))      # a subclass (another key) is not its parent's kernel
 
-    def backward(self, act: Activation, dtype: Any) -> Callable[[Array, Array, Array, Array], None] | None:
-        """fn(z, y, g, d): δ = f′(z) ⊙ g into d; None for identity and softmax."""
+    def backward(self, act: Activation, dtype: Any) -> Callable[[Array, Array, Array, Array], list] | None:
+        """A binder for ``act`` in ``dtype``: binder(z, y, g, d, call=bind) gives the calls that make
+        δ = f′(z) ⊙ g into d; None for identity and softmax (no kernel would save a pass)."""
         k, (zero, one, p, q, _, _) = self.k, self.constants(act, dtype)
         negative, expm1 = numpy.negative, numpy.expm1
 
-        def softplus(z, y, g, d):
-            negative(y, out=d)
-            expm1(d, out=d)
-            k.neg_mul(d, g)
+        def softplus(z, y, g, d, call=bind):
+            return [partial(negative, y, d), partial(expm1, d, d), call(k.neg_mul, d, g)]
 
-        fns = {"sigmoid": lambda z, y, g, d: k.sigmoid_bwd(y, g, d, one),
-               "tanh": lambda z, y, g, d: k.tanh_bwd(y, g, d, one),
-               "relu": lambda z, y, g, d: k.relu_bwd(z, g, d, one, zero),
-               "leaky_relu": lambda z, y, g, d: k.leaky_bwd(z, g, d, p, q, one, zero),
+        fns = {"sigmoid": lambda z, y, g, d, call=bind: [call(k.sigmoid_bwd, y, g, d, one)],
+               "tanh": lambda z, y, g, d, call=bind: [call(k.tanh_bwd, y, g, d, one)],
+               "relu": lambda z, y, g, d, call=bind: [call(k.relu_bwd, z, g, d, one, zero)],
+               "leaky_relu": lambda z, y, g, d, call=bind: [call(k.leaky_bwd, z, g, d, p, q, one, zero)],
                "softplus": softplus,
-               "elu": lambda z, y, g, d: k.elu_bwd(y, g, d, p, q, one, zero)}
+               "elu": lambda z, y, g, d, call=bind: [call(k.elu_bwd, y, g, d, p, q, one, zero)]}
         return fns.get(Registry.key_of(type(act)))      # a subclass (another key) is not its parent's kernel
 
     def cross_entropy(self, z: Array, y: Array, rowstats: Array, t: Array, delta: Array, out: Array) -> bool:

@@ -27,7 +27,7 @@ from .scalars import integer
 from .types import Array, ArrayModule
 from .validation import as_model_array
 
-__all__ = ["Dense", "Buffers"]
+__all__ = ["Dense", "Buffers", "BoundStep"]
 
 
 #: Batch sizes whose training buffers a layer keeps (a fit uses two: the batch and the last, smaller one;
@@ -52,6 +52,16 @@ class Buffers:
     def rows(self, n: int) -> tuple[Array, Array, Array | None]:
         """(z, y, rowstats) views of the first ``n`` rows (C-contiguous, like the whole arrays)."""
         return self.z[:n], self.y[:n], None if self.rowstats is None else self.rowstats[:n]
+
+
+class BoundStep:
+    """A layer's part of one training step, bound to its buffers (:meth:`Dense.bound_step`): the forward
+    calls, the calls making δ from ∂E/∂y, and the calls making the gradients and ∂E/∂x from δ."""
+
+    __slots__ = ("bufs", "forward", "make_delta", "grads")
+
+    def __init__(self, bufs: Buffers, forward: list, make_delta: list, grads: list):
+        self.bufs, self.forward, self.make_delta, self.grads = bufs, forward, make_delta, grads
 
 
 class _Fixed:
@@ -100,6 +110,9 @@ class Dense:
         self._gb: Array = None
         self._bufs: dict[int, Buffers] = {}
         self._infer_bufs: Buffers | None = None
+        #: counts the changes of the training buffers (made, freed, or dropped with new parameters): calls
+        #: bound to older ones (gpunn.backprop.StepPlan) are made again.
+        self.buffer_epoch = 0
         self._network: weakref.ref | None = None
         self.input_grad = True      # the network turns it off for the first layer
         self.x: Array = None
@@ -122,6 +135,7 @@ class Dense:
         """Use these arrays (views of the network's flat parameter/gradient buffers) as W, b and grads."""
         self._W, self._b, self._gW, self._gb = W, b, grad_W, grad_b
         self._bufs.clear()
+        self.buffer_epoch += 1
         self._infer_bufs = None
 
     def initial_weights(self, rng: numpy.random.Generator) -> numpy.ndarray:
@@ -148,8 +162,30 @@ class Dense:
             bufs = Buffers(xp, batch, self.n_in, self.n_out, self._W.dtype, self.activation, self.input_grad)
             while len(self._bufs) >= MAX_BATCH_SIZES:       # bounded: the least recently used size goes
                 self._bufs.pop(next(iter(self._bufs)))
+            self.buffer_epoch += 1
         self._bufs[batch] = bufs                            # most recently used last
         return bufs
+
+    def bound_step(self, ops: XpOps, rows: int, x: Array | None, grad_y: Array) -> BoundStep:
+        """This layer's part of a training step of ``rows`` rows as calls bound to its buffers (made once per
+        batch size, then run by :class:`gpunn.backprop.StepPlan`): the same operations, in the same order, as
+        :meth:`forward` and :meth:`backward`. ``x`` is the layer below's y buffer, or None for the first
+        layer, whose input is the step's batch (the plan multiplies it itself); ``grad_y`` is the
+        ∂E/∂y buffer this layer's δ is made from (the layer above's ∂E/∂x, or the loss's)."""
+        bufs = self.buffers(ops.xp, rows)
+        act, z, y, delta = self.activation, bufs.z, bufs.y, bufs.delta
+        forward = [] if x is None else [ops.bind_matmul(x, self._W, z)]                # z = x·W
+        forward += ops.bind_forward(act, z, self._b, y, bufs.rowstats)                    # + b, y = f(z)
+        make_delta = ops.bind_backward(act, z, y, grad_y, delta, bufs.scratch, bufs.rowstats)     # eq (11)
+        grads = [] if x is None else [ops.bind_matmul(x.T, delta, self._gW)]           # eq (8)
+        grads += ops.bind_column_sum(delta, self._gb)
+        if self.input_grad:
+            grads.append(ops.bind_matmul(delta, self._W.T, bufs.dx))                     # eq (7)
+        return BoundStep(bufs, forward, make_delta, grads)
+
+    def show(self, x: Array, bufs: Buffers) -> None:
+        """Expose a bound step's arrays as :meth:`forward` and :meth:`backward` do (``x, z, y, delta``)."""
+        self.x, self.z, self.y, self.rowstats, self.delta = x, bufs.z, bufs.y, bufs.rowstats, bufs.delta
 
     def keep_own_input(self) -> None:
         """Hold a copy of the last training batch's x instead of a view: the array it viewed (a shuffled copy
@@ -159,7 +195,7 @@ class Dense:
 
     def _pre_activation(self, x: Array, z: Array, y: Array, rowstats: Array | None, ops: XpOps) -> Array:
         """z = x·W + b, y = f(z): a neuron's weighted inputs plus bias, then its activation (§1.1)."""
-        ops.xp.matmul(x, self._W, out=z)                           # z_j = Σ_i w_ij y_i
+        ops.matmul(x, self._W, z)                                  # z_j = Σ_i w_ij y_i
         return ops.bias_activation(self.activation, z, self._b, y, rowstats)
 
     def forward(self, x: Array, ops: XpOps) -> Array:
@@ -169,7 +205,7 @@ class Dense:
         """
         bufs = self._bufs.get(x.shape[0]) or self.buffers(ops.xp, x.shape[0])
         z, y = bufs.z, bufs.y
-        ops.xp.matmul(x, self._W, out=z)                           # z_j = Σ_i w_ij y_i
+        ops.matmul(x, self._W, z)                                  # z_j = Σ_i w_ij y_i
         ops.bias_activation(self.activation, z, self._b, y, bufs.rowstats)
         self.x, self.z, self.y, self.rowstats = x, z, y, bufs.rowstats
         return y
@@ -194,17 +230,16 @@ class Dense:
 
         With ``delta_ready`` the loss has already written this layer's δ (y − y* forms).
         """
-        xp = ops.xp
         bufs = self._bufs[self.x.shape[0]]
         if not delta_ready:
             ops.activation_backward(self.activation, bufs.z, bufs.y, grad_y, bufs.delta, bufs.scratch,
                                     bufs.rowstats)                     # δ_j = f′(z_j) ∂E/∂y_j (eq 11)
         self.delta = bufs.delta
-        xp.matmul(self.x.T, bufs.delta, out=self._gW)             # ∂E/∂w_ij = y_i δ_j (eq 8)
+        ops.matmul(self.x.T, bufs.delta, self._gW)               # ∂E/∂w_ij = y_i δ_j (eq 8)
         ops.column_sum(bufs.delta, self._gb)
         if not self.input_grad:
             return None
-        return xp.matmul(bufs.delta, self._W.T, out=bufs.dx)     # ∂E/∂y_i = Σ_j w_ij δ_j (eq 7)
+        return ops.matmul(bufs.delta, self._W.T, bufs.dx)        # ∂E/∂y_i = Σ_j w_ij δ_j (eq 7)
 
     def config(self) -> dict:
         return {"type": "Dense", "n_in": self.n_in, "n_out": self.n_out,

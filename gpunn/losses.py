@@ -65,10 +65,11 @@ class SquaredError(Loss):
     name = "squared_error"
 
     def backward(self, layer, t, grad_y, delta):
-        xp = xp_of(layer.y)
-        xp.subtract(layer.y, t, out=grad_y)            # y − y*
-        value = xp.vdot(grad_y, grad_y) * (0.5 / t.shape[0])
-        grad_y *= 1.0 / t.shape[0]
+        y, n = layer.y, t.shape[0]
+        xp = xp_of(y)
+        xp.subtract(y, t, grad_y)                      # y − y*
+        value = xp.vdot(grad_y, grad_y) * (0.5 / n)
+        xp.multiply(grad_y, 1.0 / n, grad_y)
         return value, False                            # the layer applies f′: eq (13) for sigmoid
 
     def value(self, z, y, t):

@@ -46,7 +46,7 @@ from .scalars import flag, integer, shown
 from .strategy import for_communicator
 from .trainer import Trainer
 from .types import Array, ArrayLike, DTypeLike, PathLike
-from .validation import check_dtype, features, positive_int, step_arrays, targets
+from .validation import StepArrays, check_dtype, features, positive_int, targets
 
 __all__ = ["Sequential", "Summary", "mlp", "load", "History", "Evaluation"]
 
@@ -97,12 +97,13 @@ class Sequential:
         self.optimizer: optim.Optimizer | None = None
         self.loss: losses_mod.Loss | None = None
         self.history: History | None = None
-        self._step_loss: losses_mod.Loss | None = None
 
     # -- parameters -------------------------------------------------------------------------------
     def _use(self, store: ParameterStore) -> None:
         self._store, self._ops = store, ops_for(store.device, self._fused_choice)
         self._backprop = Backprop(self.layers, store, self._ops)
+        self._step_arrays = StepArrays(store.device, store.dtype, self.layers[0].n_in, self.layers[-1].n_out,
+                                       lambda loss: _loss_for(loss, self.layers[-1].activation))
 
     ops = property(lambda self: self._ops, doc="The compute operations of the network's device (gpunn.ops.ops_for).")
     fused = property(lambda self: self._ops.fused, doc="Whether the network runs fused kernels (CUDA or numba).")
@@ -143,15 +144,10 @@ class Sequential:
         return self
 
     # -- the lecture's step (gpunn.backprop) ------------------------------------------------------------
-    def _arrays(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss) -> tuple[Array, Array, losses_mod.Loss]:
-        if loss is not self._step_loss:     # checked once per loss object, not every step
-            self._step_loss = _loss_for(loss, self.layers[-1].activation)
-        return (*step_arrays(X, Y, self.device, self.dtype, self.n_in, self.n_out, self._step_loss), self._step_loss)
-
     def gradients(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss, out: Array | None = None) -> Array:
         """Steps 2–4 on one batch, without the update: every layer's δ and ∂E/∂w (:meth:`flat_gradients`).
         Returns the batch's mean loss as :meth:`train_step` does (into ``out`` when given); no host sync."""
-        x, t, checked = self._arrays(X, Y, loss)
+        x, t, checked = self._step_arrays(X, Y, loss)
         with self._admission, self.device.activate():
             return self._backprop.gradients(x, t, checked, out)
 
@@ -167,10 +163,10 @@ class Sequential:
         """One forward, backward and update on one batch (lecture §2 steps 2–5); returns the batch's mean
         loss as a 0-d array on the model's device, without waiting for the device (written into ``out``, a
         one-element device array, when given: then nothing is allocated). X and Y that are already arrays
-        of the model's device, dtype and shapes are used as they are (:func:`gpunn.validation.step_arrays`),
+        of the model's device, dtype and shapes are used as they are (:class:`gpunn.validation.StepArrays`),
         anything else is checked as :meth:`fit` checks it. Data-parallel steps: :mod:`gpunn.strategy`."""
         _check_optimizer(optimizer)
-        x, t, checked = self._arrays(X, Y, loss)
+        x, t, checked = self._step_arrays(X, Y, loss)
         with self._admission, self.device.activate():
             optimizer.attach(self)
             value = self._backprop.gradients(x, t, checked, out)

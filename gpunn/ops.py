@@ -7,11 +7,13 @@ CUDA kernels of :mod:`gpunn.kernels`; on the CPU :class:`CpuFusedOps` with the n
 :mod:`gpunn.cpukernels`, bitwise equal to the reference, where numba is installed. :func:`ops_for`
 chooses for a device: layers and optimisers receive an ops object and never ask which backend they
 run on. Each step starts with :meth:`XpOps.begin_step`, which on the CPU applies gpunn's choice of BLAS
-threads for the batch (:mod:`gpunn.threads`).
+threads for the step's work (:mod:`gpunn.threads`).
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from . import cpukernels, threads
@@ -41,7 +43,8 @@ class XpOps:
     def __init__(self, device: Device):
         self.device = device
         self.xp = device.xp
-        #: called with the batch's rows at the start of every step: the CPU's BLAS thread choice
+        #: called at the start of every step with the multiply-adds of its largest matrix product (batch rows
+        #: × the widest layer's weights): the CPU's BLAS thread choice
         self.begin_step = _nothing if device.is_cuda else threads.policy().apply
         # NumPy's ndarray.sum is a Python wrapper around add.reduce: one call fewer per layer and step
         self._column_sum = (lambda d, axis, out: d.sum(axis=axis, out=out)) if device.is_cuda else self.xp.add.reduce
@@ -49,6 +52,12 @@ class XpOps:
         # the rows gathered here are a permutation, always in range, so 'clip' gives the same rows
         # without the copy. CuPy's take has no mode and writes ``out`` directly.
         self._take_mode = {} if device.is_cuda else {"mode": "clip"}
+        #: matmul(a, b, out): out = a·b. NumPy's dot is its matmul's BLAS call (bitwise the same result,
+        #: tests/test_plan.py) at half the call's cost, which counts in the lecture's Python-bound step.
+        self.matmul = _cupy_matmul(self.xp) if device.is_cuda else self.xp.dot
+        #: changes whenever the calls this ops would bind change (the CPU kernels loaded): a step's bound
+        #: calls (gpunn.backprop.StepPlan) made before are then made again.
+        self.generation = 0
 
     def gather_rows(self, src: Array, index: Array, out: Array) -> Array:
         """out[k] = src[index[k]] for indices that are all in range (a permutation of the rows)."""
@@ -79,6 +88,27 @@ class XpOps:
         out[...] = value
         return out, direct
 
+    # -- the same operations bound to their arrays: calls taking no argument, made once per batch size
+    def bind_matmul(self, a: Array, b: Array, out: Array) -> Callable[[], Any]:
+        """out = a·b, as a call."""
+        return partial(self.matmul, a, b, out)
+
+    def bind_forward(self, act: Activation, z: Array, b: Array, y: Array,
+                     rowstats: Array | None) -> list[Callable[[], Any]]:
+        """:meth:`bias_activation` on these arrays, as calls to make in order."""
+        return [partial(self.bias_activation, act, z, b, y, rowstats)]
+
+    def bind_backward(self, act: Activation, z: Array, y: Array, grad: Array, out: Array, scratch: Array | None,
+                      rowstats: Array | None) -> list[Callable[[], Any]]:
+        """:meth:`activation_backward` on these arrays, as calls to make in order."""
+        return [partial(self.activation_backward, act, z, y, grad, out, scratch, rowstats)]
+
+    def bind_column_sum(self, delta: Array, out: Array) -> list[Callable[[], Any]]:
+        """:meth:`column_sum` on these arrays, as calls to make in order."""
+        if self.device.is_cuda:
+            return [partial(self.column_sum, delta, out)]
+        return [partial(self.xp.add.reduce, delta, 0, None, out)]     # NumPy's add.reduce(d, axis, dtype, out)
+
     def warm_up(self) -> None:
         """Load now whatever this ops would load lazily (nothing here; see :class:`CpuFusedOps`)."""
 
@@ -89,8 +119,14 @@ class XpOps:
         return False
 
 
-def _nothing(rows: int) -> None:
+def _nothing(work: int) -> None:
     """A GPU's step needs no thread choice."""
+
+
+def _cupy_matmul(cp: Any) -> Callable[[Array, Array, Array], Array]:
+    def matmul(a: Array, b: Array, out: Array) -> Array:
+        return cp.matmul(a, b, out=out)
+    return matmul
 
 
 class FusedOps(XpOps):
@@ -153,6 +189,7 @@ class CpuFusedOps(XpOps):
         self._bwd: dict[int, tuple] = {}
         self._values: dict[Any, Array] = {}  # dtype -> one-element scratch for the loss value
         self._sgd_plain: tuple = (None, None, None)     # (lr, dtype, lr in the dtype)
+        self._sgd_kernel: tuple = (None, None, None)    # (params, grads, the kernel compiled for them)
         self._zero = {self.xp.dtype(t): self.xp.dtype(t).type(0.0) for t in ("float32", "float64")}
         self._apply_threads = self.begin_step
         self._since: float | None = None
@@ -167,37 +204,55 @@ class CpuFusedOps(XpOps):
             if cpukernels.available():
                 self.kernels = cpukernels.CpuKernels()
                 self._colsum, self._plain = self.kernels.k.colsum, self.kernels.k.sgd_plain
+                self.generation += 1
             else:
                 self.fused = False
         self.begin_step = self._apply_threads
 
-    def _lazy_begin_step(self, rows: int) -> None:
-        self._apply_threads(rows)
+    def _lazy_begin_step(self, work: int) -> None:
+        self._apply_threads(work)
         now = time.perf_counter()
         if self._since is None:
             self._since = now
         elif now - self._since >= self.LAZY_SECONDS:
             self.warm_up()
 
+    def _binder(self, cache: dict, make: Callable, act: Activation, dtype: Any) -> Callable | None:
+        """The kernels' binder for ``act`` in ``dtype`` (made once per activation object and dtype)."""
+        hit = cache.get(id(act))
+        if hit is None or hit[0] is not act or hit[1] is not dtype:
+            hit = cache[id(act)] = (act, dtype, make(act, dtype))
+        return hit[2]
+
+    def bind_forward(self, act, z, b, y, rowstats, call=cpukernels.bind):
+        binder = None if self.kernels is None else self._binder(self._fwd, self.kernels.forward, act, z.dtype)
+        calls = None if binder is None else binder(z, b, y, rowstats, call)
+        return [partial(XpOps.bias_activation, self, act, z, b, y, rowstats)] if calls is None else calls
+
+    def bind_backward(self, act, z, y, grad, out, scratch, rowstats, call=cpukernels.bind):
+        binder = None if self.kernels is None else self._binder(self._bwd, self.kernels.backward, act, z.dtype)
+        if binder is None:
+            return [partial(XpOps.activation_backward, self, act, z, y, grad, out, scratch, rowstats)]
+        return binder(z, y, grad, out, call)
+
+    def bind_column_sum(self, delta, out):
+        rows, cols = delta.shape
+        if rows == 0 or (cols < 2 and rows >= 8) or self.kernels is None:    # see column_sum
+            return super().bind_column_sum(delta, out)
+        return [cpukernels.bind(self._colsum, delta, out, self._zero[delta.dtype])]
+
     def bias_activation(self, act, z, b, y, rowstats):
         if self.kernels is None:
             return super().bias_activation(act, z, b, y, rowstats)
-        hit = self._fwd.get(id(act))
-        if hit is None or hit[0] is not act or hit[1] is not z.dtype:
-            hit = self._fwd[id(act)] = (act, z.dtype, self.kernels.forward(act, z.dtype))
-        if hit[2] is not None and hit[2](z, b, y, rowstats):
-            return y
-        return super().bias_activation(act, z, b, y, rowstats)
+        for step in self.bind_forward(act, z, b, y, rowstats, partial):     # calls made once: no binding
+            step()
+        return y
 
     def activation_backward(self, act, z, y, grad, out, scratch, rowstats):
         if self.kernels is None:
             return super().activation_backward(act, z, y, grad, out, scratch, rowstats)
-        hit = self._bwd.get(id(act))
-        if hit is None or hit[0] is not act or hit[1] is not z.dtype:
-            hit = self._bwd[id(act)] = (act, z.dtype, self.kernels.backward(act, z.dtype))
-        if hit[2] is None:
-            return super().activation_backward(act, z, y, grad, out, scratch, rowstats)
-        hit[2](z, y, grad, out)
+        for step in self.bind_backward(act, z, y, grad, out, scratch, rowstats, partial):
+            step()
         return out
 
     def column_sum(self, delta, out):
@@ -231,7 +286,10 @@ class CpuFusedOps(XpOps):
             hit = self._sgd_plain
             if hit[0] != lr or hit[1] is not params.dtype:
                 hit = self._sgd_plain = (lr, params.dtype, params.dtype.type(lr))
-            self._plain(params, grads, hit[2])
+            plain = self._sgd_kernel
+            if plain[0] is not params or plain[1] is not grads:
+                plain = self._sgd_kernel = (params, grads, cpukernels.compiled_for(self._plain, params, grads, hit[2]))
+            plain[2](params, grads, hit[2])
             return True
         self.kernels.sgd_update(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
         return True

@@ -10,20 +10,21 @@ therefore chooses the threads itself, before every step, from
 2. the user's explicit choice: :func:`set_threads` (``gpunn bench --threads``), else the environment
    variable ``GPUNN_THREADS`` — a number, ``auto`` (the default), ``steady`` or ``off`` (leave the threads
    alone);
-3. otherwise (``auto``): 1 thread for batches below :data:`MIN_ROWS` rows (more cannot pay there); above,
+3. otherwise (``auto``): 1 thread for steps whose largest matrix product is below :data:`MIN_WORK`
+   multiply-adds (batch rows × the widest layer's weights: more threads cannot pay there); above,
    the cores this process may use (its CPU affinity and its cgroup's CPU quota) divided among the MPI
    ranks on this machine (:func:`set_local_ranks`, else the launcher's environment), less the cores that
    other processes kept busy during the last :data:`LOOK_EVERY` seconds. ``steady`` is the same rule
    without that last term.
 
 OpenBLAS's GEMM results differ in the last bits between thread counts (it blocks the sums differently).
-Below :data:`MIN_ROWS` rows every mode but a fixed number gives one thread, so results do not depend on
+Below :data:`MIN_WORK` every mode but a fixed number gives one thread, so results do not depend on
 the machine's load; above it, ``auto`` follows the load and a run's last bits may differ between a quiet
 and a busy machine: ``steady`` or a number make them depend on the machine and batch size only.
 
 The choice is applied through threadpoolctl's ``ThreadpoolController`` (made once; a switch costs
 ~8 µs) and kept: nothing is done while it does not change. Per step the cost is one comparison (and,
-for batches of :data:`MIN_ROWS` rows or more, one clock read).
+for steps of :data:`MIN_WORK` or more, one clock read).
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["MIN_ROWS", "LOOK_EVERY", "USER_BLAS_VARIABLES", "apply", "set_threads", "set_local_ranks",
+__all__ = ["MIN_WORK", "LOOK_EVERY", "USER_BLAS_VARIABLES", "apply", "set_threads", "set_local_ranks",
            "local_ranks", "usable_cores", "current", "describe", "summary", "choose", "policy"]
 
-#: Batches of fewer rows run on one BLAS thread: at B = 32 a second thread gained 1.31× on a quiet
-#: 2-core machine and lost up to 62× on a busy one (CPU-NOTES); from 256 rows it gains 1.67×.
-MIN_ROWS = 256
+#: Steps whose largest matrix product has fewer multiply-adds run on one BLAS thread. A second thread
+#: pays from about here on a quiet 2-core machine (bench/results/2026-12-01-cpu-threads-by-work.md);
+#: on a busy one the load term of the rule takes it away again (it lost up to 62× there, CPU-NOTES).
+MIN_WORK = 8_000_000
 #: Seconds between two looks at how busy the other processes keep this process's cores.
 LOOK_EVERY = 0.5
 #: Cores that other processes keep busy count from this fraction of a core up.
@@ -135,9 +137,10 @@ def usable_cores() -> int:
     return max(1, n)
 
 
-def choose(rows: int, cores: int, ranks: int = 1, others_busy: float = 0.0, setting: int | str = "auto",
+def choose(work: int, cores: int, ranks: int = 1, others_busy: float = 0.0, setting: int | str = "auto",
            user_blas: str | None = None) -> int | None:
-    """The BLAS threads for a step of ``rows`` rows (None: leave the threads as they are).
+    """The BLAS threads for a step whose largest matrix product is ``work`` multiply-adds (None: leave the
+    threads as they are).
 
     ``cores``: usable cores; ``ranks``: processes of this job on the machine; ``others_busy``: cores
     other processes kept busy lately (ignored by ``"steady"``); ``setting``: the user's (``"auto"``,
@@ -148,7 +151,7 @@ def choose(rows: int, cores: int, ranks: int = 1, others_busy: float = 0.0, sett
         return None
     if isinstance(setting, int):
         return setting
-    if rows < MIN_ROWS:
+    if work < MIN_WORK:
         return 1
     share = max(1, cores // max(1, ranks))
     if setting == "steady":
@@ -197,7 +200,7 @@ class ThreadPolicy:
     """The process's thread choice: what the user set, what was applied, when to look again."""
 
     def __init__(self) -> None:
-        self.rows: int | None = None       # rows of the step the choice was made for (None: choose again)
+        self.work: int | None = None       # work of the step the choice was made for (None: choose again)
         self.applied: int | None = None    # threads last set through the controller
         self.setting: int | str | None = None      # set_threads(); None: GPUNN_THREADS decides
         self.ranks: int | None = None              # set_local_ranks(); None: the launcher's environment
@@ -220,20 +223,21 @@ class ThreadPolicy:
                 return int(value)
         return 1
 
-    def apply(self, rows: int) -> None:
-        """Make the BLAS threads this policy's choice for a step of ``rows`` rows."""
-        if rows == self.rows and (rows < MIN_ROWS or time.monotonic() < self.next_look):
+    def apply(self, work: int) -> None:
+        """Make the BLAS threads this policy's choice for a step whose largest product is ``work``
+        multiply-adds."""
+        if work == self.work and (work < MIN_WORK or time.monotonic() < self.next_look):
             return
-        self.rows = rows
+        self.work = work
         self.next_look = time.monotonic() + LOOK_EVERY
         setting, user_blas = self.user_setting(), user_blas_setting()
         busy = 0.0
-        if rows >= MIN_ROWS and setting == "auto" and user_blas is None:
+        if work >= MIN_WORK and setting == "auto" and user_blas is None:
             if self.meter is None:
                 self.meter = LoadMeter(affinity())
             busy = self.meter.others_busy() or 0.0
-        cores = usable_cores() if rows >= MIN_ROWS else 1       # below MIN_ROWS the cores do not count
-        n = choose(rows, cores, self.local_ranks(), busy, setting, user_blas)
+        cores = usable_cores() if work >= MIN_WORK else 1       # below MIN_WORK the cores do not count
+        n = choose(work, cores, self.local_ranks(), busy, setting, user_blas)
         if n is not None and n != self.applied:
             self.set_blas_threads(n)
 
@@ -250,7 +254,7 @@ class ThreadPolicy:
             self.next_look = math.inf
 
     def invalidate(self) -> None:
-        self.rows = None
+        self.work = None
 
 
 _POLICY = ThreadPolicy()
@@ -261,9 +265,10 @@ def policy() -> ThreadPolicy:
     return _POLICY
 
 
-def apply(rows: int) -> None:
-    """Apply the thread choice for a step of ``rows`` rows (what :meth:`gpunn.ops.XpOps.begin_step` calls)."""
-    _POLICY.apply(rows)
+def apply(work: int) -> None:
+    """Apply the thread choice for a step whose largest matrix product is ``work`` multiply-adds (what
+    :meth:`gpunn.ops.XpOps.begin_step` calls)."""
+    _POLICY.apply(work)
 
 
 def set_threads(n: int | str | None) -> None:
@@ -303,7 +308,7 @@ def describe() -> dict:
     cores, quota = usable_cores(), cgroup_quota()
     return {"mode": "user BLAS variable" if user_blas else setting if isinstance(setting, str) else "fixed",
             "user_blas": user_blas, "setting": setting, "usable_cores": cores, "affinity": len(affinity()),
-            "cgroup_quota": quota, "local_ranks": _POLICY.local_ranks(), "min_rows": MIN_ROWS,
+            "cgroup_quota": quota, "local_ranks": _POLICY.local_ranks(), "min_work": MIN_WORK,
             "applied": _POLICY.applied, "error": _POLICY.error}
 
 
@@ -319,7 +324,8 @@ def summary(info: dict | None = None) -> str:
     elif d["setting"] in ("auto", "steady"):
         share = max(1, d["usable_cores"] // d["local_ranks"])
         busy = " less the cores others keep busy" if d["setting"] == "auto" else ""
-        text = (f"{d['setting']}: 1 below {d['min_rows']} rows, else {'up to ' if busy else ''}{share}{busy} "
+        text = (f"{d['setting']}: 1 below {d['min_work']:,} multiply-adds per product, "
+                f"else {'up to ' if busy else ''}{share}{busy} "
                 f"({d['usable_cores']} usable: affinity {d['affinity']}, cgroup quota "
                 f"{'none' if d['cgroup_quota'] is None else format(d['cgroup_quota'], 'g')}; "
                 f"{d['local_ranks']} local rank{'s' if d['local_ranks'] != 1 else ''})")

@@ -5,6 +5,7 @@ refused. Shapes, lengths, NaN/inf and class labels are checked with messages tha
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy
@@ -187,16 +188,30 @@ def positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
     return integer(name, value, low=0 if allow_zero else 1)
 
 
-def step_arrays(X: ArrayLike, Y: ArrayLike, dev: Device, dtype: numpy.dtype, n_in: int, n_out: int,
-                loss: Loss) -> tuple[Array, Array]:
-    """(x, t) for a training step: X and Y themselves when they are already arrays of ``dev`` and ``dtype``
-    shaped (batch, n_in) and (batch, n_out) (no checks that would read values back from a GPU), else
-    checked copies (:func:`features`, :func:`targets`)."""
-    array_type = dev.xp.ndarray
-    if (type(X) is array_type and type(Y) is array_type and X.dtype == dtype and Y.dtype == dtype
-            and X.ndim == 2 and X.shape[1] == n_in and Y.shape == (X.shape[0], n_out)
-            and (not dev.is_cuda or X.device.id == Y.device.id == dev.index)):
-        return X, Y
-    device_of(X, Y)
-    x = features(X, dev, dtype, n_in)
-    return x, targets(Y, dev, dtype, loss, n_out, x.shape[0])
+class StepArrays:
+    """(x, t, loss) for a model's training steps on ``dev``: X and Y themselves when they are already
+    arrays of ``dev`` and ``dtype`` shaped (batch, n_in) and (batch, n_out) (no checks that would read
+    values back from a GPU), else checked copies (:func:`features`, :func:`targets`); the loss (a name or
+    a Loss) checked against the output activation ``output`` (``check``: the model's rule) once per
+    object or name. What these tests compare against is read once, here: they run at every step of a
+    Python-bound network."""
+
+    def __init__(self, dev: Device, dtype: numpy.dtype, n_in: int, n_out: int, check: Callable[[Any], Loss]):
+        self.dev, self.dtype, self.n_in, self.n_out, self.check = dev, dtype, n_in, n_out, check
+        self.array_type, self.cuda, self.index = dev.xp.ndarray, dev.is_cuda, dev.index
+        self.given: Any = None
+        self.loss: Loss | None = None
+
+    def __call__(self, X: ArrayLike, Y: ArrayLike, loss: Any) -> tuple[Array, Array, Loss]:
+        checked = self.loss
+        if checked is None or (loss is not self.given and not (type(loss) is str and loss == self.given)):
+            checked = self.loss = self.check(loss)
+            self.given = loss
+        kind, dtype = self.array_type, self.dtype
+        if (type(X) is kind and type(Y) is kind and X.dtype == dtype and Y.dtype == dtype and X.ndim == 2
+                and X.shape[1] == self.n_in and Y.shape == (X.shape[0], self.n_out)
+                and (not self.cuda or X.device.id == Y.device.id == self.index)):
+            return X, Y, checked
+        device_of(X, Y)
+        x = features(X, self.dev, dtype, self.n_in)
+        return x, targets(Y, self.dev, dtype, checked, self.n_out, x.shape[0]), checked

@@ -22,7 +22,7 @@ def test_info_text_and_json():
     env = json.loads(r.output)
     assert {"gpunn", "python", "numpy", "devices", "tf32", "gpus", "cuda_unavailable_reason", "threads",
             "numba"} <= set(env)
-    assert {"mode", "usable_cores", "local_ranks", "min_rows", "applied"} <= set(env["threads"])
+    assert {"mode", "usable_cores", "local_ranks", "min_work", "applied"} <= set(env["threads"])
 
 
 def test_info_explains_unusable_default_device(monkeypatch):

@@ -19,26 +19,29 @@ def quiet_env(monkeypatch):
     threads.set_local_ranks(None)
 
 
-@pytest.mark.parametrize("rows,cores,ranks,busy,setting,user,expected", [
-    (1, 2, 1, 0.0, "auto", None, 1),            # the lecture's batch: one thread
-    (255, 8, 1, 0.0, "auto", None, 1),          # below MIN_ROWS: one thread whatever the cores
-    (256, 2, 1, 0.0, "auto", None, 2),          # from MIN_ROWS: the usable cores
-    (2048, 8, 2, 0.0, "auto", None, 4),         # shared among the local ranks
-    (2048, 2, 4, 0.0, "auto", None, 1),         # more ranks than cores: one each
-    (256, 2, 1, 1.0, "auto", None, 1),          # another process spins on one of 2 cores
-    (256, 2, 1, 0.6, "auto", None, 1),          # ... while it shares a core with us
-    (256, 2, 1, 0.2, "auto", None, 2),          # background noise below the margin
-    (256, 8, 1, 3.0, "auto", None, 5),
-    (256, 2, 1, 5.0, "auto", None, 1),          # never fewer than one
-    (256, 2, 1, 1.0, "steady", None, 2),        # steady: the load does not count
-    (100, 8, 1, 1.0, "steady", None, 1),
-    (2048, 8, 2, 0.0, "steady", None, 4),
-    (1, 2, 1, 0.0, 3, None, 3),                 # the user's number, even for small batches
-    (4096, 2, 1, 0.0, "off", None, None),       # off: left alone
-    (4096, 2, 1, 0.0, 3, "OMP_NUM_THREADS=1", None),   # a user BLAS variable wins over everything
+M = threads.MIN_WORK
+
+
+@pytest.mark.parametrize("work,cores,ranks,busy,setting,user,expected", [
+    (32, 2, 1, 0.0, "auto", None, 1),           # the lecture's 4-8-1 step at batch 1: one thread
+    (M - 1, 8, 1, 0.0, "auto", None, 1),        # below MIN_WORK: one thread whatever the cores
+    (M, 2, 1, 0.0, "auto", None, 2),            # from MIN_WORK: the usable cores
+    (8 * M, 8, 2, 0.0, "auto", None, 4),        # shared among the local ranks
+    (8 * M, 2, 4, 0.0, "auto", None, 1),        # more ranks than cores: one each
+    (M, 2, 1, 1.0, "auto", None, 1),            # another process spins on one of 2 cores
+    (M, 2, 1, 0.6, "auto", None, 1),            # ... while it shares a core with us
+    (M, 2, 1, 0.2, "auto", None, 2),            # background noise below the margin
+    (M, 8, 1, 3.0, "auto", None, 5),
+    (M, 2, 1, 5.0, "auto", None, 1),            # never fewer than one
+    (M, 2, 1, 1.0, "steady", None, 2),          # steady: the load does not count
+    (M // 3, 8, 1, 1.0, "steady", None, 1),
+    (8 * M, 8, 2, 0.0, "steady", None, 4),
+    (32, 2, 1, 0.0, 3, None, 3),                # the user's number, even for small steps
+    (16 * M, 2, 1, 0.0, "off", None, None),     # off: left alone
+    (16 * M, 2, 1, 0.0, 3, "OMP_NUM_THREADS=1", None),   # a user BLAS variable wins over everything
 ])
-def test_the_rule(rows, cores, ranks, busy, setting, user, expected):
-    assert threads.choose(rows, cores, ranks, busy, setting, user) == expected
+def test_the_rule(work, cores, ranks, busy, setting, user, expected):
+    assert threads.choose(work, cores, ranks, busy, setting, user) == expected
 
 
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), ("", "auto"), (" AUTO ", "auto"), ("off", "off"),
@@ -115,19 +118,19 @@ def test_the_policy_switches_only_when_its_choice_changes(quiet_env, monkeypatch
     policy.controller = FakeController()
     policy.meter = threads.LoadMeter(set(), "/nonexistent")     # no load information: nobody else busy
     for _ in range(5):
-        policy.apply(1)
-    policy.apply(32)
+        policy.apply(32)
+    policy.apply(M // 2)
     assert policy.controller.calls == [(1, "blas")] and policy.applied == 1
-    policy.apply(2048)
-    policy.apply(2048)
+    policy.apply(8 * M)
+    policy.apply(8 * M)
     assert policy.controller.calls[-1] == (2, "blas") and len(policy.controller.calls) == 2
     policy.ranks = 2
     policy.invalidate()
-    policy.apply(2048)
+    policy.apply(8 * M)
     assert policy.controller.calls[-1] == (1, "blas") and len(policy.controller.calls) == 3
     quiet_env.setenv("OPENBLAS_NUM_THREADS", "2")
     policy.invalidate()
-    policy.apply(4096)
+    policy.apply(16 * M)
     assert len(policy.controller.calls) == 3            # the user's variable: nothing touched
 
 
@@ -158,8 +161,8 @@ def test_setters_check_their_values(quiet_env):
 
 def test_describe_and_summary_say_what_was_chosen(quiet_env):
     d = threads.describe()
-    assert d["mode"] == "auto" and d["usable_cores"] >= 1 and d["min_rows"] == threads.MIN_ROWS
-    assert threads.summary().startswith("auto: 1 below 256 rows")
+    assert d["mode"] == "auto" and d["usable_cores"] >= 1 and d["min_work"] == threads.MIN_WORK
+    assert threads.summary().startswith(f"auto: 1 below {threads.MIN_WORK:,} multiply-adds per product")
     threads.set_threads(3)
     assert threads.summary().startswith("3 (set by the user)")
     threads.set_threads("off")
@@ -180,7 +183,7 @@ def _train(n_threads, fused, rows=512):
     opt = gpunn.SGD(lr=0.1, momentum=0.9)
     for _ in range(3):
         net.train_step(x, t, "cross_entropy", opt)
-    assert threads.current() == (1 if n_threads == "auto" and rows < threads.MIN_ROWS else n_threads)
+    assert threads.current() == (1 if n_threads == "auto" and rows * 300 * 64 < threads.MIN_WORK else n_threads)
     return numpy.array(net.flat_parameters()).view("u4")
 
 
@@ -192,9 +195,10 @@ def test_the_fused_kernels_add_no_dependence_on_the_thread_count(quiet_env):
         assert numpy.array_equal(_train(n, fused=False), _train(n, fused=True))
 
 
-def test_below_min_rows_the_result_does_not_depend_on_the_load(quiet_env, monkeypatch):
-    """OpenBLAS's GEMM gives other last bits on 2 threads than on 1 (why 'steady' exists); below MIN_ROWS
+def test_below_min_work_the_result_does_not_depend_on_the_load(quiet_env, monkeypatch):
+    """OpenBLAS's GEMM gives other last bits on 2 threads than on 1 (why 'steady' exists); below MIN_WORK
     the policy picks one thread whatever the machine's load, so results are the same busy or quiet."""
-    quiet = _train("auto", fused=None, rows=100)
+    rows = threads.MIN_WORK // (300 * 64) - 1           # _train's widest layer is 300 x 64
+    quiet = _train("auto", fused=None, rows=rows)
     monkeypatch.setattr(threads.LoadMeter, "others_busy", lambda self: 5.0)
-    assert numpy.array_equal(quiet, _train("auto", fused=None, rows=100))
+    assert numpy.array_equal(quiet, _train("auto", fused=None, rows=rows))

@@ -1,0 +1,204 @@
+"""The training step as bound calls (gpunn.backprop.StepPlan) against the step done operation by operation.
+
+A plan binds, once per batch size and loss, the same operations that ``forward`` and ``backward`` make,
+so ``train_step`` must leave the very bits that ``forward`` + ``backward`` + ``step`` leave on a twin
+network, on every backend and ops (reference, numba kernels, the CUDA path on the fake CuPy), and must
+be made again whenever what it bound changes: the CPU kernels loading mid-run, a layer's buffers freed
+by other batch sizes, new parameters. NumPy's ``dot`` (the plan's and the layers' product on the CPU) is
+checked bit for bit against NumPy's ``matmul`` it replaced, at the shapes a step uses.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy
+import pytest
+
+import gpunn
+from gpunn import cpukernels, ops
+from gpunn.layers import MAX_BATCH_SIZES
+from helpers import rng
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Twins alternate steps: their BLAS threads must not change between them (the auto policy follows
+    the load, and OpenBLAS's last bits follow the threads)."""
+    from gpunn import threads
+    threads.set_threads(1)
+    yield
+    threads.set_threads(None)
+
+
+def same_bits(a, b) -> bool:
+    a, b = numpy.ascontiguousarray(gpunn.to_host(a)), numpy.ascontiguousarray(gpunn.to_host(b))
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def batch(n, n_in, n_out, seed, dtype, classes=False):
+    g = rng(seed)
+    x = g.normal(size=(n, n_in)).astype(dtype)
+    if classes:
+        return x, numpy.eye(n_out, dtype=dtype)[g.integers(0, n_out, size=n)]
+    return x, g.uniform(size=(n, n_out)).astype(dtype)
+
+
+def step_by_operations(net, x, t, loss, opt):
+    """The step as the lecture writes it, one public method per step (forward, backward, update)."""
+    net.forward(x)
+    value = net.backward(t, loss)
+    net.update(opt)
+    return value
+
+
+NETS = [([4, 8, 1], "sigmoid", "sigmoid", "squared_error"),
+        ([6, 9, 7, 3], "tanh", "softmax", "cross_entropy"),
+        ([5, 11, 4], "relu", "identity", "squared_error"),
+        ([3, 10, 2], "softplus", "sigmoid", "binary_cross_entropy"),
+        ([5, 7, 6, 4], {"name": "elu", "a": 0.5}, "softmax", "squared_error")]
+
+
+@pytest.mark.parametrize("sizes, hidden, output, loss", NETS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_train_step_equals_forward_backward_update(sizes, hidden, output, loss, dtype, fused):
+    if fused and not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    a = gpunn.mlp(sizes, activation=hidden, output=output, dtype=dtype, seed=2, fused=fused, device="cpu")
+    b = copy.deepcopy(a)
+    opt_a, opt_b = gpunn.SGD(lr=0.05, momentum=0.5), gpunn.SGD(lr=0.05, momentum=0.5)
+    for k, n in enumerate([1, 5, 5, 33, 1, 5]):
+        x, t = batch(n, sizes[0], sizes[-1], k, dtype, classes=output == "softmax")
+        va = a.train_step(x, t, loss, opt_a)
+        vb = step_by_operations(b, x, t, loss, opt_b)
+        assert same_bits(numpy.asarray(va), numpy.asarray(vb, dtype=dtype)), (k, va, vb)
+        assert same_bits(a.flat_parameters(), b.flat_parameters()), k
+        assert same_bits(a.flat_gradients(), b.flat_gradients()), k
+        for la, lb in zip(a.layers, b.layers):          # what a reader sees after the step
+            for name in ("x", "z", "y", "delta"):
+                assert same_bits(getattr(la, name), getattr(lb, name)), (k, name)
+
+
+def test_plan_is_made_again_when_the_cpu_kernels_load():
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    net = gpunn.mlp([4, 8, 1], output="sigmoid", dtype="float32", seed=1, device="cpu")
+    assert type(net.ops) is ops.CpuFusedOps
+    net.ops.kernels = None                  # as a lazy CpuFusedOps runs before LAZY_SECONDS of training
+    ref = gpunn.mlp([4, 8, 1], output="sigmoid", dtype="float32", seed=1, device="cpu", fused=False)
+    x, t = batch(3, 4, 1, 0, "float32")
+    opt, opt_ref = gpunn.SGD(lr=0.1), gpunn.SGD(lr=0.1)
+    net.train_step(x, t, "squared_error", opt)
+    before = dict(net._backprop._plans)
+    net.ops.warm_up()                       # what the lazy ops does after LAZY_SECONDS of training
+    net.train_step(x, t, "squared_error", opt)
+    after = net._backprop._plans
+    assert set(before) == set(after) and all(after[k] is not before[k] for k in after)
+    assert any(getattr(c.func, "__name__", "") == "sigmoid_bwd" for p in after.values() for c in p.backward)
+    assert not any(getattr(c.func, "__name__", "") == "sigmoid_bwd" for p in before.values() for c in p.backward)
+    for _ in range(2):
+        ref.train_step(x, t, "squared_error", opt_ref)
+    assert same_bits(net.flat_parameters(), ref.flat_parameters())
+
+
+def test_plans_follow_the_layers_buffers_through_many_batch_sizes():
+    """More batch sizes than a layer keeps buffers for, in an order that frees the ones in use: every step
+    still equals its twin's, and the plans stay as bounded as the buffers."""
+    a = gpunn.mlp([5, 6, 3], activation="tanh", output="softmax", seed=4, device="cpu")
+    b = copy.deepcopy(a)
+    opt_a, opt_b = gpunn.SGD(lr=0.1), gpunn.SGD(lr=0.1)
+    sizes = [1, 2, 3, 4, 5, 6, 1, 6, 2, 5, 3, 4, 7, 1]
+    for k, n in enumerate(sizes):
+        if k == 7:                          # readers' forwards of other sizes free the step's buffers
+            for m in (8, 9, 10, 11):
+                a.forward(numpy.zeros((m, 5)))
+                b.forward(numpy.zeros((m, 5)))
+        x, t = batch(n, 5, 3, k, "float64", classes=True)
+        a.train_step(x, t, "cross_entropy", opt_a)
+        step_by_operations(b, x, t, "cross_entropy", opt_b)
+        assert same_bits(a.flat_parameters(), b.flat_parameters()), k
+        a.backward(t, "cross_entropy")      # the layers' own backward on the step's arrays: still theirs
+        b.backward(t, "cross_entropy")
+        assert same_bits(a.flat_gradients(), b.flat_gradients()), k
+        assert len(a._backprop._plans) <= MAX_BATCH_SIZES
+        for layer in a.layers:
+            assert len(layer._bufs) <= MAX_BATCH_SIZES
+
+
+def test_plans_of_several_losses_and_a_moved_network():
+    a = gpunn.mlp([4, 8, 2], output="sigmoid", seed=5, device="cpu")
+    b = copy.deepcopy(a)
+    opt_a, opt_b = gpunn.SGD(lr=0.1), gpunn.SGD(lr=0.1)
+    x, t = batch(6, 4, 2, 0, "float64")
+    for k, loss in enumerate(["squared_error", "binary_cross_entropy", "squared_error"]):
+        a.train_step(x, t, loss, opt_a)
+        step_by_operations(b, x, t, loss, opt_b)
+        assert same_bits(a.flat_parameters(), b.flat_parameters()), k
+    a.to("cpu", fused=not a.fused)          # new ops and parameter store: new plans
+    b.to("cpu", fused=not b.fused)
+    opt_a, opt_b = gpunn.SGD(lr=0.1), gpunn.SGD(lr=0.1)
+    for k in range(2):
+        a.train_step(x, t, "squared_error", opt_a)
+        step_by_operations(b, x, t, "squared_error", opt_b)
+        assert same_bits(a.flat_parameters(), b.flat_parameters()), k
+
+
+def test_forward_between_steps_shows_its_own_arrays():
+    """A reader's forward between two steps shows its batch; the next step shows the step's batch again."""
+    net = gpunn.mlp([3, 4, 2], seed=6, device="cpu")
+    opt = gpunn.SGD(lr=0.1)
+    x, t = batch(5, 3, 2, 0, "float32")
+    x2, _ = batch(2, 3, 2, 1, "float32")
+    net.train_step(x, t, "squared_error", opt)
+    net.forward(x2)
+    assert net.layers[0].x.shape == (2, 3) and net.layers[1].y.shape == (2, 2)
+    net.train_step(x, t, "squared_error", opt)
+    assert net.layers[0].x is x and net.layers[1].y.shape == (5, 2) and net.layers[1].delta.shape == (5, 2)
+
+
+def test_layer_state_after_train_step_is_the_step_of_the_lecture():
+    """Independent reference: after train_step on the lecture's 4-8-1 net, each layer's z, y and δ are
+    the lecture's formulas written here with NumPy (eqs 11-14, sigmoid and squared error)."""
+    net = gpunn.mlp([4, 8, 1], output="sigmoid", seed=7, device="cpu", dtype="float64")
+    W1, b1, W2, b2 = (p.copy() for p in net.parameters())
+    x, t = batch(3, 4, 1, 2, "float64")
+    net.train_step(x, t, "squared_error", gpunn.SGD(lr=0.1))
+    s = lambda v: 1.0 / (1.0 + numpy.exp(-v))  # noqa: E731
+    z1 = x @ W1 + b1
+    y1 = s(z1)
+    z2 = y1 @ W2 + b2
+    y2 = s(z2)
+    d2 = (y2 - t) * y2 * (1 - y2) / 3
+    d1 = (d2 @ W2.T) * y1 * (1 - y1)
+    for got, want in [(net.layers[0].z, z1), (net.layers[0].y, y1), (net.layers[1].y, y2),
+                      (net.layers[1].delta, d2), (net.layers[0].delta, d1)]:
+        numpy.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numpy_dot_is_numpy_matmul_bit_for_bit(dtype):
+    """The shapes of a step: x·W, xᵀ·δ (a transposed view), δ·Wᵀ, with one row, one column and many."""
+    g = rng(0)
+    for m, k, n in [(1, 4, 8), (1, 8, 1), (3, 4, 8), (32, 784, 64), (1, 784, 64), (7, 1, 5), (300, 64, 10),
+                    (5, 3, 1), (1, 1, 1), (16, 4, 8)]:
+        a, w, d = (g.normal(size=s).astype(dtype) for s in [(m, k), (k, n), (m, n)])
+        for left, right, shape in [(a, w, (m, n)), (a.T, d, (k, n)), (d, w.T, (m, k))]:
+            by_dot, by_matmul = numpy.empty(shape, dtype), numpy.empty(shape, dtype)
+            numpy.dot(left, right, by_dot)
+            numpy.matmul(left, right, out=by_matmul)
+            assert same_bits(by_dot, by_matmul), (m, k, n, shape)
+
+
+def test_ops_bind_the_reference_where_kernels_do_not_cover():
+    """A softmax wider than the kernels take, with the kernels loaded: the bound calls are the reference's."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    a = gpunn.mlp([4, 200], output="softmax", seed=8, device="cpu", fused=True)
+    b = gpunn.mlp([4, 200], output="softmax", seed=8, device="cpu", fused=False)
+    assert type(a.ops) is ops.CpuFusedOps
+    x, t = batch(3, 4, 200, 0, "float64", classes=True)
+    opt_a, opt_b = gpunn.SGD(lr=0.1), gpunn.SGD(lr=0.1)
+    for _ in range(2):
+        a.train_step(x, t, "cross_entropy", opt_a)
+        b.train_step(x, t, "cross_entropy", opt_b)
+    assert same_bits(a.flat_parameters(), b.flat_parameters())
