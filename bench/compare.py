@@ -340,28 +340,48 @@ def _threads(name: str) -> dict:
 
 
 def measure_isolated(workload: str, batch: int, names: list[str], rounds: int, min_time: float, dtype: str,
-                     device: str = "cpu") -> dict:
-    """Each contender in a fresh process, one after the other; speed-ups are ratios of medians."""
+                     device: str = "cpu", passes: int = 1) -> dict:
+    """Each contender in a fresh process, one after the other; speed-ups are ratios of medians. With
+    ``passes`` > 1 the sequence runs that many times, its order reversed every other pass, and the
+    samples of all passes are pooled: a shared machine's slow spells, which last seconds, then fall on
+    every contender rather than on whichever ran during them. ``pass_ratios`` keeps each pass's ratios."""
     per: dict[str, list[float]] = {}
     threads, skipped = {}, {}
-    for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workload", workload,
-               "--batch-size", str(batch), "--rounds", str(rounds), "--min-time", str(min_time),
-               "--dtype", dtype, "--device", device]
-        # the worker imports the gpunn this process runs (an uninstalled source tree too)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        run = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if run.returncode != 0:
-            skipped[name] = f"worker failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else '?'}"
-            continue
-        got = json.loads(run.stdout.strip().splitlines()[-1])
-        if "skipped" in got:
-            skipped[name] = got["skipped"]
-            continue
-        per[name], threads[name] = got["seconds"], got["threads"]
+    pass_ratios: dict[str, list[float]] = {}
+    for p in range(passes):
+        this: dict[str, list[float]] = {}
+        for name in (names if p % 2 == 0 else names[::-1]):
+            if name in skipped:
+                continue
+            got = _isolated_worker(name, workload, batch, rounds, min_time, dtype, device)
+            if "skipped" in got:
+                skipped[name] = got["skipped"]
+                continue
+            this[name], threads[name] = got["seconds"], got["threads"]
+            per.setdefault(name, []).extend(got["seconds"])
+        if "gpunn" in this:
+            for n, v in this.items():
+                if n != "gpunn":
+                    pass_ratios.setdefault(n, []).append(statistics.median(v) / statistics.median(this["gpunn"]))
     base = statistics.median(per["gpunn"]) if "gpunn" in per else None
     ratios = {n: statistics.median(v) / base for n, v in per.items() if n != "gpunn" and base}
-    return _summary(workload, batch, dtype, device, per, skipped, "isolated", ratios, threads)
+    out = _summary(workload, batch, dtype, device, per, skipped, "isolated", ratios, threads)
+    out["passes"], out["pass_ratios"] = passes, pass_ratios
+    return out
+
+
+def _isolated_worker(name: str, workload: str, batch: int, rounds: int, min_time: float, dtype: str,
+                     device: str) -> dict:
+    """One contender's ``time_alone`` in a fresh process: {"seconds", "threads"} or {"skipped": why}."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workload", workload,
+           "--batch-size", str(batch), "--rounds", str(rounds), "--min-time", str(min_time),
+           "--dtype", dtype, "--device", device]
+    # the worker imports the gpunn this process runs (an uninstalled source tree too)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if run.returncode != 0:
+        return {"skipped": f"worker failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else '?'}"}
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def _summary(workload: str, batch: int, dtype: str, device: str, per: dict, skipped: dict, method: str,

@@ -1,6 +1,7 @@
 """Every CPU target of issue 23 in one command: a record under bench/results/ with machine, date, commit.
 
     python bench/targets.py                      # writes bench/results/<date>-cpu-targets-<cpu>.md and .json
+    python bench/targets.py --passes 3 --rounds 5   # 3 passes over the contenders, order alternated (default 3)
     python bench/targets.py --quick              # fewer rounds (a sanity run, not a record)
 
 Measured, each contender alone in a process of its own (bench/compare.py's isolated method), float32:
@@ -45,12 +46,13 @@ BUSY_TARGET = 2.0
 BUSY_BATCHES = [32, 256]
 
 
-def contenders_alone(configs: list[tuple[str, int]], names: list[str], rounds: int, min_time: float) -> list[dict]:
-    """compare.py's isolated measurement of ``names`` at each (workload, batch)."""
+def contenders_alone(configs: list[tuple[str, int]], names: list[str], rounds: int, min_time: float,
+                     passes: int = 1) -> list[dict]:
+    """compare.py's isolated measurement of ``names`` at each (workload, batch), in ``passes`` alternated passes."""
     out = []
     for workload, batch in configs:
         print(f"timing {workload} batch {batch}: {', '.join(names)} ...", file=sys.stderr)
-        out.append(compare.measure_isolated(workload, batch, names, rounds, min_time, "float32"))
+        out.append(compare.measure_isolated(workload, batch, names, rounds, min_time, "float32", passes=passes))
     return out
 
 
@@ -137,13 +139,13 @@ def spinner() -> subprocess.Popen:
     return proc
 
 
-def busy_machine(names: list[str], rounds: int, min_time: float) -> list[dict]:
+def busy_machine(names: list[str], rounds: int, min_time: float, passes: int = 1) -> list[dict]:
     """Quiet and busy timings of each contender at BUSY_BATCHES; the spinner runs only for the busy ones."""
     configs = [("mlp", b) for b in BUSY_BATCHES]
-    quiet = contenders_alone(configs, names, rounds, min_time)
+    quiet = contenders_alone(configs, names, rounds, min_time, passes)
     proc = spinner()
     try:
-        busy = contenders_alone(configs, names, rounds, min_time)
+        busy = contenders_alone(configs, names, rounds, min_time, passes)
     finally:
         proc.kill()
         proc.wait()
@@ -202,13 +204,24 @@ def profile_tables(profs: list[dict]) -> list[str]:
     return lines
 
 
+def _ratio_cell(r: dict, name: str) -> str:
+    """The pooled ratio, with each pass's ratio in brackets when there were several passes."""
+    if name not in r["speedup_gpunn_vs"]:
+        return "-"
+    each = r.get("pass_ratios", {}).get(name, [])
+    tail = f" ({', '.join(f'{v:.2f}' for v in each)})" if len(each) > 1 else ""
+    return f"{r['speedup_gpunn_vs'][name]:.2f}{tail}"
+
+
 def markdown(env: dict, ratios: list[dict], shares: dict, busy: list[dict], names: list[str],
              profs: list[dict] | None = None) -> str:
     lines = [f"# CPU targets of issue 23 — {env['cpu']}, {env['date']}, commit {env['commit']}", "",
              f"Machine `{env['machine']}`: {env['cpu']}, {env['cores']} cores; Python {env['python']}, NumPy "
              f"{env['numpy']}, BLAS {env['blas']}; numba {env['numba']}; torch {env.get('torch')}; jax "
              f"{env.get('jax')}. BLAS threads: {env['threads_summary']}.",
-             "Each contender alone in a process of its own; µs per step are medians; ratios are contender / gpunn.",
+             "Each contender alone in a process of its own; µs per step are medians of the samples of "
+             f"{ratios[0].get('passes', 1) if ratios else 1} pass(es) over the contenders, in alternating order; "
+             "ratios are contender / gpunn (in brackets: each pass's own ratio).",
              "Command: `python bench/targets.py`.", "", "## Verdicts", ""]
     lines.append(format_table(["target", "measured", "verdict"], [list(v) for v in verdicts(ratios, shares, busy)],
                               markdown=True))
@@ -216,7 +229,7 @@ def markdown(env: dict, ratios: list[dict], shares: dict, busy: list[dict], name
     head = ["workload", "batch"] + [f"{n} µs" for n in names] + [f"{n} / gpunn" for n in names[1:]]
     rows = [[r["workload"], str(r["batch"])]
             + [f"{r['us_per_step'][n]:.1f}" if n in r["us_per_step"] else "-" for n in names]
-            + [f"{r['speedup_gpunn_vs'][n]:.2f}" if n in r["speedup_gpunn_vs"] else "-" for n in names[1:]]
+            + [_ratio_cell(r, n) for n in names[1:]]
             for r in ratios]
     lines.append(format_table(head, rows, markdown=True))
     lines += ["", "## Share of the GEMM ceiling, mlp, one BLAS thread", ""]
@@ -243,17 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 rounds of 0.05 s: a sanity run")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the record")
     ap.add_argument("--contenders", default="gpunn,torch,jax")
+    ap.add_argument("--passes", type=int, default=3,
+                    help="passes over the contenders, alternating their order (pooled; 1 with --quick)")
     args = ap.parse_args(argv)
     rounds, min_time = (3, 0.05) if args.quick else (args.rounds, args.min_time)
+    passes = 1 if args.quick else max(1, args.passes)
     names, skipped = compare.available([n.strip() for n in args.contenders.split(",")])
     if "gpunn" not in names:
         names.insert(0, "gpunn")
     env = _environment()
-    ratios = contenders_alone(CONFIGS, names, rounds, min_time)
+    ratios = contenders_alone(CONFIGS, names, rounds, min_time, passes)
     for r in ratios:
         r["skipped"].update(skipped)
     shares = {b: gemm_share(b, rounds, min_time) for b in (32, 256, 2048)}
-    busy = busy_machine([n for n in names if n in ("gpunn", "torch")], rounds, min_time)
+    busy = busy_machine([n for n in names if n in ("gpunn", "torch")], rounds, min_time, passes)
     profs = profiles(CONFIGS, rounds, min(min_time, 0.1))
     text = markdown(env, ratios, shares, busy, names, profs)
     print(text)

@@ -149,6 +149,14 @@ def test_isolated_timing_runs_each_contender_in_its_own_process():
     assert all(r["threads"][n]["pools"] for n in ("gpunn", "numpy"))
 
 
+def test_isolated_timing_pools_alternated_passes():
+    r = compare.measure_isolated("lecture", 2, ["gpunn", "numpy"], rounds=2, min_time=0.01, dtype="float32",
+                                 passes=2)
+    assert r["passes"] == 2 and len(r["pass_ratios"]["numpy"]) == 2
+    assert r["speedup_gpunn_vs"]["numpy"] == pytest.approx(r["us_per_step"]["numpy"] / r["us_per_step"]["gpunn"])
+    assert sum(1 for _ in r["spread_us"]["gpunn"]) == 2      # min and max over the pooled samples
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_the_blocker_kernel_compiles_for_sm90(tmp_path):
     import gpu_check
@@ -192,6 +200,8 @@ def test_the_targets_record_judges_every_target():
            "numpy": "2", "blas": "b", "numba": "0", "threads_summary": "auto"}
     text = targets.markdown(env, ratios, shares, busy, ["gpunn", "torch"])
     assert "| vs PyTorch eager, mlp b2048 ≥ 1.12 | 2.00× | met |" in text and "jax not measured" in text
+    ratios[0]["pass_ratios"] = {"torch": [1.5, 2.5]}
+    assert "| 2.00 (1.50, 2.50) |" in targets.markdown(env, ratios, shares, busy, ["gpunn", "torch"])
 
 
 def test_the_step_profile_names_every_operation():
