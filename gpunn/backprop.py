@@ -76,6 +76,18 @@ class Backprop:
         plan = self._plans[(rows, id(loss))] = StepPlan(self, rows, loss, gy)
         return plan
 
+    def step(self, x: Array, t: Array, loss: Loss, optimizer: Optimizer, value_out: Array | None = None) -> Array:
+        """Steps 2–5: :meth:`gradients`, then :meth:`update`, with the model's device current (a GPU's);
+        returns the mean loss."""
+        if self.ops.device.is_cuda:
+            with self.ops.device.activate():
+                value = self.gradients(x, t, loss, value_out)
+                self.update(optimizer)
+                return value
+        value = self.gradients(x, t, loss, value_out)
+        self.update(optimizer)
+        return value
+
     def update(self, optimizer: Optimizer) -> None:
         """Step 5: the optimiser's update of every parameter from the gradients (eq 15 for SGD)."""
         mask = self.store.decay_mask() if getattr(optimizer, "weight_decay", 0.0) else None
@@ -110,6 +122,8 @@ class StepPlan:
         self.output_delta = steps[-1].make_delta
         self.backward = steps[-1].grads + [c for s in reversed(steps[:-1]) for c in (*s.make_delta, *s.grads)]
         self.grad_y, self.output = grad_y, self.layers[-1]
+        out = steps[-1].bufs
+        self.loss_backward = self.ops.bind_loss_backward(loss, self.output, out.y, grad_y, out.delta)
 
     def current(self, loss: Loss) -> bool:
         """Whether this plan still binds what a step would use (see the class docstring)."""
@@ -130,8 +144,7 @@ class StepPlan:
         matmul(x, self.first_W, self.steps[0].bufs.z)          # z = x·W of the first layer
         for call in self.forward:
             call()
-        out = self.output
-        value, direct = self.ops.loss_backward(self.loss, out, t, self.grad_y, out.delta, value_out)
+        value, direct = self.loss_backward(t, value_out)
         if not direct:
             for call in self.output_delta:
                 call()

@@ -244,6 +244,14 @@ def softmax_post(y, rowstats, zero):
             y[i, j] = y[i, j] / s
 
 
+def scale(g, s):
+    """g ← g·s (the squared error's ∂E/∂y = (y − y*)·(1/B), NumPy's multiply by a scalar of g's dtype)."""
+    rows, cols = g.shape
+    for i in range(rows):
+        for j in range(cols):
+            g[i, j] = g[i, j] * s
+
+
 def xent_delta(y, t, d, inv_b):
     """δ = (y − y*)·(1/B): the output δ of cross-entropy after softmax."""
     rows, cols = y.shape
@@ -282,7 +290,7 @@ def sgd_update(w, g, v, mask, lr, mu, lr_mu, wd, has_v, nesterov, has_wd):
 
 
 KERNELS = (bias_add, bias_sigmoid_pre, sigmoid_post, bias_relu, bias_leaky, bias_elu_pre, elu_post, sigmoid_bwd,
-           tanh_bwd, relu_bwd, leaky_bwd, neg_mul, elu_bwd, colsum, softmax_pre, softmax_post, xent_delta,
+           tanh_bwd, relu_bwd, leaky_bwd, neg_mul, elu_bwd, colsum, softmax_pre, softmax_post, scale, xent_delta,
            sgd_plain, sgd_update)
 
 
@@ -419,6 +427,21 @@ class CpuKernels:
                "softplus": softplus,
                "elu": lambda z, y, g, d, call=bind: [call(k.elu_bwd, y, g, d, p, q, one, zero)]}
         return fns.get(Registry.key_of(type(act)))      # a subclass (another key) is not its parent's kernel
+
+    def squared_error(self, y: Array, grad_y: Array) -> Callable[[Array], tuple[Any, bool]]:
+        """:meth:`gpunn.losses.SquaredError.backward` for outputs ``y`` into ``grad_y`` (a step's buffers), as
+        a call taking the targets t: ∂E/∂y = y − y* (NumPy's subtract), the value ½ Σ (y − y*)² / B (NumPy's
+        vdot, as the loss computes it), then ∂E/∂y · (1/B) in a kernel; returns (value, False)."""
+        subtract, vdot = numpy.subtract, numpy.vdot
+        half = 0.5 / y.shape[0]
+        scaled = bind(self.k.scale, grad_y, grad_y.dtype.type(1.0 / y.shape[0]))
+
+        def backward(t: Array) -> tuple[Any, bool]:
+            subtract(y, t, grad_y)
+            value = vdot(grad_y, grad_y) * half
+            scaled()
+            return value, False
+        return backward
 
     def cross_entropy(self, z: Array, y: Array, rowstats: Array, t: Array, delta: Array, out: Array) -> bool:
         """out[0] = the mean cross-entropy (NumPy's sum and dot, as the NumPy path) and δ = (y − t)/B."""

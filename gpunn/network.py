@@ -167,11 +167,9 @@ class Sequential:
         anything else is checked as :meth:`fit` checks it. Data-parallel steps: :mod:`gpunn.strategy`."""
         _check_optimizer(optimizer)
         x, t, checked = self._step_arrays(X, Y, loss)
-        with self._admission, self.device.activate():
+        with self._admission:
             optimizer.attach(self)
-            value = self._backprop.gradients(x, t, checked, out)
-            self._backprop.update(optimizer)
-        return value
+            return self._backprop.step(x, t, checked, optimizer, out)
 
     def forward(self, X: ArrayLike) -> Array:
         """Forward pass (lecture §2 step 2) on a batch; returns the output y (a copy, on the model's device).

@@ -21,6 +21,7 @@ from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
 from .losses import Loss
+from .registry import Registry
 from .scalars import env_flag, flag
 from .types import Array, OutputLayer
 
@@ -53,8 +54,11 @@ class XpOps:
         # without the copy. CuPy's take has no mode and writes ``out`` directly.
         self._take_mode = {} if device.is_cuda else {"mode": "clip"}
         #: matmul(a, b, out): out = a·b. NumPy's dot is its matmul's BLAS call (bitwise the same result,
-        #: tests/test_plan.py) at half the call's cost, which counts in the lecture's Python-bound step.
-        self.matmul = _cupy_matmul(self.xp) if device.is_cuda else self.xp.dot
+        #: tests/test_plan.py) at half the call's cost, which counts in the lecture's Python-bound step;
+        #: its C function itself (``_implementation``, where NumPy has one) skips the __array_function__
+        #: dispatch, which only ndarray subclasses and duck arrays need: gpunn passes its own ndarrays.
+        self.matmul = _cupy_matmul(self.xp) if device.is_cuda else getattr(self.xp.dot, "_implementation",
+                                                                            self.xp.dot)
         #: changes whenever the calls this ops would bind change (the CPU kernels loaded): a step's bound
         #: calls (gpunn.backprop.StepPlan) made before are then made again.
         self.generation = 0
@@ -108,6 +112,14 @@ class XpOps:
         if self.device.is_cuda:
             return [partial(self.column_sum, delta, out)]
         return [partial(self.xp.add.reduce, delta, 0, None, out)]     # NumPy's add.reduce(d, axis, dtype, out)
+
+    def bind_loss_backward(self, loss: Loss, layer: OutputLayer, y: Array, grad_y: Array,
+                           delta: Array) -> Callable[[Array, Array | None], tuple[Array, bool]]:
+        """:meth:`loss_backward` of ``layer`` (whose output buffer is ``y``) into these buffers, as a call
+        taking the targets and the value's ``out``."""
+        def backward(t: Array, out: Array | None) -> tuple[Array, bool]:
+            return self.loss_backward(loss, layer, t, grad_y, delta, out)
+        return backward
 
     def warm_up(self) -> None:
         """Load now whatever this ops would load lazily (nothing here; see :class:`CpuFusedOps`)."""
@@ -240,6 +252,19 @@ class CpuFusedOps(XpOps):
         if rows == 0 or (cols < 2 and rows >= 8) or self.kernels is None:    # see column_sum
             return super().bind_column_sum(delta, out)
         return [cpukernels.bind(self._colsum, delta, out, self._zero[delta.dtype])]
+
+    def bind_loss_backward(self, loss, layer, y, grad_y, delta):
+        if self.kernels is None or Registry.key_of(type(loss)) != "squared_error":   # a subclass may differ
+            return super().bind_loss_backward(loss, layer, y, grad_y, delta)
+        backward = self.kernels.squared_error(y, grad_y)
+
+        def with_out(t, out):
+            value, direct = backward(t)
+            if out is None:
+                return value, direct
+            out[...] = value
+            return out, direct
+        return with_out
 
     def bias_activation(self, act, z, b, y, rowstats):
         if self.kernels is None:

@@ -280,12 +280,15 @@ class SGD(Optimizer):
         return ("velocity",) if self.momentum else ()
 
     def update(self, params, grads, decay_mask, ops):
-        self._prepare(params, ops, scratch=2 if self.weight_decay else 1)
+        # the checked values, read where Checked keeps them (three descriptor calls fewer in a hot path)
+        d = self.__dict__
+        mu, nesterov, wd = d["momentum"], d["nesterov"], d["weight_decay"]
+        if self._bound is not params or (mu and "velocity" not in self.state) or len(self._scratch) < 1 + (wd > 0):
+            self._prepare(params, ops, scratch=2 if wd else 1)         # made once, not at every step
         lr = self.current_lr()
         self.t += 1
         velocity = self.state.get("velocity")
-        if ops.sgd_update(params, grads, velocity, decay_mask, lr, self.momentum, self.nesterov,
-                          self.weight_decay):
+        if ops.sgd_update(params, grads, velocity, decay_mask, lr, mu, nesterov, wd):
             return      # the formula below as one fused kernel (on a GPU: gpunn/kernels.py, sgd_update)
         for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):
             self._update_block(ops.xp, lr, w, g, v, mask, s, s2[0] if s2 else None)
