@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-only", action="store_true", help="run the agreement check and stop")
     ap.add_argument("--interleaved", action="store_true",
                     help="time all contenders in one process, A/B/A/B (default: each alone in its own process)")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="isolated timing: passes over the contenders, order reversed every other pass (pooled)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", action="store_true")
@@ -492,8 +494,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for b in batches:
             print(f"timing {w} batch {b} ...", file=sys.stderr)
-            how = measure if args.interleaved else measure_isolated
-            results.append(how(w, b, names, args.rounds, args.min_time, args.dtype, args.device))
+            if args.interleaved:
+                results.append(measure(w, b, names, args.rounds, args.min_time, args.dtype, args.device))
+            else:
+                results.append(measure_isolated(w, b, names, args.rounds, args.min_time, args.dtype, args.device,
+                                                passes=max(1, args.passes)))
     if not args.check_only:
         _table(results, names, args.markdown)
     if args.json:
