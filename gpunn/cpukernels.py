@@ -428,19 +428,23 @@ class CpuKernels:
                "elu": lambda z, y, g, d, call=bind: [call(k.elu_bwd, y, g, d, p, q, one, zero)]}
         return fns.get(Registry.key_of(type(act)))      # a subclass (another key) is not its parent's kernel
 
-    def squared_error(self, y: Array, grad_y: Array) -> Callable[[Array], tuple[Any, bool]]:
+    def squared_error(self, y: Array, grad_y: Array) -> Callable[[Array, Array | None], tuple[Any, bool]]:
         """:meth:`gpunn.losses.SquaredError.backward` for outputs ``y`` into ``grad_y`` (a step's buffers), as
-        a call taking the targets t: ∂E/∂y = y − y* (NumPy's subtract), the value ½ Σ (y − y*)² / B (NumPy's
-        vdot, as the loss computes it), then ∂E/∂y · (1/B) in a kernel; returns (value, False)."""
+        a call taking the targets t and the value's ``out`` (or None): ∂E/∂y = y − y* (NumPy's subtract),
+        the value ½ Σ (y − y*)² / B (NumPy's vdot, as the loss computes it), then ∂E/∂y · (1/B) in a
+        kernel; returns (value or ``out`` holding it, False)."""
         subtract, vdot = numpy.subtract, numpy.vdot
         half = 0.5 / y.shape[0]
         scaled = bind(self.k.scale, grad_y, grad_y.dtype.type(1.0 / y.shape[0]))
 
-        def backward(t: Array) -> tuple[Any, bool]:
+        def backward(t: Array, out: Array | None) -> tuple[Any, bool]:
             subtract(y, t, grad_y)
             value = vdot(grad_y, grad_y) * half
             scaled()
-            return value, False
+            if out is None:
+                return value, False
+            out[...] = value
+            return out, False
         return backward
 
     def cross_entropy(self, z: Array, y: Array, rowstats: Array, t: Array, delta: Array, out: Array) -> bool:
