@@ -211,6 +211,8 @@ def test_the_step_profile_names_every_operation():
     assert {"gemm L0 x·W", "L1 bias + sigmoid", "gemm L1 δ·Wᵀ", "L0 δ = f′·g (sigmoid)", "loss squared_error",
             "update"} <= set(parts) and p["step_us"] > 0 and p["gemm_us"] > 0
     assert "| gemm L0 x·W |" in "\n".join(targets.profile_tables([p, {"workload": "mlp", "batch": 2, "error": "x"}]))
+    assert set(p["exp_us"]) == {"L0", "L1"}         # the lecture's two sigmoid layers: NumPy's exp timed alone
+    assert "NumPy's exp alone: L0" in "\n".join(targets.profile_tables([p]))
 
 
 def test_the_gemm_share_worker_runs_on_one_thread():
