@@ -164,3 +164,20 @@ def test_restore_of_a_snapshot_taken_before_momentum_was_switched_on():
         a.train_step(x, t, "squared_error", oa)
         b.train_step(x, t, "squared_error", ob)
     assert bits(a.flat_parameters()) == bits(b.flat_parameters())
+
+
+def test_fake_gpu_step_follows_parameter_and_momentum_changes(fake_gpu):
+    """The CUDA path (fake CuPy, fused kernels emulated): train_step against forward + backward + update of
+    a twin, through an activation parameter change, momentum off and on, and several batch sizes."""
+    a = gpunn.mlp([4, 6, 3], activation={"name": "leaky_relu", "alpha": 0.1}, seed=1, device="cuda:0")
+    b = copy.deepcopy(a)
+    oa, ob = gpunn.SGD(lr=0.1, momentum=0.5), gpunn.SGD(lr=0.1, momentum=0.5)
+    for k, (x, t) in enumerate(data([5, 1, 3, 5, 2, 5], 4, 3)):
+        if k == 2:
+            a.layers[0].activation.alpha = b.layers[0].activation.alpha = 0.4
+        oa.momentum = ob.momentum = {3: 0.0, 4: 0.5}.get(k, oa.momentum)
+        a.train_step(x, t, "squared_error", oa)
+        b.forward(x)
+        b.backward(t, "squared_error")
+        b.update(ob)
+        assert bits(a.flat_parameters()) == bits(b.flat_parameters()), k
