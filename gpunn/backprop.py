@@ -7,6 +7,7 @@ the admission of one training thread around it.
 """
 from __future__ import annotations
 
+from .activations import Activation
 from .layers import MAX_BATCH_SIZES, BoundStep, Dense
 from .losses import Loss
 from .ops import XpOps
@@ -102,7 +103,8 @@ class StepPlan:
 
     A plan is current while its ops bind the same calls (``ops.generation``: the CPU kernels loaded since
     would change them), every layer's buffers are the ones it bound (``buffer_epoch``: made, freed, or
-    dropped with new parameters) and the loss is the same object; otherwise it is made again.
+    dropped with new parameters), every activation's parameter (α, a) is the one it bound and the loss is
+    the same object; otherwise it is made again.
     """
 
     def __init__(self, backprop: Backprop, rows: int, loss: Loss, grad_y: Array):
@@ -115,6 +117,9 @@ class StepPlan:
             steps.insert(0, self.layers[k].bound_step(self.ops, rows, below, grad))
             grad = steps[0].bufs.dx
         self.epochs = [layer.buffer_epoch for layer in self.layers]
+        #: the activations with a parameter (α, a: assignable between steps; bound calls hold it as a constant)
+        self.tuned = [(layer.activation, layer.activation.param) for layer in self.layers
+                      if type(layer.activation).param is not Activation.param]
         self.steps = steps
         self.first_W, self.first_gW = self.layers[0].W, self.layers[0].grad_W
         self.first_delta = steps[0].bufs.delta
@@ -128,7 +133,8 @@ class StepPlan:
     def current(self, loss: Loss) -> bool:
         """Whether this plan still binds what a step would use (see the class docstring)."""
         return (loss is self.loss and self.generation == self.ops.generation
-                and [layer.buffer_epoch for layer in self.layers] == self.epochs)
+                and [layer.buffer_epoch for layer in self.layers] == self.epochs
+                and (not self.tuned or all(act.param == p for act, p in self.tuned)))
 
     def run(self, x: Array, t: Array, value_out: Array | None) -> Array:
         """One step's forward and backward on batch x (shaped (rows, n_in)) for targets t; returns the loss."""

@@ -147,7 +147,7 @@ class Sequential:
     def gradients(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss, out: Array | None = None) -> Array:
         """Steps 2–4 on one batch, without the update: every layer's δ and ∂E/∂w (:meth:`flat_gradients`).
         Returns the batch's mean loss as :meth:`train_step` does (into ``out`` when given); no host sync."""
-        x, t, checked = self._step_arrays(X, Y, loss)
+        x, t, checked = self._step_arrays(X, Y, loss, out)
         with self._admission, self.device.activate():
             return self._backprop.gradients(x, t, checked, out)
 
@@ -166,7 +166,7 @@ class Sequential:
         of the model's device, dtype and shapes are used as they are (:class:`gpunn.validation.StepArrays`),
         anything else is checked as :meth:`fit` checks it. Data-parallel steps: :mod:`gpunn.strategy`."""
         _check_optimizer(optimizer)
-        x, t, checked = self._step_arrays(X, Y, loss)
+        x, t, checked = self._step_arrays(X, Y, loss, out)
         with self._admission:
             optimizer.attach(self)
             return self._backprop.step(x, t, checked, optimizer, out)

@@ -20,7 +20,7 @@ from . import cpukernels, threads
 from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
-from .losses import Loss
+from .losses import Loss, SquaredError
 from .registry import Registry
 from .scalars import env_flag, flag
 from .types import Array, OutputLayer
@@ -33,6 +33,10 @@ def fused_enabled() -> bool:
     (``GPUNN_FUSED=0`` turns both off; a value that is not a switch, such as ``maybe``, is a ConfigError:
     :func:`gpunn.scalars.parse_flag`)."""
     return env_flag("GPUNN_FUSED", True)
+
+
+#: the squared error's own backward, which the numba path's bound kernel replaces (only that one)
+_SQUARED_BACKWARD = SquaredError.backward
 
 
 class XpOps:
@@ -230,11 +234,12 @@ class CpuFusedOps(XpOps):
             self.warm_up()
 
     def _binder(self, cache: dict, make: Callable, act: Activation, dtype: Any) -> Callable | None:
-        """The kernels' binder for ``act`` in ``dtype`` (made once per activation object and dtype)."""
-        hit = cache.get(id(act))
-        if hit is None or hit[0] is not act or hit[1] is not dtype:
-            hit = cache[id(act)] = (act, dtype, make(act, dtype))
-        return hit[2]
+        """The kernels' binder for ``act`` in ``dtype`` (made once per activation object, dtype and parameter:
+        α or a is assignable between steps, and the binder holds it as a constant)."""
+        hit, param = cache.get(id(act)), act.param
+        if hit is None or hit[0] is not act or hit[1] is not dtype or hit[2] != param:
+            hit = cache[id(act)] = (act, dtype, param, make(act, dtype))
+        return hit[3]
 
     def bind_forward(self, act, z, b, y, rowstats, call=cpukernels.bind):
         binder = None if self.kernels is None else self._binder(self._fwd, self.kernels.forward, act, z.dtype)
@@ -254,9 +259,18 @@ class CpuFusedOps(XpOps):
         return [cpukernels.bind(self._colsum, delta, out, self._zero[delta.dtype])]
 
     def bind_loss_backward(self, loss, layer, y, grad_y, delta):
-        if self.kernels is None or Registry.key_of(type(loss)) != "squared_error":   # a subclass may differ
+        if (self.kernels is None or Registry.key_of(type(loss)) != "squared_error"       # a subclass may differ
+                or type(loss).backward is not _SQUARED_BACKWARD):
             return super().bind_loss_backward(loss, layer, y, grad_y, delta)
-        return self.kernels.squared_error(y, grad_y)
+        backward = self.kernels.squared_error(y, grad_y)
+        reference = super().bind_loss_backward(loss, layer, y, grad_y, delta)
+        own = loss.__dict__
+
+        def squared_error(t, out):
+            if "backward" in own:       # this instance's own backward (assigned since): the loss decides
+                return reference(t, out)
+            return backward(t, out)
+        return squared_error
 
     def bias_activation(self, act, z, b, y, rowstats):
         if self.kernels is None:

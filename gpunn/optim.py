@@ -160,6 +160,8 @@ class Optimizer:
         for name in self._state_names:  # momentum switched on between steps: its velocity starts at zero
             if name not in self.state:
                 self.state[name] = xp.zeros_like(params)
+        for name in [k for k in self.state if k not in self._state_names]:
+            del self.state[name]        # momentum switched off: no velocity steers (or waits for) later steps
         if len(self._scratch) < scratch:
             size = params.size if ops.device.is_cuda else min(BLOCK, params.size)
             self._scratch += [xp.empty(size, params.dtype) for _ in range(scratch - len(self._scratch))]
@@ -224,8 +226,13 @@ class Optimizer:
         starts as the first one did (from the loaded state, else from zero)."""
         t, arrays, bound, pending = snap
         if bound is not None and bound is self._bound:
-            for k, v in self.state.items():
-                v[...] = arrays[k]
+            for k in [k for k in self.state if k not in arrays]:
+                del self.state[k]           # made since the snapshot (momentum switched on): from zero again
+            for k, v in arrays.items():
+                if k in self.state:
+                    self.state[k][...] = v
+                else:                       # dropped since (momentum switched off): the snapshot's again
+                    self.state[k] = v.copy()
         else:
             self._bound, self.state, self._scratch, self._pending = None, {}, [], pending
         self.t = t
@@ -282,8 +289,12 @@ class SGD(Optimizer):
     def update(self, params, grads, decay_mask, ops):
         # the checked values, read where Checked keeps them (three descriptor calls fewer in a hot path)
         d = self.__dict__
-        mu, nesterov, wd = d["momentum"], d["nesterov"], d["weight_decay"]
-        if self._bound is not params or (mu and "velocity" not in self.state) or len(self._scratch) < 1 + (wd > 0):
+        try:
+            mu, nesterov, wd = d["momentum"], d["nesterov"], d["weight_decay"]
+        except KeyError:    # a subclass's own attribute (a property), or a default its __init__ never set
+            mu, nesterov, wd = self.momentum, self.nesterov, self.weight_decay
+        if (self._bound is not params or (mu and "velocity" not in self.state)
+                or (not mu and "velocity" in self.state) or len(self._scratch) < (2 if wd else 1)):
             self._prepare(params, ops, scratch=2 if wd else 1)         # made once, not at every step
         lr = self.current_lr()
         self.t += 1
