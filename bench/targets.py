@@ -59,17 +59,24 @@ def contenders_alone(configs: list[tuple[str, int]], names: list[str], rounds: i
 
 def gemm_share(batch: int, rounds: int, min_time: float) -> dict:
     """``gpunn bench``'s row for mlp at ``batch`` on one BLAS thread, in a fresh process."""
-    code = (f"import json, gpunn.bench as b; r = b.time_workload('mlp', 'cpu', 'float32', {batch}, "
-            f"repeats={rounds}, min_time={min_time!r}); print(json.dumps(r))")
+    row = on_one_thread(f"import json, gpunn.bench as b; r = b.time_workload('mlp', 'cpu', 'float32', {batch}, "
+                        f"repeats={rounds}, min_time={min_time!r}); print(json.dumps(r))")
+    if "error" in row:
+        return row
+    return {k: row[k] for k in ("batch", "us_per_step", "gflops", "ceiling_gflops", "share_of_ceiling",
+                                "share_spread", "threads")}
+
+
+def on_one_thread(code: str) -> dict:
+    """The JSON that ``code`` prints last, run in a fresh Python with one BLAS thread (GPUNN_THREADS=1, the
+    user's BLAS thread variables removed); {"error": its last stderr line} where it fails."""
     env = dict(os.environ, GPUNN_THREADS="1")
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.pop(name, None)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     if run.returncode != 0:
-        return {"error": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"}
-    row = json.loads(run.stdout.strip().splitlines()[-1])
-    return {k: row[k] for k in ("batch", "us_per_step", "gflops", "ceiling_gflops", "share_of_ceiling",
-                                "share_spread", "threads")}
+        return {"error": (run.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def op_profile(workload: str, batch: int, rounds: int, min_time: float) -> dict:
@@ -124,16 +131,9 @@ def profiles(configs: list[tuple[str, int]], rounds: int, min_time: float) -> li
     """:func:`op_profile` of each configuration on one BLAS thread, each in a fresh process."""
     out = []
     for w, b in configs:
-        code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import targets; "
-                f"print(json.dumps(targets.op_profile({w!r}, {b}, {rounds}, {min_time!r})))")
-        env = dict(os.environ, GPUNN_THREADS="1")
-        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.pop(name, None)
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-        if run.returncode == 0:
-            out.append(json.loads(run.stdout.strip().splitlines()[-1]))
-        else:
-            out.append({"workload": w, "batch": b, "error": (run.stderr.strip().splitlines() or ["?"])[-1]})
+        got = on_one_thread(f"import json, sys; sys.path.insert(0, {HERE!r}); import targets; "
+                            f"print(json.dumps(targets.op_profile({w!r}, {b}, {rounds}, {min_time!r})))")
+        out.append({"workload": w, "batch": b, **got} if "error" in got else got)
     return out
 
 

@@ -4,7 +4,8 @@
 
 For each net and batch it prints the multiply-adds of the step's largest matrix product (batch rows × the
 widest layer's weights: what gpunn.threads.MIN_WORK is compared with) and the median µs per step on each
-thread count, the two timed in alternating blocks (order swapped every round) so both see the same machine.
+thread count, the two timed in alternating blocks (order swapped every round, a pause before each) so both see the same
+machine and neither is timed while the other's idle BLAS worker still spins.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import numpy
 import gpunn
 from gpunn import threads
 
+#: Seconds between blocks: OpenBLAS's idle workers spin for a while after a call (about 0.1 s here).
+SETTLE = 0.3
 CASES = [(4, [784, 512, 512, 10]), (8, [784, 512, 512, 10]), (16, [784, 512, 512, 10]), (32, [784, 512, 512, 10]),
          (16, [784, 128, 10]), (32, [784, 64, 10]), (32, [784, 256, 10]), (64, [784, 64, 10]), (64, [784, 256, 10]),
          (128, [784, 64, 10]), (256, [784, 64, 10]), (256, [784, 32, 10])]
@@ -34,6 +37,7 @@ def measure(batch: int, sizes: list[int], rounds: int, min_time: float) -> dict:
     for r in range(rounds):
         for n in ((1, 2) if r % 2 == 0 else (2, 1)):
             threads.set_threads(n)
+            time.sleep(SETTLE)          # the other block's idle OpenBLAS worker stops spinning before timing
             for _ in range(3):
                 net.train_step(x, t, "cross_entropy", opt)
             if calls is None:

@@ -98,8 +98,8 @@ class Backprop:
 class StepPlan:
     """Steps 2–4 for one batch size and loss, as calls bound once to the layers' buffers
     (:meth:`gpunn.layers.Dense.bound_step`): the operations of :meth:`Backprop.forward` and
-    :meth:`Backprop.backward` in the same order, without looking anything up again. The lecture's 4-8-1
-    step is bound by Python's calls, not by arithmetic; this halves them.
+    :meth:`Backprop.backward` in the same order, without looking anything up again: the lecture's 4-8-1
+    step is bound by Python's calls, not by arithmetic, and between two bound calls only a list loop runs.
 
     A plan is current while its ops bind the same calls (``ops.generation``: the CPU kernels loaded since
     would change them), every layer's buffers are the ones it bound (``buffer_epoch``: made, freed, or
@@ -108,7 +108,7 @@ class StepPlan:
     """
 
     def __init__(self, backprop: Backprop, rows: int, loss: Loss, grad_y: Array):
-        self.backprop, self.ops, self.layers, self.loss, self.rows = backprop, backprop.ops, backprop.layers, loss, rows
+        self.backprop, self.ops, self.layers, self.loss = backprop, backprop.ops, backprop.layers, loss
         self.generation = self.ops.generation
         steps: list[BoundStep] = []
         grad = grad_y
@@ -126,9 +126,8 @@ class StepPlan:
         self.forward = [call for s in steps for call in s.forward]
         self.output_delta = steps[-1].make_delta
         self.backward = steps[-1].grads + [c for s in reversed(steps[:-1]) for c in (*s.make_delta, *s.grads)]
-        self.grad_y, self.output = grad_y, self.layers[-1]
         out = steps[-1].bufs
-        self.loss_backward = self.ops.bind_loss_backward(loss, self.output, out.y, grad_y, out.delta)
+        self.loss_backward = self.ops.bind_loss_backward(loss, self.layers[-1], out.y, grad_y, out.delta)
 
     def current(self, loss: Loss) -> bool:
         """Whether this plan still binds what a step would use (see the class docstring)."""

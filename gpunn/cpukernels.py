@@ -297,7 +297,8 @@ KERNELS = (bias_add, bias_sigmoid_pre, sigmoid_post, bias_relu, bias_leaky, bias
 def compiled_for(kernel: Any, *args: Any) -> Callable[..., Any]:
     """numba's compiled code of ``kernel`` for the types of ``args`` (``typeof`` of each: exactly the code
     its dispatcher would run for them, compiled or loaded from the cache), callable without the
-    dispatcher's type resolution at every call (a third of a small kernel's cost). Only for arguments of
+    dispatcher's type resolution at every call (about half of a small kernel call's cost:
+    bench/lecture_floor.py). Only for arguments of
     those very types: arrays bound for good (a step's buffers) and scalars of a fixed dtype."""
     try:
         return kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))

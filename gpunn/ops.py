@@ -21,7 +21,6 @@ from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
 from .losses import Loss, SquaredError
-from .registry import Registry
 from .scalars import env_flag, flag
 from .types import Array, OutputLayer
 
@@ -58,7 +57,8 @@ class XpOps:
         # without the copy. CuPy's take has no mode and writes ``out`` directly.
         self._take_mode = {} if device.is_cuda else {"mode": "clip"}
         #: matmul(a, b, out): out = a·b. NumPy's dot is its matmul's BLAS call (bitwise the same result,
-        #: tests/test_plan.py) at half the call's cost, which counts in the lecture's Python-bound step;
+        #: tests/test_plan.py) at less than half the call's cost (bench/lecture_floor.py), which counts in
+        #: the lecture's Python-bound step;
         #: its C function itself (``_implementation``, where NumPy has one) skips the __array_function__
         #: dispatch, which only ndarray subclasses and duck arrays need: gpunn passes its own ndarrays.
         self.matmul = _cupy_matmul(self.xp) if device.is_cuda else getattr(self.xp.dot, "_implementation",
@@ -252,15 +252,20 @@ class CpuFusedOps(XpOps):
             return [partial(XpOps.activation_backward, self, act, z, y, grad, out, scratch, rowstats)]
         return binder(z, y, grad, out, call)
 
-    def bind_column_sum(self, delta, out):
+    def _kernel_sums(self, delta: Array) -> bool:
+        """Whether the colsum kernel sums ``delta`` as NumPy does: NumPy sums the rows of an array of two or
+        more columns one after the other, from 0; a single column it sums pairwise, which is the same order
+        below 8 rows: from 8 rows the reference runs."""
         rows, cols = delta.shape
-        if rows == 0 or (cols < 2 and rows >= 8) or self.kernels is None:    # see column_sum
+        return self.kernels is not None and rows > 0 and (cols >= 2 or rows < 8)
+
+    def bind_column_sum(self, delta, out):
+        if not self._kernel_sums(delta):
             return super().bind_column_sum(delta, out)
         return [cpukernels.bind(self._colsum, delta, out, self._zero[delta.dtype])]
 
     def bind_loss_backward(self, loss, layer, y, grad_y, delta):
-        if (self.kernels is None or Registry.key_of(type(loss)) != "squared_error"       # a subclass may differ
-                or type(loss).backward is not _SQUARED_BACKWARD):
+        if self.kernels is None or type(loss).backward is not _SQUARED_BACKWARD:     # its own backward: the loss's
             return super().bind_loss_backward(loss, layer, y, grad_y, delta)
         backward = self.kernels.squared_error(y, grad_y)
         reference = super().bind_loss_backward(loss, layer, y, grad_y, delta)
@@ -287,10 +292,7 @@ class CpuFusedOps(XpOps):
         return out
 
     def column_sum(self, delta, out):
-        rows, cols = delta.shape
-        # NumPy sums the rows of an array of two or more columns one after the other, from 0; a single
-        # column it sums pairwise, which is the same order below 8 rows: from 8 rows the reference runs.
-        if rows == 0 or (cols < 2 and rows >= 8) or self.kernels is None:
+        if not self._kernel_sums(delta):
             return self._column_sum(delta, axis=0, out=out)
         self._colsum(delta, out, self._zero[delta.dtype])
         return out
