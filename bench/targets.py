@@ -124,7 +124,9 @@ def op_profile(workload: str, batch: int, rounds: int, min_time: float) -> dict:
                   for k, fn in exps.items()}
     gemm = sum(v for n, v in us.items() if n.startswith("gemm"))
     us["the rest (Python, cache misses between operations)"] = max(0.0, step - sum(us.values()))
-    return {"workload": workload, "batch": batch, "step_us": step, "gemm_us": gemm, "parts_us": us, "exp_us": exp_us}
+    inside = bool(getattr(getattr(ops, "kernels", None), "k", None) and ops.kernels.k.exp_inside)
+    return {"workload": workload, "batch": batch, "step_us": step, "gemm_us": gemm, "parts_us": us, "exp_us": exp_us,
+            "exp_inside": inside}
 
 
 def profiles(configs: list[tuple[str, int]], rounds: int, min_time: float) -> list[dict]:
@@ -210,9 +212,11 @@ def profile_tables(profs: list[dict]) -> list[str]:
         lines += [format_table(["operation", "µs", "share of step"], rows, markdown=True), ""]
         if p.get("exp_us"):
             total = sum(p["exp_us"].values())
-            lines += ["Of the bias + activation rows, NumPy's exp alone: " + ", ".join(
+            where = ("the kernels run gpunn.cpuexp's transcription of it inside their pass" if p.get("exp_inside")
+                     else "the kernels call NumPy's exp between two of theirs")
+            lines += ["NumPy's exp alone on the same inputs as the bias + activation rows: " + ", ".join(
                 f"{k} {v:.1f} µs" for k, v in p["exp_us"].items()) + f" ({100 * total / p['step_us']:.1f} % of the "
-                "step; the kernels keep NumPy's exp to stay bitwise equal to the NumPy path).", ""]
+                f"step; {where}, bitwise equal to the NumPy path).", ""]
     return lines
 
 

@@ -177,7 +177,8 @@ def environment(dtype: str | None = None) -> dict:
                            "cpu": _cpu_model(), "cores": os.cpu_count(), "blas": _blas(),
                            "tf32": tf32_enabled(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
                            "threads": threads.describe(), "numba": cpukernels.numba_version(),
-                           "cpu_kernels_unavailable_reason": cpukernels.unavailable_reason()}
+                           "cpu_kernels_unavailable_reason": cpukernels.unavailable_reason(),
+                           "float32_exp_inside_kernels": cpukernels.exp_inside()[0]}
     if dtype:
         env["dtype"] = dtype
     reason = cuda_unavailable_reason()

@@ -20,7 +20,7 @@ from typing import Any
 import click
 import numpy
 
-from . import activations, losses, ops, optim, recipes, threads, userdata
+from . import activations, cpukernels, losses, ops, optim, recipes, threads, userdata
 from .backend import LOGGER, Device, available_devices, cuda_unavailable_reason, parse_spec, to_host
 from .bench import WORKLOADS, environment, format_table, time_workload
 from .check import run_check
@@ -206,6 +206,10 @@ def info(as_json: bool) -> None:
     click.echo(f"BLAS threads: {threads.summary(env['threads'])}")
     click.echo("fused CPU kernels: " + (f"numba {env['numba']}" + ("" if ops.fused_enabled() else " (off: GPUNN_FUSED)")
                                         if env["numba"] else f"off ({env['cpu_kernels_unavailable_reason']})"))
+    if env["numba"]:
+        inside, why = cpukernels.exp_inside()
+        click.echo("float32 exp: " + ("inside the kernels (gpunn.cpuexp gives NumPy's bits here)" if inside
+                                      else f"NumPy's, between two kernels ({why})"))
     click.echo(f"CPU: {env['cpu']} ({env['cores']} cores)")
     if env.get("openblas_coretype"):
         click.echo(f"OPENBLAS_CORETYPE={env['openblas_coretype']}")

@@ -14,13 +14,17 @@ numba (``@njit(cache=True)``, ``error_model="numpy"``, no fastmath):
 
 **Bitwise equal to the NumPy path.** Every kernel does the NumPy path's arithmetic operation for
 operation, in the same order and in the array's dtype (constants are passed as scalars of that dtype,
-never as Python floats, which numba would widen to float64). NumPy's own ``exp``, ``expm1``, ``tanh``,
-``log1p`` and ``matmul`` stay outside the kernels: numba's would be the C library's scalar ones,
-which differ from NumPy's SIMD ones in the last bit (and are slower). Where NumPy's result depends on
-how it reduces, the kernel reduces the same way (a softmax row pairwise, a column sum row after row from
-0); where that would need NumPy's recursive pairwise sum (a softmax wider than 128 classes, a one-column
-sum of 8 rows or more), the NumPy code runs. tests/test_cpukernels.py checks every kernel, activation,
-loss, optimiser setting and dtype against the NumPy path bit for bit.
+never as Python floats, which numba would widen to float64). NumPy's own ``expm1``, ``tanh``, ``log``,
+``log1p``, ``matmul`` and float64 ``exp`` stay outside the kernels: numba's would be the C library's
+scalar ones, which differ from NumPy's SIMD ones in the last bit (and are slower). NumPy's float32 ``exp``
+is transcribed (:mod:`gpunn.cpuexp`), so the sigmoid (``bias_sigmoid``) and the softmax's exp
+(``softmax_pre_exp``) run inside one kernel pass, where a probe at loading finds the transcription equal
+to NumPy's exp on this machine (``exp_inside``); elsewhere NumPy's exp runs between two kernels.
+Where NumPy's result depends on how it reduces, the kernel reduces the same way (a softmax row pairwise,
+a column sum row after row from 0); where that would need NumPy's recursive pairwise sum (a softmax
+wider than 128 classes, a one-column sum of 8 rows or more), the NumPy code runs.
+tests/test_cpukernels.py checks every kernel, activation, loss, optimiser setting and dtype against the
+NumPy path bit for bit; tests/test_cpuexp.py the float32 exp against NumPy's.
 
 The kernels are serial: at the batch sizes where rows are many, numba's ``parallel=True`` was measured
 no faster and would start a second thread pool beside OpenBLAS's; the BLAS threads are what
@@ -321,7 +325,20 @@ def _compiled() -> tuple[Any, str | None]:
         return None, f"numba not usable: {type(exc).__name__}: {exc}".strip()
     jit = numba.njit(cache=True, error_model="numpy", nogil=True)
     compiled = {fn.__name__: jit(fn) for fn in KERNELS}
-    return SimpleNamespace(**compiled, version=numba.__version__), None
+    return SimpleNamespace(**compiled, **_exp_kernels(), version=numba.__version__), None
+
+
+def _exp_kernels() -> dict[str, Any]:
+    """The kernels with NumPy's float32 exp inside (:mod:`gpunn.cpuexp`) and ``exp_inside``: whether they
+    give NumPy's bits on this machine (``exp_inside_reason`` says why not)."""
+    try:
+        from . import cpuexp
+        same = cpuexp.matches_numpy()
+    except Exception as exc:      # pragma: no cover - an llvmlite without what the transcription needs
+        return {"exp_inside": False, "exp_inside_reason": f"{type(exc).__name__}: {exc}"}
+    return {"exp_inside": same, "bias_sigmoid": cpuexp.bias_sigmoid, "softmax_pre_exp": cpuexp.softmax_pre_exp,
+            "exp_inside_reason": None if same else "NumPy's float32 exp differs from its transcription here "
+                                                   "(another algorithm in this NumPy build or CPU)"}
 
 
 def installed() -> bool:
@@ -342,6 +359,12 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why the fused CPU kernels cannot run (None when they can)."""
     return _compiled()[1]
+
+
+def exp_inside() -> tuple[bool, str | None]:
+    """(whether the kernels run NumPy's float32 exp inside their pass (:mod:`gpunn.cpuexp`), why not)."""
+    ns = _compiled()[0]
+    return (False, unavailable_reason()) if ns is None else (ns.exp_inside, ns.exp_inside_reason)
 
 
 def numba_version() -> str | None:
@@ -386,8 +409,11 @@ class CpuKernels:
         for calls made many times, ``functools.partial`` for one). None: no kernel for this activation."""
         k, (zero, one, p, _, cap, small) = self.k, self.constants(act, dtype)
         exp, expm1, log, tanh, logaddexp = numpy.exp, numpy.expm1, numpy.log, numpy.tanh, numpy.logaddexp
+        exp_inside = k.exp_inside and numpy.dtype(dtype) == numpy.float32    # gpunn.cpuexp: float32 only
 
         def sigmoid(z, b, y, rowstats, call=bind):
+            if exp_inside:
+                return [call(k.bias_sigmoid, z, b, y, cap, one)]
             return [call(k.bias_sigmoid_pre, z, b, y, cap), partial(exp, y, y), call(k.sigmoid_post, y, one)]
 
         def elu(z, b, y, rowstats, call=bind):
@@ -398,8 +424,9 @@ class CpuKernels:
             if z.shape[1] > MAX_SOFTMAX_COLS:
                 return None
             total, top = rowstats[:, 1:2], rowstats[:, 0:1]
-            return [call(k.softmax_pre, z, b, y, rowstats), partial(exp, y, y),
-                    call(k.softmax_post, y, rowstats, zero), partial(log, total, total),
+            exps = ([call(k.softmax_pre_exp, z, b, y, rowstats)] if exp_inside
+                    else [call(k.softmax_pre, z, b, y, rowstats), partial(exp, y, y)])
+            return [*exps, call(k.softmax_post, y, rowstats, zero), partial(log, total, total),
                     partial(numpy.add, top, total, top)]            # rowstats[:, 0] = m + log Σ e^(z−m)
 
         def identity(z, b, y, rowstats, call=bind):

@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 
 #: Bottom to top. A module may import modules of lower floors only (never its own floor, never higher).
 FLOORS: list[set[str]] = [
-    {"errors", "types", "version"},
+    {"errors", "types", "version", "cpuexp"},
     {"backend", "scalars", "registry", "admission", "threads"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
     {"losses", "exports"},

@@ -1,0 +1,122 @@
+"""NumPy's float32 exp transcribed for the CPU kernels (gpunn.cpuexp), against ``numpy.exp`` itself.
+
+NumPy runs its SIMD exp (``simd_exp_FLOAT``) for float32 on x86 CPUs with AVX2 + FMA3 or AVX-512F; there
+the transcription must give its bits for every input (about 21 million checked here, all 2³² by
+``python scripts/check_exp.py --all``) and the kernels must use it. Elsewhere NumPy calls the C library's
+expf: the kernels must notice and keep NumPy's exp between their calls, still bitwise equal.
+"""
+from __future__ import annotations
+
+import numpy
+import pytest
+
+import gpunn
+from gpunn import activations, cpukernels, ops
+from helpers import rng
+
+pytestmark = pytest.mark.skipif(not cpukernels.available(),
+                                reason=f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+
+
+def numpy_runs_simd_exp() -> bool:
+    """Whether this NumPy build dispatches float32 exp to its AVX2+FMA3 or AVX-512F loop on this CPU (the
+    transcribed algorithm), read from NumPy's own CPU-feature and dispatch tables."""
+    from numpy._core._multiarray_umath import __cpu_baseline__, __cpu_dispatch__, __cpu_features__
+    built = set(__cpu_baseline__) | set(__cpu_dispatch__)
+    has = {k for k, v in __cpu_features__.items() if v}
+    avx2 = {"AVX2", "FMA3"} <= has and bool(built & {"AVX2", "FMA3", "X86_V3", "X86_V4", "AVX512F", "AVX512_SKX"})
+    avx512 = "AVX512F" in has and bool(built & {"AVX512F", "X86_V4", "AVX512_SKX"})
+    return avx2 or avx512
+
+
+SIMD = numpy_runs_simd_exp()
+needs_simd = pytest.mark.skipif(not SIMD, reason="this NumPy runs the C library's expf here, not its SIMD exp")
+
+
+def bits(a):
+    return numpy.ascontiguousarray(a).view(numpy.uint32)
+
+
+def inputs():
+    """Chunks of float32 inputs: random bit patterns; every bit pattern from −88 down to −105 (the subnormal
+    results and the underflow edge) and from 88 to 89 (the overflow edge); a stride of 257 through all 2³²."""
+    f = numpy.float32
+    yield rng(7).integers(0, 1 << 32, size=4_000_000, dtype=numpy.uint64).astype(numpy.uint32)
+    yield numpy.arange(bits(f(-88.0)).item(), bits(f(-105.0)).item(), dtype=numpy.uint32)
+    yield numpy.arange(bits(f(88.0)).item(), bits(f(89.0)).item(), dtype=numpy.uint32)
+    for start in range(0, 1 << 32, 1 << 30):
+        yield numpy.arange(start, start + (1 << 30), 257, dtype=numpy.uint64).astype(numpy.uint32)
+
+
+@needs_simd
+def test_the_transcription_gives_numpys_bits():
+    from gpunn import cpuexp
+    checked = 0
+    for chunk in inputs():
+        x = chunk.view(numpy.float32)
+        with numpy.errstate(all="ignore"):
+            ref = numpy.exp(x)
+        got = numpy.empty_like(x)
+        cpuexp.exp_f32_array(x, got)
+        wrong = numpy.flatnonzero(bits(ref) != bits(got))
+        assert wrong.size == 0, [(hex(bits(x)[i]), ref[i], got[i]) for i in wrong[:5]]
+        checked += x.size
+    assert checked > 20_000_000
+
+
+@needs_simd
+def test_the_probe_passes_and_the_kernels_run_the_exp_inside():
+    from gpunn import cpuexp
+    assert cpuexp.matches_numpy()
+    k = cpukernels.CpuKernels()
+    assert k.k.exp_inside and k.k.exp_inside_reason is None
+    assert all(type(f._cache).__name__ == "FunctionCache" for f in (k.k.bias_sigmoid, k.k.softmax_pre_exp))
+    z, b = numpy.zeros((2, 3), numpy.float32), numpy.zeros(3, numpy.float32)
+    sig = activations.get("sigmoid")
+    assert len(k.forward(sig, "float32")(z, b, z.copy(), None)) == 1            # one pass, exp inside
+    assert len(k.forward(sig, "float64")(z.astype("f8"), b.astype("f8"), z.astype("f8"), None)) == 3
+
+
+def test_the_probe_notices_an_exp_that_differs_in_one_bit(monkeypatch):
+    from gpunn import cpuexp
+    numpy_exp = numpy.exp
+    monkeypatch.setattr(numpy, "exp", lambda x: numpy.nextafter(numpy_exp(x), numpy.float32(numpy.inf)))
+    assert not cpuexp.matches_numpy()
+    loaded = cpukernels._exp_kernels()                  # what the kernels' loading decides from it
+    assert loaded["exp_inside"] is False and "differs" in loaded["exp_inside_reason"]
+    edges = cpuexp.probe()
+    assert edges.dtype == numpy.float32 and numpy.isnan(edges).any() and (bits(edges) > 0x80000000).any()
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("inside", [True, False], ids=["exp-inside", "numpy-exp-between"])
+def test_either_way_the_kernels_equal_the_numpy_path(act, inside, monkeypatch):
+    """With the exp inside the kernel and with NumPy's exp between two kernels (where the probe fails),
+    bias + f on edge values (NaN, ±inf, signed zeros, overflow candidates) and after training steps."""
+    if inside and not SIMD:
+        pytest.skip("this NumPy runs the C library's expf here")
+    k = cpukernels.CpuKernels().k
+    monkeypatch.setattr(k, "exp_inside", inside)
+    a = activations.get(act)
+    special = [0.0, -0.0, 1e-30, -1e-30, 80.0, -80.0, 88.5, -88.5, 104.0, -104.0, 700.0, -700.0,
+               numpy.inf, -numpy.inf, numpy.nan, -numpy.nan]
+    z0 = numpy.concatenate([special, rng(3).normal(size=48) * 30]).astype(numpy.float32).reshape(-1, 8)
+    b = (rng(4).normal(size=8) * 3).astype(numpy.float32)
+    out = []
+    with numpy.errstate(all="ignore"):
+        for o in (ops.XpOps(gpunn.Device("cpu")), ops.CpuFusedOps(gpunn.Device("cpu"))):
+            z, y = z0.copy(), numpy.empty_like(z0)
+            rowstats = numpy.empty((z.shape[0], 2), numpy.float32) if a.rowwise else None
+            o.bias_activation(a, z, b, y, rowstats)
+            out.append([z, y] + ([rowstats] if a.rowwise else []))
+    for ref, got in zip(*out):
+        assert numpy.array_equal(bits(ref), bits(got))
+    nets = [gpunn.mlp([6, 9, 4], activation="sigmoid", output=act, seed=2, fused=f, device="cpu")
+            for f in (False, True)]
+    nets[1].ops.warm_up()                   # the kernels from the first step, not after LAZY_SECONDS
+    x = (rng(5).normal(size=(33, 6)) * 4).astype(numpy.float32)
+    t = numpy.eye(4, dtype=numpy.float32)[rng(6).integers(0, 4, 33)]
+    loss = "cross_entropy" if act == "softmax" else "squared_error"
+    values = [[float(n.train_step(x, t, loss, gpunn.SGD(lr=0.5))) for _ in range(5)] for n in nets]
+    assert values[0] == values[1]
+    assert numpy.array_equal(bits(nets[0].flat_parameters()), bits(nets[1].flat_parameters()))
