@@ -212,7 +212,9 @@ def test_the_step_profile_names_every_operation():
             "update"} <= set(parts) and p["step_us"] > 0 and p["gemm_us"] > 0
     assert "| gemm L0 x·W |" in "\n".join(targets.profile_tables([p, {"workload": "mlp", "batch": 2, "error": "x"}]))
     assert set(p["exp_us"]) == {"L0", "L1"}         # the lecture's two sigmoid layers: NumPy's exp timed alone
-    assert "NumPy's exp alone: L0" in "\n".join(targets.profile_tables([p]))
+    text = "\n".join(targets.profile_tables([p]))
+    assert "NumPy's exp alone on the same inputs as the bias + activation rows: L0" in text
+    assert ("transcription of it inside" in text) == p["exp_inside"]
 
 
 def test_the_gemm_share_worker_runs_on_one_thread():
