@@ -213,7 +213,7 @@ class StepArrays:
             self.given = loss
         kind, dtype = self.array_type, self.dtype
         if (type(X) is kind and type(Y) is kind and X.dtype == dtype and Y.dtype == dtype and X.ndim == 2
-                and X.shape[0] and X.shape[1] == self.n_in and Y.shape == (X.shape[0], self.n_out)
+                and (rows := X.shape[0]) and X.shape[1] == self.n_in and Y.shape == (rows, self.n_out)
                 and (not self.cuda or X.device.id == Y.device.id == self.index)):
             return X, Y, checked
         device_of(X, Y)

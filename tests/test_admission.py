@@ -209,3 +209,20 @@ def test_a_refused_train_step_attaches_no_optimiser():
     assert "error" not in out
     other = gpunn.mlp([4, 6, 2], output="sigmoid", device="cpu", seed=1)
     other.train_step(x, t, "squared_error", opt)        # not attached to net: free for this one
+
+
+def test_an_optimiser_reset_and_used_on_another_network_is_refused_on_the_first_again():
+    """One optimiser per network through train_step alone: after reset() it may train another network, and
+    then the first one's train_step is refused (a step does not skip the check for an optimiser it used)."""
+    a, b = (gpunn.mlp([4, 6, 2], device="cpu", seed=s) for s in (0, 1))
+    x, t = numpy.zeros((3, 4), "float32"), numpy.zeros((3, 2), "float32")
+    opt = gpunn.SGD(lr=0.1, momentum=0.9)
+    a.train_step(x, t, "squared_error", opt)
+    a.train_step(x, t, "squared_error", opt)
+    opt.reset()
+    b.train_step(x, t, "squared_error", opt)
+    with pytest.raises(gpunn.ConfigError, match="one optimiser per network"):
+        a.train_step(x, t, "squared_error", opt)
+    opt.reset()
+    a.train_step(x, t, "squared_error", opt)
+    assert opt.owner_ref() is a
