@@ -2,6 +2,7 @@
 
     python bench/step_calls.py            # the counts
     python bench/step_calls.py --list     # and each call, in order
+    python bench/step_calls.py --out      # the loss written into a one-element array (as fit's steps do)
 
 A count, not a clock: the same on a busy machine as on a quiet one. After warm-up (the numba kernels
 loaded, the step's plan bound) one ``net.train_step(x, t, loss, opt)`` runs under :func:`sys.setprofile`,
@@ -53,12 +54,13 @@ def count(fn: Any) -> tuple[Counter, Counter, list[str]]:
             c[name] += 1
             order.append("c  " + name)
 
+    before = sys.getprofile()       # a profiler already running (restored afterwards)
     sys.setprofile(profile)
     try:
         fn()
     finally:
-        sys.setprofile(None)
-    # the profiler sees its own sys.setprofile(None) as a C call: not part of fn
+        sys.setprofile(before)
+    # the profiler sees its own sys.setprofile(...) as a C call: not part of fn
     c["sys.setprofile"] -= 1
     if order and order[-1] == "c  sys.setprofile":
         order.pop()
@@ -77,22 +79,25 @@ def bytecodes(fn: Any) -> Counter:
             done[f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno} {code.co_qualname}"] += 1
         return trace
 
+    before = sys.gettrace()         # a tracer already running (coverage: restored afterwards)
     sys.settrace(trace)
     try:
         fn()
     finally:
-        sys.settrace(None)
+        sys.settrace(before)
     return done
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--list", action="store_true", help="print every call in order")
+    parser.add_argument("--out", action="store_true", help="train_step(..., out=a one-element array)")
     args = parser.parse_args()
     net, x, t, loss, opt = lecture_net()
+    out = numpy.empty(1, numpy.float32) if args.out else None
 
     def step() -> None:
-        net.train_step(x, t, loss, opt)
+        net.train_step(x, t, loss, opt, out=out)
     py, c, order = count(step)
     py_again, c_again, _ = count(step)
     if (py, c) != (py_again, c_again):     # a steady state makes the same calls every step
