@@ -2,15 +2,17 @@
 
 :class:`Backprop` is what a model's training methods run: the forward pass (step 2), the output δ from
 the loss (eq 13) and each hidden layer's δ (eq 14) with their gradients (eq 8), and the optimiser's
-update of the flat parameter buffer (eq 15 for SGD). The model adds the checks, the device context and
-the admission of one training thread around it.
+update of the flat parameter buffer (eq 15 for SGD), with the device current. The model adds the checks
+and the admission of one training thread around it, and names itself as the optimiser's network.
 """
 from __future__ import annotations
+
+import weakref
 
 from .activations import Activation
 from .layers import MAX_BATCH_SIZES, BoundStep, Dense
 from .losses import Loss
-from .ops import XpOps
+from .ops import BINDINGS, XpOps
 from .optim import Optimizer
 from .params import ParameterStore
 from .types import Array
@@ -25,6 +27,8 @@ class Backprop:
         self.layers, self.store, self.ops = layers, store, ops
         self._grad_y: dict[int, Array] = {}         # ∂E/∂y of the output, per batch size
         self._plans: dict[tuple[int, int], StepPlan] = {}     # (rows, id(loss)) -> the step's bound calls
+        self._last: StepPlan | None = None          # the plan of the last step (most steps take it again)
+        self.is_cuda = ops.device.is_cuda
         self.shown: StepPlan | None = None          # the plan whose arrays the layers expose
         #: weights of the widest layer: × the batch's rows, the multiply-adds of the step's largest product
         self.widest = max(layer.n_in * layer.n_out for layer in layers)
@@ -54,14 +58,50 @@ class Backprop:
         return value
 
     def gradients(self, x: Array, t: Array, loss: Loss, value_out: Array | None = None) -> Array:
-        """Steps 2–4: :meth:`forward` of x, then :meth:`backward` for targets t; returns the mean loss. Run as
-        the :class:`StepPlan` of this batch size and loss (the same operations, bound once)."""
+        """Steps 2–4: :meth:`forward` of x, then :meth:`backward` for targets t, with the model's device current
+        (a GPU's); returns the mean loss. Run as the :class:`StepPlan` of this batch size and loss (the same
+        operations, bound once)."""
+        return self.step(x, t, loss, None, value_out)
+
+    def step(self, x: Array, t: Array, loss: Loss, optimizer: Optimizer | None, value_out: Array | None = None,
+             owner: weakref.ref | None = None) -> Array:
+        """Steps 2–5: :meth:`gradients`, then :meth:`update` (none without an ``optimizer``), with the model's
+        device current (a GPU's); returns the mean loss. Where ``owner`` (a weak reference to the network) is
+        given, the optimiser is attached to that network first (:meth:`gpunn.optim.Optimizer.attach`, skipped
+        while its ``owner_ref`` is ``owner`` already).
+
+        On the CPU the plan of the last step is taken again while it is for this batch size and loss, nothing
+        noted in :data:`gpunn.ops.BINDINGS` has changed since it was checked, the loss has no ``backward`` of
+        its own (an instance attribute) and the plan needs no full check at every step (``recheck``);
+        otherwise :meth:`plan` checks all of :class:`StepPlan`'s conditions. The thread policy's ``apply`` is
+        skipped for its settled work (:attr:`gpunn.threads.ThreadPolicy.settled`)."""
+        if owner is not None and optimizer.owner_ref is not owner:       # type: ignore[union-attr]
+            optimizer.attach(owner())           # type: ignore[union-attr]
         rows = x.shape[0]
-        self.ops.begin_step(rows * self.widest)          # the CPU's BLAS threads for this work (gpunn.threads)
+        if self.is_cuda:
+            with self.ops.device.activate():
+                self.ops.begin_step(rows * self.widest)
+                return self.plan(rows, loss).run(x, t, value_out, optimizer)
+        work, policy = rows * self.widest, self.ops.threads
+        if policy is None or policy.settled != work:
+            self.ops.begin_step(work)           # the CPU's BLAS threads for this work (gpunn.threads)
+        plan = self._last
+        if (plan is None or plan.loss is not loss or plan.rows != rows or plan.seen != BINDINGS.value
+                or plan.recheck or "backward" in plan.loss_attributes):
+            plan = self.plan(rows, loss)
+        return plan.run(x, t, value_out, optimizer)
+
+    def plan(self, rows: int, loss: Loss) -> StepPlan:
+        """The current :class:`StepPlan` for ``rows`` and ``loss``: the one made before while it is current,
+        else a new one; it becomes the plan of the last step."""
+        seen = BINDINGS.value                   # read first: a change noted from here on is not missed
         plan = self._plans.get((rows, id(loss)))
-        if plan is None or not plan.current(loss):
+        if plan is not None and plan.current(loss):
+            plan.seen = seen
+        else:
             plan = self._plan(rows, loss)
-        return plan.run(x, t, value_out)
+        self._last = plan
+        return plan
 
     def _plan(self, rows: int, loss: Loss) -> StepPlan:
         """A new plan for ``rows`` and ``loss``; plans whose buffers a layer has since freed go (bounded
@@ -77,38 +117,43 @@ class Backprop:
         plan = self._plans[(rows, id(loss))] = StepPlan(self, rows, loss, gy)
         return plan
 
-    def step(self, x: Array, t: Array, loss: Loss, optimizer: Optimizer, value_out: Array | None = None) -> Array:
-        """Steps 2–5: :meth:`gradients`, then :meth:`update`, with the model's device current (a GPU's);
-        returns the mean loss."""
-        if self.ops.device.is_cuda:
-            with self.ops.device.activate():
-                value = self.gradients(x, t, loss, value_out)
-                self.update(optimizer)
-                return value
-        value = self.gradients(x, t, loss, value_out)
-        self.update(optimizer)
-        return value
-
     def update(self, optimizer: Optimizer) -> None:
         """Step 5: the optimiser's update of every parameter from the gradients (eq 15 for SGD)."""
-        mask = self.store.decay_mask() if getattr(optimizer, "weight_decay", 0.0) else None
-        optimizer.update(self.store.params, self.store.grads, mask, self.ops)
+        optimizer.update(self.store.params, self.store.grads, self.decay_mask(optimizer), self.ops)
+
+    def decay_mask(self, optimizer: Optimizer) -> Array | None:
+        """The store's decay mask where ``optimizer`` has a weight decay, else None (what its update takes)."""
+        return self.store.decay_mask() if _weight_decay(optimizer) else None
+
+
+def _weight_decay(optimizer: Optimizer) -> object:
+    """``optimizer.weight_decay`` (0.0 where it has none), read where a Checked attribute keeps it (the
+    instance's ``__dict__``: :class:`gpunn.scalars.Checked`) without the descriptor's call."""
+    wd = optimizer.__dict__.get("weight_decay")
+    return getattr(optimizer, "weight_decay", 0.0) if wd is None else wd
 
 
 class StepPlan:
-    """Steps 2–4 for one batch size and loss, as calls bound once to the layers' buffers
-    (:meth:`gpunn.layers.Dense.bound_step`): the operations of :meth:`Backprop.forward` and
-    :meth:`Backprop.backward` in the same order, without looking anything up again: the lecture's 4-8-1
-    step is bound by Python's calls, not by arithmetic, and between two bound calls only a list loop runs.
+    """Steps 2–5 for one batch size and loss, as calls bound once to the layers' buffers
+    (:meth:`gpunn.layers.Dense.bound_step`): the operations of :meth:`Backprop.forward`,
+    :meth:`Backprop.backward` and :meth:`Backprop.update` in the same order, without looking anything up
+    again: the lecture's 4-8-1 step is bound by Python's calls, not by arithmetic, and between two bound
+    calls only a list loop runs.
 
     A plan is current while its ops bind the same calls (``ops.generation``: the CPU kernels loaded since
     would change them), every layer's buffers are the ones it bound (``buffer_epoch``: made, freed, or
     dropped with new parameters), every activation's parameter (α, a) is the one it bound and the loss is
-    the same object; otherwise it is made again.
+    the same object, with a ``backward`` of its own (assigned to the instance) where it had one and only
+    then; otherwise it is made again. ``seen`` is the value of :data:`gpunn.ops.BINDINGS` when it was last
+    found current: while that value stays, neither buffers nor calls have changed. Activations' parameters
+    and a loss's own ``backward`` are not noted there: a plan with a parameterised activation or bound to
+    an instance's own backward is checked in full at every step (``recheck``), and a step checks that the
+    loss has not been given one since (:meth:`Backprop.step`).
     """
 
     def __init__(self, backprop: Backprop, rows: int, loss: Loss, grad_y: Array):
         self.backprop, self.ops, self.layers, self.loss = backprop, backprop.ops, backprop.layers, loss
+        self.rows, self.store = rows, backprop.store
         self.generation = self.ops.generation
         steps: list[BoundStep] = []
         grad = grad_y
@@ -120,23 +165,31 @@ class StepPlan:
         #: the activations with a parameter (α, a: assignable between steps; bound calls hold it as a constant)
         self.tuned = [(layer.activation, layer.activation.param) for layer in self.layers
                       if type(layer.activation).param is not Activation.param]
+        self.loss_attributes = vars(loss)
+        self.own_backward = "backward" in self.loss_attributes
+        self.recheck = bool(self.tuned) or self.own_backward
         self.steps = steps
-        self.first_W, self.first_gW = self.layers[0].W, self.layers[0].grad_W
-        self.first_delta = steps[0].bufs.delta
+        self.first, self.matmul = self.layers[0], self.ops.matmul
+        self.first_W, self.first_gW = self.first.W, self.first.grad_W
+        self.first_z, self.first_delta = steps[0].bufs.z, steps[0].bufs.delta
+        self.params, self.grads = self.store.params, self.store.grads
         self.forward = [call for s in steps for call in s.forward]
         self.output_delta = steps[-1].make_delta
         self.backward = steps[-1].grads + [c for s in reversed(steps[:-1]) for c in (*s.make_delta, *s.grads)]
         out = steps[-1].bufs
         self.loss_backward = self.ops.bind_loss_backward(loss, self.layers[-1], out.y, grad_y, out.delta)
+        self.seen = BINDINGS.value              # after the buffers above: what they noted is seen
 
     def current(self, loss: Loss) -> bool:
         """Whether this plan still binds what a step would use (see the class docstring)."""
         return (loss is self.loss and self.generation == self.ops.generation
                 and [layer.buffer_epoch for layer in self.layers] == self.epochs
+                and ("backward" in self.loss_attributes) == self.own_backward
                 and (not self.tuned or all(act.param == p for act, p in self.tuned)))
 
-    def run(self, x: Array, t: Array, value_out: Array | None) -> Array:
-        """One step's forward and backward on batch x (shaped (rows, n_in)) for targets t; returns the loss."""
+    def run(self, x: Array, t: Array, value_out: Array | None, optimizer: Optimizer | None = None) -> Array:
+        """One step's forward and backward on batch x (shaped (rows, n_in)) for targets t, then the update by
+        ``optimizer`` where one is given; returns the loss."""
         if self.backprop.shown is not self:
             below = x
             for layer, step in zip(self.layers, self.steps):
@@ -144,9 +197,9 @@ class StepPlan:
                 below = step.bufs.y
             self.backprop.shown = self
         else:
-            self.layers[0].x = x
-        matmul = self.ops.matmul
-        matmul(x, self.first_W, self.steps[0].bufs.z)          # z = x·W of the first layer
+            self.first.x = x
+        matmul = self.matmul
+        matmul(x, self.first_W, self.first_z)                  # z = x·W of the first layer
         for call in self.forward:
             call()
         value, direct = self.loss_backward(t, value_out)
@@ -156,4 +209,8 @@ class StepPlan:
         for call in self.backward:
             call()
         matmul(x.T, self.first_delta, self.first_gW)           # ∂E/∂W of the first layer (eq 8)
+        if optimizer is not None:                              # step 5, as Backprop.update
+            wd = optimizer.__dict__.get("weight_decay")        # as _weight_decay reads it
+            mask = self.store.decay_mask() if wd or (wd is None and getattr(optimizer, "weight_decay", 0.0)) else None
+            optimizer.update(self.params, self.grads, mask, self.ops)
         return value

@@ -22,7 +22,7 @@ import numpy
 from . import activations
 from . import init as initializers
 from .errors import ConfigError
-from .ops import XpOps
+from .ops import BINDINGS, XpOps
 from .scalars import integer
 from .types import Array, ArrayModule
 from .validation import as_model_array
@@ -110,8 +110,8 @@ class Dense:
         self._gb: Array = None
         self._bufs: dict[int, Buffers] = {}
         self._infer_bufs: Buffers | None = None
-        #: counts the changes of the training buffers (made, freed, or dropped with new parameters): calls
-        #: bound to older ones (gpunn.backprop.StepPlan) are made again.
+        #: counts the changes of the training buffers (made, freed, or dropped with new parameters), each
+        #: also noted in gpunn.ops.BINDINGS: calls bound to older ones (gpunn.backprop.StepPlan) are made again.
         self.buffer_epoch = 0
         self._network: weakref.ref | None = None
         self.input_grad = True      # the network turns it off for the first layer
@@ -136,6 +136,7 @@ class Dense:
         self._W, self._b, self._gW, self._gb = W, b, grad_W, grad_b
         self._bufs.clear()
         self.buffer_epoch += 1
+        BINDINGS.note()
         self._infer_bufs = None
 
     def initial_weights(self, rng: numpy.random.Generator) -> numpy.ndarray:
@@ -163,6 +164,7 @@ class Dense:
             while len(self._bufs) >= MAX_BATCH_SIZES:       # bounded: the least recently used size goes
                 self._bufs.pop(next(iter(self._bufs)))
             self.buffer_epoch += 1
+            BINDINGS.note()
         self._bufs[batch] = bufs                            # most recently used last
         return bufs
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -92,6 +93,7 @@ class Sequential:
         store = ParameterStore.initial(self.layers, self.device, self.dtype,
                                        numpy.random.Generator(numpy.random.PCG64(init_seq)))
         self._admission = Admission()
+        self._ref = weakref.ref(self)       # the optimiser's owner_ref once attached (Optimizer.attach)
         self._inference = Inference(self)
         self._use(store)
         self.optimizer: optim.Optimizer | None = None
@@ -148,8 +150,7 @@ class Sequential:
         """Steps 2–4 on one batch, without the update: every layer's δ and ∂E/∂w (:meth:`flat_gradients`).
         Returns the batch's mean loss as :meth:`train_step` does (into ``out`` when given); no host sync."""
         x, t, checked = self._step_arrays(X, Y, loss, out)
-        with self._admission, self.device.activate():
-            return self._backprop.gradients(x, t, checked, out)
+        return self._admission.run(self._backprop.gradients, x, t, checked, out)    # the device made current there
 
     def update(self, optimizer: optim.Optimizer) -> None:
         """Step 5: the optimiser's update of every weight from the current gradients (eq 15 for SGD)."""
@@ -165,11 +166,11 @@ class Sequential:
         one-element device array, when given: then nothing is allocated). X and Y that are already arrays
         of the model's device, dtype and shapes are used as they are (:class:`gpunn.validation.StepArrays`),
         anything else is checked as :meth:`fit` checks it. Data-parallel steps: :mod:`gpunn.strategy`."""
-        _check_optimizer(optimizer)
+        if not isinstance(optimizer, optim.Optimizer):
+            _check_optimizer(optimizer)
         x, t, checked = self._step_arrays(X, Y, loss, out)
-        with self._admission:
-            optimizer.attach(self)
-            return self._backprop.step(x, t, checked, optimizer, out)
+        # one trainer at a time (gpunn.admission); the step attaches the optimiser to this network first
+        return self._admission.run(self._backprop.step, x, t, checked, optimizer, out, self._ref)
 
     def forward(self, X: ArrayLike) -> Array:
         """Forward pass (lecture §2 step 2) on a batch; returns the output y (a copy, on the model's device).
@@ -401,6 +402,7 @@ def _loss_for(loss: str | losses_mod.Loss, activation: Activation) -> losses_mod
 
 
 def _check_optimizer(optimizer: Any) -> None:
+    """ConfigError unless ``optimizer`` is a gpunn optimiser."""
     if not isinstance(optimizer, optim.Optimizer):
         raise ConfigError(f"optimizer must be a gpunn optimiser such as gpunn.SGD(lr=0.1); got {optimizer!r}")
 

@@ -11,6 +11,7 @@ threads for the step's work (:mod:`gpunn.threads`).
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from functools import partial
@@ -24,7 +25,7 @@ from .losses import Loss, SquaredError
 from .scalars import env_flag, flag
 from .types import Array, OutputLayer
 
-__all__ = ["XpOps", "FusedOps", "CpuFusedOps", "ops_for", "fused_enabled"]
+__all__ = ["XpOps", "FusedOps", "CpuFusedOps", "ops_for", "fused_enabled", "Changes", "BINDINGS"]
 
 
 def fused_enabled() -> bool:
@@ -32,6 +33,29 @@ def fused_enabled() -> bool:
     (``GPUNN_FUSED=0`` turns both off; a value that is not a switch, such as ``maybe``, is a ConfigError:
     :func:`gpunn.scalars.parse_flag`)."""
     return env_flag("GPUNN_FUSED", True)
+
+
+class Changes:
+    """A record of changes to what bound calls hold (:class:`gpunn.backprop.StepPlan`): a layer's buffers
+    made, freed or dropped with new parameters (``Dense.buffer_epoch``), an ops' calls changed (the CPU
+    kernels loaded: ``generation``). Each change draws a new number from one count into :attr:`value`, so a
+    value once replaced never comes back (two threads may store their draws out of order, never an old
+    one again): a plan that read ``value`` and reads the same number later knows that nothing it holds
+    has changed in between, in one comparison."""
+
+    __slots__ = ("value", "_draw")
+
+    def __init__(self) -> None:
+        self._draw = itertools.count(1).__next__       # next() of a count: one atomic C call
+        self.value = 0
+
+    def note(self) -> None:
+        """Record a change."""
+        self.value = self._draw()
+
+
+#: The process's one record of changes to what bound calls hold (every network's layers and ops).
+BINDINGS = Changes()
 
 
 #: the squared error's own backward, which the numba path's bound kernel replaces (only that one)
@@ -50,6 +74,9 @@ class XpOps:
         #: called at the start of every step with the multiply-adds of its largest matrix product (batch rows
         #: × the widest layer's weights): the CPU's BLAS thread choice
         self.begin_step = _nothing if device.is_cuda else threads.policy().apply
+        #: the thread policy whose ``apply`` :attr:`begin_step` is (None where it is not only that): a step
+        #: whose work is its ``settled`` work may skip begin_step (:attr:`gpunn.threads.ThreadPolicy.settled`)
+        self.threads: threads.ThreadPolicy | None = None if device.is_cuda else threads.policy()
         # NumPy's ndarray.sum is a Python wrapper around add.reduce: one call fewer per layer and step
         self._column_sum = (lambda d, axis, out: d.sum(axis=axis, out=out)) if device.is_cuda else self.xp.add.reduce
         # NumPy's take in its default mode ('raise') gathers into a temporary and copies it to ``out``;
@@ -63,8 +90,8 @@ class XpOps:
         #: dispatch, which only ndarray subclasses and duck arrays need: gpunn passes its own ndarrays.
         self.matmul = _cupy_matmul(self.xp) if device.is_cuda else getattr(self.xp.dot, "_implementation",
                                                                             self.xp.dot)
-        #: changes whenever the calls this ops would bind change (the CPU kernels loaded): a step's bound
-        #: calls (gpunn.backprop.StepPlan) made before are then made again.
+        #: changes whenever the calls this ops would bind change (the CPU kernels loaded), noted in
+        #: :data:`BINDINGS`: a step's bound calls (gpunn.backprop.StepPlan) made before are then made again.
         self.generation = 0
 
     def gather_rows(self, src: Array, index: Array, out: Array) -> Array:
@@ -204,13 +231,13 @@ class CpuFusedOps(XpOps):
         self._fwd: dict[int, tuple] = {}     # id(activation) -> (activation, dtype, function or None)
         self._bwd: dict[int, tuple] = {}
         self._values: dict[Any, Array] = {}  # dtype -> one-element scratch for the loss value
-        self._sgd_plain: tuple = (None, None, None)     # (lr, dtype, lr in the dtype)
-        self._sgd_kernel: tuple = (None, None, None)    # (params, grads, the kernel compiled for them)
+        #: (params, grads, lr, lr in their dtype, the plain-SGD kernel compiled for them) of the last update
+        self._sgd_plain: tuple = (None, None, None, None, None)
         self._zero = {self.xp.dtype(t): self.xp.dtype(t).type(0.0) for t in ("float32", "float64")}
-        self._apply_threads = self.begin_step
+        self._apply_threads, self._threads = self.begin_step, self.threads
         self._since: float | None = None
         if lazy and not cpukernels.loaded():
-            self.begin_step = self._lazy_begin_step
+            self.begin_step, self.threads = self._lazy_begin_step, None     # called at every step
         else:
             self.warm_up()
 
@@ -221,9 +248,10 @@ class CpuFusedOps(XpOps):
                 self.kernels = cpukernels.CpuKernels()
                 self._colsum, self._plain = self.kernels.k.colsum, self.kernels.k.sgd_plain
                 self.generation += 1
+                BINDINGS.note()
             else:
                 self.fused = False
-        self.begin_step = self._apply_threads
+        self.begin_step, self.threads = self._apply_threads, self._threads
 
     def _lazy_begin_step(self, work: int) -> None:
         self._apply_threads(work)
@@ -265,17 +293,13 @@ class CpuFusedOps(XpOps):
         return [cpukernels.bind(self._colsum, delta, out, self._zero[delta.dtype])]
 
     def bind_loss_backward(self, loss, layer, y, grad_y, delta):
-        if self.kernels is None or type(loss).backward is not _SQUARED_BACKWARD:     # its own backward: the loss's
+        """The squared error's kernel where ``loss`` runs SquaredError's own backward (its class's, none of
+        the instance's: a plan holding the call is made again when the instance gets one,
+        :class:`gpunn.backprop.StepPlan`); the loss's backward otherwise."""
+        if (self.kernels is None or type(loss).backward is not _SQUARED_BACKWARD
+                or "backward" in vars(loss)):
             return super().bind_loss_backward(loss, layer, y, grad_y, delta)
-        backward = self.kernels.squared_error(y, grad_y)
-        reference = super().bind_loss_backward(loss, layer, y, grad_y, delta)
-        own = loss.__dict__
-
-        def squared_error(t, out):
-            if "backward" in own:       # this instance's own backward (assigned since): the loss decides
-                return reference(t, out)
-            return backward(t, out)
-        return squared_error
+        return self.kernels.squared_error(y, grad_y)
 
     def bias_activation(self, act, z, b, y, rowstats):
         if self.kernels is None:
@@ -316,16 +340,19 @@ class CpuFusedOps(XpOps):
         if self.kernels is None:
             return False
         if velocity is None and not weight_decay:       # plain SGD, eq (15): one kernel call
-            hit = self._sgd_plain
-            if hit[0] != lr or hit[1] is not params.dtype:
-                hit = self._sgd_plain = (lr, params.dtype, params.dtype.type(lr))
-            plain = self._sgd_kernel
-            if plain[0] is not params or plain[1] is not grads:
-                plain = self._sgd_kernel = (params, grads, cpukernels.compiled_for(self._plain, params, grads, hit[2]))
-            plain[2](params, grads, hit[2])
+            plain = self._sgd_plain
+            if plain[0] is not params or plain[1] is not grads or plain[2] != lr:
+                plain = self._sgd_plain = self._plain_sgd(params, grads, lr)
+            plain[4](params, grads, plain[3])
             return True
         self.kernels.sgd_update(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
         return True
+
+    def _plain_sgd(self, params: Array, grads: Array, lr: float) -> tuple:
+        """:attr:`_sgd_plain` for these buffers and η: the kernel compiled again only for other buffers."""
+        last, rate = self._sgd_plain, params.dtype.type(lr)
+        same = last[0] is params and last[1] is grads
+        return params, grads, lr, rate, last[4] if same else cpukernels.compiled_for(self._plain, params, grads, rate)
 
 
 def ops_for(device: Device, fused: bool | None = None) -> XpOps:

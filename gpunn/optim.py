@@ -102,7 +102,8 @@ class Optimizer:
         self.t = 0
         self._bound: Array = None
         self._scratch: list[Array] = []
-        self._owner: weakref.ref | None = None
+        #: a weak reference to the network this optimiser trains (None while it trains none): :meth:`attach`
+        self.owner_ref: weakref.ref | None = None
         self._pending: tuple[int, dict] | None = None
 
     def host_state(self) -> tuple[int, dict[str, numpy.ndarray]]:
@@ -119,28 +120,30 @@ class Optimizer:
         self.t = int(t)
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("state", "_bound", "_scratch", "_owner",
+        state = {k: v for k, v in self.__dict__.items() if k not in ("state", "_bound", "_scratch", "owner_ref",
                                                                        "_pending")}
         state["_pending"] = self.host_state()
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.state, self._bound, self._scratch, self._owner = {}, None, [], None
+        self.state, self._bound, self._scratch, self.owner_ref = {}, None, [], None
 
     def attach(self, owner: object) -> None:
         """Record that ``owner`` (a network) is trained by this optimiser.
 
         Its state (momentum, moments, step count) belongs to one network: another live network gets a
-        ConfigError instead of silently sharing or resetting it. :meth:`reset` frees the optimiser.
+        ConfigError instead of silently sharing or resetting it. :meth:`reset` frees the optimiser. A caller
+        whose own weak reference is :attr:`owner_ref` already may skip the call (``weakref.ref`` of one
+        object is one reference object while it lives, in CPython: gpunn's networks do).
         """
-        current = self._owner() if self._owner is not None else None
+        current = self.owner_ref() if self.owner_ref is not None else None
         if current is owner:
             return
         if current is not None:
             raise ConfigError("this optimiser already trains another network and holds its state (momentum, "
                               "moments); create one optimiser per network, or call optimizer.reset() first")
-        self._owner = weakref.ref(owner)
+        self.owner_ref = weakref.ref(owner)
 
     def _prepare(self, params: Array, ops: XpOps, scratch: int) -> None:
         """Make the state for ``params`` (if new) and ``scratch`` scratch arrays: one CPU block each, or
@@ -185,7 +188,9 @@ class Optimizer:
 
     def current_lr(self) -> float:
         """η for the next step: the number, or the schedule at the number of steps taken so far (checked)."""
-        lr = self.lr
+        lr = self.__dict__.get("lr")        # where Checked keeps it (no descriptor call at every step)
+        if lr is None:
+            lr = self.lr
         return scheduled_lr(lr, self.t) if isinstance(lr, Schedule) else lr
 
     def _lr_config(self) -> float | dict:
@@ -243,7 +248,7 @@ class Optimizer:
         self.state = {}
         self.t = 0
         self._scratch = []
-        self._owner = None
+        self.owner_ref = None
         self._pending = None
 
     def config(self) -> dict:
@@ -293,12 +298,12 @@ class SGD(Optimizer):
             mu, nesterov, wd = d["momentum"], d["nesterov"], d["weight_decay"]
         except KeyError:    # a subclass's own attribute (a property), or a default its __init__ never set
             mu, nesterov, wd = self.momentum, self.nesterov, self.weight_decay
-        if (self._bound is not params or (mu and "velocity" not in self.state)
-                or (not mu and "velocity" in self.state) or len(self._scratch) < (2 if wd else 1)):
+        velocity = self.state.get("velocity")       # kept exactly while momentum is on
+        if self._bound is not params or (velocity is None) is not (not mu) or len(self._scratch) < (2 if wd else 1):
             self._prepare(params, ops, scratch=2 if wd else 1)         # made once, not at every step
+            velocity = self.state.get("velocity")
         lr = self.current_lr()
         self.t += 1
-        velocity = self.state.get("velocity")
         if ops.sgd_update(params, grads, velocity, decay_mask, lr, mu, nesterov, wd):
             return      # the formula below as one fused kernel (on a GPU: gpunn/kernels.py, sgd_update)
         for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):

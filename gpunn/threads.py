@@ -24,7 +24,8 @@ and a busy machine: ``steady`` or a number make them depend on the machine and b
 
 The choice is applied through threadpoolctl's ``ThreadpoolController`` (made once; a switch costs
 ~8 µs) and kept: nothing is done while it does not change. Per step the cost is one comparison (and,
-for steps of :data:`MIN_WORK` or more, one clock read).
+for steps of :data:`MIN_WORK` or more, one clock read); below :data:`MIN_WORK` the caller may make
+that comparison itself (:attr:`ThreadPolicy.settled`) and skip the call.
 """
 from __future__ import annotations
 
@@ -201,6 +202,9 @@ class ThreadPolicy:
 
     def __init__(self) -> None:
         self.work: int | None = None       # work of the step the choice was made for (None: choose again)
+        #: the work (below MIN_WORK) for which the choice stands until the policy changes (set_threads,
+        #: set_local_ranks): :meth:`apply` of exactly this work does nothing, and a caller may skip it
+        self.settled: int | None = None
         self.applied: int | None = None    # threads last set through the controller
         self.setting: int | str | None = None      # set_threads(); None: GPUNN_THREADS decides
         self.ranks: int | None = None              # set_local_ranks(); None: the launcher's environment
@@ -229,6 +233,7 @@ class ThreadPolicy:
         if work == self.work and (work < MIN_WORK or time.monotonic() < self.next_look):
             return
         self.work = work
+        self.settled = work if work < MIN_WORK else None     # below MIN_WORK nothing else counts
         self.next_look = time.monotonic() + LOOK_EVERY
         setting, user_blas = self.user_setting(), user_blas_setting()
         busy = 0.0
@@ -254,7 +259,8 @@ class ThreadPolicy:
             self.next_look = math.inf
 
     def invalidate(self) -> None:
-        self.work = None
+        """Choose again at the next :meth:`apply` (the user's setting or the ranks changed)."""
+        self.work = self.settled = None
 
 
 _POLICY = ThreadPolicy()

@@ -6,7 +6,7 @@ refused. Shapes, lengths, NaN/inf and class labels are checked with messages tha
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy
 
@@ -205,25 +205,27 @@ class StepArrays:
     def __call__(self, X: ArrayLike, Y: ArrayLike, loss: Any, out: Any = None) -> tuple[Array, Array, Loss]:
         """(x, t, loss); ``out``, where given, must be where the step can write its loss: a one-element
         array of the model's dtype on its device (DataTypeError, ShapeError otherwise)."""
-        if out is not None:
-            self.check_out(out)
+        if out is not None and (type(out) is not self.array_type or out.dtype != self.dtype or out.shape != (1,)
+                                or (self.cuda and out.device.id != self.index)):
+            self.refuse_out(out)
         checked = self.loss
         if checked is None or (loss is not self.given and not (type(loss) is str and loss == self.given)):
             checked = self.loss = self.check(loss)
             self.given = loss
         kind, dtype = self.array_type, self.dtype
         if (type(X) is kind and type(Y) is kind and X.dtype == dtype and Y.dtype == dtype and X.ndim == 2
-                and X.shape[0] and X.shape[1] == self.n_in and Y.shape == (X.shape[0], self.n_out)
+                and (rows := X.shape[0]) and X.shape[1] == self.n_in and Y.shape == (rows, self.n_out)
                 and (not self.cuda or X.device.id == Y.device.id == self.index)):
             return X, Y, checked
         device_of(X, Y)
         x = features(X, self.dev, dtype, self.n_in)
         return x, targets(Y, self.dev, dtype, checked, self.n_out, x.shape[0]), checked
 
-    def check_out(self, out: Any) -> None:
+    def refuse_out(self, out: Any) -> NoReturn:
+        """The error for an ``out`` that is not a one-element array of the model's dtype on its device:
+        DataTypeError for another type, dtype or device, else ShapeError (the message made only here)."""
         where = f"a one-element {self.dtype.name} array on {self.dev}"
         if type(out) is not self.array_type or out.dtype != self.dtype or (self.cuda and out.device.id != self.index):
             kind = f"{type(out).__name__} of {out.dtype}" if hasattr(out, "dtype") else type(out).__name__
             raise DataTypeError(f"out must be {where} (the step writes its loss there); got a {kind}")
-        if out.shape != (1,):
-            raise ShapeError(f"out must be {where}, shape (1,); got shape {tuple(out.shape)}")
+        raise ShapeError(f"out must be {where}, shape (1,); got shape {tuple(out.shape)}")

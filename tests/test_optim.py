@@ -92,3 +92,60 @@ def test_optimisers_match_pytorch(kind, kw):
         topt.step()
     ours = gpunn.SGD(**kw) if kind == "sgd" else gpunn.Adam(**kw)
     numpy.testing.assert_allclose(_run("cpu", ours, w, grads, mask), tw.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_weight_decay_switched_between_train_steps_is_the_written_formula(fused):
+    """opt.weight_decay (and lr) assigned between steps of one batch size (the step's plan taken again):
+    each step is w ← w − η(∂E/∂w + λ·mask·w), mask 1 on weights and 0 on biases, with that step's λ and η."""
+    net = gpunn.mlp([4, 6, 2], output="sigmoid", device="cpu", dtype="float64", seed=0, fused=fused)
+    g = rng(5)
+    x, t = g.normal(size=(5, 4)), g.uniform(size=(5, 2))
+    mask = host(net.decay_mask())
+    opt = gpunn.SGD(lr=0.1)
+    for k, (wd, lr) in enumerate([(0.0, 0.1), (0.0, 0.1), (0.5, 0.1), (0.5, 0.2), (0.0, 0.2), (0.25, 0.05)]):
+        opt.weight_decay, opt.lr = wd, lr
+        w = host(net.flat_parameters())
+        net.train_step(x, t, "squared_error", opt)
+        want = w - lr * (host(net.flat_gradients()) + wd * mask * w)
+        numpy.testing.assert_allclose(host(net.flat_parameters()), want, rtol=1e-12, atol=1e-15, err_msg=str(k))
+
+
+def test_an_optimiser_whose_settings_are_properties_is_read_through_them():
+    """A custom optimiser whose weight_decay and lr are properties (not gpunn's checked attributes): the step
+    reads them as attributes, the decay mask given exactly when its weight decay is not zero."""
+    seen = []
+
+    class Recording(gpunn.SGD):
+        name = "test_optim.recording"
+        decay = 0.0
+
+        def __init__(self):
+            gpunn.optim.Optimizer.__init__(self)
+
+        weight_decay = property(lambda self: self.decay)
+        momentum = nesterov = property(lambda self: 0.0)
+        lr = property(lambda self: 0.5)
+
+        def update(self, params, grads, decay_mask, ops):
+            seen.append((decay_mask is not None, self.current_lr()))
+
+    class Bare(gpunn.optim.Optimizer):             # no weight_decay at all
+        name = "test_optim.bare"
+
+        def update(self, params, grads, decay_mask, ops):
+            seen.append((decay_mask is not None, None))
+
+        def config(self):
+            return {"name": self.name}
+
+    net = gpunn.mlp([4, 6, 2], device="cpu", seed=0)
+    x, t = numpy.zeros((3, 4), "float32"), numpy.zeros((3, 2), "float32")
+    opt = Recording()
+    for decay in (0.0, 0.3, 0.0):
+        opt.decay = decay
+        net.train_step(x, t, "squared_error", opt)
+        net.update(opt)
+    opt.reset()
+    net.train_step(x, t, "squared_error", Bare())
+    assert seen == [(False, 0.5), (False, 0.5), (True, 0.5), (True, 0.5), (False, 0.5), (False, 0.5), (False, None)]

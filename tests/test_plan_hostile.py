@@ -10,7 +10,7 @@ import numpy
 import pytest
 
 import gpunn
-from gpunn import cpukernels, losses, optim
+from gpunn import cpukernels, losses, ops, optim
 from gpunn.errors import GpunnError
 from helpers import rng
 
@@ -197,3 +197,136 @@ def test_a_bad_out_is_refused_before_the_step(bad, error):
         with pytest.raises(getattr(gpunn.errors, error), match="out must be a one-element float32 array"):
             call()
     assert numpy.array_equal(net.flat_parameters(), before)
+
+
+# -- the plan of the last step, taken again without the full check (gpunn.ops.BINDINGS) --------------------------
+@pytest.mark.parametrize("act, attr, value", [({"name": "leaky_relu", "alpha": 0.1}, "alpha", 0.6),
+                                              ({"name": "elu", "a": 0.5}, "a", 2.0)])
+def test_activation_parameter_changed_in_steady_steps_reaches_the_kernels(act, attr, value):
+    """Steps of one batch size, every buffer made beforehand: nothing is noted in BINDINGS between the step
+    before the change and the one after, so only the plan's own check of α, a can see it."""
+    needs_kernels()
+    nets = [gpunn.mlp([4, 6, 2], activation=act, output="identity", seed=1, fused=f, device="cpu")
+            for f in (True, False)]
+    opts = [gpunn.SGD(lr=0.05), gpunn.SGD(lr=0.05)]
+    for k, (x, t) in enumerate(data([5] * 5, 4, 2)):
+        if k == 3:
+            for net in nets:
+                setattr(net.layers[0].activation, attr, value)
+        for net, opt in zip(nets, opts):
+            net.train_step(x, t, "squared_error", opt)
+        assert bits(nets[0].flat_parameters()) == bits(nets[1].flat_parameters()), k
+
+
+def test_a_loss_given_its_own_backward_in_steady_steps_is_honoured_and_let_go():
+    """The kernel bound for SquaredError's own backward, then the instance's backward assigned between two
+    steps of the same batch size (nothing noted in BINDINGS in between), then deleted again."""
+    needs_kernels()
+    net = gpunn.mlp([4, 6, 2], seed=1, fused=True, device="cpu")
+    (x, t), = data([5], 4, 2)
+    loss = losses.SquaredError()
+    plain = [float(net.gradients(x, t, loss)) for _ in range(2)]
+    loss.backward = lambda layer, t, grad_y, delta: (lambda v, d: (v * 3.0, d))(
+        *losses.SquaredError.backward(loss, layer, t, grad_y, delta))
+    assert float(net.gradients(x, t, loss)) == pytest.approx(3 * plain[1], rel=1e-6)
+    del loss.backward
+    assert float(net.gradients(x, t, loss)) == plain[1] == plain[0]
+    bound = net._backprop._last.loss_backward                 # the kernel's call again
+    assert bound.__qualname__.startswith("CpuKernels.squared_error"), bound.__qualname__
+
+
+def step_by_operations(net, x, t, loss, opt):
+    net.forward(x)
+    value = net.backward(t, loss)
+    net.update(opt)
+    return value
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_of_the_same_size_after_its_buffers_were_freed_binds_new_ones(fused):
+    """A reader's forwards of other batch sizes free the buffers of the last step's size; the next step, of
+    that same size, must bind the layers' new buffers (noted in BINDINGS), not run on the freed ones: the
+    layers' own backward, which reads their current buffers, then sees the step's arrays."""
+    if fused:
+        needs_kernels()
+    a = gpunn.mlp([5, 6, 3], activation="tanh", output="softmax", seed=4, fused=fused, device="cpu")
+    b = copy.deepcopy(a)
+    opt_a, opt_b = gpunn.SGD(lr=0.1), gpunn.SGD(lr=0.1)
+    g = rng(3)
+    x, t = g.normal(size=(5, 5)), numpy.eye(3)[g.integers(0, 3, size=5)]
+    for k in range(3):
+        a.train_step(x, t, "cross_entropy", opt_a)
+        step_by_operations(b, x, t, "cross_entropy", opt_b)
+        assert bits(a.flat_parameters()) == bits(b.flat_parameters()), k
+        a.backward(t, "cross_entropy")
+        b.backward(t, "cross_entropy")
+        assert bits(a.flat_gradients()) == bits(b.flat_gradients()), k
+        for m in (8, 9, 10, 11):            # more sizes than a layer keeps: the step's buffers go
+            a.forward(numpy.zeros((m, 5)))
+            b.forward(numpy.zeros((m, 5)))
+
+
+def test_every_change_of_a_layers_buffers_or_an_ops_calls_is_noted():
+    """What StepPlan's one comparison relies on: each change of ``buffer_epoch`` (buffers made, or all dropped
+    with new parameters) and of ``ops.generation`` draws a new BINDINGS value; reusing buffers draws none."""
+    from gpunn.ops import BINDINGS
+    net = gpunn.mlp([4, 6, 2], seed=1, fused=False, device="cpu")
+    layer, seen = net.layers[0], set()
+
+    def changed(action):
+        before, epoch = BINDINGS.value, layer.buffer_epoch
+        action()
+        assert (BINDINGS.value != before) == (layer.buffer_epoch != epoch)
+        assert BINDINGS.value not in seen or BINDINGS.value == before
+        seen.add(BINDINGS.value)
+        return BINDINGS.value != before
+
+    assert changed(lambda: layer.buffers(net.xp, 7))                  # made
+    assert not changed(lambda: layer.buffers(net.xp, 7))              # the same ones again
+    assert changed(lambda: layer.bind(layer.W, layer.b, layer.grad_W, layer.grad_b))     # all dropped
+    assert changed(lambda: layer.buffers(net.xp, 7))
+    if cpukernels.available():
+        lazy = ops.CpuFusedOps(gpunn.Device("cpu"), lazy=True)
+        lazy.kernels = None
+        before, generation = BINDINGS.value, lazy.generation
+        lazy.warm_up()
+        assert lazy.generation != generation and BINDINGS.value != before
+
+
+def test_bindings_values_never_come_back():
+    """Each note draws the next number of one count, from several threads at once too: no draw is lost or
+    repeated, so a value once replaced is never stored again."""
+    import threading
+    changes = ops.Changes()
+    assert changes.value == 0
+    values = []
+    for _ in range(3):
+        changes.note()
+        values.append(changes.value)
+    assert values == [1, 2, 3]
+
+    def note_many():
+        for _ in range(2000):
+            changes.note()
+    workers = [threading.Thread(target=note_many) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    changes.note()
+    assert changes.value == 3 + 4 * 2000 + 1
+
+
+def test_a_plan_found_current_after_another_networks_change_is_kept():
+    """Another network's new buffers are noted in BINDINGS too: the next step checks its plan in full, keeps it
+    (nothing of its own changed) and takes the new value as seen, so the steps after take it in one comparison."""
+    from gpunn.ops import BINDINGS
+    a, b = (gpunn.mlp([4, 6, 2], seed=s, device="cpu") for s in (1, 2))
+    (x, t), = data([5], 4, 2)
+    opt = gpunn.SGD(lr=0.1)
+    a.train_step(x, t, "squared_error", opt)
+    plan = a._backprop._last
+    b.forward(x)                                # b's buffers made: a new value
+    assert plan.seen != BINDINGS.value
+    a.train_step(x, t, "squared_error", opt)
+    assert a._backprop._last is plan and plan.seen == BINDINGS.value

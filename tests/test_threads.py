@@ -147,6 +147,44 @@ def test_a_training_step_sets_the_blas_threads(quiet_env):
     assert threads.current() == 2
 
 
+def test_settled_work_is_the_work_whose_choice_stands_until_the_policy_changes(quiet_env):
+    """ThreadPolicy.settled, what a step compares its work with before calling apply: a work below MIN_WORK
+    once applied (its choice depends on nothing that changes by itself), never a larger one (the load is
+    looked at again every LOOK_EVERY), and nothing once the user's setting or the ranks change."""
+    policy = threads.ThreadPolicy()
+    policy.controller = FakeController()
+    policy.meter = threads.LoadMeter(set(), "/nonexistent")
+    assert policy.settled is None
+    policy.apply(32)
+    assert policy.settled == 32
+    policy.apply(M)
+    assert policy.settled is None
+    policy.apply(M - 1)
+    assert policy.settled == M - 1
+    policy.invalidate()
+    assert policy.settled is None
+
+
+def test_a_step_above_min_work_applies_the_policy_at_every_step(quiet_env):
+    """Above MIN_WORK a step calls apply every time (the load term is looked at every LOOK_EVERY); below
+    it the step skips apply for the settled work, and a new setting still takes effect at the next step."""
+    policy = threads.policy()
+    threads.set_threads("steady")
+    net = gpunn.mlp([1000, 1000, 1], output="sigmoid", device="cpu", seed=0)
+    x, t = numpy.zeros((M // 1_000_000, 1000), "float32"), numpy.zeros((M // 1_000_000, 1), "float32")
+    net.train_step(x, t, "squared_error", gpunn.SGD())
+    assert policy.work == M and policy.settled is None
+    policy.next_look = 0.0                      # time to look again: only apply itself knows
+    net.train_step(x, t, "squared_error", gpunn.SGD())
+    assert policy.next_look > 0.0
+    small = gpunn.mlp([4, 8, 1], output="sigmoid", device="cpu", seed=0)
+    for n_threads in (1, 2, 1):
+        threads.set_threads(n_threads)
+        for _ in range(2):
+            small.train_step(x[:1, :4], t[:1], "squared_error", gpunn.SGD())
+            assert threads.current() == n_threads and policy.settled == 32
+
+
 def test_setters_check_their_values(quiet_env):
     with pytest.raises(ConfigError):
         threads.set_local_ranks(0)
