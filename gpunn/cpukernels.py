@@ -461,7 +461,7 @@ class CpuKernels:
         a call taking the targets t and the value's ``out`` (or None): ∂E/∂y = y − y* (NumPy's subtract),
         the value ½ Σ (y − y*)² / B (NumPy's vdot, as the loss computes it), then ∂E/∂y · (1/B) in a
         kernel; returns (value or ``out`` holding it, False)."""
-        subtract, vdot = numpy.subtract, numpy.vdot
+        subtract, vdot = numpy.subtract, getattr(numpy.vdot, "_implementation", numpy.vdot)   # its C function
         half = 0.5 / y.shape[0]
         scaled = bind(self.k.scale, grad_y, grad_y.dtype.type(1.0 / y.shape[0]))
 
