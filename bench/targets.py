@@ -10,8 +10,10 @@ Measured, each contender alone in a process of its own (bench/compare.py's isola
    and SGD update): ratios contender time / gpunn time at mlp (784-512-512-10) batch 32, 256, 2048 and
    at lecture (4-8-1) batch 1. A contender that is not installed is reported as not measured.
 2. The share of the GEMM ceiling at mlp batch 2048 on one BLAS thread (``GPUNN_THREADS=1``): the step's
-   matrix products alone, timed in alternation with the step (``gpunn bench``'s method), over the step.
-   The shares at 32 and 256 are recorded beside it.
+   matrix products alone, timed in alternation with the step (``gpunn bench``'s method), over the step:
+   the median of rounds × passes such pairs (on the 2-core VM one pair's ratio ranged over 0.78–1.12
+   within a run, and medians of 5 pairs over 0.89–0.97 within an hour, 2026-12-01). The shares at 32 and
+   256 are recorded beside it.
 3. The busy machine: gpunn and PyTorch at mlp batch 32 and 256 on the quiet machine and with another
    process spinning on one of this process's CPUs (pinned there), each alone; slowdown = busy / quiet.
 4. Where gpunn's step goes, one BLAS thread: each operation (GEMMs, bias + activation, derivative,
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = contenders_alone(CONFIGS, names, rounds, min_time, passes)
     for r in ratios:
         r["skipped"].update(skipped)
-    shares = {b: gemm_share(b, rounds, min_time) for b in (32, 256, 2048)}
+    shares = {b: gemm_share(b, rounds * passes, min_time) for b in (32, 256, 2048)}
     busy = busy_machine([n for n in names if n in ("gpunn", "torch")], rounds, min_time, passes)
     profs = profiles(CONFIGS, rounds, min(min_time, 0.1))
     text = markdown(env, ratios, shares, busy, names, profs)
