@@ -120,3 +120,36 @@ def test_either_way_the_kernels_equal_the_numpy_path(act, inside, monkeypatch):
     values = [[float(n.train_step(x, t, loss, gpunn.SGD(lr=0.5))) for _ in range(5)] for n in nets]
     assert values[0] == values[1]
     assert numpy.array_equal(bits(nets[0].flat_parameters()), bits(nets[1].flat_parameters()))
+
+
+NO_CACHE_FOLDER = """
+import numba.core.caching as caching
+caching.CacheImpl._locator_classes = []         # numba finds no folder to write its cache in
+import numpy, gpunn
+from gpunn import cpukernels, threads
+threads.set_threads(1)
+assert cpukernels.available(), cpukernels.unavailable_reason()
+print("exp inside:", cpukernels.exp_inside()[0])
+nets = [gpunn.mlp([3, 5, 2], activation="sigmoid", output="sigmoid", seed=0, fused=f, device="cpu")
+        for f in (False, True)]
+nets[1].ops.warm_up()
+assert nets[1].fused and nets[1].ops.kernels is not None
+x = numpy.linspace(-40, 40, 21, dtype=numpy.float32).reshape(7, 3)
+t = numpy.linspace(0, 1, 14, dtype=numpy.float32).reshape(7, 2)
+values = [[float(n.train_step(x * 3, t, "squared_error", o)) for _ in range(3)]
+          for n, o in zip(nets, (gpunn.SGD(lr=0.5), gpunn.SGD(lr=0.5)))]
+assert values[0] == values[1], values
+assert nets[0].flat_parameters().tobytes() == nets[1].flat_parameters().tobytes()
+print("same bits")
+"""
+
+
+def test_the_kernels_run_where_numba_has_nowhere_to_write_its_cache():
+    """A read-only install used without a writable home: numba refuses ``cache=True`` at once ("cannot cache
+    function ...: no locator available"). The kernels must still load (compiled in the process, the float32
+    exp inside where it matches) and equal the NumPy path, not fail the step that loads them."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", NO_CACHE_FOLDER], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"exp inside: {SIMD}" in run.stdout and "same bits" in run.stdout
