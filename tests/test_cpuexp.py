@@ -153,3 +153,24 @@ def test_the_kernels_run_where_numba_has_nowhere_to_write_its_cache():
     run = subprocess.run([sys.executable, "-c", NO_CACHE_FOLDER], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"exp inside: {SIMD}" in run.stdout and "same bits" in run.stdout
+
+
+def test_every_kernel_that_inlines_the_exp_is_in_its_file():
+    """numba keys a function's on-disk cache on its own source file's time stamp and size: code inlined from
+    another file (``exp_f32``, ``inline="always"``, and the LLVM intrinsics) would stay in that cache after
+    the other file changed. Every kernel running ``exp_f32`` is therefore in cpuexp.py, where an edit to the
+    exp recompiles it (tried: ``return poly`` edited, bias_sigmoid's next load missed the cache and gave the
+    edited values)."""
+    import inspect
+
+    from gpunn import cpuexp
+    home = inspect.getfile(cpuexp.exp_f32.py_func)
+    inlined = {"exp_f32", "_fma", "_bits", "_from_bits"}
+    users = set()
+    for name, kernel in vars(cpukernels.CpuKernels().k).items():
+        fn = getattr(kernel, "py_func", None)
+        names = set() if fn is None else inlined & set(fn.__code__.co_names)
+        if any(fn.__globals__.get(n) is getattr(cpuexp, n) for n in names):
+            users.add(name)
+            assert inspect.getfile(fn) == home, f"{name} inlines cpuexp's exp from another file"
+    assert users >= {"bias_sigmoid", "softmax_pre_exp"}
