@@ -69,12 +69,26 @@ def _from_bits_typed(typingctx, a):
     return types.float32(a), codegen
 
 
+def _njit(**options: Any) -> Any:
+    """``njit(cache=True, **options)``, or ``njit(**options)`` where numba has nowhere to write its cache and
+    refuses ``cache=True`` (a read-only install without a writable home: :func:`gpunn.cpukernels.cached_njit`,
+    which this module, below it, cannot import)."""
+    def decorate(fn: Any) -> Any:
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError as exc:
+            if "cannot cache" not in str(exc):
+                raise
+            return njit(**options)(fn)
+    return decorate
+
+
 _fma: Any = intrinsic(_fma_typed)
 _bits: Any = intrinsic(_bits_typed)
 _from_bits: Any = intrinsic(_from_bits_typed)
 
 
-@njit(inline="always", error_model="numpy", cache=True)
+@_njit(inline="always", error_model="numpy")
 def exp_f32(x):
     """e^x for a float32 x, bitwise NumPy's float32 exp where :func:`matches_numpy` (module docstring)."""
     nan = x != x
@@ -113,7 +127,7 @@ def exp_f32(x):
     return poly
 
 
-@njit(error_model="numpy", cache=True)
+@_njit(error_model="numpy")
 def exp_f32_array(x, out):
     """out = e^x elementwise for flat float32 arrays, through :func:`exp_f32`."""
     for i in range(x.size):
@@ -142,7 +156,7 @@ def matches_numpy(x: numpy.ndarray | None = None) -> bool:
 
 
 # -- the kernels with the exp inside (gpunn.cpukernels binds them where matches_numpy() holds) --------------
-@njit(cache=True, error_model="numpy", nogil=True)
+@_njit(error_model="numpy", nogil=True)
 def bias_sigmoid(z, b, y, cap, one):
     """z ← z + b; y = 1 / (e^min(−z, cap) + 1): cpukernels' ``bias_sigmoid_pre``, NumPy's exp and
     ``sigmoid_post`` in one pass (the NumPy path's sigmoid, operation for operation)."""
@@ -156,7 +170,7 @@ def bias_sigmoid(z, b, y, cap, one):
             y[i, j] = one / (exp_f32(m) + one)
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
+@_njit(error_model="numpy", nogil=True)
 def softmax_pre_exp(z, b, y, rowstats):
     """z ← z + b; m = max of each row (NaN wins); y = e^(z − m); rowstats[:, 0] = m: cpukernels'
     ``softmax_pre`` and NumPy's exp in one call."""

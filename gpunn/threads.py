@@ -232,10 +232,10 @@ class ThreadPolicy:
         multiply-adds."""
         if work == self.work and (work < MIN_WORK or time.monotonic() < self.next_look):
             return
+        setting, user_blas = self.user_setting(), user_blas_setting()     # a bad GPUNN_THREADS raises at every step
         self.work = work
         self.settled = work if work < MIN_WORK else None     # below MIN_WORK nothing else counts
         self.next_look = time.monotonic() + LOOK_EVERY
-        setting, user_blas = self.user_setting(), user_blas_setting()
         busy = 0.0
         if work >= MIN_WORK and setting == "auto" and user_blas is None:
             if self.meter is None:

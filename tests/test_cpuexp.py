@@ -120,3 +120,57 @@ def test_either_way_the_kernels_equal_the_numpy_path(act, inside, monkeypatch):
     values = [[float(n.train_step(x, t, loss, gpunn.SGD(lr=0.5))) for _ in range(5)] for n in nets]
     assert values[0] == values[1]
     assert numpy.array_equal(bits(nets[0].flat_parameters()), bits(nets[1].flat_parameters()))
+
+
+NO_CACHE_FOLDER = """
+import numba.core.caching as caching
+caching.CacheImpl._locator_classes = []         # numba finds no folder to write its cache in
+import numpy, gpunn
+from gpunn import cpukernels, threads
+threads.set_threads(1)
+assert cpukernels.available(), cpukernels.unavailable_reason()
+print("exp inside:", cpukernels.exp_inside()[0])
+nets = [gpunn.mlp([3, 5, 2], activation="sigmoid", output="sigmoid", seed=0, fused=f, device="cpu")
+        for f in (False, True)]
+nets[1].ops.warm_up()
+assert nets[1].fused and nets[1].ops.kernels is not None
+x = numpy.linspace(-40, 40, 21, dtype=numpy.float32).reshape(7, 3)
+t = numpy.linspace(0, 1, 14, dtype=numpy.float32).reshape(7, 2)
+values = [[float(n.train_step(x * 3, t, "squared_error", o)) for _ in range(3)]
+          for n, o in zip(nets, (gpunn.SGD(lr=0.5), gpunn.SGD(lr=0.5)))]
+assert values[0] == values[1], values
+assert nets[0].flat_parameters().tobytes() == nets[1].flat_parameters().tobytes()
+print("same bits")
+"""
+
+
+def test_the_kernels_run_where_numba_has_nowhere_to_write_its_cache():
+    """A read-only install used without a writable home: numba refuses ``cache=True`` at once ("cannot cache
+    function ...: no locator available"). The kernels must still load (compiled in the process, the float32
+    exp inside where it matches) and equal the NumPy path, not fail the step that loads them."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", NO_CACHE_FOLDER], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"exp inside: {SIMD}" in run.stdout and "same bits" in run.stdout
+
+
+def test_every_kernel_that_inlines_the_exp_is_in_its_file():
+    """numba keys a function's on-disk cache on its own source file's time stamp and size: code inlined from
+    another file (``exp_f32``, ``inline="always"``, and the LLVM intrinsics) would stay in that cache after
+    the other file changed. Every kernel running ``exp_f32`` is therefore in cpuexp.py, where an edit to the
+    exp recompiles it (tried: ``return poly`` edited, bias_sigmoid's next load missed the cache and gave the
+    edited values)."""
+    import inspect
+
+    from gpunn import cpuexp
+    home = inspect.getfile(cpuexp.exp_f32.py_func)
+    inlined = {"exp_f32", "_fma", "_bits", "_from_bits"}
+    users = set()
+    for name, kernel in vars(cpukernels.CpuKernels().k).items():
+        fn = getattr(kernel, "py_func", None)
+        names = set() if fn is None else inlined & set(fn.__code__.co_names)
+        if any(fn.__globals__.get(n) is getattr(cpuexp, n) for n in names):
+            users.add(name)
+            assert inspect.getfile(fn) == home, f"{name} inlines cpuexp's exp from another file"
+    assert users >= {"bias_sigmoid", "softmax_pre_exp"}

@@ -240,3 +240,21 @@ def test_below_min_work_the_result_does_not_depend_on_the_load(quiet_env, monkey
     quiet = _train("auto", fused=None, rows=rows)
     monkeypatch.setattr(threads.LoadMeter, "others_busy", lambda self: 5.0)
     assert numpy.array_equal(quiet, _train("auto", fused=None, rows=rows))
+
+
+def test_a_bad_gpunn_threads_is_refused_at_every_step_not_only_the_first(quiet_env):
+    """GPUNN_THREADS=bogus: every training step says what is wrong (ConfigError), not only the first one
+    while the later ones run on silently with threads nobody chose."""
+    quiet_env.setenv("GPUNN_THREADS", "bogus")
+    threads.set_threads(None)
+    net = gpunn.mlp([3, 5, 2], seed=0, device="cpu")
+    x, t = numpy.ones((4, 3), "float32"), numpy.zeros((4, 2), "float32")
+    opt = gpunn.SGD(lr=0.1)
+    for _ in range(3):
+        with pytest.raises(ConfigError, match="GPUNN_THREADS"):
+            net.train_step(x, t, "squared_error", opt)
+    with pytest.raises(ConfigError, match="GPUNN_THREADS"):
+        net.fit(x, t, loss="squared_error", epochs=1, progress=False)
+    quiet_env.setenv("GPUNN_THREADS", "1")
+    net.train_step(x, t, "squared_error", opt)
+    assert threads.current() == 1
