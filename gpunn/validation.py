@@ -206,7 +206,7 @@ class StepArrays:
         """(x, t, loss); ``out``, where given, must be where the step can write its loss: a one-element
         array of the model's dtype on its device (DataTypeError, ShapeError otherwise)."""
         if out is not None and (type(out) is not self.array_type or out.dtype != self.dtype or out.shape != (1,)
-                                or (self.cuda and out.device.id != self.index)):
+                                or (out.device.id != self.index if self.cuda else not out.flags.writeable)):
             self.refuse_out(out)
         checked = self.loss
         if checked is None or (loss is not self.given and not (type(loss) is str and loss == self.given)):
@@ -222,10 +222,13 @@ class StepArrays:
         return x, targets(Y, self.dev, dtype, checked, self.n_out, x.shape[0]), checked
 
     def refuse_out(self, out: Any) -> NoReturn:
-        """The error for an ``out`` that is not a one-element array of the model's dtype on its device:
-        DataTypeError for another type, dtype or device, else ShapeError (the message made only here)."""
+        """The error for an ``out`` that is not a writeable one-element array of the model's dtype on its device:
+        DataTypeError for another type, dtype or device, ShapeError for another shape, else DataError (a
+        read-only array); the message made only here."""
         where = f"a one-element {self.dtype.name} array on {self.dev}"
         if type(out) is not self.array_type or out.dtype != self.dtype or (self.cuda and out.device.id != self.index):
             kind = f"{type(out).__name__} of {out.dtype}" if hasattr(out, "dtype") else type(out).__name__
             raise DataTypeError(f"out must be {where} (the step writes its loss there); got a {kind}")
-        raise ShapeError(f"out must be {where}, shape (1,); got shape {tuple(out.shape)}")
+        if out.shape != (1,):
+            raise ShapeError(f"out must be {where}, shape (1,); got shape {tuple(out.shape)}")
+        raise DataError(f"out must be a writeable array (the step writes its loss there); got a read-only {where}")

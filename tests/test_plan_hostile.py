@@ -199,6 +199,21 @@ def test_a_bad_out_is_refused_before_the_step(bad, error):
     assert numpy.array_equal(net.flat_parameters(), before)
 
 
+def test_a_read_only_out_is_refused_before_the_step():
+    net = gpunn.mlp([4, 3, 2], output="sigmoid", seed=0, device="cpu", dtype="float32")
+    before = net.flat_parameters().copy()
+    x, t = numpy.zeros((2, 4), "float32"), numpy.zeros((2, 2), "float32")
+    out = numpy.zeros(1, "float32")
+    out.flags.writeable = False
+    for call in (lambda: net.train_step(x, t, "squared_error", gpunn.SGD(lr=0.1), out=out),
+                 lambda: net.gradients(x, t, "squared_error", out=out)):
+        with pytest.raises(gpunn.errors.DataError, match="out must be a writeable array"):
+            call()
+    assert numpy.array_equal(net.flat_parameters(), before)
+    out.flags.writeable = True
+    assert net.train_step(x, t, "squared_error", gpunn.SGD(lr=0.1), out=out) is out and out[0] > 0
+
+
 # -- the plan of the last step, taken again without the full check (gpunn.ops.BINDINGS) --------------------------
 @pytest.mark.parametrize("act, attr, value", [({"name": "leaky_relu", "alpha": 0.1}, "alpha", 0.6),
                                               ({"name": "elu", "a": 0.5}, "a", 2.0)])
