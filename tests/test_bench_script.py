@@ -221,3 +221,24 @@ def test_the_gemm_share_worker_runs_on_one_thread():
     import targets
     row = targets.gemm_share(8, 1, 0.01)
     assert row["threads"] in (1, None) and row["us_per_step"] > 0
+
+
+def test_step_inside_times_every_call_of_the_step_and_changes_nothing():
+    """bench/step_inside.py wraps the step's bound calls in clock reads: every kind of call is counted and
+    the wrapped step computes what an unwrapped twin computes, bit for bit."""
+    import numpy
+    import step_inside
+
+    import gpunn
+    nets = [gpunn.mlp([6, 5, 3], activation="sigmoid", output="softmax", seed=4, device="cpu") for _ in range(2)]
+    opts = [gpunn.SGD(lr=0.1), gpunn.SGD(lr=0.1)]
+    x = numpy.random.default_rng(0).normal(size=(7, 6)).astype("float32")
+    t = numpy.eye(3, dtype="float32")[[0, 1, 2, 0, 1, 2, 0]]
+    for net, opt in zip(nets, opts):
+        net.train_step(x, t, "cross_entropy", opt)
+    spent = step_inside.timed_calls(nets[0]._backprop._last, opts[0])
+    for net, opt in zip(nets, opts):
+        for _ in range(3):
+            net.train_step(x, t, "cross_entropy", opt)
+    assert {"matrix product", "loss", "update"} <= set(spent) and all(v > 0 for v in spent.values())
+    assert numpy.array_equal(nets[0].flat_parameters(), nets[1].flat_parameters())
