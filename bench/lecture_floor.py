@@ -16,9 +16,9 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy
+import step_calls  # bench/: the lecture net both scripts measure
 
-import gpunn
-from gpunn import cpukernels, losses
+from gpunn import cpukernels
 
 
 def blocks(fns: dict[str, Callable[[], object]], rounds: int = 7, calls: int = 20000) -> dict[str, float]:
@@ -33,12 +33,7 @@ def blocks(fns: dict[str, Callable[[], object]], rounds: int = 7, calls: int = 2
 
 
 def main() -> None:
-    net = gpunn.mlp([4, 8, 1], activation="sigmoid", output="sigmoid", seed=0, device="cpu", fused=True)
-    g = numpy.random.default_rng(0)
-    x, t = g.normal(size=(1, 4)).astype("float32"), g.uniform(size=(1, 1)).astype("float32")
-    loss, opt = losses.get("squared_error"), gpunn.SGD(lr=0.01)
-    for _ in range(1000):
-        net.train_step(x, t, loss, opt)
+    net, x, t, loss, opt = step_calls.lecture_net(warm=1000)
     bp = net._backprop                                   # the step's own plan and buffers
     plan = next(iter(bp._plans.values()))
     first = plan.steps[0].bufs

@@ -26,13 +26,13 @@ import gpunn
 from gpunn import losses
 
 
-def lecture_net() -> tuple[Any, ...]:
-    """The lecture's net, batch, loss and optimiser, warmed up: (net, x, t, loss, opt)."""
+def lecture_net(warm: int = 200) -> tuple[Any, ...]:
+    """The lecture's net, batch, loss and optimiser after ``warm`` steps: (net, x, t, loss, opt)."""
     net = gpunn.mlp([4, 8, 1], activation="sigmoid", output="sigmoid", seed=0, device="cpu", fused=True)
     g = numpy.random.default_rng(0)
     x, t = g.normal(size=(1, 4)).astype("float32"), g.uniform(size=(1, 1)).astype("float32")
     loss, opt = losses.get("squared_error"), gpunn.SGD(lr=0.01)
-    for _ in range(200):
+    for _ in range(warm):
         net.train_step(x, t, loss, opt)
     return net, x, t, loss, opt
 

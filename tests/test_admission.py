@@ -35,6 +35,19 @@ def in_thread(target):
     return worker, out
 
 
+def reader_inside(adm):
+    """A reader in another thread, inside ``adm.reading`` until ``release`` is set: (thread, its out, release)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def read():
+        with adm.reading("predict"):
+            inside.set()
+            assert release.wait(10)
+    reader, out = in_thread(read)
+    assert inside.wait(10)
+    return reader, out, release
+
+
 def wait_until(condition, seconds=10.0):
     stop = threading.Event()
     for _ in range(int(seconds / 0.001)):
@@ -98,14 +111,7 @@ def test_another_thread_is_refused_while_one_trains_and_readers_too(holder, othe
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_a_trainer_waits_for_readers_in_and_new_readers_are_refused_meanwhile(entry):
     adm = Admission()
-    inside, release = threading.Event(), threading.Event()
-
-    def read():
-        with adm.reading("predict"):
-            inside.set()
-            assert release.wait(10)
-    reader, reader_out = in_thread(read)
-    assert inside.wait(10)
+    reader, reader_out, release = reader_inside(adm)
     trained = threading.Event()
     trainer, trainer_out = in_thread(lambda: ENTRIES[entry](adm, trained.set))
     try:
@@ -152,14 +158,7 @@ def test_a_trainer_interrupted_while_waiting_for_readers_leaves_no_trainer(entry
     """Ctrl-C (or any error) while a trainer waits for readers: it never trained, and the network is free
     for readers and trainers again."""
     adm = Admission()
-    inside, release = threading.Event(), threading.Event()
-
-    def read():
-        with adm.reading("predict"):
-            inside.set()
-            assert release.wait(10)
-    reader, _ = in_thread(read)
-    assert inside.wait(10)
+    reader, _, release = reader_inside(adm)
 
     class Interrupted(BaseException):
         pass

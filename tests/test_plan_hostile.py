@@ -38,25 +38,30 @@ def data(sizes, n_in, n_out, seed=0, dtype="float32"):
     return [(g.normal(size=(n, n_in)).astype(dtype), g.uniform(size=(n, n_out)).astype(dtype)) for n in sizes]
 
 
-@pytest.mark.parametrize("act, attr, value", [({"name": "leaky_relu", "alpha": 0.1}, "alpha", 0.6),
-                                              ({"name": "elu", "a": 0.5}, "a", 2.0)])
-def test_activation_parameter_changed_between_steps_reaches_the_kernels(act, attr, value):
+PARAMETERISED = [({"name": "leaky_relu", "alpha": 0.1}, "alpha", 0.6), ({"name": "elu", "a": 0.5}, "a", 2.0)]
+
+
+@pytest.mark.parametrize("sizes, change_at", [([5, 5, 3, 5], 1), ([5] * 5, 3)], ids=["sizes-vary", "steady"])
+@pytest.mark.parametrize("act, attr, value", PARAMETERISED)
+def test_activation_parameter_changed_between_steps_reaches_the_kernels(act, attr, value, sizes, change_at):
     """α of leaky ReLU and a of ELU are assignable (Checked): a step after the change must use the new
-    value on the numba kernels as the reference does, not the constants bound at the first step."""
+    value on the numba kernels as the reference does, not the constants bound at the first step. In
+    steady steps of one batch size (every buffer made beforehand) nothing is noted in gpunn.ops.BINDINGS
+    between the step before the change and the one after: only the plan's own check of α, a can see it."""
     needs_kernels()
     nets = [gpunn.mlp([4, 6, 2], activation=act, output="identity", seed=1, fused=f, device="cpu")
             for f in (True, False)]
     opts = [gpunn.SGD(lr=0.05), gpunn.SGD(lr=0.05)]
-    for k, (x, t) in enumerate(data([5, 5, 3, 5], 4, 2)):
-        if k == 1:
+    for k, (x, t) in enumerate(data(sizes, 4, 2)):
+        if k == change_at:
             for net in nets:
                 setattr(net.layers[0].activation, attr, value)
         for net, opt in zip(nets, opts):
             net.train_step(x, t, "squared_error", opt)
         assert bits(nets[0].flat_parameters()) == bits(nets[1].flat_parameters()), k
-        for net in nets:        # and the step made operation by operation (no plan) sees it too
-            net.forward(x)
-        assert bits(nets[0].layers[0].y) == bits(nets[1].layers[0].y), k
+    for net in nets:            # and the step made operation by operation (no plan) sees it too
+        net.forward(x)
+    assert bits(nets[0].layers[0].y) == bits(nets[1].layers[0].y)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -215,24 +220,6 @@ def test_a_read_only_out_is_refused_before_the_step():
 
 
 # -- the plan of the last step, taken again without the full check (gpunn.ops.BINDINGS) --------------------------
-@pytest.mark.parametrize("act, attr, value", [({"name": "leaky_relu", "alpha": 0.1}, "alpha", 0.6),
-                                              ({"name": "elu", "a": 0.5}, "a", 2.0)])
-def test_activation_parameter_changed_in_steady_steps_reaches_the_kernels(act, attr, value):
-    """Steps of one batch size, every buffer made beforehand: nothing is noted in BINDINGS between the step
-    before the change and the one after, so only the plan's own check of α, a can see it."""
-    needs_kernels()
-    nets = [gpunn.mlp([4, 6, 2], activation=act, output="identity", seed=1, fused=f, device="cpu")
-            for f in (True, False)]
-    opts = [gpunn.SGD(lr=0.05), gpunn.SGD(lr=0.05)]
-    for k, (x, t) in enumerate(data([5] * 5, 4, 2)):
-        if k == 3:
-            for net in nets:
-                setattr(net.layers[0].activation, attr, value)
-        for net, opt in zip(nets, opts):
-            net.train_step(x, t, "squared_error", opt)
-        assert bits(nets[0].flat_parameters()) == bits(nets[1].flat_parameters()), k
-
-
 def test_a_loss_given_its_own_backward_in_steady_steps_is_honoured_and_let_go():
     """The kernel bound for SquaredError's own backward, then the instance's backward assigned between two
     steps of the same batch size (nothing noted in BINDINGS in between), then deleted again."""
