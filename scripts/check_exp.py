@@ -17,11 +17,15 @@ import numpy
 @click.command()
 @click.option("--all", "everything", is_flag=True, help="Check all 2³² float32 bit patterns.")
 def main(everything: bool) -> None:
-    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    try:
+        from numpy._core import _multiarray_umath as umath  # NumPy 2
+    except ImportError:                                         # NumPy 1.26
+        from numpy.core import _multiarray_umath as umath
 
     from gpunn import cpuexp
-    on = [k for k, v in __cpu_features__.items() if v and k in ("AVX2", "FMA3", "AVX512F", "AVX512_SKX")]
-    click.echo(f"NumPy {numpy.__version__}; dispatch targets {', '.join(__cpu_dispatch__)}; CPU has {', '.join(on)}")
+    on = [k for k, v in umath.__cpu_features__.items() if v and k in ("AVX2", "FMA3", "AVX512F", "AVX512_SKX")]
+    click.echo(f"NumPy {numpy.__version__}; dispatch targets {', '.join(umath.__cpu_dispatch__)}; "
+               f"CPU has {', '.join(on)}")
     t0, checked, wrong = time.perf_counter(), 0, []
     chunks = ((numpy.arange(s, s + (1 << 26), dtype=numpy.uint64) for s in range(0, 1 << 32, 1 << 26))
               if everything else [cpuexp.probe().view(numpy.uint32),

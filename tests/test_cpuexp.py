@@ -21,9 +21,12 @@ pytestmark = pytest.mark.skipif(not cpukernels.available(),
 def numpy_runs_simd_exp() -> bool:
     """Whether this NumPy build dispatches float32 exp to its AVX2+FMA3 or AVX-512F loop on this CPU (the
     transcribed algorithm), read from NumPy's own CPU-feature and dispatch tables."""
-    from numpy._core._multiarray_umath import __cpu_baseline__, __cpu_dispatch__, __cpu_features__
-    built = set(__cpu_baseline__) | set(__cpu_dispatch__)
-    has = {k for k, v in __cpu_features__.items() if v}
+    try:
+        from numpy._core import _multiarray_umath as umath  # NumPy 2
+    except ImportError:                                         # NumPy 1.26
+        from numpy.core import _multiarray_umath as umath
+    built = set(umath.__cpu_baseline__) | set(umath.__cpu_dispatch__)
+    has = {k for k, v in umath.__cpu_features__.items() if v}
     avx2 = {"AVX2", "FMA3"} <= has and bool(built & {"AVX2", "FMA3", "X86_V3", "X86_V4", "AVX512F", "AVX512_SKX"})
     avx512 = "AVX512F" in has and bool(built & {"AVX512F", "X86_V4", "AVX512_SKX"})
     return avx2 or avx512
