@@ -23,6 +23,17 @@ def test_info_text_and_json():
     assert {"gpunn", "python", "numpy", "devices", "tf32", "gpus", "cuda_unavailable_reason", "threads",
             "numba"} <= set(env)
     assert {"mode", "usable_cores", "local_ranks", "min_work", "applied"} <= set(env["threads"])
+    assert env["float32_exp_inside_kernels"] in (True, False)
+
+
+def test_info_says_where_the_kernels_float32_exp_runs(monkeypatch):
+    from gpunn import cpukernels
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    inside, _ = cpukernels.exp_inside()
+    assert ("float32 exp: inside the kernels" in run("info").output) is inside
+    monkeypatch.setattr(cpukernels, "exp_inside", lambda: (False, "a probe that failed"))
+    assert "float32 exp: NumPy's, between two kernels (a probe that failed)" in run("info").output
 
 
 def test_info_explains_unusable_default_device(monkeypatch):
