@@ -159,7 +159,8 @@ class StepPlan:
         grad = grad_y
         for k in range(len(self.layers) - 1, -1, -1):       # top down: each δ reads the layer above's ∂E/∂x
             below = self.layers[k - 1].buffers(self.ops.xp, rows).y if k else None
-            steps.insert(0, self.layers[k].bound_step(self.ops, rows, below, grad))
+            hidden = k < len(self.layers) - 1       # δ made at every step (the output's: not where the loss makes it)
+            steps.insert(0, self.layers[k].bound_step(self.ops, rows, below, grad, delta_always=hidden))
             grad = steps[0].bufs.dx
         self.epochs = [layer.buffer_epoch for layer in self.layers]
         #: the activations with a parameter (α, a: assignable between steps; bound calls hold it as a constant)

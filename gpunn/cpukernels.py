@@ -8,6 +8,7 @@ numba (``@njit(cache=True)``, ``error_model="numpy"``, no fastmath):
 - ``bias_<f>``: z ← z + b in place on the matmul output, then f(z) (or the part of f before its exp)
 - ``<f>_bwd``: δ = f′(z, y) ⊙ ∂E/∂y                                               (eqs 11, 14)
 - ``colsum``: ∂E/∂b = Σ over the batch of δ, row after row
+  (for a hidden layer, whose δ every step makes, in the δ kernel's own pass: ``out`` given)
 - ``softmax_pre`` / ``softmax_post``: the softmax around NumPy's exp and log, rows summed as NumPy sums them
 - ``xent_delta``: the cross-entropy's output δ = (y − y*) / B
 - ``sgd_update``: eq (15) with momentum / Nesterov / weight decay over the flat parameter buffer
@@ -126,57 +127,78 @@ def elu_post(z, y, a, small, zero):
                 y[i, j] = v if v > zero else e
 
 
-def sigmoid_bwd(y, g, d, one):
+def sigmoid_bwd(y, g, d, one, out, zero):
     """δ = (1 − y)·y·g (eq 6)."""
     rows, cols = y.shape
+    summing = out.shape[0] > 0
     for i in range(rows):
         for j in range(cols):
             o = one - y[i, j]
             o = o * y[i, j]
-            d[i, j] = o * g[i, j]
+            v = o * g[i, j]
+            d[i, j] = v
+            if summing:                 # ∂E/∂b = Σ over the rows of δ, as colsum adds them
+                out[j] = zero + v if i == 0 else out[j] + v
 
 
-def tanh_bwd(y, g, d, one):
+def tanh_bwd(y, g, d, one, out, zero):
     """δ = (1 − y²)·g."""
     rows, cols = y.shape
+    summing = out.shape[0] > 0
     for i in range(rows):
         for j in range(cols):
             o = y[i, j] * y[i, j]
             o = one - o
-            d[i, j] = o * g[i, j]
+            v = o * g[i, j]
+            d[i, j] = v
+            if summing:                 # ∂E/∂b = Σ over the rows of δ, as colsum adds them
+                out[j] = zero + v if i == 0 else out[j] + v
 
 
-def relu_bwd(z, g, d, one, zero):
+def relu_bwd(z, g, d, one, zero, out):
     """δ = [z > 0]·g (a product, as NumPy's: 0·g is −0 for g < 0, 0·inf NaN)."""
     rows, cols = z.shape
+    summing = out.shape[0] > 0
     for i in range(rows):
         for j in range(cols):
             o = one if z[i, j] > zero else zero
-            d[i, j] = o * g[i, j]
+            v = o * g[i, j]
+            d[i, j] = v
+            if summing:                 # ∂E/∂b = Σ over the rows of δ, as colsum adds them
+                out[j] = zero + v if i == 0 else out[j] + v
 
 
-def leaky_bwd(z, g, d, p, q, one, zero):
+def leaky_bwd(z, g, d, p, q, one, zero, out):
     """δ = ([z > 0]·(1 − α) + α)·g."""
     rows, cols = z.shape
+    summing = out.shape[0] > 0
     for i in range(rows):
         for j in range(cols):
             o = one if z[i, j] > zero else zero
             o = o * q
             o = o + p
-            d[i, j] = o * g[i, j]
+            v = o * g[i, j]
+            d[i, j] = v
+            if summing:                 # ∂E/∂b = Σ over the rows of δ, as colsum adds them
+                out[j] = zero + v if i == 0 else out[j] + v
 
 
-def neg_mul(d, g):
+def neg_mul(d, g, out, zero):
     """δ ← (−δ)·g: the softplus derivative's tail, δ holding expm1(−y)."""
     rows, cols = d.shape
+    summing = out.shape[0] > 0
     for i in range(rows):
         for j in range(cols):
-            d[i, j] = (-d[i, j]) * g[i, j]
+            v = (-d[i, j]) * g[i, j]
+            d[i, j] = v
+            if summing:                 # ∂E/∂b = Σ over the rows of δ, as colsum adds them
+                out[j] = zero + v if i == 0 else out[j] + v
 
 
-def elu_bwd(y, g, d, a, q, one, zero):
+def elu_bwd(y, g, d, a, q, one, zero, out):
     """δ = (min(y, 0) + a + [y > 0]·(1 − a))·g."""
     rows, cols = y.shape
+    summing = out.shape[0] > 0
     for i in range(rows):
         for j in range(cols):
             v = y[i, j]
@@ -185,7 +207,10 @@ def elu_bwd(y, g, d, a, q, one, zero):
             s = one if v > zero else zero
             s = s * q
             o = o + s
-            d[i, j] = o * g[i, j]
+            v = o * g[i, j]
+            d[i, j] = v
+            if summing:                 # ∂E/∂b = Σ over the rows of δ, as colsum adds them
+                out[j] = zero + v if i == 0 else out[j] + v
 
 
 def colsum(d, out, zero):
@@ -386,6 +411,10 @@ def numba_version() -> str | None:
     return None if ns is None else ns.version
 
 
+def _or(given: Array | None, default: Array) -> Array:
+    return default if given is None else given
+
+
 #: Widest softmax layer the kernels take (their row sum is NumPy's pairwise sum up to one block).
 MAX_SOFTMAX_COLS = 128
 
@@ -453,21 +482,29 @@ class CpuKernels:
                "leaky_relu": lambda z, b, y, rowstats, call=bind: [call(k.bias_leaky, z, b, y, p)]}
         return fns.get(Registry.key_of(type(act)))      # a subclass (another key) is not its parent's kernel
 
-    def backward(self, act: Activation, dtype: Any) -> Callable[[Array, Array, Array, Array], list] | None:
-        """A binder for ``act`` in ``dtype``: binder(z, y, g, d, call=bind) gives the calls that make
-        δ = f′(z) ⊙ g into d; None for identity and softmax (no kernel would save a pass)."""
+    def backward(self, act: Activation, dtype: Any) -> Callable[..., list] | None:
+        """A binder for ``act`` in ``dtype``: binder(z, y, g, d, call=bind, sums=None) gives the calls that make
+        δ = f′(z) ⊙ g into d and, where ``sums`` (the bias gradient) is given, ∂E/∂b = Σ over the rows of δ
+        into it in the same pass, added as :func:`colsum` adds them (the caller checks that NumPy adds them so:
+        ``CpuFusedOps.bind_backward_and_sum``); None for identity and softmax (no kernel would save a pass)."""
         k, (zero, one, p, q, _, _) = self.k, self.constants(act, dtype)
         negative, expm1 = numpy.negative, numpy.expm1
+        nothing = numpy.empty(0, dtype)         # sums=None: the kernels' sum is off (out.shape[0] == 0)
 
-        def softplus(z, y, g, d, call=bind):
-            return [partial(negative, y, d), partial(expm1, d, d), call(k.neg_mul, d, g)]
+        def softplus(z, y, g, d, call=bind, sums=None):
+            return [partial(negative, y, d), partial(expm1, d, d), call(k.neg_mul, d, g, _or(sums, nothing), zero)]
 
-        fns = {"sigmoid": lambda z, y, g, d, call=bind: [call(k.sigmoid_bwd, y, g, d, one)],
-               "tanh": lambda z, y, g, d, call=bind: [call(k.tanh_bwd, y, g, d, one)],
-               "relu": lambda z, y, g, d, call=bind: [call(k.relu_bwd, z, g, d, one, zero)],
-               "leaky_relu": lambda z, y, g, d, call=bind: [call(k.leaky_bwd, z, g, d, p, q, one, zero)],
+        fns = {"sigmoid": lambda z, y, g, d, call=bind, sums=None:
+               [call(k.sigmoid_bwd, y, g, d, one, _or(sums, nothing), zero)],
+               "tanh": lambda z, y, g, d, call=bind, sums=None:
+               [call(k.tanh_bwd, y, g, d, one, _or(sums, nothing), zero)],
+               "relu": lambda z, y, g, d, call=bind, sums=None:
+               [call(k.relu_bwd, z, g, d, one, zero, _or(sums, nothing))],
+               "leaky_relu": lambda z, y, g, d, call=bind, sums=None:
+               [call(k.leaky_bwd, z, g, d, p, q, one, zero, _or(sums, nothing))],
                "softplus": softplus,
-               "elu": lambda z, y, g, d, call=bind: [call(k.elu_bwd, y, g, d, p, q, one, zero)]}
+               "elu": lambda z, y, g, d, call=bind, sums=None:
+               [call(k.elu_bwd, y, g, d, p, q, one, zero, _or(sums, nothing))]}
         return fns.get(Registry.key_of(type(act)))      # a subclass (another key) is not its parent's kernel
 
     def squared_error(self, y: Array, grad_y: Array) -> Callable[[Array, Array | None], tuple[Any, bool]]:

@@ -168,19 +168,24 @@ class Dense:
         self._bufs[batch] = bufs                            # most recently used last
         return bufs
 
-    def bound_step(self, ops: XpOps, rows: int, x: Array | None, grad_y: Array) -> BoundStep:
+    def bound_step(self, ops: XpOps, rows: int, x: Array | None, grad_y: Array,
+                   delta_always: bool = False) -> BoundStep:
         """This layer's part of a training step of ``rows`` rows as calls bound to its buffers (made once per
         batch size, then run by :class:`gpunn.backprop.StepPlan`): the same operations, in the same order, as
         :meth:`forward` and :meth:`backward`. ``x`` is the layer below's y buffer, or None for the first
         layer, whose input is the step's batch (the plan multiplies it itself); ``grad_y`` is the
-        ∂E/∂y buffer this layer's δ is made from (the layer above's ∂E/∂x, or the loss's)."""
+        ∂E/∂y buffer this layer's δ is made from (the layer above's ∂E/∂x, or the loss's). Where the step
+        always runs this layer's ``make_delta`` (``delta_always``: a hidden layer) and the ops can, δ's
+        column sum ∂E/∂b is made in δ's own pass (:meth:`gpunn.ops.XpOps.bind_backward_and_sum`)."""
         bufs = self.buffers(ops.xp, rows)
         act, z, y, delta = self.activation, bufs.z, bufs.y, bufs.delta
         forward = [] if x is None else [ops.bind_matmul(x, self._W, z)]                # z = x·W
         forward += ops.bind_forward(act, z, self._b, y, bufs.rowstats)                    # + b, y = f(z)
-        make_delta = ops.bind_backward(act, z, y, grad_y, delta, bufs.scratch, bufs.rowstats)     # eq (11)
+        both = ops.bind_backward_and_sum(act, z, y, grad_y, delta, self._gb) if delta_always else None
+        make_delta = (ops.bind_backward(act, z, y, grad_y, delta, bufs.scratch, bufs.rowstats)    # eq (11)
+                      if both is None else both)                                      # eq (11) and ∂E/∂b
         grads = [] if x is None else [ops.bind_matmul(x.T, delta, self._gW)]           # eq (8)
-        grads += ops.bind_column_sum(delta, self._gb)
+        grads += ops.bind_column_sum(delta, self._gb) if both is None else []
         if self.input_grad:
             grads.append(ops.bind_matmul(delta, self._W.T, bufs.dx))                     # eq (7)
         return BoundStep(bufs, forward, make_delta, grads)

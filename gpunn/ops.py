@@ -138,6 +138,12 @@ class XpOps:
         """:meth:`activation_backward` on these arrays, as calls to make in order."""
         return [partial(self.activation_backward, act, z, y, grad, out, scratch, rowstats)]
 
+    def bind_backward_and_sum(self, act: Activation, z: Array, y: Array, grad: Array, out: Array,
+                              sums: Array) -> list[Callable[[], Any]] | None:
+        """:meth:`bind_backward` and :meth:`bind_column_sum` of ``out`` into ``sums`` in one pass, where this
+        ops has such calls; None (bind them apart) here."""
+        return None
+
     def bind_column_sum(self, delta: Array, out: Array) -> list[Callable[[], Any]]:
         """:meth:`column_sum` on these arrays, as calls to make in order."""
         if self.device.is_cuda:
@@ -279,6 +285,12 @@ class CpuFusedOps(XpOps):
         if binder is None:
             return [partial(XpOps.activation_backward, self, act, z, y, grad, out, scratch, rowstats)]
         return binder(z, y, grad, out, call)
+
+    def bind_backward_and_sum(self, act, z, y, grad, out, sums):
+        binder = None if self.kernels is None else self._binder(self._bwd, self.kernels.backward, act, z.dtype)
+        if binder is None or not self._kernel_sums(out):
+            return None
+        return binder(z, y, grad, out, cpukernels.bind, sums)
 
     def _kernel_sums(self, delta: Array) -> bool:
         """Whether the colsum kernel sums ``delta`` as NumPy does: NumPy sums the rows of an array of two or
