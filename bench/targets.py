@@ -126,7 +126,7 @@ def op_profile(workload: str, batch: int, rounds: int, min_time: float) -> dict:
                   for k, fn in exps.items()}
     gemm = sum(v for n, v in us.items() if n.startswith("gemm"))
     us["the rest (Python, cache misses between operations)"] = max(0.0, step - sum(us.values()))
-    inside = bool(getattr(getattr(ops, "kernels", None), "k", None) and ops.kernels.k.exp_inside)
+    inside = getattr(ops, "kernels", None) is not None and ops.kernels.k.exp_inside
     return {"workload": workload, "batch": batch, "step_us": step, "gemm_us": gemm, "parts_us": us, "exp_us": exp_us,
             "exp_inside": inside}
 

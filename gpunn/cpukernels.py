@@ -411,10 +411,6 @@ def numba_version() -> str | None:
     return None if ns is None else ns.version
 
 
-def _or(given: Array | None, default: Array) -> Array:
-    return default if given is None else given
-
-
 #: Widest softmax layer the kernels take (their row sum is NumPy's pairwise sum up to one block).
 MAX_SOFTMAX_COLS = 128
 
@@ -491,21 +487,22 @@ class CpuKernels:
         negative, expm1 = numpy.negative, numpy.expm1
         nothing = numpy.empty(0, dtype)         # sums=None: the kernels' sum is off (out.shape[0] == 0)
 
-        def softplus(z, y, g, d, call=bind, sums=None):
-            return [partial(negative, y, d), partial(expm1, d, d), call(k.neg_mul, d, g, _or(sums, nothing), zero)]
+        def softplus(z, y, g, d, call, s):
+            return [partial(negative, y, d), partial(expm1, d, d), call(k.neg_mul, d, g, s, zero)]
 
-        fns = {"sigmoid": lambda z, y, g, d, call=bind, sums=None:
-               [call(k.sigmoid_bwd, y, g, d, one, _or(sums, nothing), zero)],
-               "tanh": lambda z, y, g, d, call=bind, sums=None:
-               [call(k.tanh_bwd, y, g, d, one, _or(sums, nothing), zero)],
-               "relu": lambda z, y, g, d, call=bind, sums=None:
-               [call(k.relu_bwd, z, g, d, one, zero, _or(sums, nothing))],
-               "leaky_relu": lambda z, y, g, d, call=bind, sums=None:
-               [call(k.leaky_bwd, z, g, d, p, q, one, zero, _or(sums, nothing))],
-               "softplus": softplus,
-               "elu": lambda z, y, g, d, call=bind, sums=None:
-               [call(k.elu_bwd, y, g, d, p, q, one, zero, _or(sums, nothing))]}
-        return fns.get(Registry.key_of(type(act)))      # a subclass (another key) is not its parent's kernel
+        kernels = {"sigmoid": lambda z, y, g, d, call, s: [call(k.sigmoid_bwd, y, g, d, one, s, zero)],
+                   "tanh": lambda z, y, g, d, call, s: [call(k.tanh_bwd, y, g, d, one, s, zero)],
+                   "relu": lambda z, y, g, d, call, s: [call(k.relu_bwd, z, g, d, one, zero, s)],
+                   "leaky_relu": lambda z, y, g, d, call, s: [call(k.leaky_bwd, z, g, d, p, q, one, zero, s)],
+                   "softplus": softplus,
+                   "elu": lambda z, y, g, d, call, s: [call(k.elu_bwd, y, g, d, p, q, one, zero, s)]}
+        calls = kernels.get(Registry.key_of(type(act)))     # a subclass (another key) is not its parent's kernel
+        if calls is None:
+            return None
+
+        def binder(z, y, g, d, call=bind, sums=None):
+            return calls(z, y, g, d, call, nothing if sums is None else sums)
+        return binder
 
     def squared_error(self, y: Array, grad_y: Array) -> Callable[[Array, Array | None], tuple[Any, bool]]:
         """:meth:`gpunn.losses.SquaredError.backward` for outputs ``y`` into ``grad_y`` (a step's buffers), as

@@ -280,14 +280,17 @@ class CpuFusedOps(XpOps):
         calls = None if binder is None else binder(z, b, y, rowstats, call)
         return [partial(XpOps.bias_activation, self, act, z, b, y, rowstats)] if calls is None else calls
 
+    def _backward_binder(self, act: Activation, dtype: Any) -> Callable | None:
+        return None if self.kernels is None else self._binder(self._bwd, self.kernels.backward, act, dtype)
+
     def bind_backward(self, act, z, y, grad, out, scratch, rowstats, call=cpukernels.bind):
-        binder = None if self.kernels is None else self._binder(self._bwd, self.kernels.backward, act, z.dtype)
+        binder = self._backward_binder(act, z.dtype)
         if binder is None:
             return [partial(XpOps.activation_backward, self, act, z, y, grad, out, scratch, rowstats)]
         return binder(z, y, grad, out, call)
 
     def bind_backward_and_sum(self, act, z, y, grad, out, sums):
-        binder = None if self.kernels is None else self._binder(self._bwd, self.kernels.backward, act, z.dtype)
+        binder = self._backward_binder(act, z.dtype)
         if binder is None or not self._kernel_sums(out):
             return None
         return binder(z, y, grad, out, cpukernels.bind, sums)
