@@ -39,10 +39,11 @@ def main() -> None:
     x, e = numpy.minimum(-z0, cap).ravel(), numpy.empty(z0.size, numpy.float32)
     reset = lambda: numpy.copyto(z, z0)      # noqa: E731 - bias_sigmoid adds b into z in place
     nothing = lambda: None                   # noqa: E731
-    rows = {"bias_sigmoid (the layer's pass)": (cpukernels.bind(k.bias_sigmoid, z, b, y, cap, one), reset),
+    scratch, no_sum = numpy.empty((2, cpuexp.BLOCK), numpy.float32), numpy.empty(0, numpy.float32)
+    rows = {"bias_sigmoid (the layer's pass)": (cpukernels.bind(k.bias_sigmoid, z, b, y, cap, one, scratch), reset),
             "transcribed exp alone": (lambda: cpuexp.exp_f32_array(x, e), nothing),
             "NumPy's exp alone": (lambda: numpy.exp(x, out=e), nothing),
-            "sigmoid_bwd (no exp)": (cpukernels.bind(k.sigmoid_bwd, y, z0, d, one), nothing)}
+            "sigmoid_bwd (no exp)": (cpukernels.bind(k.sigmoid_bwd, y, z0, d, one, no_sum, one), nothing)}
     print(f"exp inside the kernels: {cpukernels.exp_inside()}")
     for name, (fn, before) in rows.items():
         lo, mid = best_and_median(fn, before)

@@ -9,14 +9,17 @@ r = x + k·c₁ + k·c₂ (+ k·0) as fused multiply-adds (Cody–Waite); P₅(r
 by 2^(k+125): the same real number NumPy divides by 2^(−125−k), so the same rounding, without a division.
 The constants are NumPy's ``NPY_*_EXPf`` ones, rounded to float32 as NumPy's C compiler rounds them.
 
-It lets a kernel run the sigmoid's or the softmax's exp inside its own loop: one pass and one call
-instead of three, bitwise equal to the NumPy path. Equality is a fact about the NumPy build and CPU in
-use, so it is checked, not assumed: :func:`matches_numpy` compares both on a probe of 131,088 inputs
-(every special case, the subnormal range, a stride through all 2³² bit patterns) when the kernels load,
-and the kernels keep NumPy's own exp between two calls wherever it fails. tests/test_cpuexp.py checks
-about 23 million inputs; ``python scripts/check_exp.py --all`` checks all 2³² float32 inputs (64 s here:
-none differed, NumPy 2.4.6, AMD EPYC Zen 3 with AVX2 + FMA3). float64 keeps NumPy's exp (the C library's,
-or an AVX-512 one): there is no transcription of it here.
+It lets a kernel run the sigmoid's or the softmax's exp inside its own call, bitwise equal to the NumPy
+path. The kernels run it a block of a row at a time (:func:`exp_row`): one loop per stage of the algorithm,
+and without the special branches where no value of the block needs one (:func:`plain`); per value the same
+operations, in less time (``python bench/sigmoid_pass.py``).
+
+Equality is a fact about the NumPy build and CPU in use, so it is checked, not assumed: :func:`matches_numpy`
+compares both on a probe of 131,088 inputs (every special case, the subnormal range, a stride through all 2³²
+bit patterns) when the kernels load, and the kernels keep NumPy's own exp between two calls wherever it fails.
+tests/test_cpuexp.py checks about 23.5 million inputs; ``python scripts/check_exp.py --all`` checks all 2³²
+float32 inputs (about a minute here: none differed, NumPy 2.4.6, AMD EPYC Zen 3 with AVX2 + FMA3). float64 keeps NumPy's
+exp (the C library's, or an AVX-512 one): there is no transcription of it here.
 
 This module imports numba; only :mod:`gpunn.cpukernels` imports it, once numba has imported.
 """
@@ -29,7 +32,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core.extending import intrinsic
 
-__all__ = ["bias_sigmoid", "exp_f32", "exp_f32_array", "matches_numpy", "probe", "softmax_pre_exp"]
+__all__ = ["BLOCK", "PLAIN_LOW", "bias_sigmoid", "exp_f32", "exp_f32_array", "exp_row", "matches_numpy", "plain",
+           "probe", "softmax_pre_exp"]
 
 _f = numpy.float32
 LOG2E = _f(1.442695040888963407359924681001892137)       # NPY_LOG2Ef
@@ -89,19 +93,29 @@ _from_bits: Any = intrinsic(_from_bits_typed)
 
 
 @_njit(inline="always", error_model="numpy")
-def exp_f32(x):
-    """e^x for a float32 x, bitwise NumPy's float32 exp where :func:`matches_numpy` (module docstring)."""
-    nan = x != x
-    high = x >= XMAX
-    low = x <= XMIN
-    if nan or high or low:
-        x = ZERO
+def _reduce_plain(x):
+    """NumPy's first stage for one value: (r, k) with k = rint(x·log₂e) by the 1.5·2²³ trick and
+    r = x − k·ln 2 (Cody–Waite, as fused multiply-adds)."""
     k = x * LOG2E
     k = k + RINT_MAGIC
     k = k - RINT_MAGIC
     r = _fma(k, CODY_WAITE_HI, x)
     r = _fma(k, CODY_WAITE_LO, r)
-    r = _fma(k, ZERO, r)
+    return _fma(k, ZERO, r), k
+
+
+@_njit(inline="always", error_model="numpy")
+def _reduce(x):
+    """:func:`_reduce_plain` of x, or of 0 where x is NaN, ≥ xmax or ≤ xmin (:func:`_scale` sets those
+    results aside), as NumPy does."""
+    if x != x or x >= XMAX or x <= XMIN:
+        x = ZERO
+    return _reduce_plain(x)
+
+
+@_njit(inline="always", error_model="numpy")
+def _rational(r):
+    """NumPy's second stage: P₅(r) / Q₂(r), both by FMA Horner steps, then one IEEE division."""
     num = _fma(P5, r, P4)
     num = _fma(num, r, P3)
     num = _fma(num, r, P2)
@@ -109,29 +123,101 @@ def exp_f32(x):
     num = _fma(num, r, P0)
     den = _fma(Q2, r, Q1)
     den = _fma(den, r, Q0)
-    poly = num / den
+    return num / den
+
+
+@_njit(inline="always", error_model="numpy")
+def _scale_plain(poly, k):
+    """NumPy's last stage for a normal result (k > −125): poly · 2ᵏ, k added into the exponent bits."""
+    return _from_bits(_bits(poly) + (numpy.int32(k) << 23))
+
+
+@_njit(inline="always", error_model="numpy")
+def _scale(x, poly, k):
+    """NumPy's last stage: :func:`_scale_plain`, or for k ≤ −125, a subnormal result, 2⁻¹²⁵ added into the
+    exponent and the rest a product by 2^(k+125): the same real number NumPy divides by 2^(−125−k), so the
+    same rounding, without a division; then NaN, +inf and 0 for the inputs set aside."""
     # Compiled for 8 values at once, both branches below run and one is selected: low_k ≤ −125 keeps the
     # other lanes' unused product from underflowing (an underflow is a slow microcode assist on x86).
     low_k = k if k < MIN_QUADRANT else MIN_QUADRANT
-    if k <= MIN_QUADRANT:          # the result is subnormal: 2^-125 into the exponent, then × 2^(k+125), which
-        # rounds the same real number NumPy's division by 2^(-125-k) rounds, once, as IEEE rounds both
+    if k <= MIN_QUADRANT:
         poly = _from_bits(_bits(poly) + numpy.int32(-125 << 23)) * _from_bits((numpy.int32(low_k) + 252) << 23)
     else:
-        poly = _from_bits(_bits(poly) + (numpy.int32(k) << 23))
-    if nan:
+        poly = _scale_plain(poly, k)
+    if x != x:
         return _from_bits(numpy.int32(NAN_BITS))
-    if high:
+    if x >= XMAX:
         return INF
-    if low:
+    if x <= XMIN:
         return ZERO
     return poly
 
 
+@_njit(inline="always", error_model="numpy")
+def exp_f32(x):
+    """e^x for one float32 x, bitwise NumPy's float32 exp where :func:`matches_numpy` (module docstring)."""
+    r, k = _reduce(x)
+    return _scale(x, _rational(r), k)
+
+
+#: Values :func:`exp_row` takes per round of its loops (scratch of 2 × BLOCK float32, in L1 cache).
+BLOCK = 512
+#: Above it (and below xmax) NumPy's exp takes none of its special branches: k = rint(x·log₂e) ≥ −124,
+#: so the result is normal (x·log₂e > −124.08 here; a subnormal result needs k ≤ −125).
+PLAIN_LOW = _f(-86.0)
+
+
+@_njit(inline="always", error_model="numpy")
+def plain(x):
+    """1 where NumPy's exp takes none of its special branches for x (no NaN, no overflow, a normal result:
+    PLAIN_LOW < x < xmax), else 0; summed over a block as the kernels write it, 0 lets :func:`exp_row` run
+    the plain stages."""
+    return 1 if (x > PLAIN_LOW and x < XMAX) else 0
+
+
+@_njit(inline="always", error_model="numpy")
+def exp_row(x, out, scratch, all_plain):
+    """out = e^x for 1-D contiguous x and out of at most BLOCK values (``out`` may be ``x``), the values of
+    :func:`exp_f32` computed stage by stage: one loop per stage, the intermediate r and k kept in ``scratch``
+    (2, BLOCK), each stage's special branches left out where ``all_plain`` (every x :func:`plain`). The same
+    operations on each value; three short chains of dependent instructions instead of one long one, which
+    the CPU overlaps across values far better (``python bench/sigmoid_pass.py``). The loops index views from
+    0, which numba compiles to 8-wide vector code (an index with an offset, which might be negative, kept
+    some of them scalar)."""
+    rs, ks = scratch[0], scratch[1]
+    n = x.shape[0]
+    if all_plain:
+        for j in range(n):
+            r, k = _reduce_plain(x[j])
+            rs[j] = r
+            ks[j] = k
+    else:
+        for j in range(n):
+            r, k = _reduce(x[j])
+            rs[j] = r
+            ks[j] = k
+    for j in range(n):
+        rs[j] = _rational(rs[j])
+    if all_plain:
+        for j in range(n):
+            out[j] = _scale_plain(rs[j], ks[j])
+    else:
+        for j in range(n):
+            out[j] = _scale(x[j], rs[j], ks[j])
+
+
 @_njit(error_model="numpy")
 def exp_f32_array(x, out):
-    """out = e^x elementwise for flat float32 arrays, through :func:`exp_f32`."""
-    for i in range(x.size):
-        out[i] = exp_f32(x[i])
+    """out = e^x elementwise for flat float32 arrays, block by block through :func:`exp_row` (the kernels'
+    code, plain stages where a block allows them)."""
+    scratch = numpy.empty((2, BLOCK), numpy.float32)
+    for j0 in range(0, x.size, BLOCK):
+        j1 = min(j0 + BLOCK, x.size)
+        xb = x[j0:j1]
+        plain_values = 0
+        for j in range(j1 - j0):
+            plain_values += plain(xb[j])
+        exp_row(xb, out[j0:j1], scratch, plain_values == j1 - j0)
 
 
 def probe() -> numpy.ndarray:
@@ -157,23 +243,32 @@ def matches_numpy(x: numpy.ndarray | None = None) -> bool:
 
 # -- the kernels with the exp inside (gpunn.cpukernels binds them where matches_numpy() holds) --------------
 @_njit(error_model="numpy", nogil=True)
-def bias_sigmoid(z, b, y, cap, one):
+def bias_sigmoid(z, b, y, cap, one, scratch):
     """z ← z + b; y = 1 / (e^min(−z, cap) + 1): cpukernels' ``bias_sigmoid_pre``, NumPy's exp and
-    ``sigmoid_post`` in one pass (the NumPy path's sigmoid, operation for operation)."""
+    ``sigmoid_post`` in one call, block by block of each row (the NumPy path's sigmoid, operation for
+    operation; ``scratch``: :func:`exp_row`'s)."""
     rows, cols = z.shape
     for i in range(rows):
-        for j in range(cols):
-            v = z[i, j] + b[j]
-            z[i, j] = v
-            m = -v
-            m = m if (m < cap or m != m) else cap
-            y[i, j] = one / (exp_f32(m) + one)
+        for j0 in range(0, cols, BLOCK):
+            j1 = min(j0 + BLOCK, cols)
+            zr, yr, br = z[i, j0:j1], y[i, j0:j1], b[j0:j1]
+            plain_values = 0
+            for j in range(j1 - j0):
+                v = zr[j] + br[j]
+                zr[j] = v
+                m = -v
+                m = m if (m < cap or m != m) else cap
+                yr[j] = m
+                plain_values += plain(m)
+            exp_row(yr, yr, scratch, plain_values == j1 - j0)
+            for j in range(j1 - j0):
+                yr[j] = one / (yr[j] + one)
 
 
 @_njit(error_model="numpy", nogil=True)
-def softmax_pre_exp(z, b, y, rowstats):
+def softmax_pre_exp(z, b, y, rowstats, scratch):
     """z ← z + b; m = max of each row (NaN wins); y = e^(z − m); rowstats[:, 0] = m: cpukernels'
-    ``softmax_pre`` and NumPy's exp in one call."""
+    ``softmax_pre`` and NumPy's exp in one call (``scratch``: :func:`exp_row`'s)."""
     rows, cols = z.shape
     for i in range(rows):
         m = z[i, 0] + b[0]
@@ -182,6 +277,13 @@ def softmax_pre_exp(z, b, y, rowstats):
             z[i, j] = v
             if m == m and (v > m or v != v):      # NaN, once met, stays the maximum
                 m = v
-        for j in range(cols):
-            y[i, j] = exp_f32(z[i, j] - m)
+        for j0 in range(0, cols, BLOCK):
+            j1 = min(j0 + BLOCK, cols)
+            zr, yr = z[i, j0:j1], y[i, j0:j1]
+            plain_values = 0
+            for j in range(j1 - j0):
+                v = zr[j] - m
+                yr[j] = v
+                plain_values += plain(v)
+            exp_row(yr, yr, scratch, plain_values == j1 - j0)
         rowstats[i, 0] = m

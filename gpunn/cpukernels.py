@@ -374,8 +374,9 @@ def _exp_kernels() -> dict[str, Any]:
         from . import cpuexp
         same = cpuexp.matches_numpy()
     except Exception as exc:      # pragma: no cover - an llvmlite without what the transcription needs
-        return {"exp_inside": False, "exp_inside_reason": f"{type(exc).__name__}: {exc}"}
+        return {"exp_inside": False, "exp_block": 0, "exp_inside_reason": f"{type(exc).__name__}: {exc}"}
     return {"exp_inside": same, "bias_sigmoid": cpuexp.bias_sigmoid, "softmax_pre_exp": cpuexp.softmax_pre_exp,
+            "exp_block": cpuexp.BLOCK,
             "exp_inside_reason": None if same else "NumPy's float32 exp differs from its transcription here "
                                                    "(another algorithm in this NumPy build or CPU)"}
 
@@ -449,10 +450,11 @@ class CpuKernels:
         k, (zero, one, p, _, cap, small) = self.k, self.constants(act, dtype)
         exp, expm1, log, tanh, logaddexp = numpy.exp, numpy.expm1, numpy.log, numpy.tanh, numpy.logaddexp
         exp_inside = k.exp_inside and numpy.dtype(dtype) == numpy.float32    # gpunn.cpuexp: float32 only
+        exp_scratch = partial(numpy.empty, (2, k.exp_block), numpy.float32)  # each bound call its own
 
         def sigmoid(z, b, y, rowstats, call=bind):
             if exp_inside:
-                return [call(k.bias_sigmoid, z, b, y, cap, one)]
+                return [call(k.bias_sigmoid, z, b, y, cap, one, exp_scratch())]
             return [call(k.bias_sigmoid_pre, z, b, y, cap), partial(exp, y, y), call(k.sigmoid_post, y, one)]
 
         def elu(z, b, y, rowstats, call=bind):
@@ -463,7 +465,7 @@ class CpuKernels:
             if z.shape[1] > MAX_SOFTMAX_COLS:
                 return None
             total, top = rowstats[:, 1:2], rowstats[:, 0:1]
-            exps = ([call(k.softmax_pre_exp, z, b, y, rowstats)] if exp_inside
+            exps = ([call(k.softmax_pre_exp, z, b, y, rowstats, exp_scratch())] if exp_inside
                     else [call(k.softmax_pre, z, b, y, rowstats), partial(exp, y, y)])
             return [*exps, call(k.softmax_post, y, rowstats, zero), partial(log, total, total),
                     partial(numpy.add, top, total, top)]            # rowstats[:, 0] = m + log Σ e^(z−m)

@@ -1,7 +1,7 @@
 """NumPy's float32 exp transcribed for the CPU kernels (gpunn.cpuexp), against ``numpy.exp`` itself.
 
 NumPy runs its SIMD exp (``simd_exp_FLOAT``) for float32 on x86 CPUs with AVX2 + FMA3 or AVX-512F; there
-the transcription must give its bits for every input (about 23 million checked here, all 2³² by
+the transcription must give its bits for every input (about 23.5 million checked here, all 2³² by
 ``python scripts/check_exp.py --all``) and the kernels must use it. Elsewhere NumPy calls the C library's
 expf: the kernels must notice and keep NumPy's exp between their calls, still bitwise equal.
 """
@@ -42,11 +42,13 @@ def bits(a):
 
 def inputs():
     """Chunks of float32 inputs: random bit patterns; every bit pattern from −88 down to −105 (the subnormal
-    results and the underflow edge) and from 88 to 89 (the overflow edge); a stride of 257 through all 2³²."""
+    results and the underflow edge), from 88 to 89 (the overflow edge) and from −85 to −88 (where blocks
+    stop taking the exp's plain stages: gpunn.cpuexp.PLAIN_LOW); a stride of 257 through all 2³²."""
     f = numpy.float32
     yield rng(7).integers(0, 1 << 32, size=4_000_000, dtype=numpy.uint64).astype(numpy.uint32)
     yield numpy.arange(bits(f(-88.0)).item(), bits(f(-105.0)).item(), dtype=numpy.uint32)
     yield numpy.arange(bits(f(88.0)).item(), bits(f(89.0)).item(), dtype=numpy.uint32)
+    yield numpy.arange(bits(f(-85.0)).item(), bits(f(-88.0)).item(), dtype=numpy.uint32)     # PLAIN_LOW's edge
     for start in range(0, 1 << 32, 1 << 30):
         yield numpy.arange(start, start + (1 << 30), 257, dtype=numpy.uint64).astype(numpy.uint32)
 
@@ -64,7 +66,7 @@ def test_the_transcription_gives_numpys_bits():
         wrong = numpy.flatnonzero(bits(ref) != bits(got))
         assert wrong.size == 0, [(hex(bits(x)[i]), ref[i], got[i]) for i in wrong[:5]]
         checked += x.size
-    assert checked == 23_071_232
+    assert checked == 23_464_448
 
 
 @needs_simd
@@ -160,15 +162,16 @@ def test_the_kernels_run_where_numba_has_nowhere_to_write_its_cache():
 
 def test_every_kernel_that_inlines_the_exp_is_in_its_file():
     """numba keys a function's on-disk cache on its own source file's time stamp and size: code inlined from
-    another file (``exp_f32``, ``inline="always"``, and the LLVM intrinsics) would stay in that cache after
-    the other file changed. Every kernel running ``exp_f32`` is therefore in cpuexp.py, where an edit to the
+    another file (``exp_row`` and its stages, ``inline="always"``, and the LLVM intrinsics) would stay in that
+    cache after the other file changed. Every kernel running the exp is therefore in cpuexp.py, where an edit to the
     exp recompiles it (tried: ``return poly`` edited, bias_sigmoid's next load missed the cache and gave the
     edited values)."""
     import inspect
 
     from gpunn import cpuexp
     home = inspect.getfile(cpuexp.exp_f32.py_func)
-    inlined = {"exp_f32", "_fma", "_bits", "_from_bits"}
+    inlined = {"exp_f32", "exp_row", "plain", "_reduce", "_reduce_plain", "_rational", "_scale", "_scale_plain",
+               "_fma", "_bits", "_from_bits"}
     users = set()
     for name, kernel in vars(cpukernels.CpuKernels().k).items():
         fn = getattr(kernel, "py_func", None)
@@ -177,3 +180,31 @@ def test_every_kernel_that_inlines_the_exp_is_in_its_file():
             users.add(name)
             assert inspect.getfile(fn) == home, f"{name} inlines cpuexp's exp from another file"
     assert users >= {"bias_sigmoid", "softmax_pre_exp"}
+
+
+@pytest.mark.parametrize("cols", [1, 9, 511, 512, 513, 1031])
+def test_the_sigmoid_kernel_is_bitwise_numpys_across_exp_blocks(cols):
+    """The exp runs block by block of a row (gpunn.cpuexp.BLOCK values, one loop per stage, the special
+    branches left out of a block with none of them): rows shorter than a block, exactly one, one more, and
+    several with a ragged end give the bits of NumPy's own 1 / (1 + e^min(−z, cap)), written out here, for
+    rows of every kind: edge values (NaN, ±inf, overflow, underflow to 0) at several positions, values
+    needing no special branch, values straddling where that stops (e^−86), subnormal results."""
+    from gpunn import cpuexp
+    f = numpy.float32
+    edges = numpy.array([0.0, -0.0, 1.0, -1.0, 87.5, 90.0, 103.9, 104.0, 200.0, -88.8, -200.0, numpy.inf,
+                         -numpy.inf, numpy.nan], f)
+    mixed = numpy.concatenate([edges, (rng(11).normal(size=cols) * 40).astype(f)])[:cols]
+    z0 = numpy.stack([numpy.roll(mixed, 5 % cols), rng(12).uniform(-80.0, 85.9, size=cols),
+                      rng(13).uniform(85.5, 86.5, size=cols), rng(14).uniform(86.0, 105.0, size=cols)]).astype(f)
+    b = (rng(15).normal(size=cols) * 0.01).astype(f)
+    cap = f(activations.exp_cap(f))
+    with numpy.errstate(all="ignore"):
+        zb = z0 + b
+        want = f(1.0) / (numpy.exp(numpy.minimum(-zb, cap)) + f(1.0))
+        z, y = z0.copy(), numpy.empty_like(z0)
+        ops.CpuFusedOps(gpunn.Device("cpu")).bias_activation(activations.get("sigmoid"), z, b, y, None)
+    assert numpy.array_equal(bits(z), bits(zb))
+    wrong = numpy.flatnonzero(bits(y) != bits(want))
+    assert wrong.size == 0, [(z0.ravel()[i], y.ravel()[i], want.ravel()[i]) for i in wrong[:5]]
+    assert cpuexp.BLOCK == 512          # the widths above straddle it
+    assert cpukernels.exp_inside()[0] == SIMD     # the kernel above ran the transcription where it can
