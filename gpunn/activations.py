@@ -53,7 +53,7 @@ class Activation:
 
     # -- the vectorised, in-place interface used by layers --------------------------------------
     def forward(self, z: Array, out: Array, rowstats: Array | None = None) -> Array:  # pragma: no cover - abstract
-        """Write f(z) into ``out`` (same shape as z); ``rowstats`` is a (batch, 2) scratch array."""
+        """Write f(z) into ``out`` (same shape as z); ``rowstats`` is a (2, batch) C-contiguous scratch array."""
         raise NotImplementedError
 
     def derivative(self, z: Array, y: Array, out: Array) -> Array:  # pragma: no cover - abstract
@@ -78,7 +78,7 @@ class Activation:
                                  f"got shape {tuple(z.shape)}")
             return self(z.reshape(1, -1)).reshape(-1)
         out = xp.empty_like(z)
-        rowstats = xp.empty((z.shape[0], 2), z.dtype) if self.rowwise else None
+        rowstats = xp.empty((2, z.shape[0]), z.dtype) if self.rowwise else None
         return self.forward(z, out, rowstats)
 
     def grad(self, z: Array) -> Array:
@@ -269,7 +269,7 @@ class Softmax(Activation):
 
     Its derivative couples the outputs of a row, so ``backward`` applies the Jacobian:
     δ = y ⊙ (g − Σ_t g_t y_t). With cross-entropy the loss supplies δ = y − y* directly instead.
-    ``forward`` leaves log Σ e^z (the log-partition, used by the loss) in ``rowstats[:, 0]``.
+    ``forward`` leaves log Σ e^z (the log-partition, used by the loss) in ``rowstats[0]``.
     """
 
     name = "softmax"
@@ -277,14 +277,14 @@ class Softmax(Activation):
 
     def forward(self, z, out, rowstats=None):
         xp = xp_of(z)
-        shift, total = rowstats[:, 0:1], rowstats[:, 1:2]
+        shift, total = rowstats[0][:, None], rowstats[1][:, None]     # each row of rowstats contiguous
         xp.max(z, axis=1, keepdims=True, out=shift)
         xp.subtract(z, shift, out=out)    # shift by the row max: no overflow
         xp.exp(out, out=out)
         xp.sum(out, axis=1, keepdims=True, out=total)
         out /= total
         xp.log(total, out=total)
-        shift += total                    # rowstats[:, 0] = log Σ e^z, the log-partition
+        shift += total                    # rowstats[0] = log Σ e^z, the log-partition
         return out
 
     def derivative(self, z, y, out):
@@ -292,7 +292,7 @@ class Softmax(Activation):
 
     def backward(self, z, y, grad, out, scratch=None, rowstats=None):
         xp = xp_of(y)
-        dot = rowstats[:, 1:2]
+        dot = rowstats[1][:, None]
         xp.multiply(grad, y, out=out)
         xp.sum(out, axis=1, keepdims=True, out=dot)
         xp.subtract(grad, dot, out=out)

@@ -267,7 +267,7 @@ def bias_sigmoid(z, b, y, cap, one, scratch):
 
 @_njit(error_model="numpy", nogil=True)
 def softmax_pre_exp(z, b, y, rowstats, scratch):
-    """z ← z + b; m = max of each row (NaN wins); y = e^(z − m); rowstats[:, 0] = m: cpukernels'
+    """z ← z + b; m = max of each row (NaN wins); y = e^(z − m); rowstats[0, row] = m: cpukernels'
     ``softmax_pre`` and NumPy's exp in one call (``scratch``: :func:`exp_row`'s)."""
     rows, cols = z.shape
     for i in range(rows):
@@ -286,4 +286,4 @@ def softmax_pre_exp(z, b, y, rowstats, scratch):
                 yr[j] = v
                 plain_values += plain(v)
             exp_row(yr, yr, scratch, plain_values == j1 - j0)
-        rowstats[i, 0] = m
+        rowstats[0, i] = m

@@ -225,7 +225,7 @@ def colsum(d, out, zero):
 
 
 def softmax_pre(z, b, y, rowstats):
-    """z ← z + b; m = max of each row (NaN wins); y = z − m; rowstats[:, 0] = m."""
+    """z ← z + b; m = max of each row (NaN wins); y = z − m; rowstats[0, row] = m."""
     rows, cols = z.shape
     for i in range(rows):
         m = z[i, 0] + b[0]
@@ -236,11 +236,11 @@ def softmax_pre(z, b, y, rowstats):
                 m = v
         for j in range(cols):
             y[i, j] = z[i, j] - m
-        rowstats[i, 0] = m
+        rowstats[0, i] = m
 
 
 def softmax_post(y, rowstats, zero):
-    """s = Σ of each row of y, rowstats[:, 1] = s, y ← y / s. The sum is NumPy's pairwise summation for
+    """s = Σ of each row of y, rowstats[1, row] = s, y ← y / s. The sum is NumPy's pairwise summation for
     rows of at most 128 (wider softmax layers stay on the NumPy path): below 8 in order, else 8
     accumulators over blocks of 8, combined ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the
     remainder in order; the reduction starts from 0."""
@@ -269,7 +269,7 @@ def softmax_post(y, rowstats, zero):
                 s = s + y[i, j]
                 j += 1
         s = zero + s
-        rowstats[i, 1] = s
+        rowstats[1, i] = s
         for j in range(n):
             y[i, j] = y[i, j] / s
 
@@ -464,11 +464,11 @@ class CpuKernels:
         def softmax(z, b, y, rowstats, call=bind):
             if z.shape[1] > MAX_SOFTMAX_COLS:
                 return None
-            total, top = rowstats[:, 1:2], rowstats[:, 0:1]
+            total, top = rowstats[1], rowstats[0]
             exps = ([call(k.softmax_pre_exp, z, b, y, rowstats, exp_scratch())] if exp_inside
                     else [call(k.softmax_pre, z, b, y, rowstats), partial(exp, y, y)])
             return [*exps, call(k.softmax_post, y, rowstats, zero), partial(log, total, total),
-                    partial(numpy.add, top, total, top)]            # rowstats[:, 0] = m + log Σ e^(z−m)
+                    partial(numpy.add, top, total, top)]            # rowstats[0] = m + log Σ e^(z−m)
 
         def identity(z, b, y, rowstats, call=bind):
             return [call(k.bias_add, z, b)] + ([] if y is z else [partial(numpy.copyto, y, z)])
@@ -528,7 +528,7 @@ class CpuKernels:
     def cross_entropy(self, z: Array, y: Array, rowstats: Array, t: Array, delta: Array, out: Array) -> bool:
         """out[0] = the mean cross-entropy (NumPy's sum and dot, as the NumPy path) and δ = (y − t)/B."""
         inv_b = 1.0 / t.shape[0]
-        out[...] = (numpy.sum(rowstats[:, 0]) - numpy.vdot(t, z)) * inv_b
+        out[...] = (numpy.sum(rowstats[0]) - numpy.vdot(t, z)) * inv_b
         self.k.xent_delta(y, t, delta, delta.dtype.type(inv_b))
         return True
 

@@ -217,8 +217,8 @@ __device__ __forceinline__ T warp_max(T v) {               // NaN propagates, as
 
 // Softmax output layer, one warp per row (block (32, ROWS): ROWS rows per block), columns strided over the
 // lanes so that a warp reads consecutive addresses: z += b; m = max_c z; e = e^(z - m); s = Σ_c e; y = e / s;
-// col = (m + log s, log s): the log-partition the cross-entropy reads. The row loop is warp-uniform, so
-// every lane reaches every shuffle.
+// col[r] = m + log s (the log-partition the cross-entropy reads), col[rows + r] = log s: col is (2, rows).
+// The row loop is warp-uniform, so every lane reaches every shuffle.
 template<typename T>
 __global__ void softmax_fwd(T* z, const T* __restrict__ b, T* y, T* col, int rows, int cols) {
     int lane = threadIdx.x;
@@ -238,8 +238,8 @@ __global__ void softmax_fwd(T* z, const T* __restrict__ b, T* y, T* col, int row
         for (int c = lane; c < cols; c += 32) yr[c] = yr[c] / s;
         if (lane == 0) {
             T ls = g_log(s);
-            col[2 * r] = m + ls;
-            col[2 * r + 1] = ls;
+            col[r] = m + ls;
+            col[rows + r] = ls;
         }
     }
 }
@@ -260,7 +260,7 @@ __global__ void xent_bwd(const T* __restrict__ z, const T* __restrict__ y, const
             delta[i] = d * inv_b;
         }
         tz = warp_sum(tz);
-        if (lane == 0) rowloss[r] = col[2 * r] - tz;
+        if (lane == 0) rowloss[r] = col[r] - tz;
     }
 }
 
@@ -440,8 +440,10 @@ class FusedKernels:
         return True
 
     def softmax(self, z: Array, b: Array, y: Array, col: Array) -> bool:
-        """z ← z + b, y = softmax(z) by rows, col = (log-partition, log Σ e^(z − max)) in one kernel."""
-        if z.shape[1] > MAX_SOFTMAX_COLS or not all(v.flags.c_contiguous for v in (z, b, y, col)):
+        """z ← z + b, y = softmax(z) by rows, col = (log-partitions, log Σ e^(z − max)), shape (2, rows), in
+        one kernel."""
+        if (z.shape[1] > MAX_SOFTMAX_COLS or col.shape != (2, z.shape[0])
+                or not all(v.flags.c_contiguous for v in (z, b, y, col))):
             return False
         fn = self._function("softmax_fwd", z.dtype)
         _, _, cols, rows, _ = self._size(z.shape)
@@ -450,7 +452,8 @@ class FusedKernels:
 
     def cross_entropy(self, z: Array, y: Array, col: Array, t: Array, delta: Array, out: Array) -> bool:
         """δ = (y − t)/B and out[0] = mean over rows of (log-partition − t·z): two kernels, fixed order."""
-        if z.shape[1] > MAX_SOFTMAX_COLS or not all(v.flags.c_contiguous for v in (z, y, col, t, delta, out)):
+        if (z.shape[1] > MAX_SOFTMAX_COLS or col.shape != (2, z.shape[0])
+                or not all(v.flags.c_contiguous for v in (z, y, col, t, delta, out))):
             return False
         rows_n = z.shape[0]
         key = (rows_n, z.dtype)

@@ -44,14 +44,16 @@ class Buffers:
                  act: activations.Activation, input_grad: bool, training: bool = True):
         self.z = xp.empty((batch, n_out), dtype)
         self.y = self.z if act.name == "identity" else xp.empty((batch, n_out), dtype)
-        self.rowstats = xp.empty((batch, 2), dtype) if act.rowwise else None
+        self.rowstats = xp.empty((2, batch), dtype) if act.rowwise else None
         self.delta = xp.empty((batch, n_out), dtype) if training else None
         self.dx = xp.empty((batch, n_in), dtype) if training and input_grad else None
         self.scratch = xp.empty((batch, n_out), dtype) if training and act.needs_scratch else None
 
     def rows(self, n: int) -> tuple[Array, Array, Array | None]:
-        """(z, y, rowstats) views of the first ``n`` rows (C-contiguous, like the whole arrays)."""
-        return self.z[:n], self.y[:n], None if self.rowstats is None else self.rowstats[:n]
+        """(z, y, rowstats) views of the first ``n`` rows (C-contiguous, like the whole arrays: rowstats's
+        first 2n values as (2, n))."""
+        stats = None if self.rowstats is None else self.rowstats.reshape(-1)[:2 * n].reshape(2, n)
+        return self.z[:n], self.y[:n], stats
 
 
 class BoundStep:

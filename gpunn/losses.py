@@ -114,7 +114,7 @@ class CrossEntropy(Loss):
     def backward(self, layer, t, grad_y, delta):
         xp = xp_of(layer.y)
         # −Σ_t y*_t log y_t = Σ_t y*_t (lse − z_t) = lse − y*·z for rows of t summing to 1
-        value = (xp.sum(layer.rowstats[:, 0]) - xp.vdot(t, layer.z)) * (1.0 / t.shape[0])
+        value = (xp.sum(layer.rowstats[0]) - xp.vdot(t, layer.z)) * (1.0 / t.shape[0])
         xp.subtract(layer.y, t, out=delta)
         delta *= 1.0 / t.shape[0]
         return value, True

@@ -23,7 +23,7 @@ PathLike: TypeAlias = "str | os.PathLike[str]"
 
 class OutputLayer(Protocol):
     """What a loss reads from the output layer after a forward pass: z, y = f(z), and (softmax) its
-    log-partition in ``rowstats[:, 0]``."""
+    log-partition in ``rowstats[0]``."""
 
     z: Array
     y: Array

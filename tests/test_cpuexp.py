@@ -111,7 +111,7 @@ def test_either_way_the_kernels_equal_the_numpy_path(act, inside, monkeypatch):
     with numpy.errstate(all="ignore"):
         for o in (ops.XpOps(gpunn.Device("cpu")), ops.CpuFusedOps(gpunn.Device("cpu"))):
             z, y = z0.copy(), numpy.empty_like(z0)
-            rowstats = numpy.empty((z.shape[0], 2), numpy.float32) if a.rowwise else None
+            rowstats = numpy.empty((2, z.shape[0]), numpy.float32) if a.rowwise else None
             o.bias_activation(a, z, b, y, rowstats)
             out.append([z, y] + ([rowstats] if a.rowwise else []))
     for ref, got in zip(*out):

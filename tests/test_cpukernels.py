@@ -156,7 +156,7 @@ def test_each_activation_kernel_at_signed_zeros_infinities_and_nan(act, dtype):
         for o in (ops.XpOps(gpunn.Device("cpu")), ops.CpuFusedOps(gpunn.Device("cpu"))):
             z = z0.copy()
             y = z if a.name == "identity" else numpy.empty_like(z0)
-            rowstats = numpy.empty((z.shape[0], 2), dtype) if a.rowwise else None
+            rowstats = numpy.empty((2, z.shape[0]), dtype) if a.rowwise else None
             o.bias_activation(a, z, b, y, rowstats)
             d = numpy.empty_like(z)
             o.activation_backward(a, z, y, g, d, numpy.empty_like(z), rowstats)
@@ -173,7 +173,7 @@ def test_softmax_rows_sum_as_numpy_sums_them(cols, dtype):
     b = rng(1).normal(size=cols).astype(dtype)
     out = []
     for o in (ops.XpOps(gpunn.Device("cpu")), ops.CpuFusedOps(gpunn.Device("cpu"))):
-        z, y, rs = z0.copy(), numpy.empty_like(z0), numpy.empty((6, 2), dtype)
+        z, y, rs = z0.copy(), numpy.empty_like(z0), numpy.empty((2, 6), dtype)
         o.bias_activation(gpunn.activations.Softmax(), z, b, y, rs)
         out.append((z, y, rs))
     for ref, got in zip(*out):
@@ -242,3 +242,23 @@ def test_the_compiled_kernels_are_cached_on_disk():
     k = cpukernels.CpuKernels().k
     assert all(type(getattr(k, fn.__name__)._cache).__name__ == "FunctionCache" for fn in cpukernels.KERNELS)
     assert cpukernels.numba_version()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_softmax_row_statistics_are_contiguous_rows(fused):
+    """A softmax layer's log-partitions and log-sums are the two rows of a (2, batch) C-contiguous array, in
+    training and inference buffers, on both paths: NumPy's log of a strided column runs its scalar loop
+    (about 25× slower than on a contiguous row here), so the layout is part of the step's speed."""
+    net = gpunn.mlp([5, 7, 3], activation="sigmoid", output="softmax", seed=0, fused=fused, device="cpu")
+    x, t = data(33, 5, 3, "cross_entropy", "float32")
+    net.train_step(x.astype(net.dtype), t.astype(net.dtype), "cross_entropy", gpunn.SGD(lr=0.1))
+    stats = net.layers[-1].rowstats
+    assert stats.shape == (2, 33) and stats.flags.c_contiguous
+    z = net.layers[-1].z.astype(numpy.float64)
+    lse = numpy.log(numpy.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
+    numpy.testing.assert_allclose(stats[0], lse, rtol=1e-5)
+    net.predict(x[:20])
+    bufs = net.layers[-1]._infer_bufs
+    assert bufs is not None and bufs.rowstats.shape == (2, 20)
+    _, _, part = bufs.rows(7)
+    assert part.shape == (2, 7) and part.flags.c_contiguous and part.base is not None

@@ -103,7 +103,7 @@ def test_softmax_and_cross_entropy_a_warp_per_row(device, dtype, rows, cols):
     results = []
     for _ in range(3 if fakecupy.is_fake(device) else 100):
         z = device.asarray(z0, dtype=dtype)
-        y, col = xp.empty_like(z), xp.empty((rows, 2), dtype)
+        y, col = xp.empty_like(z), xp.empty((2, rows), dtype)
         delta, out = xp.empty_like(z), xp.empty(1, dtype)
         assert fk.softmax(z, dev["b"], y, col) and fk.cross_entropy(z, y, col, dev["t"], delta, out)
         results.append(numpy.concatenate([host(a).ravel() for a in (z, y, col, delta, out)]))
