@@ -178,7 +178,7 @@ class StepPlan:
         self.output_delta = steps[-1].make_delta
         self.backward = steps[-1].grads + [c for s in reversed(steps[:-1]) for c in (*s.make_delta, *s.grads)]
         out = steps[-1].bufs
-        self.loss_backward = self.ops.bind_loss_backward(loss, self.layers[-1], out.y, grad_y, out.delta)
+        self.loss_backward = self.ops.bind_loss_backward(loss, self.layers[-1], out, grad_y)
         self.seen = BINDINGS.value              # after the buffers above: what they noted is seen
 
     def current(self, loss: Loss) -> bool:

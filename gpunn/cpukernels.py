@@ -525,6 +525,29 @@ class CpuKernels:
             return out, False
         return backward
 
+    def bound_cross_entropy(self, z: Array, y: Array, rowstats: Array,
+                            delta: Array) -> Callable[[Array, Array | None], tuple[Any, bool]]:
+        """:meth:`cross_entropy` for a step's buffers, as a call taking the targets t and the value's ``out``
+        (or None): the mean cross-entropy (NumPy's add.reduce, the sum's own reduction, and vdot's C function,
+        as :meth:`gpunn.losses.CrossEntropy.backward` computes it), δ = y − t (NumPy's subtract), then δ · (1/B)
+        in a bound kernel: fewer distinct calls than :meth:`cross_entropy` (each first call of a step reads
+        its code from memory, after the step's arrays went through the caches); returns (value or ``out``
+        holding it, True)."""
+        add_reduce, subtract = numpy.add.reduce, numpy.subtract
+        vdot = getattr(numpy.vdot, "_implementation", numpy.vdot)      # its C function
+        log_partitions, inv_b = rowstats[0], 1.0 / z.shape[0]
+        scaled = bind(self.k.scale, delta, delta.dtype.type(inv_b))
+
+        def backward(t: Array, out: Array | None) -> tuple[Any, bool]:
+            value = (add_reduce(log_partitions) - vdot(t, z)) * inv_b
+            subtract(y, t, delta)
+            scaled()
+            if out is None:
+                return value, True
+            out[...] = value
+            return out, True
+        return backward
+
     def cross_entropy(self, z: Array, y: Array, rowstats: Array, t: Array, delta: Array, out: Array) -> bool:
         """out[0] = the mean cross-entropy (NumPy's sum and dot, as the NumPy path) and δ = (y − t)/B."""
         inv_b = 1.0 / t.shape[0]

@@ -21,9 +21,9 @@ from . import cpukernels, threads
 from .activations import Activation
 from .backend import Device
 from .kernels import FusedKernels
-from .losses import Loss, SquaredError
+from .losses import CrossEntropy, Loss, SquaredError
 from .scalars import env_flag, flag
-from .types import Array, OutputLayer
+from .types import Array, OutputBuffers, OutputLayer
 
 __all__ = ["XpOps", "FusedOps", "CpuFusedOps", "ops_for", "fused_enabled", "Changes", "BINDINGS"]
 
@@ -58,8 +58,10 @@ class Changes:
 BINDINGS = Changes()
 
 
-#: the squared error's own backward, which the numba path's bound kernel replaces (only that one)
+#: the squared error's own backward and the cross-entropy's own fused form, which the numba path's bound
+#: calls replace (only those)
 _SQUARED_BACKWARD = SquaredError.backward
+_CROSS_ENTROPY_FUSED = CrossEntropy.fused_backward
 
 
 class XpOps:
@@ -150,10 +152,12 @@ class XpOps:
             return [partial(self.column_sum, delta, out)]
         return [partial(self.xp.add.reduce, delta, 0, None, out)]     # NumPy's add.reduce(d, axis, dtype, out)
 
-    def bind_loss_backward(self, loss: Loss, layer: OutputLayer, y: Array, grad_y: Array,
-                           delta: Array) -> Callable[[Array, Array | None], tuple[Array, bool]]:
-        """:meth:`loss_backward` of ``layer`` (whose output buffer is ``y``) into these buffers, as a call
-        taking the targets and the value's ``out``."""
+    def bind_loss_backward(self, loss: Loss, layer: OutputLayer, bufs: OutputBuffers,
+                           grad_y: Array) -> Callable[[Array, Array | None], tuple[Array, bool]]:
+        """:meth:`loss_backward` of ``layer`` (its training buffers ``bufs``: z, y, rowstats, δ) into δ or
+        ``grad_y``, as a call taking the targets and the value's ``out``."""
+        delta = bufs.delta
+
         def backward(t: Array, out: Array | None) -> tuple[Array, bool]:
             return self.loss_backward(loss, layer, t, grad_y, delta, out)
         return backward
@@ -307,14 +311,16 @@ class CpuFusedOps(XpOps):
             return super().bind_column_sum(delta, out)
         return [cpukernels.bind(self._colsum, delta, out, self._zero[delta.dtype])]
 
-    def bind_loss_backward(self, loss, layer, y, grad_y, delta):
-        """The squared error's kernel where ``loss`` runs SquaredError's own backward (its class's, none of
-        the instance's: a plan holding the call is made again when the instance gets one,
-        :class:`gpunn.backprop.StepPlan`); the loss's backward otherwise."""
-        if (self.kernels is None or type(loss).backward is not _SQUARED_BACKWARD
-                or "backward" in vars(loss)):
-            return super().bind_loss_backward(loss, layer, y, grad_y, delta)
-        return self.kernels.squared_error(y, grad_y)
+    def bind_loss_backward(self, loss, layer, bufs, grad_y):
+        """Bound kernels where ``loss`` runs SquaredError's own backward, or CrossEntropy's own fused form
+        after a softmax (its class's, none of the instance's: a plan holding the call is made again when
+        the instance gets a backward, :class:`gpunn.backprop.StepPlan`); the loss's backward otherwise."""
+        if self.kernels is not None and "backward" not in vars(loss) and "fused_backward" not in vars(loss):
+            if type(loss).backward is _SQUARED_BACKWARD:
+                return self.kernels.squared_error(bufs.y, grad_y)
+            if type(loss).fused_backward is _CROSS_ENTROPY_FUSED and bufs.rowstats is not None:
+                return self.kernels.bound_cross_entropy(bufs.z, bufs.y, bufs.rowstats, bufs.delta)
+        return super().bind_loss_backward(loss, layer, bufs, grad_y)
 
     def bias_activation(self, act, z, b, y, rowstats):
         if self.kernels is None:

@@ -30,4 +30,11 @@ class OutputLayer(Protocol):
     rowstats: Array | None
 
 
-__all__ = ["Array", "ArrayLike", "ArrayModule", "DTypeLike", "OutputLayer", "PathLike"]
+class OutputBuffers(OutputLayer, Protocol):
+    """The output layer's training buffers of one batch size (:class:`gpunn.layers.Buffers`): what a loss
+    reads, and δ, where the loss may write the output δ itself."""
+
+    delta: Array
+
+
+__all__ = ["Array", "ArrayLike", "ArrayModule", "DTypeLike", "OutputBuffers", "OutputLayer", "PathLike"]

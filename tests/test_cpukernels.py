@@ -262,3 +262,24 @@ def test_the_softmax_row_statistics_are_contiguous_rows(fused):
     assert bufs is not None and bufs.rowstats.shape == (2, 20)
     _, _, part = bufs.rows(7)
     assert part.shape == (2, 7) and part.flags.c_contiguous and part.base is not None
+
+
+def test_the_cross_entropy_after_a_softmax_is_one_bound_call_unless_the_loss_has_its_own():
+    """The step binds the cross-entropy's value and δ (CpuKernels.bound_cross_entropy), bitwise the loss's
+    own formulas written here; a loss instance given its own fused form or backward keeps it."""
+    net = gpunn.mlp([5, 7, 3], activation="sigmoid", output="softmax", seed=0, fused=True, device="cpu")
+    x, t = data(9, 5, 3, "cross_entropy", "float32")
+    x, t = x.astype(net.dtype), t.astype(net.dtype)
+    loss = gpunn.losses.get("cross_entropy")
+    value = net.train_step(x, t, loss, gpunn.SGD(lr=0.1))
+    assert "bound_cross_entropy" in net._backprop._last.loss_backward.__qualname__
+    out = net.layers[-1]
+    f = numpy.dtype(net.dtype).type
+    want = (numpy.sum(out.rowstats[0]) - numpy.vdot(t, out.z)) * f(1.0 / 9)
+    assert same_bits(numpy.asarray(value, net.dtype), numpy.asarray(want, net.dtype))
+    assert same_bits(out.delta, (out.y - t) * f(1.0 / 9))
+    calls = []
+    own = gpunn.losses.get("cross_entropy")
+    own.fused_backward = lambda *a: calls.append(a) or False
+    net.train_step(x, t, own, gpunn.SGD(lr=0.1))
+    assert calls and "bound_cross_entropy" not in net._backprop._last.loss_backward.__qualname__
