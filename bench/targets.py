@@ -11,9 +11,11 @@ Measured, each contender alone in a process of its own (bench/compare.py's isola
    at lecture (4-8-1) batch 1. A contender that is not installed is reported as not measured.
 2. The share of the GEMM ceiling at mlp batch 2048 on one BLAS thread (``GPUNN_THREADS=1``): the step's
    matrix products alone, timed in alternation with the step (``gpunn bench``'s method), over the step:
-   the median of rounds × passes such pairs (on the 2-core VM one pair's ratio ranged over 0.78–1.12
-   within a run, and medians of 5 pairs over 0.89–0.97 within an hour, 2026-12-01). The shares at 32 and
-   256 are recorded beside it.
+   the median of 41 pairs of about 0.02 s a side (one step, then one sequence of its products, at batch
+   2048). With pairs of 0.3 s a side, on the 2-core VM one pair's ratio ranged over 0.76–1.15 within a run
+   and medians of 5 pairs over 0.89–0.97 within an hour (2026-12-01); with 41 short pairs, three medians
+   of the same code within 10 minutes spanned 94.0–95.2 % while the step's own time moved by 10 %. The
+   shares at 32 and 256 are recorded beside it.
 3. The busy machine: gpunn and PyTorch at mlp batch 32 and 256 on the quiet machine and with another
    process spinning on one of this process's CPUs (pinned there), each alone; slowdown = busy / quiet.
 4. Where gpunn's step goes, one BLAS thread: each operation (GEMMs, bias + activation, derivative,
@@ -45,6 +47,9 @@ from gpunn.bench import environment, format_table  # noqa: E402
 VS_TORCH = {("mlp", 32): 1.30, ("mlp", 256): 1.15, ("mlp", 2048): 1.12, ("lecture", 1): 15.0}
 CONFIGS = [("mlp", 32), ("mlp", 256), ("mlp", 2048), ("lecture", 1)]
 SHARE_TARGET = 0.95
+#: The GEMM share's pairs: many short ones (one step and one GEMM sequence each at batch 2048), so that both
+#: halves of a pair see the same machine state (below)
+SHARE_PAIRS, SHARE_TIME = 41, 0.02
 BUSY_TARGET = 2.0
 BUSY_BATCHES = [32, 256]
 
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = contenders_alone(CONFIGS, names, rounds, min_time, passes)
     for r in ratios:
         r["skipped"].update(skipped)
-    shares = {b: gemm_share(b, rounds * passes, min_time) for b in (32, 256, 2048)}
+    share_pairs, share_time = (3, 0.05) if args.quick else (max(SHARE_PAIRS, rounds * passes), SHARE_TIME)
+    shares = {b: gemm_share(b, share_pairs, share_time) for b in (32, 256, 2048)}
     busy = busy_machine([n for n in names if n in ("gpunn", "torch")], rounds, min_time, passes)
     profs = profiles(CONFIGS, rounds, min(min_time, 0.1))
     text = markdown(env, ratios, shares, busy, names, profs)
