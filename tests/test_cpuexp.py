@@ -208,3 +208,28 @@ def test_the_sigmoid_kernel_is_bitwise_numpys_across_exp_blocks(cols):
     assert wrong.size == 0, [(z0.ravel()[i], y.ravel()[i], want.ravel()[i]) for i in wrong[:5]]
     assert cpuexp.BLOCK == 512          # the widths above straddle it
     assert cpukernels.exp_inside()[0] == SIMD     # the kernel above ran the transcription where it can
+
+
+@pytest.mark.parametrize("cols", [1, 3, 10, 128, 600])
+def test_the_softmax_exp_kernel_is_numpys_block_by_block(cols):
+    """softmax_pre_exp runs the exp a block of a row at a time, into a contiguous y or a strided one: NumPy's
+    own e^(z + b − max of the row), written out here, for rows shorter and longer than a block, with rows
+    needing the exp's special branches (differences below −86, NaN, ±inf) among rows that need none."""
+    from gpunn import cpuexp
+    f = numpy.float32
+    z0 = (rng(21).normal(size=(203, cols)) * numpy.where(numpy.arange(203) % 7 == 0, 60.0, 3.0)[:, None]).astype(f)
+    z0[5, 0], z0[9, -1], z0[11, 0] = numpy.nan, numpy.inf, -numpy.inf
+    b = rng(22).normal(size=cols).astype(f)
+    with numpy.errstate(all="ignore"):
+        zb = z0 + b
+        m = numpy.array([numpy.nan if numpy.isnan(r).any() else r.max() for r in zb], f)
+        want = numpy.exp(zb - m[:, None])
+    scratch = numpy.empty((2, cpuexp.BLOCK), f)
+    for y in (numpy.empty_like(z0), numpy.empty((203, 2 * cols), f)[:, ::2]):
+        z, stats = z0.copy(), numpy.empty((2, 203), f)
+        with numpy.errstate(all="ignore"):
+            cpuexp.softmax_pre_exp(z, b, y, stats, scratch)
+        assert numpy.array_equal(bits(z), bits(zb)) and numpy.array_equal(bits(stats[0]), bits(m))
+        if SIMD:
+            wrong = numpy.flatnonzero(bits(y) != bits(want))
+            assert wrong.size == 0, [(zb.ravel()[i], y.ravel()[i], want.ravel()[i]) for i in wrong[:5]]
