@@ -35,7 +35,7 @@ def main() -> None:
     z0 = (g.normal(size=(2048, 512)) * 4).astype(numpy.float32)
     b = g.normal(size=512).astype(numpy.float32)
     z, y, d = z0.copy(), numpy.empty_like(z0), numpy.empty_like(z0)
-    one, cap = numpy.float32(1.0), numpy.float32(activations.exp_cap(numpy.float32))
+    zero, one, cap = numpy.float32(0.0), numpy.float32(1.0), numpy.float32(activations.exp_cap(numpy.float32))
     x, e = numpy.minimum(-z0, cap).ravel(), numpy.empty(z0.size, numpy.float32)
     reset = lambda: numpy.copyto(z, z0)      # noqa: E731 - bias_sigmoid adds b into z in place
     nothing = lambda: None                   # noqa: E731
@@ -43,7 +43,7 @@ def main() -> None:
     rows = {"bias_sigmoid (the layer's pass)": (cpukernels.bind(k.bias_sigmoid, z, b, y, cap, one, scratch), reset),
             "transcribed exp alone": (lambda: cpuexp.exp_f32_array(x, e), nothing),
             "NumPy's exp alone": (lambda: numpy.exp(x, out=e), nothing),
-            "sigmoid_bwd (no exp)": (cpukernels.bind(k.sigmoid_bwd, y, z0, d, one, no_sum, one), nothing)}
+            "sigmoid_bwd (no exp)": (cpukernels.bind(k.sigmoid_bwd, y, z0, d, one, no_sum, zero), nothing)}
     print(f"exp inside the kernels: {cpukernels.exp_inside()}")
     for name, (fn, before) in rows.items():
         lo, mid = best_and_median(fn, before)

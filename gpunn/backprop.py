@@ -72,7 +72,8 @@ class Backprop:
 
         On the CPU the plan of the last step is taken again while it is for this batch size and loss, nothing
         noted in :data:`gpunn.ops.BINDINGS` has changed since it was checked, the loss has no ``backward`` of
-        its own (an instance attribute) and the plan needs no full check at every step (``recheck``);
+        its own (an instance attribute), has a ``fused_backward`` of its own where the plan's had one and only
+        then, and the plan needs no full check at every step (``recheck``);
         otherwise :meth:`plan` checks all of :class:`StepPlan`'s conditions. The thread policy's ``apply`` is
         skipped for its settled work (:attr:`gpunn.threads.ThreadPolicy.settled`)."""
         if owner is not None and optimizer.owner_ref is not owner:       # type: ignore[union-attr]
@@ -87,7 +88,8 @@ class Backprop:
             self.ops.begin_step(work)           # the CPU's BLAS threads for this work (gpunn.threads)
         plan = self._last
         if (plan is None or plan.loss is not loss or plan.rows != rows or plan.seen != BINDINGS.value
-                or plan.recheck or "backward" in plan.loss_attributes):
+                or plan.recheck or "backward" in plan.loss_attributes
+                or ("fused_backward" in plan.loss_attributes) is not plan.own_fused):
             plan = self.plan(rows, loss)
         return plan.run(x, t, value_out, optimizer)
 
@@ -143,12 +145,13 @@ class StepPlan:
     A plan is current while its ops bind the same calls (``ops.generation``: the CPU kernels loaded since
     would change them), every layer's buffers are the ones it bound (``buffer_epoch``: made, freed, or
     dropped with new parameters), every activation's parameter (α, a) is the one it bound and the loss is
-    the same object, with a ``backward`` of its own (assigned to the instance) where it had one and only
-    then; otherwise it is made again. ``seen`` is the value of :data:`gpunn.ops.BINDINGS` when it was last
-    found current: while that value stays, neither buffers nor calls have changed. Activations' parameters
-    and a loss's own ``backward`` are not noted there: a plan with a parameterised activation or bound to
-    an instance's own backward is checked in full at every step (``recheck``), and a step checks that the
-    loss has not been given one since (:meth:`Backprop.step`).
+    the same object, with a ``backward`` and a ``fused_backward`` of its own (assigned to the instance) where
+    it had one and only then; otherwise it is made again. ``seen`` is the value of :data:`gpunn.ops.BINDINGS`
+    when it was last found current: while that value stays, neither buffers nor calls have changed.
+    Activations' parameters and a loss's own ``backward`` are not noted there: a plan with a parameterised
+    activation or bound to an instance's own backward is checked in full at every step (``recheck``), and a
+    step checks that the loss has not been given one since, nor given or lost its own ``fused_backward``
+    (:meth:`Backprop.step`).
     """
 
     def __init__(self, backprop: Backprop, rows: int, loss: Loss, grad_y: Array):
@@ -168,6 +171,8 @@ class StepPlan:
                       if type(layer.activation).param is not Activation.param]
         self.loss_attributes = vars(loss)
         self.own_backward = "backward" in self.loss_attributes
+        #: whether the instance has its own fused_backward (the CPU kernels' bound cross-entropy is for the class's)
+        self.own_fused = "fused_backward" in self.loss_attributes
         self.recheck = bool(self.tuned) or self.own_backward
         self.steps = steps
         self.first, self.matmul = self.layers[0], self.ops.matmul
@@ -186,6 +191,7 @@ class StepPlan:
         return (loss is self.loss and self.generation == self.ops.generation
                 and [layer.buffer_epoch for layer in self.layers] == self.epochs
                 and ("backward" in self.loss_attributes) == self.own_backward
+                and ("fused_backward" in self.loss_attributes) == self.own_fused
                 and (not self.tuned or all(act.param == p for act, p in self.tuned)))
 
     def run(self, x: Array, t: Array, value_out: Array | None, optimizer: Optimizer | None = None) -> Array:

@@ -232,7 +232,8 @@ def probe() -> numpy.ndarray:
 
 
 def matches_numpy(x: numpy.ndarray | None = None) -> bool:
-    """Whether :func:`exp_f32` gives NumPy's float32 exp bit for bit on ``x`` (default :func:`probe`)."""
+    """Whether the transcription gives NumPy's float32 exp bit for bit on ``x`` (default :func:`probe`), run as
+    the kernels run it: :func:`exp_row` block by block (:func:`exp_f32_array`)."""
     x = probe() if x is None else numpy.ascontiguousarray(x, numpy.float32).ravel()
     with numpy.errstate(all="ignore"):
         ref = numpy.exp(x)

@@ -314,7 +314,8 @@ class CpuFusedOps(XpOps):
     def bind_loss_backward(self, loss, layer, bufs, grad_y):
         """Bound kernels where ``loss`` runs SquaredError's own backward, or CrossEntropy's own fused form
         after a softmax (its class's, none of the instance's: a plan holding the call is made again when
-        the instance gets a backward, :class:`gpunn.backprop.StepPlan`); the loss's backward otherwise."""
+        the instance gets a backward or a fused_backward, :class:`gpunn.backprop.StepPlan`); the loss's backward
+        otherwise."""
         if self.kernels is not None and "backward" not in vars(loss) and "fused_backward" not in vars(loss):
             if type(loss).backward is _SQUARED_BACKWARD:
                 return self.kernels.squared_error(bufs.y, grad_y)

@@ -114,6 +114,24 @@ def test_softmax_and_cross_entropy_a_warp_per_row(device, dtype, rows, cols):
     numpy.testing.assert_allclose(host(out)[0], loss, **tol)
 
 
+def test_the_softmax_launchers_refuse_row_statistics_of_another_shape(device):
+    """The softmax's log-partitions are the first row of a (2, rows) array (col[r], col[rows + r]): a col of
+    the old (rows, 2) layout, of the same size, or one of other rows, is refused before launching (the
+    caller's xp code then reads rowstats[0], which such a col would not hold)."""
+    fk = _kernels(device)
+    xp = device.xp
+    rows, cols = 37, 5
+    z = device.asarray(rng(14).normal(size=(rows, cols)), dtype="float32")
+    b, t = xp.zeros(cols, "float32"), device.asarray(numpy.eye(cols)[rng(15).integers(0, cols, rows)], dtype="float32")
+    y, delta, out = xp.empty_like(z), xp.empty_like(z), xp.empty(1, "float32")
+    for shape in ((rows, 2), (2, rows + 1)):
+        col = xp.full(shape, numpy.nan, "float32")
+        assert not fk.softmax(z, b, y, col) and not fk.cross_entropy(z, y, col, t, delta, out)
+        assert numpy.isnan(host(col)).all()
+    col = xp.empty((2, rows), "float32")
+    assert fk.softmax(z, b, y, col) and fk.cross_entropy(z, y, col, t, delta, out)
+
+
 def test_a_bias_add_past_two_to_the_31_takes_the_xp_code(device):
     """bias_act_fwd indexes with 32 bits: the launcher refuses larger buffers (the caller runs xp code)."""
     fk = _kernels(device)

@@ -332,3 +332,22 @@ def test_a_plan_found_current_after_another_networks_change_is_kept():
     assert plan.seen != BINDINGS.value
     a.train_step(x, t, "squared_error", opt)
     assert a._backprop._last is plan and plan.seen == BINDINGS.value
+
+
+def test_a_cross_entropy_given_its_own_fused_form_in_steady_steps_is_honoured_and_let_go():
+    """The cross-entropy bound after a softmax (CpuKernels.bound_cross_entropy), then the instance's own
+    fused_backward assigned between two steps of the same batch size: the next step calls it (as the
+    unbound path, CpuFusedOps.loss_backward, does); deleted again, the bound call comes back."""
+    needs_kernels()
+    net = gpunn.mlp([4, 6, 3], seed=1, output="softmax", fused=True, device="cpu")
+    g = rng(2)
+    x, t = g.normal(size=(5, 4)).astype("float32"), numpy.eye(3, dtype="float32")[g.integers(0, 3, size=5)]
+    loss = losses.CrossEntropy()
+    plain = [float(net.gradients(x, t, loss)) for _ in range(2)]
+    assert "bound_cross_entropy" in net._backprop._last.loss_backward.__qualname__
+    calls = []
+    loss.fused_backward = lambda *args: calls.append(1) or False        # declines: the loss's backward runs
+    assert float(net.gradients(x, t, loss)) == plain[1] and calls == [1]
+    del loss.fused_backward
+    assert float(net.gradients(x, t, loss)) == plain[1] and calls == [1]
+    assert "bound_cross_entropy" in net._backprop._last.loss_backward.__qualname__
