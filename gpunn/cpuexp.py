@@ -2,7 +2,7 @@
 
 Where NumPy runs its SIMD exp for float32 (x86 with AVX2 + FMA3 or AVX-512F: ``simd_exp_FLOAT`` in NumPy's
 ``numpy/_core/src/umath/loops_exponent_log.dispatch.c.src``, which NumPy uses for every float32 exp on
-those CPUs, contiguous or not), :func:`exp_f32` is the same algorithm, one value at a time, operation for
+those CPUs, contiguous or not), :func:`exp_row` is the same algorithm, value for value, operation for
 operation: NaN, x ≥ 88.7228… and x ≤ −103.972… set aside; k = rint(x·log₂e) by the 1.5·2²³ trick;
 r = x + k·c₁ + k·c₂ (+ k·0) as fused multiply-adds (Cody–Waite); P₅(r)/Q₂(r) by FMA Horner steps; then
 2ᵏ added into the exponent bits, or for k ≤ −125 (a subnormal result) 2⁻¹²⁵ added and the rest a product
@@ -32,7 +32,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core.extending import intrinsic
 
-__all__ = ["BLOCK", "PLAIN_LOW", "bias_sigmoid", "exp_f32", "exp_f32_array", "exp_row", "matches_numpy", "plain",
+__all__ = ["BLOCK", "PLAIN_LOW", "bias_sigmoid", "exp_f32_array", "exp_row", "matches_numpy", "plain",
            "probe", "softmax_pre_exp"]
 
 _f = numpy.float32
@@ -153,13 +153,6 @@ def _scale(x, poly, k):
     return poly
 
 
-@_njit(inline="always", error_model="numpy")
-def exp_f32(x):
-    """e^x for one float32 x, bitwise NumPy's float32 exp where :func:`matches_numpy` (module docstring)."""
-    r, k = _reduce(x)
-    return _scale(x, _rational(r), k)
-
-
 #: Values :func:`exp_row` takes per round of its loops (scratch of 2 × BLOCK float32, in L1 cache).
 BLOCK = 512
 #: Above it (and below xmax) NumPy's exp takes none of its special branches: k = rint(x·log₂e) ≥ −124,
@@ -177,13 +170,13 @@ def plain(x):
 
 @_njit(inline="always", error_model="numpy")
 def exp_row(x, out, scratch, all_plain):
-    """out = e^x for 1-D contiguous x and out of at most BLOCK values (``out`` may be ``x``), the values of
-    :func:`exp_f32` computed stage by stage: one loop per stage, the intermediate r and k kept in ``scratch``
-    (2, BLOCK), each stage's special branches left out where ``all_plain`` (every x :func:`plain`). The same
-    operations on each value; three short chains of dependent instructions instead of one long one, which
-    the CPU overlaps across values far better (``python bench/sigmoid_pass.py``). The loops index views from
-    0, which numba compiles to 8-wide vector code (an index with an offset, which might be negative, kept
-    some of them scalar)."""
+    """out = e^x for 1-D contiguous x and out of at most BLOCK values (``out`` may be ``x``), NumPy's stages
+    (:func:`_reduce`, :func:`_rational`, :func:`_scale`) one loop each over the values, the intermediate r and k
+    kept in ``scratch`` (2, BLOCK), each stage's special branches left out where ``all_plain`` (every x
+    :func:`plain`). The same operations on each value as NumPy's one pass; three short chains of dependent
+    instructions instead of one long one, which the CPU overlaps across values far better (``python
+    bench/sigmoid_pass.py``). The loops index views from 0, which numba compiles to 8-wide vector code (an index
+    with an offset, which might be negative, kept some of them scalar)."""
     rs, ks = scratch[0], scratch[1]
     n = x.shape[0]
     if all_plain:
