@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -51,6 +52,18 @@ BUSY_MARGIN = 0.25
 USER_BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 #: Environment variables by which MPI launchers tell a rank how many ranks share its machine.
 LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+_COUNT = re.compile(r"[0-9]{1,18}")
+
+
+def read_count(text: str) -> int | None:
+    """A positive count written as ASCII decimal digits (as the kernel's cgroup files and the MPI launchers
+    write them), else None: signs, NaN, inf, exponents, other scripts' digits (``²``, ``٣``), empty text and
+    more than 18 digits (no count of cores, microseconds or ranks has as many) are no count."""
+    text = text.strip()
+    if not _COUNT.fullmatch(text) or int(text) < 1:
+        return None
+    return int(text)
 
 
 def parse_setting(value: Any, where: str) -> int | str:
@@ -84,7 +97,8 @@ def user_blas_setting(environ: Any = None) -> str | None:
 
 def cgroup_quota() -> float | None:
     """The CPU quota of this process's cgroup in cores (cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``),
-    the smallest along the path to the root; None when there is none."""
+    the smallest along the path to the root; None when there is none. A quota or period that is not a
+    positive decimal count (:func:`read_count`) is no quota."""
     quotas = []
     try:
         with open("/proc/self/cgroup") as fh:
@@ -105,19 +119,18 @@ def _quotas(root: str, path: str, quota_file: str, period_file: str | None) -> l
     parts = [p for p in path.split("/") if p]
     for k in range(len(parts), -1, -1):
         where = os.path.join(root, *parts[:k])
-        try:
-            with open(os.path.join(where, quota_file)) as fh:
+        try:     # undecodable bytes become U+FFFD, which no count has
+            with open(os.path.join(where, quota_file), encoding="ascii", errors="replace") as fh:
                 fields = fh.read().split()
             if period_file is not None:
-                with open(os.path.join(where, period_file)) as fh:
+                with open(os.path.join(where, period_file), encoding="ascii", errors="replace") as fh:
                     fields.append(fh.read().strip())
         except OSError:
             continue
-        if len(fields) >= 2 and fields[0] not in ("max", "-1"):
-            try:
-                found.append(float(fields[0]) / float(fields[1]))
-            except (ValueError, ZeroDivisionError):
-                pass
+        if len(fields) == 2:        # quota and period; "max" or "-1" (no quota) is no count
+            quota, period = read_count(fields[0]), read_count(fields[1])
+            if quota is not None and period is not None:
+                found.append(quota / period)
     return found
 
 

@@ -76,6 +76,23 @@ def test_cgroup_quotas_are_read_along_the_path(tmp_path):
     assert threads._quotas(str(tmp_path), "/a", "cpu.cfs_quota_us", "cpu.cfs_period_us") == [0.5]
 
 
+@pytest.mark.parametrize("content", ["nan 100000", "inf 100000", "-inf 100000", "NaN NaN", "50000 inf",
+                                     "0 100000", "-50000 100000", "50000 0", "50000 -100000", "1e5 100000",
+                                     "", "garbage", "max", "50000 100000 7", "\u00b2 1", "\u0663 1", "9" * 5000 + " 1",
+                                     b"\xff\xfe 100000", b"50000 \xff"])
+def test_a_bad_cgroup_quota_is_no_quota(tmp_path, content):
+    """What a cgroup quota file holds is the kernel's, or anyone's who mounts a file there: a quota or
+    period that is not a positive ASCII decimal count is no quota, never NaN, 0 or infinite cores."""
+    (tmp_path / "a").mkdir()
+    write = (lambda f, c: f.write_bytes(c)) if isinstance(content, bytes) else (lambda f, c: f.write_text(c))
+    write(tmp_path / "a" / "cpu.max", content)
+    assert threads._quotas(str(tmp_path), "/a", "cpu.max", None) == []
+    quota, _, period = content.partition(b" " if isinstance(content, bytes) else " ")
+    write(tmp_path / "a" / "cpu.cfs_quota_us", quota)
+    write(tmp_path / "a" / "cpu.cfs_period_us", period or "100000")
+    assert threads._quotas(str(tmp_path), "/a", "cpu.cfs_quota_us", "cpu.cfs_period_us") == []
+
+
 def test_usable_cores_take_affinity_and_quota(monkeypatch):
     monkeypatch.setattr(threads, "affinity", lambda: {0, 1, 2, 3})
     monkeypatch.setattr(threads, "cgroup_quota", lambda: None)
