@@ -95,22 +95,26 @@ def user_blas_setting(environ: Any = None) -> str | None:
     return None
 
 
-def cgroup_quota() -> float | None:
+def cgroup_quota(proc_path: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
     """The CPU quota of this process's cgroup in cores (cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``),
     the smallest along the path to the root; None when there is none. A quota or period that is not a
-    positive decimal count (:func:`read_count`) is no quota."""
+    positive decimal count (:func:`read_count`) is no quota, and so are lines of ``proc_path`` that are not
+    ``hierarchy:controllers:path`` with a path below ``root``."""
     quotas = []
-    try:
-        with open("/proc/self/cgroup") as fh:
-            lines = fh.read().splitlines()
+    try:     # bytes to text as the file system names them, so that a path read back opens the same files
+        with open(proc_path, "rb") as fh:
+            lines = os.fsdecode(fh.read()).split("\n")
     except OSError:
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3 or "\0" in fields[2] or ".." in fields[2].split("/"):
+            continue         # not hierarchy:controllers:path below the cgroup root: unknown
+        _, controllers, path = fields
         if controllers == "":
-            quotas += _quotas("/sys/fs/cgroup", path, "cpu.max", None)
+            quotas += _quotas(root, path, "cpu.max", None)
         elif "cpu" in controllers.split(","):
-            quotas += _quotas("/sys/fs/cgroup/cpu", path, "cpu.cfs_quota_us", "cpu.cfs_period_us")
+            quotas += _quotas(os.path.join(root, "cpu"), path, "cpu.cfs_quota_us", "cpu.cfs_period_us")
     return min(quotas) if quotas else None
 
 

@@ -93,6 +93,23 @@ def test_a_bad_cgroup_quota_is_no_quota(tmp_path, content):
     assert threads._quotas(str(tmp_path), "/a", "cpu.cfs_quota_us", "cpu.cfs_period_us") == []
 
 
+def test_malformed_proc_self_cgroup_lines_are_unknown(tmp_path):
+    """/proc/self/cgroup lines that are not ``id:controllers:path`` below the cgroup root (no colons, a
+    path with ``..`` out of the mount, a NUL byte, undecodable bytes) are skipped, never a ValueError;
+    the good lines still count."""
+    (tmp_path / "sys" / "a").mkdir(parents=True)
+    (tmp_path / "sys" / "a" / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "cpu.max").write_text("10000 100000\n")        # outside the mount: must not count
+    proc = tmp_path / "cgroup"
+    bad = b"garbage\n1:cpu\n\n0::/../x\n0::/a\x00b\n0::/\xff\xfe\n"
+    proc.write_bytes(bad + b"0::/a\n")
+    assert threads.cgroup_quota(str(proc), str(tmp_path / "sys")) == 1.5
+    proc.write_bytes(bad)
+    assert threads.cgroup_quota(str(proc), str(tmp_path / "sys")) is None
+    assert threads.cgroup_quota(str(tmp_path / "missing"), str(tmp_path / "sys")) is None
+
+
 def test_usable_cores_take_affinity_and_quota(monkeypatch):
     monkeypatch.setattr(threads, "affinity", lambda: {0, 1, 2, 3})
     monkeypatch.setattr(threads, "cgroup_quota", lambda: None)
