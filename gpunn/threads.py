@@ -238,10 +238,10 @@ class ThreadPolicy:
     def local_ranks(self) -> int:
         if self.ranks is not None:
             return self.ranks
-        for name in LOCAL_RANK_VARIABLES:
-            value = os.environ.get(name, "").strip()
-            if value.isdigit() and int(value) > 0:
-                return int(value)
+        for name in LOCAL_RANK_VARIABLES:      # a value that is no count (read_count): the next variable
+            n = read_count(os.environ.get(name, ""))
+            if n is not None:
+                return n
         return 1
 
     def apply(self, work: int) -> None:

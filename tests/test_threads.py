@@ -231,6 +231,18 @@ def test_setters_check_their_values(quiet_env):
     assert threads.local_ranks() == 4
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "\uff14", "4.0", "+4", "-4", "0", "4 ranks", "1e3", "nan",
+                                   "9" * 5000, ""])
+def test_a_launcher_rank_count_is_ascii_decimal_digits_only(quiet_env, value):
+    """OMPI_COMM_WORLD_LOCAL_SIZE=² (which isdigit() accepts and int() refuses), =٣ (which int() reads as
+    3) or 5000 nines (past int()'s digit limit) is no count: the next launcher variable, else 1 rank."""
+    quiet_env.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", value)
+    assert threads.local_ranks() == 1
+    quiet_env.setenv("MPI_LOCALNRANKS", " 3\n")
+    assert threads.local_ranks() == 3
+    assert threads.describe()["local_ranks"] == 3
+
+
 def test_describe_and_summary_say_what_was_chosen(quiet_env):
     d = threads.describe()
     assert d["mode"] == "auto" and d["usable_cores"] >= 1 and d["min_work"] == threads.MIN_WORK
