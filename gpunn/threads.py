@@ -48,6 +48,11 @@ MIN_WORK = 8_000_000
 LOOK_EVERY = 0.5
 #: Cores that other processes keep busy count from this fraction of a core up.
 BUSY_MARGIN = 0.25
+#: The most BLAS threads a setting may ask for: the largest C int, the type in which threadpoolctl hands
+#: the count to the BLAS library (a larger one wraps around there: 2**32 + 3 became 3 threads, and from
+#: 2**64 ctypes raises OverflowError). Up to it the count is passed on, and the library caps it at its own
+#: build's maximum (NumPy's OpenBLAS here: 64); a count beyond the machine's cores is the user's to ask for.
+MAX_THREADS = 2**31 - 1
 #: Environment variables by which a user sets BLAS threads; any of them set: gpunn leaves threads alone.
 USER_BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 #: Environment variables by which MPI launchers tell a rank how many ranks share its machine.
@@ -67,7 +72,8 @@ def read_count(text: str) -> int | None:
 
 
 def parse_setting(value: Any, where: str) -> int | str:
-    """A thread setting as ``"auto"``, ``"steady"``, ``"off"`` or a positive int; ConfigError otherwise."""
+    """A thread setting as ``"auto"``, ``"steady"``, ``"off"`` or an int from 1 to :data:`MAX_THREADS`;
+    ConfigError otherwise."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("", "auto"):
@@ -79,10 +85,12 @@ def parse_setting(value: Any, where: str) -> int | str:
         value = text
     try:
         n = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):     # OverflowError: an infinite float
         n = 0
     if isinstance(value, bool) or n < 1 or str(n) != str(value).strip():
         raise ConfigError(f"{where} must be a positive number of threads, 'auto', 'steady' or 'off'; got {value!r}")
+    if n > MAX_THREADS:
+        raise ConfigError(f"{where} must be at most {MAX_THREADS} threads (what a BLAS library takes); got {value!r}")
     return n
 
 
@@ -295,9 +303,9 @@ def apply(work: int) -> None:
 
 
 def set_threads(n: int | str | None) -> None:
-    """Set the BLAS threads of gpunn's steps: a number, ``"auto"`` (the policy), ``"steady"`` (the policy
-    without the machine's load), ``"off"`` (leave them alone) or None (back to ``GPUNN_THREADS``). BLAS
-    thread variables set in the environment still win."""
+    """Set the BLAS threads of gpunn's steps: a number (1 to :data:`MAX_THREADS`), ``"auto"`` (the
+    policy), ``"steady"`` (the policy without the machine's load), ``"off"`` (leave them alone) or None
+    (back to ``GPUNN_THREADS``). BLAS thread variables set in the environment still win."""
     _POLICY.setting = None if n is None else parse_setting(n, "threads")
     _POLICY.invalidate()
 

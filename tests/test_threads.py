@@ -57,6 +57,25 @@ def test_bad_settings_say_what_is_expected(value):
         threads.parse_setting(value, "GPUNN_THREADS")
 
 
+@pytest.mark.parametrize("value", [2**31, "2147483648", "4294967299", numpy.int64(2**40), 10**30])
+def test_more_threads_than_a_c_int_holds_are_refused(quiet_env, value):
+    """A thread count reaches the BLAS library as a C int: 2**32 + 3 became 3 threads there, 2**64 an
+    OverflowError inside threadpoolctl. Above MAX_THREADS a setting is a ConfigError that says the bound."""
+    with pytest.raises(ConfigError, match=f"at most {threads.MAX_THREADS}"):
+        threads.set_threads(value)
+    quiet_env.setenv("GPUNN_THREADS", str(value))
+    net = gpunn.mlp([3, 5, 2], seed=0, device="cpu")
+    with pytest.raises(ConfigError, match=f"GPUNN_THREADS must be at most {threads.MAX_THREADS}"):
+        net.train_step(numpy.ones((4, 3), "float32"), numpy.zeros((4, 2), "float32"), "squared_error", gpunn.SGD())
+    assert threads.parse_setting(2**31 - 1, "x") == threads.MAX_THREADS == 2**31 - 1
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_thread_counts_are_a_config_error(value):
+    with pytest.raises(ConfigError, match="positive number of threads"):
+        threads.set_threads(value)
+
+
 def test_user_blas_variables_are_found():
     assert threads.user_blas_setting({}) is None
     assert threads.user_blas_setting({"OMP_NUM_THREADS": " "}) is None
