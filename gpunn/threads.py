@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import time
 from typing import Any
 
@@ -223,7 +224,8 @@ class LoadMeter:
 
 
 class ThreadPolicy:
-    """The process's thread choice: what the user set, what was applied, when to look again."""
+    """The process's thread choice: what the user set, what was applied, when to look again. Steps may
+    run in several threads: one chooses and applies at a time, under :attr:`lock`."""
 
     def __init__(self) -> None:
         self.work: int | None = None       # work of the step the choice was made for (None: choose again)
@@ -237,6 +239,8 @@ class ThreadPolicy:
         self.meter: LoadMeter | None = None
         self.controller: Any = None
         self.error: str | None = None
+        #: held while one thread chooses and applies, or changes what the choice depends on
+        self.lock = threading.RLock()
 
     def user_setting(self) -> int | str:
         if self.setting is not None:
@@ -257,19 +261,22 @@ class ThreadPolicy:
         multiply-adds."""
         if work == self.work and (work < MIN_WORK or time.monotonic() < self.next_look):
             return
-        setting, user_blas = self.user_setting(), user_blas_setting()     # a bad GPUNN_THREADS raises at every step
-        self.work = work
-        self.settled = work if work < MIN_WORK else None     # below MIN_WORK nothing else counts
-        self.next_look = time.monotonic() + LOOK_EVERY
-        busy = 0.0
-        if work >= MIN_WORK and setting == "auto" and user_blas is None:
-            if self.meter is None:
-                self.meter = LoadMeter(affinity())
-            busy = self.meter.others_busy() or 0.0
-        cores = usable_cores() if work >= MIN_WORK else 1       # below MIN_WORK the cores do not count
-        n = choose(work, cores, self.local_ranks(), busy, setting, user_blas)
-        if n is not None and n != self.applied:
-            self.set_blas_threads(n)
+        with self.lock:     # steps in several threads: one chooses at a time, and no change is lost meanwhile
+            if work == self.work and (work < MIN_WORK or time.monotonic() < self.next_look):
+                return      # another thread chose for this work while this one waited
+            setting, user_blas = self.user_setting(), user_blas_setting()   # a bad GPUNN_THREADS raises at every step
+            self.work = work
+            self.settled = work if work < MIN_WORK else None     # below MIN_WORK nothing else counts
+            self.next_look = time.monotonic() + LOOK_EVERY
+            busy = 0.0
+            if work >= MIN_WORK and setting == "auto" and user_blas is None:
+                if self.meter is None:
+                    self.meter = LoadMeter(affinity())
+                busy = self.meter.others_busy() or 0.0
+            cores = usable_cores() if work >= MIN_WORK else 1       # below MIN_WORK the cores do not count
+            n = choose(work, cores, self.local_ranks(), busy, setting, user_blas)
+            if n is not None and n != self.applied:
+                self.set_blas_threads(n)
 
     def set_blas_threads(self, n: int) -> None:
         """Set every BLAS library's threads to ``n`` (the controller is made at the first switch)."""
@@ -285,7 +292,8 @@ class ThreadPolicy:
 
     def invalidate(self) -> None:
         """Choose again at the next :meth:`apply` (the user's setting or the ranks changed)."""
-        self.work = self.settled = None
+        with self.lock:
+            self.work = self.settled = None
 
 
 _POLICY = ThreadPolicy()
@@ -306,8 +314,10 @@ def set_threads(n: int | str | None) -> None:
     """Set the BLAS threads of gpunn's steps: a number (1 to :data:`MAX_THREADS`), ``"auto"`` (the
     policy), ``"steady"`` (the policy without the machine's load), ``"off"`` (leave them alone) or None
     (back to ``GPUNN_THREADS``). BLAS thread variables set in the environment still win."""
-    _POLICY.setting = None if n is None else parse_setting(n, "threads")
-    _POLICY.invalidate()
+    setting = None if n is None else parse_setting(n, "threads")
+    with _POLICY.lock:      # not while another thread is choosing with the old setting
+        _POLICY.setting = setting
+        _POLICY.invalidate()
 
 
 def set_local_ranks(n: int | None) -> None:
@@ -315,8 +325,9 @@ def set_local_ranks(n: int | None) -> None:
     read the launcher's environment again."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"local ranks must be a positive integer; got {n!r}")
-    _POLICY.ranks = n
-    _POLICY.invalidate()
+    with _POLICY.lock:
+        _POLICY.ranks = n
+        _POLICY.invalidate()
 
 
 def local_ranks() -> int:

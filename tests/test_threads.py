@@ -1,6 +1,10 @@
 """gpunn's choice of BLAS threads (gpunn.threads): the rule, what it reads, and that it is applied once."""
 from __future__ import annotations
 
+import sys
+import threading
+import time
+
 import numpy
 import pytest
 
@@ -185,6 +189,88 @@ def test_the_policy_switches_only_when_its_choice_changes(quiet_env, monkeypatch
     policy.invalidate()
     policy.apply(16 * M)
     assert len(policy.controller.calls) == 3            # the user's variable: nothing touched
+
+
+class YieldingController(FakeController):
+    """A controller whose switch lets other threads run in the middle of it, as a ctypes call can."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = self.most_inside = 0
+
+    def limit(self, limits, user_api):
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        self.calls.append((limits, user_api))
+        time.sleep(0)
+        self.inside -= 1
+
+
+@pytest.fixture
+def global_policy(quiet_env, monkeypatch):
+    """The process's policy with a fake controller and no load information, restored afterwards."""
+    policy = threads.policy()
+    for name, value in [("controller", YieldingController()), ("meter", threads.LoadMeter(set(), "/nonexistent")),
+                        ("applied", policy.applied), ("error", policy.error), ("next_look", policy.next_look)]:
+        monkeypatch.setattr(policy, name, value)
+    yield policy
+    policy.invalidate()
+
+
+def test_a_setting_changed_while_another_thread_chooses_is_not_lost(global_policy, monkeypatch):
+    """set_threads in one thread while a step in another is between reading the setting and recording its
+    choice: the change waits for the choice (a lock), so the next step applies it instead of skipping
+    with the old setting marked settled."""
+    policy = global_policy
+    reading, go = threading.Event(), threading.Event()
+    read_setting = threads.ThreadPolicy.user_setting
+
+    def slow_user_setting(self):
+        setting = read_setting(self)
+        if threading.current_thread().name == "stepper":
+            reading.set()
+            go.wait(5)
+        return setting
+    monkeypatch.setattr(threads.ThreadPolicy, "user_setting", slow_user_setting)
+    threads.set_threads(1)
+    stepper = threading.Thread(target=threads.apply, args=(32,), name="stepper")
+    stepper.start()
+    assert reading.wait(5)
+    setter = threading.Thread(target=threads.set_threads, args=(2,))
+    setter.start()
+    setter.join(0.2)        # without the lock it is done by now; with it, it waits for the step
+    go.set()
+    stepper.join(5)
+    setter.join(5)
+    threads.apply(32)
+    assert policy.applied == 2 and policy.controller.calls[-1] == (2, "blas")
+
+
+def test_steps_and_setting_changes_from_many_threads_keep_the_policy_consistent(global_policy):
+    """Threads that change the setting and run steps at once: one chooses and switches at a time, what
+    gpunn says it applied is what it last gave the library, and the next step applies the last setting."""
+    policy = global_policy
+
+    def hammer(t):
+        for i in range(300):
+            threads.set_threads(1 + (i + t) % 3)
+            threads.apply(32 if i % 2 else M)
+            policy.invalidate()
+            threads.apply(32)
+    workers = [threading.Thread(target=hammer, args=(t,)) for t in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)           # switch threads as often as the interpreter can
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert policy.controller.most_inside == 1           # one switch at a time
+    assert policy.applied == policy.controller.calls[-1][0]
+    threads.apply(32)
+    assert policy.applied == policy.setting == policy.controller.calls[-1][0]
 
 
 def test_a_training_step_sets_the_blas_threads(quiet_env):
