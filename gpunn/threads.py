@@ -238,6 +238,7 @@ class ThreadPolicy:
         self.next_look = 0.0
         self.meter: LoadMeter | None = None
         self.controller: Any = None
+        self.release: Any = None        # threadpoolctl's OpenBLASController.clear_controlling_thread, if any
         self.error: str | None = None
         #: held while one thread chooses and applies, or changes what the choice depends on
         self.lock = threading.RLock()
@@ -279,12 +280,24 @@ class ThreadPolicy:
                 self.set_blas_threads(n)
 
     def set_blas_threads(self, n: int) -> None:
-        """Set every BLAS library's threads to ``n`` (the controller is made at the first switch)."""
+        """Set every BLAS library's threads to ``n`` (the controller is made at the first switch), from
+        whichever thread runs the step. threadpoolctl (3.8) lets only one thread set the threads of a
+        process-wide pool (OpenBLAS on pthreads): the first to set them, until it ends; others it ignores
+        without a word. So a switch takes that role, overriding a ``threadpool_limits`` another thread
+        holds as it overrides one in its own thread, and gives it up after."""
         try:
             if self.controller is None:
-                from threadpoolctl import ThreadpoolController
-                self.controller = ThreadpoolController()
-            self.controller.limit(limits=n, user_api="blas")
+                import threadpoolctl
+                self.controller = threadpoolctl.ThreadpoolController()
+                self.release = getattr(getattr(threadpoolctl, "OpenBLASController", None),
+                                       "clear_controlling_thread", None)
+            if self.release is not None:
+                self.release(force=True)
+            try:
+                self.controller.limit(limits=n, user_api="blas")
+            finally:
+                if self.release is not None:
+                    self.release()
             self.applied = n
         except Exception as exc:   # threadpoolctl missing or refusing: run on with the threads as they are
             self.error = f"{type(exc).__name__}: {exc}"

@@ -286,6 +286,51 @@ def test_a_training_step_sets_the_blas_threads(quiet_env):
     assert threads.current() == 2
 
 
+def test_a_step_in_any_thread_sets_the_blas_threads(quiet_env):
+    """threadpoolctl (3.8) lets only the first thread that sets OpenBLAS's (pthreads) threads set them
+    again while it lives, and silently ignores the others: a step in a worker thread after one in the main
+    thread said it set 2 threads and left 1. Every step's switch now reaches the library, whichever
+    thread runs it, also while a thread that switched earlier still lives."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    net = gpunn.mlp([4, 8, 1], output="sigmoid", device="cpu", seed=0)
+    x, t = numpy.zeros((1, 4), "float32"), numpy.zeros((1, 1), "float32")
+
+    def step(n, seen):      # the threads NumPy's BLAS reports in the stepping thread (OpenMP's are per thread)
+        threads.set_threads(n)
+        net.train_step(x, t, "squared_error", gpunn.SGD())
+        seen += [(threads.current(), i["num_threads"]) for i in threadpoolctl.threadpool_info()
+                 if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+
+    def in_thread(n, stay):
+        """Step in a new thread that then lives on until ``stay`` is set."""
+        seen, done = [], threading.Event()
+
+        def run():
+            step(n, seen)
+            done.set()
+            stay.wait(5)
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert done.wait(5)
+        return worker, seen
+    main: list = []
+    step(1, main)
+    assert main == [(1, 1)]
+    gone = threading.Event()
+    gone.set()
+    worker, seen = in_thread(2, gone)               # a worker after the main thread
+    worker.join(5)
+    assert seen == [(2, 2)]
+    step(1, main)
+    assert main[-1] == (1, 1)
+    stay = threading.Event()
+    worker, seen = in_thread(2, stay)               # a worker that switched, and lives on
+    step(1, main)
+    stay.set()
+    worker.join(5)
+    assert seen == [(2, 2)] and main[-1] == (1, 1)
+
+
 def test_settled_work_is_the_work_whose_choice_stands_until_the_policy_changes(quiet_env):
     """ThreadPolicy.settled, what a step compares its work with before calling apply: a work below MIN_WORK
     once applied (its choice depends on nothing that changes by itself), never a larger one (the load is
