@@ -588,7 +588,8 @@ def plot_activations_cmd(path: str) -> None:
 @click.option("--fused/--unfused", default=None,
               help="Fused kernels, CUDA or numba on the CPU (default: on unless GPUNN_FUSED=0).")
 @click.option("--threads", "threads_setting", default=None,
-              help="BLAS threads: a number, 'auto' (gpunn's policy) or 'off' (default: GPUNN_THREADS, else auto).")
+              help="BLAS threads: a number, 'auto' (gpunn's policy), 'steady' (the policy without the machine's load) "
+                   "or 'off' (default: GPUNN_THREADS, else auto).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown.")
 @_friendly

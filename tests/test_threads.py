@@ -1,6 +1,7 @@
 """gpunn's choice of BLAS threads (gpunn.threads): the rule, what it reads, and that it is applied once."""
 from __future__ import annotations
 
+import pathlib
 import sys
 import threading
 import time
@@ -78,6 +79,17 @@ def test_more_threads_than_a_c_int_holds_are_refused(quiet_env, value):
 def test_non_finite_thread_counts_are_a_config_error(value):
     with pytest.raises(ConfigError, match="positive number of threads"):
         threads.set_threads(value)
+
+
+def test_the_cli_help_and_the_readme_name_every_thread_setting():
+    """``--threads`` takes what GPUNN_THREADS takes: its help and the README's usage say all of it."""
+    click_testing = pytest.importorskip("click.testing")
+    from gpunn.cli import main
+    result = click_testing.CliRunner().invoke(main, ["bench", "--help"])
+    help_text = " ".join(result.output.split())             # as click wrapped it
+    assert result.exit_code == 0 and all(f"'{s}'" in help_text for s in ("auto", "steady", "off"))
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "[--threads N|auto|steady|off]" in readme
 
 
 def test_user_blas_variables_are_found():
