@@ -209,18 +209,19 @@ class LoadMeter:
                     if fields and fields[0] in self.cpus:
                         ticks = [int(v) for v in fields[1:9]]
                         busy += sum(ticks) - ticks[3] - ticks[4]          # all but idle and iowait
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError, OverflowError):    # unreadable, short or absurd lines
             return None
         return self.clock(), busy * self.tick, self.cpu_clock()
 
     def others_busy(self) -> float | None:
-        """Cores others kept busy since the previous call (None at the first call, or without /proc)."""
+        """Cores others kept busy since the previous call (None at the first call, or without /proc): from
+        0 to the number of this process's CPUs, however far the counters jump between two looks."""
         now = self.sample()
         last, self.last = self.last, now
         if now is None or last is None or now[0] - last[0] < 1e-3:
             return None
         wall = now[0] - last[0]
-        return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
+        return min(float(len(self.cpus)), max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall))
 
 
 class ThreadPolicy:

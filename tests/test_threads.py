@@ -173,6 +173,25 @@ def test_the_load_meter_subtracts_our_own_cpu_time(tmp_path):
     assert threads.LoadMeter({0}, str(tmp_path / "missing")).others_busy() is None
 
 
+def test_a_load_meter_reading_nonsense_says_nothing_or_at_most_its_cpus(tmp_path):
+    """A /proc/stat line too short, a count too large for a float or undecodable: no look (None), never an
+    IndexError or OverflowError at a step; a jump of the counters: at most all of its CPUs busy, never an
+    infinite load (math.ceil of which raised in choose)."""
+    stat = tmp_path / "stat"
+    clock = {"wall": 0.0}
+    meter = threads.LoadMeter({0, 1}, str(stat), clock=lambda: clock["wall"], cpu_clock=lambda: 0.0)
+    meter.tick = 0.01
+    for text in [b"cpu0 1 2 3 4\n", b"cpu0 " + b"9" * 400 + b" 0 0 0 0 0 0 0\n", b"cpu0 1 \xff 0 0 0 0 0 0\n"]:
+        stat.write_bytes(text)
+        assert meter.sample() is None
+    stat.write_text("cpu0 0 0 0 0 0 0 0 0\n")
+    assert meter.others_busy() is None
+    stat.write_text("cpu0 " + "9" * 308 + " 0 0 0 0 0 0 0\n")
+    clock["wall"] = 0.002
+    busy = meter.others_busy()
+    assert busy == 2.0 and threads.choose(M, 2, 1, busy) == 1
+
+
 class FakeController:
     def __init__(self):
         self.calls = []
