@@ -35,7 +35,7 @@ numba is optional (``pip install gpunn[fast]``). It is imported on first use; wh
 fails to import, :func:`available` is False, :func:`unavailable_reason` says why, and
 :func:`gpunn.ops.ops_for` keeps the NumPy path. Compiled code is cached on disk by numba (next to this
 file, or in numba's user cache directory where that is read-only; where neither can be written, compiled
-in each process: :func:`cached_njit`).
+in each process; a cache file numba cannot read is a miss: :func:`gpunn.numbacache.cached_njit`).
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ from typing import Any
 import numpy
 
 from .activations import Activation, exp_cap
+from .numbacache import cached_njit
 from .registry import Registry
 from .types import Array
 
@@ -351,20 +352,6 @@ def _compiled() -> tuple[Any, str | None]:
         return None, f"numba not usable: {type(exc).__name__}: {exc}".strip()
     compiled = {fn.__name__: cached_njit(numba.njit, fn, error_model="numpy", nogil=True) for fn in KERNELS}
     return SimpleNamespace(**compiled, **_exp_kernels(), version=numba.__version__), None
-
-
-def cached_njit(njit: Callable[..., Any], fn: Any, **options: Any) -> Any:
-    """``njit(cache=True, **options)(fn)``: numba's dispatcher of ``fn``, its compiled code cached on disk; where
-    numba finds nowhere to write that cache (the package's folder read-only and no writable user cache
-    folder, as for a system-wide install used from a container without a home), numba refuses
-    ``cache=True`` at once ("cannot cache function ...: no locator available"): then the dispatcher
-    without the cache, compiling in each process, the same code."""
-    try:
-        return njit(cache=True, **options)(fn)
-    except RuntimeError as exc:
-        if "cannot cache" not in str(exc):
-            raise
-        return njit(**options)(fn)
 
 
 def _exp_kernels() -> dict[str, Any]:

@@ -239,8 +239,13 @@ def test_warm_up_loads_at_once_and_falls_back_where_numba_fails(monkeypatch):
 
 
 def test_the_compiled_kernels_are_cached_on_disk():
+    """Every kernel has numba's on-disk cache (gpunn.numbacache's, whose unreadable files are a miss)."""
+    from numba.core.caching import FunctionCache
     k = cpukernels.CpuKernels().k
-    assert all(type(getattr(k, fn.__name__)._cache).__name__ == "FunctionCache" for fn in cpukernels.KERNELS)
+    kernels = [getattr(k, name) for name in [fn.__name__ for fn in cpukernels.KERNELS] + ["bias_sigmoid",
+                                                                                      "softmax_pre_exp"]
+               if hasattr(k, name)]     # cpuexp's two where it imports
+    assert all(isinstance(f._cache, FunctionCache) and type(f._cache).__name__ == "MissOnUnreadable" for f in kernels)
     assert cpukernels.numba_version()
 
 
@@ -283,3 +288,49 @@ def test_the_cross_entropy_after_a_softmax_is_one_bound_call_unless_the_loss_has
     own.fused_backward = lambda *a: calls.append(a) or False
     net.train_step(x, t, own, gpunn.SGD(lr=0.1))
     assert calls and "bound_cross_entropy" not in net._backprop._last.loss_backward.__qualname__
+
+
+CACHED_KERNELS = """
+import json, numpy, gpunn
+from gpunn import cpuexp, cpukernels, ops
+inside = cpukernels.exp_inside()                  # loading ran cpuexp's exp_f32_array (its probe)
+o = ops.CpuFusedOps(gpunn.Device("cpu"))
+d = numpy.linspace(-3, 3, 12, dtype=numpy.float32).reshape(4, 3)
+got, want = numpy.empty(3, numpy.float32), numpy.add.reduce(d, 0)
+o.column_sum(d, got)
+stats = {name: [len(f.stats.cache_hits), len(f.stats.cache_misses)]
+         for name, f in (("colsum", o.kernels.k.colsum), ("exp_f32_array", cpuexp.exp_f32_array))}
+print(json.dumps({"inside": inside[0], "why": inside[1], "same": got.tobytes() == want.tobytes(), "stats": stats}))
+"""
+
+
+def test_a_corrupt_numba_cache_is_a_miss(tmp_path):
+    """Garbage in numba's cache files of the kernels (cpukernels' colsum's index, cpuexp's exp_f32_array's
+    data file; numba reads both with pickle) is a cache miss: the kernels compile again and give NumPy's bits,
+    the float32 exp still runs inside them, and the cache is written afresh for the next process (hits). numba
+    alone raises the pickle error out of the first call, and the exp's probe fails (exp_inside off)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import child_env
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", CACHED_KERNELS], capture_output=True, text=True, timeout=300,
+                              env=child_env(NUMBA_CACHE_DIR=str(tmp_path)))
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    inside = cpukernels.exp_inside()[0]
+    first = run()
+    assert first["same"] and first["inside"] is inside
+    files = {f.name: f for f in tmp_path.rglob("*.nb[ic]")}
+    index = [f for name, f in files.items() if name.startswith("cpukernels.colsum-") and name.endswith(".nbi")]
+    data = [f for name, f in files.items() if name.startswith("cpuexp.exp_f32_array-") and name.endswith(".nbc")]
+    assert len(index) == 1 and len(data) == 1, sorted(files)
+    index[0].write_bytes(rng(1).bytes(300))
+    data[0].write_bytes(b"garbage")
+    again = run()
+    assert again["same"] and again["inside"] is inside, again
+    assert again["stats"] == {"colsum": [0, 1], "exp_f32_array": [0, 1]}, again
+    assert run()["stats"] == {"colsum": [1, 0], "exp_f32_array": [1, 0]}
