@@ -23,7 +23,9 @@ is transcribed (:mod:`gpunn.cpuexp`), so the sigmoid (``bias_sigmoid``) and the 
 to NumPy's exp on this machine (``exp_inside``); elsewhere NumPy's exp runs between two kernels.
 Where NumPy's result depends on how it reduces, the kernel reduces the same way (a softmax row pairwise,
 a column sum row after row from 0); where that would need NumPy's recursive pairwise sum (a softmax
-wider than 128 classes, a one-column sum of 8 rows or more), the NumPy code runs.
+wider than 128 classes, a one-column sum of 8 rows or more), the NumPy code runs. The one exception is
+a NaN's sign bit: where two NaNs of opposite sign meet in one sum, product or maximum, the compiled
+code may keep the other operand's NaN than NumPy's loops (the same places are NaN, with the same payload).
 tests/test_cpukernels.py checks every kernel, activation, loss, optimiser setting and dtype against the
 NumPy path bit for bit; tests/test_cpuexp.py the float32 exp against NumPy's.
 

@@ -7,6 +7,8 @@ y and δ, the loss). Without numba these tests skip with the reason; the NumPy p
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy
 import pytest
 
@@ -44,8 +46,18 @@ def bits(a) -> numpy.ndarray:
 
 
 def same_bits(a, b) -> bool:
+    """Bit for bit, but for the sign of a value NaN in both: where two NaNs of opposite sign meet in one
+    operation, a kernel may keep the other one's sign than NumPy (README; test_nan_of_both_signs...). Every
+    finite value, infinity, signed zero, NaN payload and the places of the NaNs are compared exactly."""
     a, b = numpy.asarray(a), numpy.asarray(b)
-    return a.shape == b.shape and a.dtype == b.dtype and numpy.array_equal(bits(a), bits(b))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ab, bb = bits(a), bits(b)
+    if a.dtype.kind == "f":
+        both = (numpy.isnan(a) & numpy.isnan(b)).reshape(ab.shape)
+        sign = ab.dtype.type(1 << (8 * a.itemsize - 1))
+        ab, bb = numpy.where(both, ab | sign, ab), numpy.where(both, bb | sign, bb)
+    return numpy.array_equal(ab, bb)
 
 
 def pair(sizes, hidden, output, dtype, seed=3):
@@ -163,6 +175,47 @@ def test_each_activation_kernel_at_signed_zeros_infinities_and_nan(act, dtype):
             results.append((z, y, d, rowstats))
     for ref, got in zip(*results):
         assert ref is None and got is None or same_bits(ref, got)
+
+
+def with_nans(g, shape, dtype, share=0.25):
+    """Normal values with NaNs of both signs in about ``share`` of the places."""
+    a = g.normal(size=shape)
+    u = g.uniform(size=shape)
+    a[u < share / 2] = numpy.nan
+    a[(u >= share / 2) & (u < share)] = numpy.copysign(numpy.nan, -1.0)
+    return a.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", HIDDEN + ["softmax"], ids=str)
+def test_nan_of_both_signs_differs_from_numpy_in_nan_sign_bits_only(act, dtype):
+    """z, b and ∂E/∂y holding NaNs of both signs: z + b and f, δ = f′·g (apart, and with the bias sum in δ's
+    pass), and the column sums, against the NumPy path. Where two NaNs of opposite sign meet, the kernels may
+    keep the other one's sign (numba's code may take the operands of an add or a multiply in the other
+    order than NumPy's loops do; measured here: in every kernel above, float32 and float64): the same places
+    are NaN, with the same payload, and every other bit is equal (:func:`same_bits`)."""
+    a, g = gpunn.activations.get(act), rng(7)
+    for rows, cols in [(1, 4), (7, 1), (37, 9), (300, 17)]:
+        z0, b, grad = (with_nans(g, (rows, cols), dtype), with_nans(g, cols, dtype),
+                       with_nans(g, (rows, cols), dtype))
+        results = []
+        with numpy.errstate(all="ignore"):
+            for o in (ops.XpOps(gpunn.Device("cpu")), ops.CpuFusedOps(gpunn.Device("cpu"))):
+                z = z0.copy()
+                y = z if a.name == "identity" else numpy.empty_like(z)
+                rowstats = numpy.empty((2, rows), dtype) if a.rowwise else None
+                o.bias_activation(a, z, b, y, rowstats)
+                d, d2 = numpy.empty_like(z), numpy.empty_like(z)
+                s, s2 = numpy.empty(cols, dtype), numpy.empty(cols, dtype)
+                o.activation_backward(a, z, y, grad, d, numpy.empty_like(z), rowstats)
+                o.column_sum(d, s)
+                calls = o.bind_backward_and_sum(a, z, y, grad, d2, s2)      # a hidden layer's δ and ∂E/∂b
+                for call in calls or [partial(o.activation_backward, a, z, y, grad, d2, numpy.empty_like(z),
+                                              rowstats), partial(o.column_sum, d2, s2)]:
+                    call()
+                results.append((z, y, rowstats, d, s, d2, s2))
+        for k, (ref, got) in enumerate(zip(*results)):
+            assert ref is None and got is None or same_bits(ref, got), (rows, cols, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
