@@ -15,6 +15,7 @@ NaN for |z| up to 1e4 in float32 and float64.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy
 
@@ -25,7 +26,29 @@ from .scalars import Checked, real
 from .types import Array, DTypeLike
 
 __all__ = ["Activation", "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "Softplus", "ELU", "Identity", "Softmax",
-           "ActivationSpec", "exp_cap", "get", "names"]
+           "ActivationSpec", "FORWARD", "BACKWARD", "exp_cap", "get", "names", "own_methods", "watch_methods"]
+
+#: What a fused kernel runs in an activation's place (gpunn.ops): its ``forward`` (z + b → y), and its
+#: ``backward`` with the ``derivative`` that the base class's backward calls (δ = f′ ⊙ ∂E/∂y).
+FORWARD = frozenset({"forward"})
+BACKWARD = frozenset({"backward", "derivative"})
+_METHODS = FORWARD | BACKWARD
+#: Called when an activation instance is given a method of its own or loses it (:func:`watch_methods`).
+_WATCHERS: list[Callable[[], None]] = []
+
+
+def own_methods(act: Activation, methods: frozenset[str] = _METHODS) -> frozenset[str]:
+    """Those of ``methods`` that ``act`` has as instance attributes of its own (``act.forward = f``): a fused
+    kernel, which is its class's method, must not run in their place. (A subclass has another key
+    (:mod:`gpunn.registry`), which no kernel is for: only the instance's own need this check.)"""
+    own = vars(act)
+    return methods.intersection(own) if own else frozenset()
+
+
+def watch_methods(call: Callable[[], None]) -> None:
+    """Have ``call()`` made whenever an activation instance is given, or loses, a method of its own among
+    :data:`FORWARD` and :data:`BACKWARD` (gpunn.ops notes it, so a step bound to a kernel is made again)."""
+    _WATCHERS.append(call)
 
 
 @functools.cache
@@ -50,6 +73,18 @@ class Activation:
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         REGISTRY.add(cls)       # model files name activations by key (gpunn.registry): every subclass joins
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in _METHODS:        # a method of the instance's own: kernels bound in its place must go
+            for call in _WATCHERS:
+                call()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        if name in _METHODS:
+            for call in _WATCHERS:
+                call()
 
     # -- the vectorised, in-place interface used by layers --------------------------------------
     def forward(self, z: Array, out: Array, rowstats: Array | None = None) -> Array:  # pragma: no cover - abstract

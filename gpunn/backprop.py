@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 
-from .activations import Activation
+from .activations import Activation, own_methods
 from .layers import MAX_BATCH_SIZES, BoundStep, Dense
 from .losses import Loss
 from .ops import BINDINGS, XpOps
@@ -144,11 +144,14 @@ class StepPlan:
 
     A plan is current while its ops bind the same calls (``ops.generation``: the CPU kernels loaded since
     would change them), every layer's buffers are the ones it bound (``buffer_epoch``: made, freed, or
-    dropped with new parameters), every activation's parameter (α, a) is the one it bound and the loss is
-    the same object, with a ``backward`` and a ``fused_backward`` of its own (assigned to the instance) where
-    it had one and only then; otherwise it is made again. ``seen`` is the value of :data:`gpunn.ops.BINDINGS`
-    when it was last found current: while that value stays, neither buffers nor calls have changed.
-    Activations' parameters and a loss's own ``backward`` are not noted there: a plan with a parameterised
+    dropped with new parameters), every activation's parameter (α, a) is the one it bound, every activation
+    has the methods of its own (assigned to the instance: ``forward``, ``backward``, ``derivative``) it had,
+    and the loss is the same object, with a ``backward`` and a ``fused_backward`` of its own (assigned to the
+    instance) where it had one and only then; otherwise it is made again. ``seen`` is the value of
+    :data:`gpunn.ops.BINDINGS` when it was last found current: while that value stays, neither buffers nor
+    calls have changed. An activation given or losing a method of its own is noted there
+    (:func:`gpunn.activations.watch_methods`); activations' parameters and a loss's own ``backward`` are
+    not: a plan with a parameterised
     activation or bound to an instance's own backward is checked in full at every step (``recheck``), and a
     step checks that the loss has not been given one since, nor given or lost its own ``fused_backward``
     (:meth:`Backprop.step`).
@@ -169,6 +172,9 @@ class StepPlan:
         #: the activations with a parameter (α, a: assignable between steps; bound calls hold it as a constant)
         self.tuned = [(layer.activation, layer.activation.param) for layer in self.layers
                       if type(layer.activation).param is not Activation.param]
+        #: each activation with the methods it has of its own (gpunn.activations.own_methods), which the calls
+        #: were bound for: a kernel, or the activation's own method (an assignment is noted in BINDINGS)
+        self.act_methods = [(layer.activation, own_methods(layer.activation)) for layer in self.layers]
         self.loss_attributes = vars(loss)
         self.own_backward = "backward" in self.loss_attributes
         #: whether the instance has its own fused_backward (the CPU kernels' bound cross-entropy is for the class's)
@@ -192,7 +198,8 @@ class StepPlan:
                 and [layer.buffer_epoch for layer in self.layers] == self.epochs
                 and ("backward" in self.loss_attributes) == self.own_backward
                 and ("fused_backward" in self.loss_attributes) == self.own_fused
-                and (not self.tuned or all(act.param == p for act, p in self.tuned)))
+                and (not self.tuned or all(act.param == p for act, p in self.tuned))
+                and all(own_methods(act) == own for act, own in self.act_methods))
 
     def run(self, x: Array, t: Array, value_out: Array | None, optimizer: Optimizer | None = None) -> Array:
         """One step's forward and backward on batch x (shaped (rows, n_in)) for targets t, then the update by

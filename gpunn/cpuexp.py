@@ -25,12 +25,15 @@ This module imports numba; only :mod:`gpunn.cpukernels` imports it, once numba h
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy
 from llvmlite import ir
 from numba import njit, types
 from numba.core.extending import intrinsic
+
+from .numbacache import cached_njit
 
 __all__ = ["BLOCK", "PLAIN_LOW", "bias_sigmoid", "exp_f32_array", "exp_row", "matches_numpy", "plain",
            "probe", "softmax_pre_exp"]
@@ -74,17 +77,9 @@ def _from_bits_typed(typingctx, a):
 
 
 def _njit(**options: Any) -> Any:
-    """``njit(cache=True, **options)``, or ``njit(**options)`` where numba has nowhere to write its cache and
-    refuses ``cache=True`` (a read-only install without a writable home: :func:`gpunn.cpukernels.cached_njit`,
-    which this module, below it, cannot import)."""
-    def decorate(fn: Any) -> Any:
-        try:
-            return njit(cache=True, **options)(fn)
-        except RuntimeError as exc:
-            if "cannot cache" not in str(exc):
-                raise
-            return njit(**options)(fn)
-    return decorate
+    """``njit(cache=True, **options)`` as :func:`gpunn.numbacache.cached_njit` makes it: a cache file numba cannot
+    read is a miss, and where numba has nowhere to write its cache, ``njit(**options)``."""
+    return partial(cached_njit, njit, **options)
 
 
 _fma: Any = intrinsic(_fma_typed)

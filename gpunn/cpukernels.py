@@ -23,7 +23,9 @@ is transcribed (:mod:`gpunn.cpuexp`), so the sigmoid (``bias_sigmoid``) and the 
 to NumPy's exp on this machine (``exp_inside``); elsewhere NumPy's exp runs between two kernels.
 Where NumPy's result depends on how it reduces, the kernel reduces the same way (a softmax row pairwise,
 a column sum row after row from 0); where that would need NumPy's recursive pairwise sum (a softmax
-wider than 128 classes, a one-column sum of 8 rows or more), the NumPy code runs.
+wider than 128 classes, a one-column sum of 8 rows or more), the NumPy code runs. The one exception is
+a NaN's sign bit: where two NaNs of opposite sign meet in one sum, product or maximum, the compiled
+code may keep the other operand's NaN than NumPy's loops (the same places are NaN, with the same payload).
 tests/test_cpukernels.py checks every kernel, activation, loss, optimiser setting and dtype against the
 NumPy path bit for bit; tests/test_cpuexp.py the float32 exp against NumPy's.
 
@@ -35,7 +37,7 @@ numba is optional (``pip install gpunn[fast]``). It is imported on first use; wh
 fails to import, :func:`available` is False, :func:`unavailable_reason` says why, and
 :func:`gpunn.ops.ops_for` keeps the NumPy path. Compiled code is cached on disk by numba (next to this
 file, or in numba's user cache directory where that is read-only; where neither can be written, compiled
-in each process: :func:`cached_njit`).
+in each process; a cache file numba cannot read is a miss: :func:`gpunn.numbacache.cached_njit`).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from typing import Any
 import numpy
 
 from .activations import Activation, exp_cap
+from .numbacache import cached_njit
 from .registry import Registry
 from .types import Array
 
@@ -351,20 +354,6 @@ def _compiled() -> tuple[Any, str | None]:
         return None, f"numba not usable: {type(exc).__name__}: {exc}".strip()
     compiled = {fn.__name__: cached_njit(numba.njit, fn, error_model="numpy", nogil=True) for fn in KERNELS}
     return SimpleNamespace(**compiled, **_exp_kernels(), version=numba.__version__), None
-
-
-def cached_njit(njit: Callable[..., Any], fn: Any, **options: Any) -> Any:
-    """``njit(cache=True, **options)(fn)``: numba's dispatcher of ``fn``, its compiled code cached on disk; where
-    numba finds nowhere to write that cache (the package's folder read-only and no writable user cache
-    folder, as for a system-wide install used from a container without a home), numba refuses
-    ``cache=True`` at once ("cannot cache function ...: no locator available"): then the dispatcher
-    without the cache, compiling in each process, the same code."""
-    try:
-        return njit(cache=True, **options)(fn)
-    except RuntimeError as exc:
-        if "cannot cache" not in str(exc):
-            raise
-        return njit(**options)(fn)
 
 
 def _exp_kernels() -> dict[str, Any]:

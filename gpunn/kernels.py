@@ -47,7 +47,9 @@ COLSUM_BLOCKS = 264
 MAX_SOFTMAX_COLS = 1024
 #: Rows (warps) per block of the softmax and cross-entropy kernels: block (32, SOFTMAX_ROWS).
 SOFTMAX_ROWS = 4
-#: bias_act_fwd indexes with 32 bits: larger buffers take the xp code.
+#: bias_act_fwd indexes with 32 bits, the softmax and cross-entropy kernels count rows and columns with them:
+#: larger buffers take the xp code. (act_bwd and sgd_update count with 64 bits; colsum takes rows and columns
+#: up to MAX_INT32 // 2, so that its ends of a chunk and of a tile stay in an int.)
 MAX_INT32 = 2**31 - 1
 
 SOURCE = r"""
@@ -330,6 +332,11 @@ def module(device: Device) -> Any:
     return mod
 
 
+def _int32(n: int) -> numpy.int32 | None:
+    """``n`` as a kernel's int argument, or None where it does not fit (the launcher takes the xp code)."""
+    return numpy.int32(n) if n <= MAX_INT32 else None
+
+
 def _grid(n: int) -> tuple[int]:
     return (max(1, min((n + BLOCK - 1) // BLOCK, 1 << 20)),)
 
@@ -380,7 +387,8 @@ class FusedKernels:
     only on the activation, the dtype and the buffer sizes, so it is built once and cached: the host
     work per launch is a few dictionary lookups. Each launch method returns False, launching nothing,
     where no kernel covers the case (a softmax wider than MAX_SOFTMAX_COLS, a non-contiguous view, a
-    bias add over 2^31 elements); the caller then runs the ``xp`` code.
+    bias add, softmax or cross-entropy over 2^31 elements, a column sum of 2^30 rows or columns: MAX_INT32);
+    the caller then runs the ``xp`` code.
 
     The column sum's scratch (partial sums and ticket counters) is per (device, CUDA stream, shape, dtype),
     shared by every instance (``_SCRATCH``): launches on one stream run one after the other, so layers of
@@ -418,13 +426,13 @@ class FusedKernels:
         return hit
 
     def _size(self, shape: tuple) -> tuple:
-        """(grid, int64 element count, int32 column count, int32 row count, int32 element count or None
-        past 2^31) for a (rows, cols) buffer."""
+        """(grid, int64 element count, int32 column count, int32 row count, int32 element count) for a (rows,
+        cols) buffer, each int32 None past MAX_INT32 (a flat parameter buffer of 2^31 or more: sgd_update
+        takes the int64 count)."""
         hit = self._sizes.get(shape)
         if hit is None:
             n = shape[0] * shape[1]
-            hit = self._sizes[shape] = (_grid(n), numpy.int64(n), numpy.int32(shape[1]), numpy.int32(shape[0]),
-                                        numpy.int32(n) if n <= MAX_INT32 else None)
+            hit = self._sizes[shape] = (_grid(n), numpy.int64(n), _int32(shape[1]), _int32(shape[0]), _int32(n))
         return hit
 
     def bias_activation(self, act: Activation, z: Array, b: Array, y: Array) -> bool:
@@ -445,8 +453,10 @@ class FusedKernels:
         if (z.shape[1] > MAX_SOFTMAX_COLS or col.shape != (2, z.shape[0])
                 or not all(v.flags.c_contiguous for v in (z, b, y, col))):
             return False
+        _, _, cols, rows, n = self._size(z.shape)
+        if n is None:
+            return False
         fn = self._function("softmax_fwd", z.dtype)
-        _, _, cols, rows, _ = self._size(z.shape)
         fn(_row_grid(z.shape[0]), (32, SOFTMAX_ROWS), (z, b, y, col, rows, cols))
         return True
 
@@ -455,12 +465,14 @@ class FusedKernels:
         if (z.shape[1] > MAX_SOFTMAX_COLS or col.shape != (2, z.shape[0])
                 or not all(v.flags.c_contiguous for v in (z, y, col, t, delta, out))):
             return False
+        _, _, cols, rows, n = self._size(z.shape)
+        if n is None:
+            return False
         rows_n = z.shape[0]
         key = (rows_n, z.dtype)
         rowloss = self._rowloss.get(key)
         if rowloss is None:
             rowloss = self._rowloss[key] = self.xp.empty(rows_n, z.dtype)
-        _, _, cols, rows, _ = self._size(z.shape)
         inv_b = z.dtype.type(1.0 / rows_n)
         self._function("xent_bwd", z.dtype)(_row_grid(rows_n), (32, SOFTMAX_ROWS),
                                             (z, y, col, t, delta, rowloss, rows, cols, inv_b))
@@ -486,7 +498,8 @@ class FusedKernels:
 
     def column_sum(self, delta: Array, out: Array) -> bool:
         """out = Σ over the rows of delta, in a fixed order, on a grid of at least ``colsum_blocks`` blocks."""
-        if not (delta.flags.c_contiguous and out.flags.c_contiguous):
+        if (not (delta.flags.c_contiguous and out.flags.c_contiguous)
+                or delta.shape[0] > MAX_INT32 // 2 or delta.shape[1] > MAX_INT32 // 2):
             return False
         key = (delta.shape, delta.dtype, self.xp.cuda.get_current_stream().ptr)
         hit = self._colsum.get(key)

@@ -18,10 +18,11 @@ from functools import partial
 from typing import Any
 
 from . import cpukernels, threads
-from .activations import Activation
+from .activations import BACKWARD, FORWARD, Activation, own_methods, watch_methods
 from .backend import Device
 from .kernels import FusedKernels
 from .losses import CrossEntropy, Loss, SquaredError
+from .registry import Registry
 from .scalars import env_flag, flag
 from .types import Array, OutputBuffers, OutputLayer
 
@@ -54,13 +55,16 @@ class Changes:
         self.value = self._draw()
 
 
-#: The process's one record of changes to what bound calls hold (every network's layers and ops).
+#: The process's one record of changes to what bound calls hold (every network's layers and ops, and an
+#: activation instance given or losing a method of its own, which a kernel bound in its place must follow).
 BINDINGS = Changes()
+watch_methods(BINDINGS.note)
 
 
-#: the squared error's own backward and the cross-entropy's own fused form, which the numba path's bound
-#: calls replace (only those)
+#: the squared error's own backward and the cross-entropy's own backward and fused form, which the numba
+#: path's bound calls replace (only those)
 _SQUARED_BACKWARD = SquaredError.backward
+_CROSS_ENTROPY_BACKWARD = CrossEntropy.backward
 _CROSS_ENTROPY_FUSED = CrossEntropy.fused_backward
 
 
@@ -192,11 +196,17 @@ class FusedOps(XpOps):
         self.kernels = FusedKernels(device)
 
     def bias_activation(self, act, z, b, y, rowstats):
-        done = self.kernels.softmax(z, b, y, rowstats) if act.rowwise else self.kernels.bias_activation(act, z, b, y)
+        # the kernels are the classes' own forward: a subclass (another key) or an instance's own runs itself
+        if own_methods(act, FORWARD):
+            done = False
+        elif act.rowwise:
+            done = Registry.key_of(type(act)) == "softmax" and self.kernels.softmax(z, b, y, rowstats)
+        else:
+            done = self.kernels.bias_activation(act, z, b, y)
         return y if done else super().bias_activation(act, z, b, y, rowstats)
 
     def activation_backward(self, act, z, y, grad, out, scratch, rowstats):
-        if self.kernels.activation_backward(act, z, y, grad, out):
+        if not own_methods(act, BACKWARD) and self.kernels.activation_backward(act, z, y, grad, out):
             return out
         return super().activation_backward(act, z, y, grad, out, scratch, rowstats)
 
@@ -280,12 +290,15 @@ class CpuFusedOps(XpOps):
         return hit[3]
 
     def bind_forward(self, act, z, b, y, rowstats, call=cpukernels.bind):
-        binder = None if self.kernels is None else self._binder(self._fwd, self.kernels.forward, act, z.dtype)
+        binder = (None if self.kernels is None or own_methods(act, FORWARD)    # the instance's own forward: it runs
+                  else self._binder(self._fwd, self.kernels.forward, act, z.dtype))
         calls = None if binder is None else binder(z, b, y, rowstats, call)
         return [partial(XpOps.bias_activation, self, act, z, b, y, rowstats)] if calls is None else calls
 
     def _backward_binder(self, act: Activation, dtype: Any) -> Callable | None:
-        return None if self.kernels is None else self._binder(self._bwd, self.kernels.backward, act, dtype)
+        if self.kernels is None or own_methods(act, BACKWARD):     # the instance's own backward or derivative
+            return None
+        return self._binder(self._bwd, self.kernels.backward, act, dtype)
 
     def bind_backward(self, act, z, y, grad, out, scratch, rowstats, call=cpukernels.bind):
         binder = self._backward_binder(act, z.dtype)
@@ -312,14 +325,15 @@ class CpuFusedOps(XpOps):
         return [cpukernels.bind(self._colsum, delta, out, self._zero[delta.dtype])]
 
     def bind_loss_backward(self, loss, layer, bufs, grad_y):
-        """Bound kernels where ``loss`` runs SquaredError's own backward, or CrossEntropy's own fused form
-        after a softmax (its class's, none of the instance's: a plan holding the call is made again when
-        the instance gets a backward or a fused_backward, :class:`gpunn.backprop.StepPlan`); the loss's backward
-        otherwise."""
+        """Bound kernels where ``loss`` runs SquaredError's own backward, or CrossEntropy's own backward and
+        fused form after a softmax (its class's, none of a subclass's or the instance's: a plan holding the call
+        is made again when the instance gets a backward or a fused_backward, :class:`gpunn.backprop.StepPlan`);
+        the loss's backward otherwise."""
         if self.kernels is not None and "backward" not in vars(loss) and "fused_backward" not in vars(loss):
             if type(loss).backward is _SQUARED_BACKWARD:
                 return self.kernels.squared_error(bufs.y, grad_y)
-            if type(loss).fused_backward is _CROSS_ENTROPY_FUSED and bufs.rowstats is not None:
+            if (type(loss).fused_backward is _CROSS_ENTROPY_FUSED and type(loss).backward is _CROSS_ENTROPY_BACKWARD
+                    and bufs.rowstats is not None):
                 return self.kernels.bound_cross_entropy(bufs.z, bufs.y, bufs.rowstats, bufs.delta)
         return super().bind_loss_backward(loss, layer, bufs, grad_y)
 

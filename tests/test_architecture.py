@@ -13,8 +13,8 @@ PACKAGE = pathlib.Path(gpunn.__file__).parent
 
 #: Bottom to top. A module may import modules of lower floors only (never its own floor, never higher).
 FLOORS: list[set[str]] = [
-    {"errors", "types", "version", "cpuexp"},
-    {"backend", "scalars", "registry", "admission", "threads"},
+    {"errors", "types", "version", "numbacache"},
+    {"backend", "scalars", "registry", "admission", "threads", "cpuexp"},
     {"activations", "init", "io", "schedules", "callbacks", "distributed"},
     {"losses", "exports"},
     {"validation", "kernels", "cpukernels"},

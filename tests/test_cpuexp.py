@@ -71,11 +71,13 @@ def test_the_transcription_gives_numpys_bits():
 
 @needs_simd
 def test_the_probe_passes_and_the_kernels_run_the_exp_inside():
+    from numba.core.caching import FunctionCache
+
     from gpunn import cpuexp
     assert cpuexp.matches_numpy()
     k = cpukernels.CpuKernels()
     assert k.k.exp_inside and k.k.exp_inside_reason is None
-    assert all(type(f._cache).__name__ == "FunctionCache" for f in (k.k.bias_sigmoid, k.k.softmax_pre_exp))
+    assert all(isinstance(f._cache, FunctionCache) for f in (k.k.bias_sigmoid, k.k.softmax_pre_exp))
     z, b = numpy.zeros((2, 3), numpy.float32), numpy.zeros(3, numpy.float32)
     sig = activations.get("sigmoid")
     assert len(k.forward(sig, "float32")(z, b, z.copy(), None)) == 1            # one pass, exp inside

@@ -139,6 +139,27 @@ def test_a_bias_add_past_two_to_the_31_takes_the_xp_code(device):
     assert fk._size((2**16, 2**15))[4] is None
 
 
+class Huge:
+    """What a launcher reads of a C-contiguous float32 buffer of ``shape`` before launching, without its memory."""
+
+    def __init__(self, *shape):
+        self.shape, self.dtype = shape, numpy.dtype("float32")
+        self.flags = type("Flags", (), {"c_contiguous": True})()
+
+
+def test_buffers_past_what_a_kernels_int_counts_take_64_bit_counts_or_the_xp_code(device):
+    """A flat parameter buffer of 2^31 values or more (a model of that many weights fits on an H200) is one
+    sgd_update launch with its int64 count; a batch whose rows or elements pass the int arguments of the
+    softmax, cross-entropy and column-sum kernels takes the xp code. numpy.int32 of such a count raised
+    OverflowError out of the step."""
+    fk = _kernels(device)
+    grid, n, cols, rows, n32 = fk._size((1, 2**31))
+    assert n == 2**31 and n.dtype == numpy.int64 and grid == (1 << 20,) and cols is None and n32 is None
+    z, rowstats, out = Huge(2**30, 2), Huge(2, 2**30), Huge(1)
+    assert not fk.softmax(z, Huge(2), z, rowstats) and not fk.cross_entropy(z, z, rowstats, z, z, out)
+    assert not fk.column_sum(Huge(2**30 + 1, 2), Huge(2)) and not fk.column_sum(Huge(2, 2**30 + 1), Huge(2**30 + 1))
+
+
 def test_the_agreement_check_takes_the_multi_chunk_path():
     """gpunn check (and so scripts/gpu-check.sh) trains at a batch that the fused column sum cuts into
     several row chunks for every layer, on an H100/H200's grid as on the fake GPU's."""

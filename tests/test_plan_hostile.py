@@ -12,7 +12,7 @@ import pytest
 import gpunn
 from gpunn import cpukernels, losses, ops, optim
 from gpunn.errors import GpunnError
-from helpers import rng
+from helpers import host, rng
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -351,3 +351,143 @@ def test_a_cross_entropy_given_its_own_fused_form_in_steady_steps_is_honoured_an
     del loss.fused_backward
     assert float(net.gradients(x, t, loss)) == plain[1] and calls == [1]
     assert "bound_cross_entropy" in net._backprop._last.loss_backward.__qualname__
+
+
+# -- a user's own method where a fused kernel would run: the kernel must give way --------------------------------
+class TripledCrossEntropy(losses.CrossEntropy):
+    """A cross-entropy subclass with a backward of its own (value and δ tripled): the fused softmax +
+    cross-entropy kernels compute CrossEntropy.backward's formula, not this one."""
+
+    name = "test_plan_hostile.tripled_cross_entropy"
+
+    def backward(self, layer, t, grad_y, delta):
+        value, direct = super().backward(layer, t, grad_y, delta)
+        delta *= 3.0
+        return value * 3.0, direct
+
+
+def tripled(loss, base=losses.CrossEntropy):
+    """``loss`` with an instance backward of its own: base's, its value and δ tripled."""
+    def backward(layer, t, grad_y, delta):
+        value, direct = base.backward(loss, layer, t, grad_y, delta)
+        (delta if direct else grad_y)[...] *= 3.0
+        return value * 3.0, direct
+    loss.backward = backward
+    return loss
+
+
+class HalvedSoftmax(gpunn.activations.Softmax):
+    """A softmax of z/2 (z halved in place, as its forward's own choice): not the softmax kernel's. Its
+    ``name`` is Softmax's (what the cross-entropy checks), its key its own (module.QualName)."""
+
+    def forward(self, z, out, rowstats=None):
+        z *= 0.5
+        return super().forward(z, out, rowstats)
+
+
+def agree(device, a, b):
+    """The fused and the unfused run give the same numbers: bit for bit on the CPU (the numba kernels equal
+    NumPy), to rounding on the CUDA path (its kernels round transcendental functions their own way)."""
+    a, b = host(a), host(b)
+    if device.is_cuda:
+        numpy.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    else:
+        assert bits(a) == bits(b)
+
+
+def twins(device, output="softmax", hidden="sigmoid"):
+    """The same float64 network fused and unfused on ``device`` (the numba kernels loaded at once on the CPU)."""
+    if not device.is_cuda:
+        needs_kernels()
+    return [gpunn.mlp([4, 6, 3], activation=hidden, output=output, seed=1, fused=f, device=device, dtype="float64")
+            for f in (True, False)]
+
+
+def one_hot(n, classes=3, seed=2):
+    g = rng(seed)
+    return g.normal(size=(n, 4)), numpy.eye(classes)[g.integers(0, classes, size=n)]
+
+
+def every_path(nets, loss, batches, device):
+    """train_step (the bound plan), gradients, then forward + backward (the ops called one by one) on each
+    net; every loss value, gradient and weight of the fused net agrees with the unfused one's."""
+    opts = [gpunn.SGD(lr=0.1, momentum=0.5) for _ in nets]
+    for x, t in batches:
+        agree(device, *(net.train_step(x, t, loss, opt) for net, opt in zip(nets, opts)))
+        agree(device, *(net.flat_parameters() for net in nets))
+    x, t = batches[-1]
+    agree(device, *(net.gradients(x, t, loss) for net in nets))
+    agree(device, *(net.flat_gradients() for net in nets))
+    for net in nets:
+        net.forward(x)
+    agree(device, *(net.backward(t, loss) for net in nets))
+    agree(device, *(net.flat_gradients() for net in nets))
+
+
+@pytest.mark.parametrize("how", ["subclass", "instance"])
+def test_a_cross_entropy_with_its_own_backward_runs_it_on_every_fused_path(device, how):
+    """The fused paths (the CPU's bound plan and its ops, the CUDA FusedOps) recognise the cross-entropy after a
+    softmax and run its δ as a kernel: a subclass's or an instance's own backward must run instead."""
+    nets = twins(device)
+    loss = TripledCrossEntropy() if how == "subclass" else tripled(losses.CrossEntropy())
+    batches = [one_hot(n) for n in (5, 5, 3)]
+    every_path(nets, loss, batches, device)
+    x, t = batches[0]
+    plain = float(nets[1].gradients(x, t, losses.CrossEntropy()))
+    assert float(nets[0].gradients(x, t, loss)) == pytest.approx(3 * plain, rel=1e-12)
+
+
+def test_a_squared_error_instance_with_its_own_backward_runs_it_on_every_fused_path(device):
+    nets = twins(device, output="sigmoid")
+    every_path(nets, tripled(losses.SquaredError(), losses.SquaredError),
+               [(x, t * 0.5) for x, t in (one_hot(n) for n in (5, 5, 3))], device)
+
+
+def own_method(act, method):
+    """``act`` given an instance ``method`` of its own, doubling what its class's gives."""
+    own = getattr(type(act), method)
+
+    def doubled(*args, **kwargs):
+        result = own(act, *args, **kwargs)
+        result *= 2.0
+        return result
+    setattr(act, method, doubled)
+    return act
+
+
+@pytest.mark.parametrize("method", ["forward", "backward", "derivative"])
+@pytest.mark.parametrize("hidden", ["sigmoid", "relu", {"name": "elu", "a": 0.5}, "tanh"], ids=str)
+def test_an_activation_instance_with_its_own_method_runs_it_on_every_fused_path(device, hidden, method):
+    """A hidden activation given its own forward, backward or derivative (the base class's backward calls
+    derivative) on the instance, before the first step: the fused kernels that run f or δ = f′ ⊙ g in its
+    place must give way to it, on the CPU's plan and ops and on the CUDA path."""
+    nets = twins(device, hidden=hidden)
+    for net in nets:
+        own_method(net.layers[0].activation, method)
+    every_path(nets, "cross_entropy", [one_hot(n) for n in (5, 5, 3)], device)
+
+
+@pytest.mark.parametrize("method", ["forward", "backward"])
+def test_an_activation_method_assigned_or_deleted_between_steady_steps_is_followed(device, method):
+    """An activation's own method assigned between two steps of one batch size (the plan of the last step is
+    taken again while nothing noted in gpunn.ops.BINDINGS changed), then deleted again: each step runs what
+    the instance has then."""
+    nets = twins(device)
+    opts = [gpunn.SGD(lr=0.1) for _ in nets]
+    x, t = one_hot(5)
+    for k in range(5):
+        for net in nets:
+            act = net.layers[0].activation
+            if k == 2:
+                own_method(act, method)
+            elif k == 4:
+                delattr(act, method)
+        agree(device, *(net.train_step(x, t, "cross_entropy", opt) for net, opt in zip(nets, opts)))
+        agree(device, *(net.flat_parameters() for net in nets))
+
+
+def test_a_softmax_subclass_with_its_own_forward_runs_it_on_every_fused_path(device):
+    """The softmax kernels (CUDA: any row-wise activation was taken for a softmax) compute Softmax.forward:
+    a subclass's own forward must run instead, its loss and δ following from it."""
+    nets = twins(device, output=HalvedSoftmax())
+    every_path(nets, "cross_entropy", [one_hot(n) for n in (5, 5, 3)], device)
