@@ -40,6 +40,10 @@ def timed_calls(plan: Any, optimizer: Any) -> dict[str, float]:
         return "matrix product" if name in ("dot", "matmul") else (name or type(fn).__name__)
     plan.forward = [wrap(name_of(c), c) for c in plan.forward]
     plan.backward = [wrap(name_of(c), c) for c in plan.backward]
+    if getattr(plan, "backward_updating", None) is not None:    # the update layer by layer: its parts as "update"
+        plan.backward_updating = [c if name_of(c) == "_update" else wrap(name_of(c), c) for c in plan.backward_updating]
+        split = optimizer.split_update
+        optimizer.split_update = lambda *a: (lambda part: None if part is None else wrap("update", part))(split(*a))
     plan.output_delta = [wrap(name_of(c), c) for c in plan.output_delta]
     plan.loss_backward = wrap("loss", plan.loss_backward)
     plan.matmul = wrap("matrix product", plan.matmul)

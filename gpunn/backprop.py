@@ -8,6 +8,8 @@ and the admission of one training thread around it, and names itself as the opti
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from functools import partial
 
 from .activations import Activation, own_methods
 from .layers import MAX_BATCH_SIZES, BoundStep, Dense
@@ -157,6 +159,11 @@ class StepPlan:
     (:meth:`Backprop.step`).
     """
 
+    #: The smallest flat parameter buffer (bytes) that a CPU step updates layer by layer, as each layer's
+    #: gradients are made (:meth:`gpunn.optim.Optimizer.split_update`): below it, all of it fits in the caches
+    #: anyway and a call per layer would only add Python's time (the lecture's 4-8-1 step).
+    SPLIT_UPDATE_BYTES = 1 << 20
+
     def __init__(self, backprop: Backprop, rows: int, loss: Loss, grad_y: Array):
         self.backprop, self.ops, self.layers, self.loss = backprop, backprop.ops, backprop.layers, loss
         self.rows, self.store = rows, backprop.store
@@ -164,10 +171,15 @@ class StepPlan:
         steps: list[BoundStep] = []
         grad = grad_y
         for k in range(len(self.layers) - 1, -1, -1):       # top down: each δ reads the layer above's ∂E/∂x
-            below = self.layers[k - 1].buffers(self.ops.xp, rows).y if k else None
+            below = self.layers[k - 1].buffers(self.ops.xp, rows) if k else None
             hidden = k < len(self.layers) - 1       # δ made at every step (the output's: not where the loss makes it)
-            steps.insert(0, self.layers[k].bound_step(self.ops, rows, below, grad, delta_always=hidden))
-            grad = steps[0].bufs.dx
+            # ∂E/∂x straight into the δ buffer of the layer below where its δ can be made over it in place: one
+            # array fewer through the caches in the backward pass, the same values (ops.delta_in_place)
+            dx = (below.delta if below is not None and self.ops.delta_in_place(self.layers[k - 1].activation,
+                                                                                below.z.dtype) else None)
+            steps.insert(0, self.layers[k].bound_step(self.ops, rows, None if below is None else below.y, grad,
+                                                      delta_always=hidden, dx=dx))
+            grad = steps[0].bufs.dx if dx is None else dx
         self.epochs = [layer.buffer_epoch for layer in self.layers]
         #: the activations with a parameter (α, a: assignable between steps; bound calls hold it as a constant)
         self.tuned = [(layer.activation, layer.activation.param) for layer in self.layers
@@ -188,9 +200,28 @@ class StepPlan:
         self.forward = [call for s in steps for call in s.forward]
         self.output_delta = steps[-1].make_delta
         self.backward = steps[-1].grads + [c for s in reversed(steps[:-1]) for c in (*s.make_delta, *s.grads)]
+        #: each layer's range [start, stop) of the flat buffers (W then b), where the update is made layer by
+        #: layer (a buffer of SPLIT_UPDATE_BYTES or more on the CPU), else None
+        self.ranges = ([(w.start, b.stop) for w, b in self.store.layout]
+                       if not self.ops.device.is_cuda and self.store.params.nbytes >= self.SPLIT_UPDATE_BYTES else None)
+        #: :attr:`backward` with each layer's update (``_part``) right after the last call that reads its weights
+        #: (the product making ∂E/∂x): its W, ∂E/∂W and state are still in the cache then
+        self.backward_updating = None if self.ranges is None else (
+            [*steps[-1].grads, *self._update_of(len(steps) - 1)]
+            + [c for k in range(len(steps) - 2, -1, -1) for c in (*steps[k].make_delta, *steps[k].grads,
+                                                                  *self._update_of(k))])
+        self._part: Callable[[int, int], None] | None = None
         out = steps[-1].bufs
         self.loss_backward = self.ops.bind_loss_backward(loss, self.layers[-1], out, grad_y)
         self.seen = BINDINGS.value              # after the buffers above: what they noted is seen
+
+    def _update_of(self, k: int) -> list[Callable[[], None]]:
+        """The call updating layer k in :attr:`backward_updating` (none for the first layer: :meth:`run` updates
+        it after its ∂E/∂W, the last product of the step)."""
+        return [partial(self._update, *self.ranges[k])] if k else []       # type: ignore[index]
+
+    def _update(self, start: int, stop: int) -> None:
+        self._part(start, stop)          # type: ignore[misc]
 
     def current(self, loss: Loss) -> bool:
         """Whether this plan still binds what a step would use (see the class docstring)."""
@@ -220,11 +251,18 @@ class StepPlan:
         if not direct:
             for call in self.output_delta:
                 call()
-        for call in self.backward:
-            call()
-        matmul(x.T, self.first_delta, self.first_gW)           # ∂E/∂W of the first layer (eq 8)
+        part, mask = None, None
         if optimizer is not None:                              # step 5, as Backprop.update
             wd = optimizer.__dict__.get("weight_decay")        # as _weight_decay reads it
             mask = self.store.decay_mask() if wd or (wd is None and getattr(optimizer, "weight_decay", 0.0)) else None
+            if self.ranges is not None:                        # layer by layer, in the backward pass, where it can
+                part = self._part = optimizer.split_update(self.params, self.grads, mask, self.ops)
+        for call in (self.backward if part is None else self.backward_updating):     # type: ignore[union-attr]
+            call()
+        matmul(x.T, self.first_delta, self.first_gW)           # ∂E/∂W of the first layer (eq 8)
+        if part is not None:
+            self._part = None
+            part(*self.ranges[0])                              # type: ignore[index]
+        elif optimizer is not None:
             optimizer.update(self.params, self.grads, mask, self.ops)
         return value

@@ -495,6 +495,14 @@ class CpuKernels:
             return calls(z, y, g, d, call, nothing if sums is None else sums)
         return binder
 
+    #: The activations whose :meth:`backward` is one kernel reading g[i, j] then writing d[i, j] and nothing
+    #: else of either: d may be g (δ made over ∂E/∂y in place; softplus's chain writes d before it reads g).
+    IN_PLACE = frozenset({"sigmoid", "tanh", "relu", "leaky_relu", "elu"})
+
+    def in_place(self, act: Activation) -> bool:
+        """Whether :meth:`backward`'s calls for ``act`` may be given one array as g and d (:attr:`IN_PLACE`)."""
+        return Registry.key_of(type(act)) in self.IN_PLACE
+
     def squared_error(self, y: Array, grad_y: Array) -> Callable[[Array, Array | None], tuple[Any, bool]]:
         """:meth:`gpunn.losses.SquaredError.backward` for outputs ``y`` into ``grad_y`` (a step's buffers), as
         a call taking the targets t and the value's ``out`` (or None): ∂E/∂y = y − y* (NumPy's subtract),
@@ -547,6 +555,12 @@ class CpuKernels:
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> None:
         """:meth:`gpunn.optim.SGD.update`'s formula over the whole flat buffer, in one pass."""
+        self.sgd_part(p, g, velocity, mask, lr, momentum, nesterov, weight_decay)(0, p.size)
+
+    def sgd_part(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
+                 momentum: float, nesterov: bool, weight_decay: float) -> Callable[[int, int], None]:
+        """:meth:`sgd_update` as a function ``part(start, stop)`` making it on ``[start:stop]`` of the flat
+        buffers: the kernels do each value's arithmetic alone, so any partition gives the same bits."""
         dt = p.dtype
         key = (dt, lr, momentum, nesterov, weight_decay)
         if self._sgd_last[0] != key:
@@ -554,11 +568,15 @@ class CpuKernels:
             self._sgd_last = key, (t(lr), t(momentum), t(lr * momentum), t(weight_decay))
         lr_t, mu, lr_mu, wd = self._sgd_last[1]
         if velocity is None and not weight_decay:
-            self.k.sgd_plain(p, g, lr_t)
-            return
+            plain = self.k.sgd_plain
+            return lambda start, stop: plain(p[start:stop], g[start:stop], lr_t)
         dummy = self._dummy.get(dt)
         if dummy is None:
             dummy = self._dummy[dt] = numpy.zeros(1, dt)
-        self.k.sgd_update(p, g, velocity if velocity is not None else dummy,
-                          mask if mask is not None and weight_decay else dummy, lr_t, mu, lr_mu, wd,
-                          velocity is not None, bool(nesterov), bool(weight_decay))
+        v, m = velocity if velocity is not None else None, mask if mask is not None and weight_decay else None
+        flags, update = (velocity is not None, bool(nesterov), bool(weight_decay)), self.k.sgd_update
+
+        def part(start: int, stop: int) -> None:
+            update(p[start:stop], g[start:stop], dummy if v is None else v[start:stop],
+                   dummy if m is None else m[start:stop], lr_t, mu, lr_mu, wd, *flags)
+        return part

@@ -171,14 +171,17 @@ class Dense:
         return bufs
 
     def bound_step(self, ops: XpOps, rows: int, x: Array | None, grad_y: Array,
-                   delta_always: bool = False) -> BoundStep:
+                   delta_always: bool = False, dx: Array | None = None) -> BoundStep:
         """This layer's part of a training step of ``rows`` rows as calls bound to its buffers (made once per
         batch size, then run by :class:`gpunn.backprop.StepPlan`): the same operations, in the same order, as
         :meth:`forward` and :meth:`backward`. ``x`` is the layer below's y buffer, or None for the first
         layer, whose input is the step's batch (the plan multiplies it itself); ``grad_y`` is the
         ∂E/∂y buffer this layer's δ is made from (the layer above's ∂E/∂x, or the loss's). Where the step
         always runs this layer's ``make_delta`` (``delta_always``: a hidden layer) and the ops can, δ's
-        column sum ∂E/∂b is made in δ's own pass (:meth:`gpunn.ops.XpOps.bind_backward_and_sum`)."""
+        column sum ∂E/∂b is made in δ's own pass (:meth:`gpunn.ops.XpOps.bind_backward_and_sum`). ``dx``: where
+        ∂E/∂x goes (default this layer's ``dx`` buffer; the plan may give the layer below's δ buffer, for that
+        layer to make its δ over it in place); ``grad_y`` may be this layer's own δ buffer, where the ops can
+        make δ in place (:meth:`gpunn.ops.XpOps.delta_in_place`)."""
         bufs = self.buffers(ops.xp, rows)
         act, z, y, delta = self.activation, bufs.z, bufs.y, bufs.delta
         forward = [] if x is None else [ops.bind_matmul(x, self._W, z)]                # z = x·W
@@ -189,7 +192,7 @@ class Dense:
         grads = [] if x is None else [ops.bind_matmul(x.T, delta, self._gW)]           # eq (8)
         grads += ops.bind_column_sum(delta, self._gb) if both is None else []
         if self.input_grad:
-            grads.append(ops.bind_matmul(delta, self._W.T, bufs.dx))                     # eq (7)
+            grads.append(ops.bind_matmul(delta, self._W.T, bufs.dx if dx is None else dx))    # eq (7)
         return BoundStep(bufs, forward, make_delta, grads)
 
     def show(self, x: Array, bufs: Buffers) -> None:

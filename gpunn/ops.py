@@ -150,6 +150,12 @@ class XpOps:
         ops has such calls; None (bind them apart) here."""
         return None
 
+    def delta_in_place(self, act: Activation, dtype: Any) -> bool:
+        """Whether :meth:`bind_backward` (and :meth:`bind_backward_and_sum`) for ``act`` in ``dtype`` may be given
+        one array as ``grad`` and ``out``: δ made over ∂E/∂y in place, each value read before its own is written
+        and no other. Not here: the reference's chains write ``out`` before they are done reading ``grad``."""
+        return False
+
     def bind_column_sum(self, delta: Array, out: Array) -> list[Callable[[], Any]]:
         """:meth:`column_sum` on these arrays, as calls to make in order."""
         if self.device.is_cuda:
@@ -174,6 +180,12 @@ class XpOps:
         """:meth:`gpunn.optim.SGD.update`'s whole formula as one fused operation, where this ops has one;
         returns False (nothing done) where the optimiser must run its own ``xp`` formula."""
         return False
+
+    def sgd_update_part(self, params: Array, grads: Array, velocity: Array | None, mask: Array | None, lr: float,
+                        momentum: float, nesterov: bool, weight_decay: float) -> Callable[[int, int], None] | None:
+        """:meth:`sgd_update` as a function ``part(start, stop)`` doing it on ``[start:stop]`` of the flat
+        buffers (the same arithmetic on each value), where this ops has one; None here."""
+        return None
 
 
 def _nothing(work: int) -> None:
@@ -312,6 +324,9 @@ class CpuFusedOps(XpOps):
             return None
         return binder(z, y, grad, out, cpukernels.bind, sums)
 
+    def delta_in_place(self, act, dtype):
+        return self._backward_binder(act, dtype) is not None and self.kernels.in_place(act)
+
     def _kernel_sums(self, delta: Array) -> bool:
         """Whether the colsum kernel sums ``delta`` as NumPy does: NumPy sums the rows of an array of two or
         more columns one after the other, from 0; a single column it sums pairwise, which is the same order
@@ -383,6 +398,11 @@ class CpuFusedOps(XpOps):
             return True
         self.kernels.sgd_update(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
         return True
+
+    def sgd_update_part(self, params, grads, velocity, mask, lr, momentum, nesterov, weight_decay):
+        if self.kernels is None:
+            return None
+        return self.kernels.sgd_part(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
 
     def _plain_sgd(self, params: Array, grads: Array, lr: float) -> tuple:
         """:attr:`_sgd_plain` for these buffers and η: the kernel compiled again only for other buffers."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy
@@ -200,6 +200,16 @@ class Optimizer:
         """Apply one step to ``params`` from ``grads`` (flat buffers of the same size)."""
         raise NotImplementedError  # pragma: no cover
 
+    def split_update(self, params: Array, grads: Array, decay_mask: Array | None,
+                     ops: XpOps) -> Callable[[int, int], None] | None:
+        """This step's :meth:`update` in parts, where the optimiser can: the step's own bookkeeping (state, η, the
+        step count) now, then a function ``part(start, stop)`` applying the update to ``params[start:stop]`` from
+        ``grads[start:stop]``, to be called once for each range of a partition of the buffers, in any order: each
+        value gets the same arithmetic as in one :meth:`update`, so a training step can update each layer as
+        soon as its gradients are made and its weights used, while they are still in the cache. None, with
+        nothing done, where it cannot (here: the caller runs :meth:`update`)."""
+        return None
+
     def snapshot(self) -> tuple:
         """A copy of the state (to roll back a diverged epoch): the step count, the state arrays, the buffer
         they belong to, and any state loaded but not yet used (a checkpoint's or a pickle's)."""
@@ -291,7 +301,8 @@ class SGD(Optimizer):
     def _state_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("velocity",) if self.momentum else ()
 
-    def update(self, params, grads, decay_mask, ops):
+    def _settings(self, params: Array, ops: XpOps) -> tuple[float, bool, float, Array | None]:
+        """(μ, nesterov, λ, velocity) for a step on ``params``, the state made where it is not yet."""
         # the checked values, read where Checked keeps them (three descriptor calls fewer in a hot path)
         d = self.__dict__
         try:
@@ -302,12 +313,34 @@ class SGD(Optimizer):
         if self._bound is not params or (velocity is None) is not (not mu) or len(self._scratch) < (2 if wd else 1):
             self._prepare(params, ops, scratch=2 if wd else 1)         # made once, not at every step
             velocity = self.state.get("velocity")
+        return mu, nesterov, wd, velocity
+
+    def update(self, params, grads, decay_mask, ops):
+        d = self.__dict__                   # _settings, written out: the lecture's step is bound by Python's calls
+        try:
+            mu, nesterov, wd = d["momentum"], d["nesterov"], d["weight_decay"]
+        except KeyError:
+            mu, nesterov, wd = self.momentum, self.nesterov, self.weight_decay
+        velocity = self.state.get("velocity")
+        if self._bound is not params or (velocity is None) is not (not mu) or len(self._scratch) < (2 if wd else 1):
+            mu, nesterov, wd, velocity = self._settings(params, ops)
         lr = self.current_lr()
         self.t += 1
         if ops.sgd_update(params, grads, velocity, decay_mask, lr, mu, nesterov, wd):
             return      # the formula below as one fused kernel (on a GPU: gpunn/kernels.py, sgd_update)
         for w, g, v, mask, s, *s2 in self._blocks(params, grads, velocity, decay_mask):
             self._update_block(ops.xp, lr, w, g, v, mask, s, s2[0] if s2 else None)
+
+    def split_update(self, params, grads, decay_mask, ops):
+        """:meth:`Optimizer.split_update`: where the ops have the fused update over a range of the buffers
+        (:meth:`gpunn.ops.XpOps.sgd_update_part`) and :meth:`update` is this class's own."""
+        if type(self).update is not SGD.update:
+            return None
+        mu, nesterov, wd, velocity = self._settings(params, ops)
+        part = ops.sgd_update_part(params, grads, velocity, decay_mask, self.current_lr(), mu, nesterov, wd)
+        if part is not None:
+            self.t += 1
+        return part
 
     def _update_block(self, xp: ArrayModule, lr: float, w: Array, g: Array, v: Array, mask: Array, s: Array,
               s2: Array) -> None:

@@ -82,6 +82,86 @@ def test_train_step_equals_forward_backward_update(sizes, hidden, output, loss, 
                 assert same_bits(getattr(la, name), getattr(lb, name)), (k, name)
 
 
+SGD_SETTINGS = [{}, {"momentum": 0.5}, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.5, "weight_decay": 0.01},
+                {"weight_decay": 0.02}]
+
+
+@pytest.mark.parametrize("sizes, hidden, output, loss", NETS)
+@pytest.mark.parametrize("settings", SGD_SETTINGS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_update_made_layer_by_layer_has_the_whole_updates_bits(sizes, hidden, output, loss, settings, dtype,
+                                                                  monkeypatch):
+    """Above SPLIT_UPDATE_BYTES a CPU step with the kernels updates each layer in the backward pass, as soon as
+    its weights were last read: the same bits as the step done operation by operation (one update at the end),
+    in parameters, gradients, velocity and the step count; every layer updated once per step."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    from gpunn.backprop import StepPlan
+    monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
+    a = gpunn.mlp(sizes, activation=hidden, output=output, dtype=dtype, seed=4, fused=True, device="cpu")
+    b = copy.deepcopy(a)
+    opt_a, opt_b = gpunn.SGD(lr=0.05, **settings), gpunn.SGD(lr=0.05, **settings)
+    parts = []
+    split = opt_a.split_update
+
+    def counted(*args):
+        part = split(*args)
+        return lambda start, stop: (parts.append((start, stop)), part(start, stop))
+    opt_a.split_update = counted
+    for k, n in enumerate([1, 5, 33, 5]):
+        x, t = batch(n, sizes[0], sizes[-1], k, dtype, classes=output == "softmax")
+        va = a.train_step(x, t, loss, opt_a)
+        vb = step_by_operations(b, x, t, loss, opt_b)
+        assert same_bits(numpy.asarray(va), numpy.asarray(vb, dtype=dtype)), k
+        assert same_bits(a.flat_parameters(), b.flat_parameters()), k
+        assert same_bits(a.flat_gradients(), b.flat_gradients()), k
+        assert opt_a.t == opt_b.t == k + 1
+        for name in opt_b.state:
+            assert same_bits(opt_a.state[name], opt_b.state[name]), (k, name)
+        for la, lb in zip(a.layers, b.layers):
+            assert same_bits(la.delta, lb.delta), k
+    layers = [(w.start, bias.stop) for w, bias in a._backprop.store.layout]
+    assert sorted(parts) == sorted(layers * 4)          # each layer once per step, nothing else
+
+
+def test_an_optimiser_with_its_own_update_is_not_split(monkeypatch):
+    """A subclass's own ``update`` runs once per step, as written: the plan does not split what it cannot see."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    from gpunn.backprop import StepPlan
+    monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
+    calls = []
+
+    class Halved(gpunn.SGD):
+        def update(self, params, grads, decay_mask, ops):
+            calls.append(1)
+            super().update(params, grads * 0.5, decay_mask, ops)
+    net = gpunn.mlp([5, 7, 6, 4], activation="sigmoid", output="softmax", dtype="float64", seed=1, fused=True,
+                    device="cpu")
+    ref = copy.deepcopy(net)
+    x, t = batch(9, 5, 4, 3, "float64", classes=True)
+    net.train_step(x, t, "cross_entropy", Halved(lr=0.1))
+    ref.train_step(x, t, "cross_entropy", gpunn.SGD(lr=0.05))
+    assert calls == [1]
+    assert numpy.allclose(net.flat_parameters(), ref.flat_parameters(), rtol=0, atol=1e-15)
+
+
+def test_hidden_deltas_are_made_in_place_over_the_products_output():
+    """With the kernels, ∂E/∂x of the layer above goes straight into the δ buffer of a hidden layer whose δ
+    kernel reads each value before writing it (sigmoid, tanh, ReLU, leaky ReLU, ELU), never softplus's."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    for hidden, in_place in [("sigmoid", True), ("relu", True), ("softplus", False)]:
+        net = gpunn.mlp([5, 7, 6, 4], activation=hidden, output="softmax", dtype="float32", seed=1, fused=True,
+                        device="cpu")
+        x, t = batch(9, 5, 4, 3, "float32", classes=True)
+        net.train_step(x, t, "cross_entropy", gpunn.SGD(lr=0.1))
+        plan = net._backprop._last
+        for k in (1, 2):            # the layer above writes ∂E/∂x with its last product
+            target = plan.steps[k].grads[-1].args[2]
+            assert (target is plan.steps[k - 1].bufs.delta) is in_place, (hidden, k)
+
+
 def test_plan_is_made_again_when_the_cpu_kernels_load():
     if not cpukernels.available():
         pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
