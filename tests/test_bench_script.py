@@ -223,22 +223,44 @@ def test_the_gemm_share_worker_runs_on_one_thread():
     assert row["threads"] in (1, None) and row["us_per_step"] > 0
 
 
-def test_step_inside_times_every_call_of_the_step_and_changes_nothing():
+@pytest.mark.parametrize("split", [False, True])
+def test_step_inside_times_every_call_of_the_step_and_changes_nothing(split, monkeypatch):
     """bench/step_inside.py wraps the step's bound calls in clock reads: every kind of call is counted and
-    the wrapped step computes what an unwrapped twin computes, bit for bit."""
+    the wrapped step computes what an unwrapped twin computes, bit for bit; with the update made layer by
+    layer (StepPlan.SPLIT_UPDATE_BYTES), its parts are counted as the update."""
     import numpy
     import step_inside
 
     import gpunn
+    from gpunn.backprop import StepPlan
+    if split:
+        if not gpunn.cpukernels.available():
+            pytest.skip(f"fused CPU kernels: {gpunn.cpukernels.unavailable_reason()}")
+        monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
     nets = [gpunn.mlp([6, 5, 3], activation="sigmoid", output="softmax", seed=4, device="cpu") for _ in range(2)]
     opts = [gpunn.SGD(lr=0.1), gpunn.SGD(lr=0.1)]
     x = numpy.random.default_rng(0).normal(size=(7, 6)).astype("float32")
     t = numpy.eye(3, dtype="float32")[[0, 1, 2, 0, 1, 2, 0]]
     for net, opt in zip(nets, opts):
         net.train_step(x, t, "cross_entropy", opt)
+    assert (nets[0]._backprop._last.backward_updating is not None) is split
     spent = step_inside.timed_calls(nets[0]._backprop._last, opts[0])
     for net, opt in zip(nets, opts):
         for _ in range(3):
             net.train_step(x, t, "cross_entropy", opt)
     assert {"matrix product", "loss", "update"} <= set(spent) and all(v > 0 for v in spent.values())
+    assert "_update" not in spent
     assert numpy.array_equal(nets[0].flat_parameters(), nets[1].flat_parameters())
+
+
+def test_gemm_libraries_times_the_steps_products():
+    """bench/gemm_libraries.py: the products of one mlp step (8 of them: the first layer has no δ·Wᵀ), timed
+    with NumPy's BLAS on the threads asked for."""
+    import gemm_libraries
+    assert gemm_libraries.shapes(5) == [(5, 784, 512), (784, 5, 512),                     # x·W, xᵀ·δ
+                                        (5, 512, 512), (512, 5, 512), (5, 512, 512),      # and δ·Wᵀ
+                                        (5, 512, 10), (512, 5, 10), (5, 10, 512)]
+    row = gemm_libraries.measure("numpy", 5, 1, 1, 0.001)
+    flops = 2 * 5 * (784 * 512 * 2 + 512 * 512 * 3 + 512 * 10 * 3)
+    assert row["threads"] == 1 and row["us"] > 0
+    assert abs(row["gflops"] - flops / row["us"] / 1e3) < 1e-9 * row["gflops"]
