@@ -3,6 +3,7 @@ finite-difference gradients, and a stand-in for a CuPy array."""
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy
 
@@ -59,3 +60,17 @@ class FakeCupyArray:
 
 
 FakeCupyArray.__module__ = "cupy._core.core"
+
+
+def race(threads) -> None:
+    """Start ``threads`` and wait for them all, the interpreter switching between threads as often as it can
+    meanwhile (so that races show up); the switch interval is restored afterwards."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)

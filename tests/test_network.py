@@ -1,7 +1,6 @@
 """The network's public surface: mlp(), train_step(), flat_gradients(), and the inference path."""
 from __future__ import annotations
 
-import sys
 import threading
 
 import numpy
@@ -9,7 +8,7 @@ import pytest
 
 import fakecupy
 import gpunn
-from helpers import host, rng
+from helpers import host, race, rng
 
 X = rng(0).normal(size=(50, 6))
 LABELS = rng(1).integers(0, 3, size=50)
@@ -108,15 +107,7 @@ def test_predict_from_several_threads_gives_each_caller_its_own_result():
         for _ in range(20):
             got[k] = net.predict(inputs[k], batch_size=64)
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)      # switch threads as often as possible: races show up
-    try:
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-    finally:
-        sys.setswitchinterval(interval)
+    race(threads)
     for g, e in zip(got, expected):
         numpy.testing.assert_array_equal(g, e)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pathlib
-import sys
 import threading
 import time
 
@@ -12,6 +11,7 @@ import pytest
 import gpunn
 from gpunn import cpukernels, threads
 from gpunn.errors import ConfigError
+from helpers import race
 
 
 @pytest.fixture
@@ -289,15 +289,7 @@ def test_steps_and_setting_changes_from_many_threads_keep_the_policy_consistent(
             policy.invalidate()
             threads.apply(32)
     workers = [threading.Thread(target=hammer, args=(t,)) for t in range(4)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)           # switch threads as often as the interpreter can
-    try:
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-    finally:
-        sys.setswitchinterval(interval)
+    race(workers)
     assert policy.controller.most_inside == 1           # one switch at a time
     assert policy.applied == policy.controller.calls[-1][0]
     threads.apply(32)
