@@ -560,8 +560,9 @@ class CpuKernels:
     def sgd_part(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                  momentum: float, nesterov: bool, weight_decay: float) -> Callable[[int, int], None]:
         """:meth:`sgd_update` as a function ``part(start, stop)`` making it on ``[start:stop]`` of the flat
-        buffers: the kernels do each value's arithmetic alone, so any partition gives the same bits."""
-        dt = p.dtype
+        buffers: the kernels do each value's arithmetic alone, so any partition gives the same bits. μ and λ
+        may be None (an SGD subclass that never set them): off, as the reference reads them."""
+        dt, momentum, weight_decay = p.dtype, momentum or 0.0, weight_decay or 0.0
         key = (dt, lr, momentum, nesterov, weight_decay)
         if self._sgd_last[0] != key:
             t = dt.type

@@ -181,10 +181,17 @@ class XpOps:
         returns False (nothing done) where the optimiser must run its own ``xp`` formula."""
         return False
 
+    def sgd_update_parts(self) -> bool:
+        """Whether :meth:`sgd_update_part` gives a function (for any buffers and settings): asked before an
+        optimiser does a step's bookkeeping for it (η, the step count), which its own update would do again
+        where it does not. False here."""
+        return False
+
     def sgd_update_part(self, params: Array, grads: Array, velocity: Array | None, mask: Array | None, lr: float,
                         momentum: float, nesterov: bool, weight_decay: float) -> Callable[[int, int], None] | None:
         """:meth:`sgd_update` as a function ``part(start, stop)`` doing it on ``[start:stop]`` of the flat
-        buffers (the same arithmetic on each value), where this ops has one; None here."""
+        buffers (the same arithmetic on each value), where this ops has one (:meth:`sgd_update_parts`); None
+        here."""
         return None
 
 
@@ -398,6 +405,9 @@ class CpuFusedOps(XpOps):
             return True
         self.kernels.sgd_update(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
         return True
+
+    def sgd_update_parts(self):
+        return self.kernels is not None         # a plan made before they load is made again (generation)
 
     def sgd_update_part(self, params, grads, velocity, mask, lr, momentum, nesterov, weight_decay):
         if self.kernels is None:

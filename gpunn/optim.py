@@ -333,9 +333,10 @@ class SGD(Optimizer):
 
     def split_update(self, params, grads, decay_mask, ops):
         """:meth:`Optimizer.split_update`: where the ops have the fused update over a range of the buffers
-        (:meth:`gpunn.ops.XpOps.sgd_update_part`) and :meth:`update` is this class's own."""
-        if type(self).update is not SGD.update:
-            return None
+        (:meth:`gpunn.ops.XpOps.sgd_update_parts`) and :meth:`update` is this class's own, none of a subclass's
+        or of the instance's (``opt.update = ...``: a step runs it, whole)."""
+        if type(self).update is not SGD.update or "update" in self.__dict__ or not ops.sgd_update_parts():
+            return None         # asked first: η (a subclass's current_lr may count its calls) is asked once a step
         mu, nesterov, wd, velocity = self._settings(params, ops)
         part = ops.sgd_update_part(params, grads, velocity, decay_mask, self.current_lr(), mu, nesterov, wd)
         if part is not None:

@@ -146,6 +146,81 @@ def test_an_optimiser_with_its_own_update_is_not_split(monkeypatch):
     assert numpy.allclose(net.flat_parameters(), ref.flat_parameters(), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("fused", [False, None, True])
+def test_the_learning_rate_is_asked_once_per_step_where_the_update_is_not_split(fused, monkeypatch):
+    """A step that cannot split the update (the reference, or the kernels not loaded yet) asks η once, as
+    the step done operation by operation does: a subclass's current_lr may count, or decay, at each call."""
+    if fused and not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    from gpunn.backprop import StepPlan
+    monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
+
+    class Halving(gpunn.SGD):
+        def current_lr(self):
+            self.lr = self.lr * 0.5
+            return self.lr
+    a = gpunn.mlp([5, 7, 6, 4], activation="relu", output="softmax", dtype="float64", seed=1, fused=fused,
+                  device="cpu")
+    b = copy.deepcopy(a)
+    opt_a, opt_b = Halving(lr=0.4, momentum=0.5), Halving(lr=0.4, momentum=0.5)
+    for k, n in enumerate([9, 3, 9]):
+        x, t = batch(n, 5, 4, k, "float64", classes=True)
+        a.train_step(x, t, "cross_entropy", opt_a)
+        step_by_operations(b, x, t, "cross_entropy", opt_b)
+    assert opt_a.lr == opt_b.lr == 0.4 / 8 and opt_a.t == opt_b.t == 3
+    assert same_bits(a.flat_parameters(), b.flat_parameters())
+
+
+def test_an_update_assigned_to_the_optimiser_instance_runs_unsplit(monkeypatch):
+    """``opt.update = wrapper`` (logging, clipping) is what the step runs, as it ran before the split: the plan
+    honours methods of an instance's own, as it does an activation's and a loss's."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    from gpunn.backprop import StepPlan
+    monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
+    net = gpunn.mlp([5, 7, 6, 4], activation="sigmoid", output="softmax", dtype="float64", seed=1, fused=True,
+                    device="cpu")
+    ref = copy.deepcopy(net)
+    opt, calls = gpunn.SGD(lr=0.1, momentum=0.5), []
+    update = opt.update
+    opt.update = lambda params, grads, mask, ops: (calls.append(1), update(params, grads * 0.5, mask, ops))
+    ref_opt = gpunn.SGD(lr=0.05, momentum=0.5)
+    for k in range(2):
+        x, t = batch(9, 5, 4, k, "float64", classes=True)
+        net.train_step(x, t, "cross_entropy", opt)
+        ref.train_step(x, t, "cross_entropy", ref_opt)
+    assert calls == [1, 1] and opt.t == 2
+    assert numpy.allclose(net.flat_parameters(), ref.flat_parameters(), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("weight_decay", [None, 0.01])
+def test_an_sgd_subclass_leaving_hyperparameters_unset_steps_split_as_the_reference(weight_decay, monkeypatch):
+    """An SGD subclass whose __init__ leaves momentum (and nesterov, weight_decay) at the descriptors' None,
+    read as off (tests/test_plan_hostile.py), updates layer by layer with the kernels as the reference does."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    from gpunn.backprop import StepPlan
+    monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
+
+    class Unset(gpunn.SGD):
+        name = "test_plan.unset_sgd"
+
+        def __init__(self, lr, weight_decay):
+            gpunn.optim.Optimizer.__init__(self)
+            self.lr = lr
+            if weight_decay is not None:
+                self.weight_decay = weight_decay
+    nets = [gpunn.mlp([5, 7, 6, 4], activation="tanh", output="softmax", dtype="float32", seed=2, fused=fused,
+                      device="cpu") for fused in (True, False)]
+    opts = [Unset(0.1, weight_decay) for _ in nets]
+    for k in range(3):
+        x, t = batch(7, 5, 4, k, "float32", classes=True)
+        for net, opt in zip(nets, opts):
+            net.train_step(x, t, "cross_entropy", opt)
+    assert same_bits(nets[0].flat_parameters(), nets[1].flat_parameters())
+    assert opts[0].t == opts[1].t == 3
+
+
 def test_hidden_deltas_are_made_in_place_over_the_products_output():
     """With the kernels, ∂E/∂x of the layer above goes straight into the δ buffer of a hidden layer whose δ
     kernel reads each value before writing it (sigmoid, tanh, ReLU, leaky ReLU, ELU), never softplus's."""
