@@ -207,7 +207,13 @@ class Optimizer:
         ``grads[start:stop]``, to be called once for each range of a partition of the buffers, in any order: each
         value gets the same arithmetic as in one :meth:`update`, so a training step can update each layer as
         soon as its gradients are made and its weights used, while they are still in the cache. None, with
-        nothing done, where it cannot (here: the caller runs :meth:`update`)."""
+        nothing done, where it cannot (here: the caller runs :meth:`update`); an override of :meth:`update`
+        (a subclass's, or the instance's) needs one of this too, or None from it.
+
+        :class:`gpunn.backprop.StepPlan` asks it after the step's loss, before its backward pass, and calls
+        ``part`` on a layer's range once that layer's gradients are final and nothing later in the step reads
+        its parameters; an exception in between (a ``KeyboardInterrupt``) leaves the ranges not yet called as
+        they were, the step already counted (``fit`` rolls back to the epoch's start)."""
         return None
 
     def snapshot(self) -> tuple:
