@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                     run = subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds), "--min-time",
                                           str(args.min_time), "--child", lib, str(b), str(t)],
                                          capture_output=True, text=True, check=False)
-                    if run.returncode:
-                        print(f"{lib} b{b} t{t}: {run.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    if run.returncode:      # PyTorch not installed, say: its cells stay "-"
+                        print(f"{lib} b{b} t{t} not measured: {(run.stderr.strip().splitlines() or ['failed'])[-1]}",
+                              file=sys.stderr)
                         continue
                     r = json.loads(run.stdout.strip().splitlines()[-1])
                     rows.setdefault((t, b), []).append(r)
@@ -116,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     for (t, b), rs in sorted(rows.items()):
         us = {lib: statistics.median(r["us"] for r in rs if r["library"] == lib) for lib in ("numpy", "torch")
               if any(r["library"] == lib for r in rs)}
-        if len(us) < 2:
-            continue
         flops = sum(2 * m * k * n for m, k, n in shapes(b))
-        print(f"| {t} | {b} | {us['numpy']:.1f} | {us['torch']:.1f} | {flops / us['numpy'] / 1e3:.1f} | "
-              f"{flops / us['torch'] / 1e3:.1f} | {us['numpy'] / us['torch']:.2f} |")
+        cells = [f"{us[lib]:.1f}" if lib in us else "-" for lib in ("numpy", "torch")]
+        cells += [f"{flops / us[lib] / 1e3:.1f}" if lib in us else "-" for lib in ("numpy", "torch")]
+        cells.append(f"{us['numpy'] / us['torch']:.2f}" if len(us) == 2 else "-")
+        print(f"| {t} | {b} | " + " | ".join(cells) + " |")
     return 0
 
 

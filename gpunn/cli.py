@@ -643,7 +643,8 @@ def _print_header(env: dict) -> None:
     if env["cuda_unavailable_reason"]:
         click.echo(f"# CUDA: {env['cuda_unavailable_reason']}")
     click.echo(f"# BLAS threads: {threads.summary(env['threads'])}; fused CPU kernels: "
-               + (f"numba {env['numba']}" if env["numba"] else "off"))
+               + ((f"numba {env['numba']}" + ("" if ops.fused_enabled() else " (off: GPUNN_FUSED)"))
+                  if env["numba"] else "off"))
 
 
 def _print_table(rows: list[dict], markdown: bool) -> None:

@@ -162,10 +162,11 @@ class Sequential:
     def train_step(self, X: ArrayLike, Y: ArrayLike, loss: str | losses_mod.Loss,
                    optimizer: optim.Optimizer, out: Array | None = None) -> Array:
         """One forward, backward and update on one batch (lecture §2 steps 2–5); returns the batch's mean
-        loss as a 0-d array on the model's device, without waiting for the device (written into ``out``, a
-        one-element device array, when given: then nothing is allocated). X and Y that are already arrays
-        of the model's device, dtype and shapes are used as they are (:class:`gpunn.validation.StepArrays`),
-        anything else is checked as :meth:`fit` checks it. Data-parallel steps: :mod:`gpunn.strategy`."""
+        loss on the model's device (a NumPy scalar on the CPU, a 0-d CuPy array on a GPU), without waiting for
+        it (written into ``out``, a one-element device array, when given: then nothing is allocated). X and Y
+        that are already arrays of the model's device, dtype and shapes are used as they are
+        (:class:`gpunn.validation.StepArrays`), anything else is checked as :meth:`fit` checks it. Data-parallel
+        steps: :mod:`gpunn.strategy`."""
         if not isinstance(optimizer, optim.Optimizer):
             _check_optimizer(optimizer)
         x, t, checked = self._step_arrays(X, Y, loss, out)

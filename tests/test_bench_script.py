@@ -2,6 +2,7 @@
 assertions); gpu_check runs on the fake GPU of tests/fakecupy.py."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import shutil
@@ -264,3 +265,18 @@ def test_gemm_libraries_times_the_steps_products():
     flops = 2 * 5 * (784 * 512 * 2 + 512 * 512 * 3 + 512 * 10 * 3)
     assert row["threads"] == 1 and row["us"] > 0
     assert abs(row["gflops"] - flops / row["us"] / 1e3) < 1e-9 * row["gflops"]
+
+
+def test_gemm_libraries_prints_numpys_rows_whatever_pytorch_does():
+    """A library that cannot be measured (PyTorch not installed, as on CI) leaves its cells "-": NumPy's rows
+    are printed all the same."""
+    bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
+    run = subprocess.run([sys.executable, str(bench / "gemm_libraries.py"), "--batches", "4", "--threads", "1",
+                          "--rounds", "1", "--min-time", "0.001", "--passes", "1"],
+                         capture_output=True, text=True, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| 1 | 4 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[2]) > 0 and float(cells[4]) > 0          # NumPy µs and GFLOP/s
+    have_torch = importlib.util.find_spec("torch") is not None
+    assert (cells[3] != "-") is have_torch and (cells[6] != "-") is have_torch

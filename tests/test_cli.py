@@ -147,6 +147,20 @@ def test_bench_tiny(tmp_path):
     assert row["threads"] in (None, 1)       # None where a user BLAS variable is set
 
 
+def test_bench_says_when_gpunn_fused_switches_the_cpu_kernels_off(monkeypatch):
+    """`gpunn bench`'s header says the kernels are off where GPUNN_FUSED=0 (as `gpunn info` does), not only the
+    numba version."""
+    from gpunn import cpukernels
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    args = ("bench", "--workload", "lecture", "--batch-size", "1", "--repeats", "1", "--min-time", "0.01")
+    r = run(*args)
+    assert r.exit_code == 0 and "fused CPU kernels: numba" in r.output and "(off: GPUNN_FUSED)" not in r.output
+    monkeypatch.setenv("GPUNN_FUSED", "0")
+    r = run(*args)
+    assert r.exit_code == 0 and "(off: GPUNN_FUSED)" in r.output and "unfused" in r.output, r.output
+
+
 def test_bench_takes_a_thread_setting():
     from gpunn import threads
     try:
