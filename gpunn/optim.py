@@ -79,6 +79,14 @@ def scheduled_lr(schedule: Schedule, step: int) -> float:
                       ">= 0 (a Python or NumPy float)")
 
 
+def _hyper(value: Any) -> float:
+    """A hyperparameter as the update uses it: a Python float (0.0 for None, a setting a subclass left unset, read
+    as off). A subclass's own property or ``current_lr`` may give a NumPy float64 scalar, which NumPy would not
+    round to a float32 network's dtype as it rounds a Python float, and the kernels would: so both paths get the
+    same float, and the same bits."""
+    return 0.0 if value is None else float(value)
+
+
 #: Elements per block of the CPU update (1 MiB of float32); on a GPU the whole buffer is one block.
 BLOCK = 1 << 18
 
@@ -314,7 +322,7 @@ class SGD(Optimizer):
         try:
             mu, nesterov, wd = d["momentum"], d["nesterov"], d["weight_decay"]
         except KeyError:    # a subclass's own attribute (a property), or a default its __init__ never set
-            mu, nesterov, wd = self.momentum, self.nesterov, self.weight_decay
+            mu, nesterov, wd = _hyper(self.momentum), bool(self.nesterov), _hyper(self.weight_decay)
         velocity = self.state.get("velocity")       # kept exactly while momentum is on
         if self._bound is not params or (velocity is None) is not (not mu) or len(self._scratch) < (2 if wd else 1):
             self._prepare(params, ops, scratch=2 if wd else 1)         # made once, not at every step
@@ -326,11 +334,13 @@ class SGD(Optimizer):
         try:
             mu, nesterov, wd = d["momentum"], d["nesterov"], d["weight_decay"]
         except KeyError:
-            mu, nesterov, wd = self.momentum, self.nesterov, self.weight_decay
+            mu, nesterov, wd = _hyper(self.momentum), bool(self.nesterov), _hyper(self.weight_decay)
         velocity = self.state.get("velocity")
         if self._bound is not params or (velocity is None) is not (not mu) or len(self._scratch) < (2 if wd else 1):
             mu, nesterov, wd, velocity = self._settings(params, ops)
         lr = self.current_lr()
+        if type(lr) is not float:           # a subclass's own current_lr (the base class's gives a float)
+            lr = _hyper(lr)
         self.t += 1
         if ops.sgd_update(params, grads, velocity, decay_mask, lr, mu, nesterov, wd):
             return      # the formula below as one fused kernel (on a GPU: gpunn/kernels.py, sgd_update)
@@ -344,7 +354,7 @@ class SGD(Optimizer):
         if type(self).update is not SGD.update or "update" in self.__dict__ or not ops.sgd_update_parts():
             return None         # asked first: η (a subclass's current_lr may count its calls) is asked once a step
         mu, nesterov, wd, velocity = self._settings(params, ops)
-        part = ops.sgd_update_part(params, grads, velocity, decay_mask, self.current_lr(), mu, nesterov, wd)
+        part = ops.sgd_update_part(params, grads, velocity, decay_mask, _hyper(self.current_lr()), mu, nesterov, wd)
         if part is not None:
             self.t += 1
         return part
@@ -353,7 +363,7 @@ class SGD(Optimizer):
               s2: Array) -> None:
         """One block of the update, in place: weights w, gradients g, velocity v (None without momentum),
         decay mask (None without weight decay); ``s``, ``s2`` are scratch arrays of the block's size."""
-        mu, wd = self.momentum, self.weight_decay
+        mu, wd = _hyper(self.momentum), _hyper(self.weight_decay)
         if wd:                                # g ← g + λ·w on weights (mask 1), not biases (mask 0)
             xp.multiply(w, mask, out=s2)
             s2 *= wd

@@ -124,6 +124,34 @@ def test_the_update_made_layer_by_layer_has_the_whole_updates_bits(sizes, hidden
     assert sorted(parts) == sorted(layers * 4)          # each layer once per step, nothing else
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_sgd_settings_given_as_numpy_float64_give_the_same_bits_fused_and_unfused(split, monkeypatch):
+    """An SGD subclass whose momentum, weight decay and learning rate come from its own property and current_lr
+    as NumPy float64 scalars: the kernels and the NumPy path use the same float (NumPy would compute a float32
+    network's update in float64 with such a scalar; the kernels round it to float32 first)."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    from gpunn.backprop import StepPlan
+    if split:
+        monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
+
+    class Float64Settings(gpunn.SGD):
+        momentum = property(lambda self: numpy.float64(0.9), lambda self, v: None)
+        weight_decay = property(lambda self: numpy.float64(0.003), lambda self, v: None)
+
+        def current_lr(self):
+            return numpy.float64(0.07) / (1 + self.t)
+    nets = [gpunn.mlp([5, 7, 6, 4], activation="sigmoid", output="softmax", seed=1, device="cpu", fused=f)
+            for f in (True, False)]
+    opts = [Float64Settings(lr=0.07), Float64Settings(lr=0.07)]
+    x, t = batch(9, 5, 4, 0, "float32", classes=True)
+    for _ in range(3):
+        for net, opt in zip(nets, opts):
+            net.train_step(x, t, "cross_entropy", opt)
+    assert same_bits(nets[0].flat_parameters(), nets[1].flat_parameters())
+    assert same_bits(opts[0].state["velocity"], opts[1].state["velocity"])
+
+
 def test_an_optimiser_with_its_own_update_is_not_split(monkeypatch):
     """A subclass's own ``update`` runs once per step, as written: the plan does not split what it cannot see."""
     if not cpukernels.available():
