@@ -10,6 +10,7 @@ on the step's shapes, and a numba kernel through its dispatcher against its comp
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -71,5 +72,13 @@ def main() -> None:
         print(f"{name:34s} {us:7.2f} µs")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """--help prints this module's docstring; nothing else is taken."""
+    lines = __doc__.splitlines()
+    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+
+
 if __name__ == "__main__":
+    parse_args()
     main()

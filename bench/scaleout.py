@@ -11,6 +11,7 @@ set OPENBLAS_NUM_THREADS to fix them yourself.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -110,15 +111,19 @@ def _stream() -> dict:
             "overhead": best["memmap"] / best["memory"] - 1}
 
 
-def main() -> int:
-    what = sys.argv[1] if len(sys.argv) > 1 else "step"
+def main(argv: list[str] | None = None) -> int:
+    lines = __doc__.splitlines()
+    ap = argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", default="step", choices=["step", "allreduce", "stream", "drift"])
+    what = ap.parse_args(argv).what
     comm = init(device="cpu")
     if what == "step":
         results = [_step(comm, sizes, batch) for sizes in NETS.values() for batch in (256, 2048)]
     elif what == "drift":
         results = [_drift(comm)]
     else:
-        results = [{"allreduce": _allreduce}.get(what, lambda c: _stream())(comm)]
+        results = [_allreduce(comm) if what == "allreduce" else _stream()]
     if comm.is_root:
         for r in results:
             print(json.dumps(r), flush=True)

@@ -9,6 +9,7 @@ the same amount of memory. The step's other calls: ``bench/step_inside.py``.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -50,5 +51,13 @@ def main() -> None:
         print(f"{name:34s} best {lo * 1e3:6.3f} ms  median {mid * 1e3:6.3f} ms")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """--help prints this module's docstring; nothing else is taken."""
+    lines = __doc__.splitlines()
+    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+
+
 if __name__ == "__main__":
+    parse_args()
     main()

@@ -7,6 +7,7 @@ idle worker then spins on the other core. Also checks that the split gives the s
 """
 from __future__ import annotations
 
+import argparse
 import queue
 import statistics
 import threading
@@ -62,5 +63,13 @@ def main(rounds: int = 9, calls: int = 10) -> None:
     print("split gives the same bits:", bool(numpy.array_equal(ref.view(numpy.uint32), y.view(numpy.uint32))))
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """--help prints this module's docstring; nothing else is taken."""
+    lines = __doc__.splitlines()
+    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+
+
 if __name__ == "__main__":
+    parse_args()
     main()

@@ -6,6 +6,7 @@ gpunn itself never imports scikit-learn; this script is only for regenerating th
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import pathlib
@@ -28,5 +29,13 @@ def main() -> None:
     print(f"wrote {DST} ({DST.stat().st_size} bytes); content sha256 {digest}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """--help prints this module's docstring; nothing else is taken."""
+    lines = __doc__.splitlines()
+    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+
+
 if __name__ == "__main__":
+    parse_args()
     main()

@@ -280,3 +280,27 @@ def test_gemm_libraries_prints_numpys_rows_whatever_pytorch_does():
     assert float(cells[2]) > 0 and float(cells[4]) > 0          # NumPy µs and GFLOP/s
     have_torch = importlib.util.find_spec("torch") is not None
     assert (cells[3] != "-") is have_torch and (cells[6] != "-") is have_torch
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(str(p.relative_to(ROOT)) for folder in ("bench", "scripts") for p in (ROOT / folder).glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help_and_does_nothing_else(script):
+    """`--help` prints a usage and exits 0 without running the script's work (scripts/build_digits.py used to
+    rewrite gpunn/data/digits.npz; bench/scaleout.py took an unknown word for its stream measurement)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    digits = root / "gpunn" / "data" / "digits.npz"
+    before = digits.stat().st_mtime_ns
+    run = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True,
+                         check=False, timeout=120, cwd=root)
+    assert run.returncode == 0 and "usage" in run.stdout.lower(), (script, run.stdout[-500:], run.stderr[-500:])
+    assert digits.stat().st_mtime_ns == before
+
+
+def test_scaleout_refuses_a_measurement_it_does_not_know():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "bench" / "scaleout.py"), "allreduced"], capture_output=True,
+                         text=True, check=False, timeout=120)
+    assert run.returncode == 2 and "invalid choice" in run.stderr
