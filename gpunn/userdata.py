@@ -101,10 +101,19 @@ def _read_bytes(path: str, limit: int | None = None) -> bytes:
 
 
 def _load_npy(path: str, data: Any) -> Any:
+    """numpy.load of a .npy or .npz file's bytes (``data``, a BytesIO), pickles refused; a DataError that says what
+    the file is where it is not that (NumPy's own message for a file of neither kind speaks of pickled data)."""
+    head = data.getvalue()[:8]
+    if not head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")):
+        raise DataError(f"{path} is not a NumPy file: a .npy file starts with \\x93NUMPY and an .npz file is a zip "
+                        f"archive; this one starts with {head!r}")
     try:
         return numpy.load(data, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise DataError(f"{path} is not a readable NumPy file ({str(exc)[:150] or type(exc).__name__})") from None
+        why = str(exc)[:150] or type(exc).__name__
+        if "pickle" in why:
+            why = "it holds Python objects (an object array), which gpunn does not unpickle: save numbers"
+        raise DataError(f"{path} is not a readable NumPy file ({why})") from None
 
 
 def _read_npz(path: str, target: str, need_target: bool) -> Table:

@@ -148,12 +148,17 @@ def test_bad_files_and_names_never_show_a_traceback(tmp_path):
     numpy.savez(tmp_path / "noX.npz", features=numpy.ones((4, 2)))
     numpy.save(tmp_path / "obj.npy", numpy.array([{"a": 1}], dtype=object), allow_pickle=True)
     (tmp_path / "m.npz").write_bytes(b"not a model")
+    (tmp_path / "text.npy").write_bytes(b"a,b\n1,2\n")
+    numpy.save(tmp_path / "y.npy", numpy.arange(10.0))
     cases = [
         (["train", "--data", str(tmp_path / "missing.csv")], 1, "no data file at"),
         (["train", "--data", str(tmp_path)], 1, "cannot tell the data format"),
         (["train", "--data", str(tmp_path / "junk.npz")], 1, "not a readable NumPy file"),
         (["train", "--data", str(tmp_path / "noX.npz")], 1, "has no array X"),
-        (["train", "--data", f"{tmp_path / 'obj.npy'},{tmp_path / 'obj.npy'}"], 1, "not a readable NumPy file"),
+        (["train", "--data", f"{tmp_path / 'obj.npy'},{tmp_path / 'obj.npy'}"], 1, "holds Python objects"),
+        (["train", "--data", f"{tmp_path / 'text.npy'},{tmp_path / 'y.npy'}"], 1,
+         "is not a NumPy file: a .npy file starts with \\x93NUMPY"),
+        (["train", "--data", f"{tmp_path / 'y.npy'},{tmp_path / 'text.npy'}"], 1, "text.npy is not a NumPy file"),
         (["train", "--data", "data.txt"], 1, "cannot tell the data format"),
         (["train", "--target", "label"], 2, "give --data too"),
         (["train", "--dataset", "moons", "--data", "x.csv"], 2, "give --dataset or --data, not both"),
