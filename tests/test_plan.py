@@ -152,6 +152,25 @@ def test_sgd_settings_given_as_numpy_float64_give_the_same_bits_fused_and_unfuse
     assert same_bits(opts[0].state["velocity"], opts[1].state["velocity"])
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_adam_on_a_net_above_the_split_size_updates_once_at_the_end(fused, monkeypatch):
+    """Adam has no update in parts (Optimizer.split_update: None): a step above SPLIT_UPDATE_BYTES runs its update
+    whole, the same bits as the step done operation by operation."""
+    if fused and not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    from gpunn.backprop import StepPlan
+    monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
+    a = gpunn.mlp([5, 7, 6, 4], activation="relu", output="softmax", dtype="float32", seed=3, fused=fused,
+                  device="cpu")
+    b = copy.deepcopy(a)
+    opt_a, opt_b = gpunn.Adam(lr=0.01, weight_decay=0.01), gpunn.Adam(lr=0.01, weight_decay=0.01)
+    for k, n in enumerate([4, 9, 4]):
+        x, t = batch(n, 5, 4, k, "float32", classes=True)
+        a.train_step(x, t, "cross_entropy", opt_a)
+        step_by_operations(b, x, t, "cross_entropy", opt_b)
+        assert same_bits(a.flat_parameters(), b.flat_parameters()) and opt_a.t == opt_b.t == k + 1, k
+
+
 def test_an_optimiser_with_its_own_update_is_not_split(monkeypatch):
     """A subclass's own ``update`` runs once per step, as written: the plan does not split what it cannot see."""
     if not cpukernels.available():
