@@ -171,6 +171,28 @@ def test_adam_on_a_net_above_the_split_size_updates_once_at_the_end(fused, monke
         assert same_bits(a.flat_parameters(), b.flat_parameters()) and opt_a.t == opt_b.t == k + 1, k
 
 
+def test_the_split_starts_at_split_update_bytes_and_plans_with_tuned_activations_are_kept(monkeypatch):
+    """A parameter buffer of exactly SPLIT_UPDATE_BYTES is updated layer by layer, one byte short of it is not;
+    a plan binding an activation's parameter (leaky ReLU's α) is taken again while α stays, made again when it
+    changes."""
+    from gpunn.backprop import StepPlan
+    net = gpunn.mlp([5, 7, 6, 4], activation="leaky_relu", output="softmax", seed=1, device="cpu", fused=True)
+    x, t = batch(6, 5, 4, 0, "float32", classes=True)
+    opt = gpunn.SGD(lr=0.1)
+    nbytes = net.flat_parameters().nbytes
+    for limit, split in ((nbytes, True), (nbytes + 1, False)):
+        monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", limit)
+        net._backprop._plans.clear()
+        net.train_step(x, t, "cross_entropy", opt)
+        assert (net._backprop._last.ranges is not None) is split, limit
+    first = net._backprop._last
+    net.train_step(x, t, "cross_entropy", opt)
+    assert net._backprop._last is first
+    net.layers[0].activation.alpha = 0.02
+    net.train_step(x, t, "cross_entropy", opt)
+    assert net._backprop._last is not first
+
+
 def test_an_optimiser_with_its_own_update_is_not_split(monkeypatch):
     """A subclass's own ``update`` runs once per step, as written: the plan does not split what it cannot see."""
     if not cpukernels.available():
