@@ -222,6 +222,38 @@ def test_the_policy_switches_only_when_its_choice_changes(quiet_env, monkeypatch
     assert len(policy.controller.calls) == 3            # the user's variable: nothing touched
 
 
+def test_the_load_is_looked_at_only_under_auto_from_min_work(quiet_env, monkeypatch):
+    """apply asks the load meter (made at its first use) only for work from MIN_WORK on under "auto" with no user
+    BLAS variable, and what it says counts: one of 2 cores busy gives one thread; under "steady", below MIN_WORK
+    or with OPENBLAS_NUM_THREADS set, the meter is never asked."""
+    asked = []
+
+    class Meter:
+        def __init__(self, cpus):
+            pass
+
+        def others_busy(self):
+            asked.append(1)
+            return 1.0
+    monkeypatch.setattr(threads, "LoadMeter", Meter)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    policy = threads.ThreadPolicy()
+    policy.controller = FakeController()
+    policy.apply(M - 1)
+    assert policy.meter is None and asked == [] and policy.applied == 1
+    policy.apply(M)
+    assert isinstance(policy.meter, Meter) and asked == [1] and policy.applied == 1    # the busy core counted
+    quiet_env.setenv("GPUNN_THREADS", "steady")
+    policy.invalidate()
+    policy.apply(M)
+    assert asked == [1] and policy.applied == 2
+    quiet_env.setenv("GPUNN_THREADS", "auto")
+    quiet_env.setenv("OPENBLAS_NUM_THREADS", "2")
+    policy.invalidate()
+    policy.apply(4 * M)
+    assert asked == [1] and policy.controller.calls == [(1, "blas"), (2, "blas")]
+
+
 class YieldingController(FakeController):
     """A controller whose switch lets other threads run in the middle of it, as a ctypes call can."""
 
