@@ -160,6 +160,19 @@ def test_buffers_past_what_a_kernels_int_counts_take_64_bit_counts_or_the_xp_cod
     assert not fk.column_sum(Huge(2**30 + 1, 2), Huge(2)) and not fk.column_sum(Huge(2, 2**30 + 1), Huge(2**30 + 1))
 
 
+def test_the_column_sum_kernel_refuses_arrays_that_are_not_c_contiguous(device):
+    """The column-sum kernel indexes rows × cols from the data pointer: a strided δ or a strided output (either
+    alone) takes the xp code (False), a C-contiguous pair the kernel."""
+    fk = _kernels(device)
+    xp = device.xp
+    d = device.asarray(rng(3).normal(size=(40, 12)), dtype="float32")
+    out = xp.zeros(12, "float32")
+    wide = xp.zeros(24, "float32")
+    assert not fk.column_sum(d[:, ::2], out[:6])            # δ strided
+    assert not fk.column_sum(d, wide[::2])                  # the output strided
+    assert fk.column_sum(d, out)
+
+
 def test_the_agreement_check_takes_the_multi_chunk_path():
     """gpunn check (and so scripts/gpu-check.sh) trains at a batch that the fused column sum cuts into
     several row chunks for every layer, on an H100/H200's grid as on the fake GPU's."""
