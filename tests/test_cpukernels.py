@@ -387,3 +387,23 @@ def test_a_corrupt_numba_cache_is_a_miss(tmp_path):
     assert again["same"] and again["inside"] is inside, again
     assert again["stats"] == {"colsum": [0, 1], "exp_f32_array": [0, 1]}, again
     assert run()["stats"] == {"colsum": [1, 0], "exp_f32_array": [1, 0]}
+
+
+def test_cached_njit_falls_back_only_where_numba_cannot_cache():
+    """numbacache.cached_njit: numba's "cannot cache" refusal gives the dispatcher without a cache; any other
+    error of numba's is not hidden."""
+    from gpunn import numbacache
+    made = []
+
+    def njit(cache=False, **options):
+        def decorate(fn):
+            if cache:
+                raise RuntimeError(reason)
+            made.append(options)
+            return ("plain", fn)
+        return decorate
+    reason = "cannot cache function 'f': no locator available for file 'f.py'"
+    assert numbacache.cached_njit(njit, len, nogil=True) == ("plain", len) and made == [{"nogil": True}]
+    reason = "something else went wrong"
+    with pytest.raises(RuntimeError, match="something else"):
+        numbacache.cached_njit(njit, len)
