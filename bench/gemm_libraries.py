@@ -17,7 +17,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+from functools import partial
+
+from gpunn.bench import step_flops, timed
 
 SIZES = [784, 512, 512, 10]
 
@@ -33,54 +35,36 @@ def shapes(batch: int) -> list[tuple[int, int, int]]:
 
 
 def measure(library: str, batch: int, threads: int, rounds: int, min_time: float) -> dict:
-    """µs per sequence and GFLOP/s of the step's products with ``library`` on ``threads`` threads (run in a child)."""
+    """µs per sequence and GFLOP/s of the step's products with ``library`` on ``threads`` threads
+    (``gpunn.bench.timed``: median of ``rounds`` blocks of about ``min_time`` s); the library's threads are
+    put back as they were afterwards. The script runs it in a child process per measurement."""
     import numpy
     rng = numpy.random.default_rng(0)
-    ops = []
-    for m, k, n in shapes(batch):
-        ops.append((rng.standard_normal((m, k), dtype=numpy.float32), rng.standard_normal((k, n), dtype=numpy.float32),
-                    numpy.empty((m, n), numpy.float32)))
+    ops = [(rng.standard_normal((m, k), dtype=numpy.float32), rng.standard_normal((k, n), dtype=numpy.float32),
+            numpy.empty((m, n), numpy.float32)) for m, k, n in shapes(batch)]
     if library == "torch":
         import torch
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
-        tops = [(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)) for a, b, c in ops]
-
-        def run() -> None:
-            for a, b, c in tops:
-                torch.mm(a, b, out=c)
+        restore = partial(torch.set_num_threads, before)
+        calls = [partial(torch.mm, *map(torch.from_numpy, (a, b)), out=torch.from_numpy(c)) for a, b, c in ops]
         version = f"torch {torch.__version__}"
     else:
         from threadpoolctl import threadpool_info, threadpool_limits
-        threadpool_limits(threads, user_api="blas")
-        matmul = numpy.matmul
-
-        def run() -> None:
-            for a, b, c in ops:
-                matmul(a, b, out=c)
+        restore = threadpool_limits(threads, user_api="blas").restore_original_limits
+        calls = [partial(numpy.matmul, a, b, out=c) for a, b, c in ops]
         blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
         version = f"numpy {numpy.__version__}, " + ", ".join(f"{i['internal_api']} {i['version']} "
                                                              f"({i.get('architecture')})" for i in blas)
-    run()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            run()
-        dt = time.perf_counter() - t0
-        if dt >= min_time / 4:
-            break
-        n *= 2
-    n = max(1, int(n * min_time / dt))
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            run()
-        samples.append((time.perf_counter() - t0) / n)
-    flops = sum(2 * m * k * nn for m, k, nn in shapes(batch))
-    us = statistics.median(samples) * 1e6
-    return {"library": library, "batch": batch, "threads": threads, "us": us, "gflops": flops / us / 1e3,
-            "version": version}
+    def run() -> None:
+        for call in calls:
+            call()
+    try:
+        us = timed(run, lambda: None, rounds, min_time)["median"] * 1e6
+    finally:
+        restore()
+    return {"library": library, "batch": batch, "threads": threads, "us": us,
+            "gflops": step_flops(SIZES, batch) / us / 1e3, "version": version}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for (t, b), rs in sorted(rows.items()):
         us = {lib: statistics.median(r["us"] for r in rs if r["library"] == lib) for lib in ("numpy", "torch")
               if any(r["library"] == lib for r in rs)}
-        flops = sum(2 * m * k * n for m, k, n in shapes(b))
+        flops = step_flops(SIZES, b)
         cells = [f"{us[lib]:.1f}" if lib in us else "-" for lib in ("numpy", "torch")]
         cells += [f"{flops / us[lib] / 1e3:.1f}" if lib in us else "-" for lib in ("numpy", "torch")]
         cells.append(f"{us['numpy'] / us['torch']:.2f}" if len(us) == 2 else "-")

@@ -72,13 +72,7 @@ def main() -> None:
         print(f"{name:34s} {us:7.2f} µs")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """--help prints this module's docstring; nothing else is taken."""
-    lines = __doc__.splitlines()
-    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
 
-
-if __name__ == "__main__":
-    parse_args()
+if __name__ == "__main__":      # --help: the docstring; no other argument
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

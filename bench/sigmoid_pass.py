@@ -16,8 +16,6 @@ from collections.abc import Callable
 
 import numpy
 
-from gpunn import activations, cpuexp, cpukernels
-
 
 def best_and_median(fn: Callable[[], object], before: Callable[[], object], calls: int = 15) -> tuple[float, float]:
     fn()
@@ -31,6 +29,7 @@ def best_and_median(fn: Callable[[], object], before: Callable[[], object], call
 
 
 def main() -> None:
+    from gpunn import activations, cpuexp, cpukernels  # numba: imported after --help
     k = cpukernels.CpuKernels().k
     g = numpy.random.default_rng(0)
     z0 = (g.normal(size=(2048, 512)) * 4).astype(numpy.float32)
@@ -51,13 +50,7 @@ def main() -> None:
         print(f"{name:34s} best {lo * 1e3:6.3f} ms  median {mid * 1e3:6.3f} ms")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """--help prints this module's docstring; nothing else is taken."""
-    lines = __doc__.splitlines()
-    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
 
-
-if __name__ == "__main__":
-    parse_args()
+if __name__ == "__main__":      # --help: the docstring; no other argument
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -14,10 +14,10 @@ import threading
 import time
 
 import numpy
-from threadpoolctl import ThreadpoolController
 
 
 def main(rounds: int = 9, calls: int = 10) -> None:
+    from threadpoolctl import ThreadpoolController  # imported after --help
     ThreadpoolController().limit(limits=2, user_api="blas")
     g = numpy.random.default_rng(0)
     z = g.normal(size=(2048, 512)).astype(numpy.float32)
@@ -63,13 +63,7 @@ def main(rounds: int = 9, calls: int = 10) -> None:
     print("split gives the same bits:", bool(numpy.array_equal(ref.view(numpy.uint32), y.view(numpy.uint32))))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """--help prints this module's docstring; nothing else is taken."""
-    lines = __doc__.splitlines()
-    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
 
-
-if __name__ == "__main__":
-    parse_args()
+if __name__ == "__main__":      # --help: the docstring; no other argument
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -12,14 +12,14 @@ import hashlib
 import pathlib
 
 import numpy
-import sklearn.datasets
 
-SRC = pathlib.Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
 DST = pathlib.Path(__file__).resolve().parents[1] / "gpunn" / "data" / "digits.npz"
 
 
 def main() -> None:
-    with gzip.open(SRC, "rt") as fh:
+    import sklearn.datasets  # imported after --help
+    src = pathlib.Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+    with gzip.open(src, "rt") as fh:
         raw = numpy.loadtxt(fh, delimiter=",")
     images = raw[:, :64].astype(numpy.uint8)   # pixel counts 0..16
     labels = raw[:, 64].astype(numpy.uint8)
@@ -29,13 +29,7 @@ def main() -> None:
     print(f"wrote {DST} ({DST.stat().st_size} bytes); content sha256 {digest}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """--help prints this module's docstring; nothing else is taken."""
-    lines = __doc__.splitlines()
-    return argparse.ArgumentParser(description=lines[0], epilog="\n".join(lines[1:]),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
 
-
-if __name__ == "__main__":
-    parse_args()
+if __name__ == "__main__":      # --help: the docstring; no other argument
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -256,8 +256,11 @@ def test_step_inside_times_every_call_of_the_step_and_changes_nothing(split, mon
 
 def test_gemm_libraries_times_the_steps_products():
     """bench/gemm_libraries.py: the products of one mlp step (8 of them: the first layer has no δ·Wᵀ), timed
-    with NumPy's BLAS on the threads asked for."""
+    with NumPy's BLAS on the threads asked for (threadpoolctl sets them), which are put back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="bench/gemm_libraries.py sets NumPy's BLAS threads "
+                                        "with threadpoolctl")
     import gemm_libraries
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info()]
     assert gemm_libraries.shapes(5) == [(5, 784, 512), (784, 5, 512),                     # x·W, xᵀ·δ
                                         (5, 512, 512), (512, 5, 512), (5, 512, 512),      # and δ·Wᵀ
                                         (5, 512, 10), (512, 5, 10), (5, 10, 512)]
@@ -265,11 +268,13 @@ def test_gemm_libraries_times_the_steps_products():
     flops = 2 * 5 * (784 * 512 * 2 + 512 * 512 * 3 + 512 * 10 * 3)
     assert row["threads"] == 1 and row["us"] > 0
     assert abs(row["gflops"] - flops / row["us"] / 1e3) < 1e-9 * row["gflops"]
+    assert [i["num_threads"] for i in threadpoolctl.threadpool_info()] == before
 
 
 def test_gemm_libraries_prints_numpys_rows_whatever_pytorch_does():
     """A library that cannot be measured (PyTorch not installed, as on CI) leaves its cells "-": NumPy's rows
     are printed all the same."""
+    pytest.importorskip("threadpoolctl", reason="bench/gemm_libraries.py sets NumPy's BLAS threads with threadpoolctl")
     bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
     run = subprocess.run([sys.executable, str(bench / "gemm_libraries.py"), "--batches", "4", "--threads", "1",
                           "--rounds", "1", "--min-time", "0.001", "--passes", "1"],

@@ -72,6 +72,8 @@ def _spellings(tmp_path, target, ext):
 @pytest.mark.parametrize("first,second", [("--save", "--checkpoint"), ("--save", "--plot"),
                                           ("--checkpoint", "--plot"), ("--plot", "--checkpoint")])
 def test_two_outputs_naming_one_file_exit_2_and_touch_nothing(tmp_path, first, second):
+    if "--plot" in (first, second):
+        pytest.importorskip("matplotlib", reason="--plot needs matplotlib (pip install 'gpunn[plot]')")
     target = tmp_path / f"out{EXT[first]}"
     target.write_bytes(b"earlier contents")
     for other in _spellings(tmp_path, target, EXT[second]):
@@ -103,6 +105,7 @@ def test_an_output_may_not_name_an_input(tmp_path):
 
 
 def test_distinct_outputs_are_all_written(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (pip install 'gpunn[plot]')")
     save, ckpt, plot = (str(tmp_path / n) for n in ("m.npz", "run.ckpt", "curves.svg"))
     r = run("train", "--dataset", "xor", "--epochs", "2", "--device", "cpu", "--save", save, "--checkpoint", ckpt,
             "--plot", plot)

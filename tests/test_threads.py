@@ -1,6 +1,7 @@
 """gpunn's choice of BLAS threads (gpunn.threads): the rule, what it reads, and that it is applied once."""
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import threading
 import time
@@ -22,6 +23,12 @@ def quiet_env(monkeypatch):
     yield monkeypatch
     threads.set_threads(None)
     threads.set_local_ranks(None)
+
+
+#: Tests that read the threads back (threads.current()): gpunn sets BLAS threads through threadpoolctl, and runs on
+#: without it (a dependency an install can lack), the threads then left as they are.
+needs_threadpoolctl = pytest.mark.skipif(importlib.util.find_spec("threadpoolctl") is None,
+                                         reason="threadpoolctl is not installed: gpunn leaves the BLAS threads alone")
 
 
 M = threads.MIN_WORK
@@ -404,6 +411,7 @@ def test_settled_work_is_the_work_whose_choice_stands_until_the_policy_changes(q
     assert policy.settled is None
 
 
+@needs_threadpoolctl
 def test_a_step_above_min_work_applies_the_policy_at_every_step(quiet_env):
     """Above MIN_WORK a step calls apply every time (the load term is looked at every LOOK_EVERY); below
     it the step skips apply for the settled work, and a new setting still takes effect at the next step."""
@@ -476,6 +484,7 @@ def _train(n_threads, fused, rows=512):
     return numpy.array(net.flat_parameters()).view("u4")
 
 
+@needs_threadpoolctl
 def test_the_fused_kernels_add_no_dependence_on_the_thread_count(quiet_env):
     """The fused CPU kernels are serial: at a given BLAS thread count they give the NumPy path's bits."""
     if not cpukernels.available():
@@ -484,6 +493,7 @@ def test_the_fused_kernels_add_no_dependence_on_the_thread_count(quiet_env):
         assert numpy.array_equal(_train(n, fused=False), _train(n, fused=True))
 
 
+@needs_threadpoolctl
 def test_below_min_work_the_result_does_not_depend_on_the_load(quiet_env, monkeypatch):
     """OpenBLAS's GEMM gives other last bits on 2 threads than on 1 (why 'steady' exists); below MIN_WORK
     the policy picks one thread whatever the machine's load, so results are the same busy or quiet."""
@@ -493,6 +503,7 @@ def test_below_min_work_the_result_does_not_depend_on_the_load(quiet_env, monkey
     assert numpy.array_equal(quiet, _train("auto", fused=None, rows=rows))
 
 
+@needs_threadpoolctl
 def test_a_bad_gpunn_threads_is_refused_at_every_step_not_only_the_first(quiet_env):
     """GPUNN_THREADS=bogus: every training step says what is wrong (ConfigError), not only the first one
     while the later ones run on silently with threads nobody chose."""

@@ -87,6 +87,7 @@ def test_train_default_target_is_the_last_column_and_numbers_stay_numbers(tmp_pa
 
 
 def test_npz_and_npy_pairs_and_regression_in_the_targets_units(tmp_path):
+    pytest.importorskip("safetensors", reason="the model is saved as .safetensors (pip install 'gpunn[safetensors]')")
     g = rng(3)
     X = g.normal(size=(300, 3)) * [1.0, 50.0, 0.1]
     y = 1000.0 + 30.0 * X[:, 0] - 0.4 * X[:, 1] + 200 * X[:, 2]
