@@ -555,29 +555,44 @@ class CpuKernels:
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> None:
         """:meth:`gpunn.optim.SGD.update`'s formula over the whole flat buffer, in one pass."""
-        self.sgd_part(p, g, velocity, mask, lr, momentum, nesterov, weight_decay)(0, p.size)
+        lr_t, mu, lr_mu, wd = self._sgd_constants(p.dtype, lr, momentum, weight_decay)
+        if velocity is None and not weight_decay:
+            self.k.sgd_plain(p, g, lr_t)
+            return
+        dummy = self._sgd_dummy(p.dtype)
+        self.k.sgd_update(p, g, velocity if velocity is not None else dummy,
+                          mask if mask is not None and weight_decay else dummy, lr_t, mu, lr_mu, wd,
+                          velocity is not None, bool(nesterov), bool(weight_decay))
 
     def sgd_part(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                  momentum: float, nesterov: bool, weight_decay: float) -> Callable[[int, int], None]:
         """:meth:`sgd_update` as a function ``part(start, stop)`` making it on ``[start:stop]`` of the flat
-        buffers: the kernels do each value's arithmetic alone, so any partition gives the same bits. μ and λ
-        may be None (an SGD subclass that never set them): off, as the reference reads them."""
-        dt, momentum, weight_decay = p.dtype, momentum or 0.0, weight_decay or 0.0
-        key = (dt, lr, momentum, nesterov, weight_decay)
-        if self._sgd_last[0] != key:
-            t = dt.type
-            self._sgd_last = key, (t(lr), t(momentum), t(lr * momentum), t(weight_decay))
-        lr_t, mu, lr_mu, wd = self._sgd_last[1]
+        buffers: the kernels do each value's arithmetic alone, so any partition gives the same bits."""
+        lr_t, mu, lr_mu, wd = self._sgd_constants(p.dtype, lr, momentum, weight_decay)
         if velocity is None and not weight_decay:
             plain = self.k.sgd_plain
             return lambda start, stop: plain(p[start:stop], g[start:stop], lr_t)
-        dummy = self._dummy.get(dt)
-        if dummy is None:
-            dummy = self._dummy[dt] = numpy.zeros(1, dt)
-        v, m = velocity if velocity is not None else None, mask if mask is not None and weight_decay else None
+        dummy = self._sgd_dummy(p.dtype)
+        v, m = velocity, (mask if weight_decay else None)
         flags, update = (velocity is not None, bool(nesterov), bool(weight_decay)), self.k.sgd_update
 
         def part(start: int, stop: int) -> None:
             update(p[start:stop], g[start:stop], dummy if v is None else v[start:stop],
                    dummy if m is None else m[start:stop], lr_t, mu, lr_mu, wd, *flags)
         return part
+
+    def _sgd_constants(self, dt: Any, lr: float, momentum: float, weight_decay: float) -> tuple:
+        """(η, μ, ημ, λ) in the buffers' dtype, as NumPy rounds a Python float it multiplies them with (the last
+        settings' kept: they change at most with a schedule)."""
+        key = (dt, lr, momentum, weight_decay)
+        if self._sgd_last[0] != key:
+            t = dt.type
+            self._sgd_last = key, (t(lr), t(momentum), t(lr * momentum), t(weight_decay))
+        return self._sgd_last[1]
+
+    def _sgd_dummy(self, dt: Any) -> Array:
+        """A one-value array standing in for the velocity or mask a kernel call does not read."""
+        dummy = self._dummy.get(dt)
+        if dummy is None:
+            dummy = self._dummy[dt] = numpy.zeros(1, dt)
+        return dummy

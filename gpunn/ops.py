@@ -410,8 +410,6 @@ class CpuFusedOps(XpOps):
         return self.kernels is not None         # a plan made before they load is made again (generation)
 
     def sgd_update_part(self, params, grads, velocity, mask, lr, momentum, nesterov, weight_decay):
-        if self.kernels is None:
-            return None
         return self.kernels.sgd_part(params, grads, velocity, mask, lr, momentum, nesterov, weight_decay)
 
     def _plain_sgd(self, params: Array, grads: Array, lr: float) -> tuple:

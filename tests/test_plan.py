@@ -193,6 +193,46 @@ def test_the_split_starts_at_split_update_bytes_and_plans_with_tuned_activations
     assert net._backprop._last is not first
 
 
+def test_fit_interrupted_after_some_layers_were_updated_rolls_back_to_the_last_epoch(monkeypatch):
+    """A KeyboardInterrupt in the backward pass of a step updating layer by layer (the layers above already
+    updated, this one not): fit leaves the weights, the velocity and the step count of the last finished epoch,
+    as README says."""
+    if not cpukernels.available():
+        pytest.skip(f"fused CPU kernels: {cpukernels.unavailable_reason()}")
+    from gpunn.backprop import StepPlan
+    monkeypatch.setattr(StepPlan, "SPLIT_UPDATE_BYTES", 0)
+    net = gpunn.mlp([5, 7, 6, 4], activation="sigmoid", output="softmax", seed=2, fused=True, device="cpu")
+    x, t = batch(20, 5, 4, 1, "float32", classes=True)
+    opt = gpunn.SGD(lr=0.1, momentum=0.9)
+    ends, at_raise = [], []
+
+    def progress(record):
+        ends.append((net.flat_parameters().copy(), opt.state["velocity"].copy(), opt.t))
+    act, calls, starts = net.layers[0].activation, [0], []
+    real, real_forward = act.backward, act.forward
+
+    def forward(*args):                     # the first call of a step: the weights the step starts from
+        starts.append(net.flat_parameters().copy())
+        return real_forward(*args)
+
+    def backward(*args):
+        calls[0] += 1
+        if calls[0] == 13:                  # the third epoch's third step (5 steps an epoch)
+            at_raise.append(net.flat_parameters().copy())
+            raise KeyboardInterrupt
+        return real(*args)
+    act.backward, act.forward = backward, forward
+    with pytest.raises(KeyboardInterrupt):
+        net.fit(x, t, loss="cross_entropy", optimizer=opt, epochs=5, batch_size=4, progress=progress, shuffle=False)
+    params, velocity, steps = ends[-1]
+    assert len(ends) == 2 and steps == 10 and net._backprop._last.ranges is not None
+    (first, _), (top, _) = net._backprop.store.layout[0], net._backprop.store.layout[-1]
+    assert not numpy.array_equal(at_raise[0][top], starts[-1][top])     # in that step the top layer was updated,
+    assert numpy.array_equal(at_raise[0][first], starts[-1][first])     # the first layer not yet
+    assert same_bits(net.flat_parameters(), params) and same_bits(opt.state["velocity"], velocity)
+    assert opt.t == steps
+
+
 def test_an_optimiser_with_its_own_update_is_not_split(monkeypatch):
     """A subclass's own ``update`` runs once per step, as written: the plan does not split what it cannot see."""
     if not cpukernels.available():
