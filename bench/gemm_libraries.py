@@ -4,24 +4,32 @@
     python bench/gemm_libraries.py --batches 2048 --threads 1 --rounds 9
 
 The products of one mlp step (per layer x·W, xᵀ·δ and, above the first layer, δ·Wᵀ: ``gpunn.bench.gemm_sequence``'s
-workload) into preallocated outputs, float32, timed back to back: with ``numpy.matmul`` (OpenBLAS in NumPy's
-wheels, what gpunn's CPU step runs) and with ``torch.mm`` (MKL in PyTorch's x86 wheels). A library's GEMM sets
-the floor under a step that is mostly products: where PyTorch's products alone beat NumPy's, PyTorch's step can
-beat gpunn's whatever gpunn's elementwise kernels do. Each (library, threads, batch) runs alone in a fresh
-process, the libraries alternated over ``--passes``; medians of ``--rounds`` samples of about ``--min-time`` s.
+workload), float32, timed back to back: with ``numpy.matmul`` (OpenBLAS in NumPy's wheels, what gpunn's CPU step
+runs) and ``torch.mm`` (MKL in PyTorch's x86 wheels) into preallocated outputs, and as one ``jax.jit`` function
+returning all of them (XLA's CPU dot; where JAX is installed). A library's GEMM sets the floor under a step that
+is mostly products: where another library's products alone beat NumPy's, its step can beat gpunn's whatever
+gpunn's elementwise kernels do. Each (library, threads, batch) runs alone in a fresh process, the libraries
+alternated over ``--passes``; medians of ``--rounds`` samples of about ``--min-time`` s. Threads: NumPy's BLAS
+through threadpoolctl, PyTorch's ``set_num_threads``, XLA's Eigen pool off for one thread (``XLA_FLAGS``, set
+before JAX loads) and left as XLA chooses for more; each row also gives the process's CPU seconds per wall
+second while timed (about 1 on one thread), to show what each library really used.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import time
 from functools import partial
 
 from gpunn.bench import step_flops, timed
 
 SIZES = [784, 512, 512, 10]
+#: the libraries compared, NumPy (gpunn's) first
+LIBRARIES = ("numpy", "torch", "jax")
 
 
 def shapes(batch: int) -> list[tuple[int, int, int]]:
@@ -42,7 +50,15 @@ def measure(library: str, batch: int, threads: int, rounds: int, min_time: float
     rng = numpy.random.default_rng(0)
     ops = [(rng.standard_normal((m, k), dtype=numpy.float32), rng.standard_normal((k, n), dtype=numpy.float32),
             numpy.empty((m, n), numpy.float32)) for m, k, n in shapes(batch)]
-    if library == "torch":
+    if library == "jax":
+        import jax
+        cpu = jax.devices("cpu")[0]
+        pairs = [(jax.device_put(a, cpu), jax.device_put(b, cpu)) for a, b, _ in ops]
+        products = jax.jit(lambda ps: [a @ b for a, b in ps])
+        calls = [lambda: jax.block_until_ready(products(pairs))]
+        restore = lambda: None          # noqa: E731 - XLA's threads are set for the child process only
+        version = f"jax {jax.__version__} (XLA CPU)"
+    elif library == "torch":
         import torch
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -60,11 +76,23 @@ def measure(library: str, batch: int, threads: int, rounds: int, min_time: float
         for call in calls:
             call()
     try:
+        wall, cpu_s = time.perf_counter(), time.process_time()
         us = timed(run, lambda: None, rounds, min_time)["median"] * 1e6
+        cpu_per_wall = (time.process_time() - cpu_s) / (time.perf_counter() - wall)
     finally:
         restore()
     return {"library": library, "batch": batch, "threads": threads, "us": us,
-            "gflops": step_flops(SIZES, batch) / us / 1e3, "version": version}
+            "gflops": step_flops(SIZES, batch) / us / 1e3, "version": version, "cpu_per_wall": cpu_per_wall}
+
+
+def child_env(library: str, threads: int) -> dict[str, str]:
+    """The environment of a child measuring ``library`` on ``threads`` threads: for JAX on one thread, XLA's
+    Eigen thread pool off (it reads ``XLA_FLAGS`` once, when it loads)."""
+    env = dict(os.environ)
+    if library == "jax" and threads == 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                            " intra_op_parallelism_threads=1").strip()
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in range(args.passes):
         for t in (int(v) for v in args.threads.split(",")):
             for b in (int(v) for v in args.batches.split(",")):
-                for lib in (("numpy", "torch") if p % 2 == 0 else ("torch", "numpy")):
+                for lib in (LIBRARIES if p % 2 == 0 else LIBRARIES[::-1]):
                     run = subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds), "--min-time",
                                           str(args.min_time), "--child", lib, str(b), str(t)],
-                                         capture_output=True, text=True, check=False)
-                    if run.returncode:      # PyTorch not installed, say: its cells stay "-"
+                                         capture_output=True, text=True, check=False, env=child_env(lib, t))
+                    if run.returncode:      # PyTorch or JAX not installed, say: its cells stay "-"
                         print(f"{lib} b{b} t{t} not measured: {(run.stderr.strip().splitlines() or ['failed'])[-1]}",
                               file=sys.stderr)
                         continue
@@ -96,15 +124,21 @@ def main(argv: list[str] | None = None) -> int:
                     rows.setdefault((t, b), []).append(r)
     versions = sorted({r["version"] for rs in rows.values() for r in rs})
     print("libraries: " + "; ".join(versions))
-    print("| threads | batch | NumPy µs | PyTorch µs | NumPy GFLOP/s | PyTorch GFLOP/s | NumPy / PyTorch time |")
-    print("|---|---|---|---|---|---|---|")
+    names = {"numpy": "NumPy", "torch": "PyTorch", "jax": "JAX"}
+    others = LIBRARIES[1:]
+    print("| threads | batch | " + " | ".join(f"{names[lib]} µs" for lib in LIBRARIES) + " | "
+          + " | ".join(f"{names[lib]} GFLOP/s" for lib in LIBRARIES) + " | "
+          + " | ".join(f"NumPy / {names[lib]} time" for lib in others) + " | CPU s per wall s |")
+    print("|---|---|" + "---|" * (2 * len(LIBRARIES) + len(others) + 1))
     for (t, b), rs in sorted(rows.items()):
-        us = {lib: statistics.median(r["us"] for r in rs if r["library"] == lib) for lib in ("numpy", "torch")
+        us = {lib: statistics.median(r["us"] for r in rs if r["library"] == lib) for lib in LIBRARIES
               if any(r["library"] == lib for r in rs)}
+        load = {lib: statistics.median(r["cpu_per_wall"] for r in rs if r["library"] == lib) for lib in us}
         flops = step_flops(SIZES, b)
-        cells = [f"{us[lib]:.1f}" if lib in us else "-" for lib in ("numpy", "torch")]
-        cells += [f"{flops / us[lib] / 1e3:.1f}" if lib in us else "-" for lib in ("numpy", "torch")]
-        cells.append(f"{us['numpy'] / us['torch']:.2f}" if len(us) == 2 else "-")
+        cells = [f"{us[lib]:.1f}" if lib in us else "-" for lib in LIBRARIES]
+        cells += [f"{flops / us[lib] / 1e3:.1f}" if lib in us else "-" for lib in LIBRARIES]
+        cells += [f"{us['numpy'] / us[lib]:.2f}" if "numpy" in us and lib in us else "-" for lib in others]
+        cells.append(" / ".join(f"{load[lib]:.2f}" for lib in LIBRARIES if lib in load))
         print(f"| {t} | {b} | " + " | ".join(cells) + " |")
     return 0
 

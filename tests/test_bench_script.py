@@ -280,11 +280,39 @@ def test_gemm_libraries_prints_numpys_rows_whatever_pytorch_does():
                           "--rounds", "1", "--min-time", "0.001", "--passes", "1"],
                          capture_output=True, text=True, check=False, timeout=300)
     assert run.returncode == 0, run.stderr
-    row = next(line for line in run.stdout.splitlines() if line.startswith("| 1 | 4 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[2]) > 0 and float(cells[4]) > 0          # NumPy µs and GFLOP/s
-    have_torch = importlib.util.find_spec("torch") is not None
-    assert (cells[3] != "-") is have_torch and (cells[6] != "-") is have_torch
+    lines = run.stdout.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| threads")).strip("|").split("|")]
+    row = dict(zip(header, (c.strip() for c in next(line for line in lines
+                                                      if line.startswith("| 1 | 4 |")).strip("|").split("|"))))
+    assert float(row["NumPy µs"]) > 0 and float(row["NumPy GFLOP/s"]) > 0
+    assert 0.5 < float(row["CPU s per wall s"].split(" / ")[0]) < 1.5         # NumPy's, on one thread
+    for module, name in (("torch", "PyTorch"), ("jax", "JAX")):
+        have = importlib.util.find_spec(module) is not None
+        assert all((row[cell] != "-") is have for cell in (f"{name} µs", f"{name} GFLOP/s", f"NumPy / {name} time"))
+
+
+def test_gemm_libraries_keeps_xla_on_one_thread_only_where_asked(monkeypatch):
+    """JAX measured on one thread gets XLA's Eigen pool switched off in its child's environment (XLA reads
+    XLA_FLAGS once, when it loads), after the user's own XLA_FLAGS; the other libraries' children and JAX on
+    more threads get the environment unchanged."""
+    import gemm_libraries
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nowhere")
+    one = gemm_libraries.child_env("jax", 1)["XLA_FLAGS"].split()
+    assert one == ["--xla_dump_to=/nowhere", "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
+    assert gemm_libraries.child_env("jax", 2)["XLA_FLAGS"] == "--xla_dump_to=/nowhere"
+    assert gemm_libraries.child_env("numpy", 1)["XLA_FLAGS"] == "--xla_dump_to=/nowhere"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert gemm_libraries.child_env("jax", 1)["XLA_FLAGS"].startswith("--xla_cpu_multi_thread_eigen=false")
+    assert "XLA_FLAGS" not in gemm_libraries.child_env("torch", 1)
+
+
+def test_gemm_libraries_times_jax_products_where_jax_is_installed():
+    """JAX's row: the same products as one jitted function, the µs and GFLOP/s consistent."""
+    pytest.importorskip("jax", reason="JAX not installed: bench/gemm_libraries.py leaves its cells '-'")
+    import gemm_libraries
+    row = gemm_libraries.measure("jax", 3, 1, 1, 0.001)
+    assert row["library"] == "jax" and row["us"] > 0 and row["version"].startswith("jax ")
+    assert abs(row["gflops"] - gemm_libraries.step_flops(gemm_libraries.SIZES, 3) / row["us"] / 1e3) < 1e-9 * row["gflops"]
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
