@@ -30,7 +30,8 @@ from .types import Array, ArrayModule
 
 __all__ = [
     "Device", "get_device", "use_device", "available_devices", "cuda_unavailable_reason", "cupy_module",
-    "device_of", "array_module", "is_cupy_array", "xp_of", "parse_spec", "tf32_enabled", "to_host", "HostToDevice",
+    "device_of", "array_module", "is_cupy_array", "xp_of", "parse_spec", "tf32_enabled", "tf32_problem", "to_host",
+    "HostToDevice",
 ]
 
 _SPEC_RE = re.compile(r"^(cpu|cuda|auto)(?::(\d+))?$")
@@ -77,24 +78,45 @@ def _cuda_device_count() -> tuple[int, str | None]:
 
 
 def cuda_unavailable_reason(index: int = 0) -> str | None:
-    """Why ``cuda:index`` cannot be used, in one line; ``None`` when it can."""
+    """Why ``cuda:index`` cannot be used, in one line; ``None`` when it can. A ``CUPY_TF32`` that CuPy cannot
+    read makes every device unusable (:func:`tf32_problem`)."""
     count, reason = _cuda_device_count()
     if reason is not None:
         return reason
     if index >= count:
         return f"CUDA device index {index} is out of range: {count} device(s) visible"
-    return None
+    return tf32_problem()
 
 
 def available_devices() -> list[str]:
     """Devices usable now: ``['cpu', 'cuda:0', ...]``."""
     count, _ = _cuda_device_count()
-    return ["cpu"] + [f"cuda:{i}" for i in range(count)]
+    return ["cpu"] + ([] if tf32_problem() else [f"cuda:{i}" for i in range(count)])
 
 
 def tf32_enabled() -> bool:
-    """Whether CuPy was told to use TF32 for float32 matrix products (``CUPY_TF32=1``; off by default)."""
-    return os.environ.get("CUPY_TF32", "0").strip() not in ("", "0")
+    """Whether CuPy uses TF32 for float32 matrix products, read as CuPy reads ``CUPY_TF32``: an integer above 0
+    (``int(os.getenv('CUPY_TF32', '0')) > 0`` in CuPy 14's ``get_compute_type``; off where unset, and False
+    where CuPy cannot read it: :func:`tf32_problem`)."""
+    try:
+        return int(os.environ.get("CUPY_TF32", "0")) > 0
+    except ValueError:
+        return False
+
+
+def tf32_problem() -> str | None:
+    """Why CuPy cannot read ``CUPY_TF32`` (set, but not an integer: '', 'false', 'on'), or None. CuPy reads
+    it with ``int()`` at its first float32 matrix product and raises ValueError there, in the middle of a
+    step; gpunn refuses the device up front instead (:func:`cuda_unavailable_reason`)."""
+    value = os.environ.get("CUPY_TF32")
+    if value is None:
+        return None
+    try:
+        int(value)
+    except ValueError:
+        return (f"CUPY_TF32={value!r} is not an integer: CuPy reads it with int() at its first float32 matrix "
+                "product and fails there; set 0 (off, the default) or 1 (TF32 on), or unset it")
+    return None
 
 
 def parse_spec(spec: str) -> tuple[str, int]:

@@ -1,6 +1,8 @@
 """Device specs, errors, the environment default, auto fallback, mixing detection, transfers."""
 from __future__ import annotations
 
+import os
+
 import numpy
 import pytest
 
@@ -145,3 +147,45 @@ def test_without_numba_the_cpu_runs_the_numpy_path(monkeypatch):
     net.fit(numpy.zeros((4, 2)), numpy.ones((4, 1)), epochs=1)
     monkeypatch.setattr(cpukernels, "installed", lambda: False)
     assert type(ops.ops_for(gpunn.Device("cpu"))) is ops.XpOps
+
+
+@pytest.mark.parametrize("value", [None, "0", "1", " 2 ", "-1", "+1", "007", "1_0", "", "false", "true", "on", "1.0"])
+def test_tf32_is_read_as_cupy_reads_it(value, monkeypatch):
+    """CuPy 14's get_compute_type: TF32 for float32 products where int(os.getenv('CUPY_TF32', '0')) > 0, and a
+    ValueError at the first float32 product where int() refuses the value. gpunn says the same: on/off as
+    CuPy decides it, and a value CuPy cannot read is a problem named up front."""
+    if value is None:
+        monkeypatch.delenv("CUPY_TF32", raising=False)
+    else:
+        monkeypatch.setenv("CUPY_TF32", value)
+    try:
+        cupy_on, cupy_fails = int(os.getenv("CUPY_TF32", "0")) > 0, False      # CuPy's own line
+    except ValueError:
+        cupy_on, cupy_fails = False, True
+    assert backend.tf32_enabled() is cupy_on
+    problem = backend.tf32_problem()
+    assert (problem is not None) is cupy_fails
+    if cupy_fails:
+        assert f"CUPY_TF32={value!r}" in problem and "not an integer" in problem
+
+
+@pytest.mark.parametrize("value", ["false", ""])
+def test_a_cupy_tf32_cupy_cannot_read_makes_cuda_unusable_up_front(value, fake_gpu, monkeypatch, caplog):
+    """Not a ValueError from inside CuPy at the first float32 product of a step: cuda:0 is refused with the
+    reason, 'auto' falls back to the CPU saying why, the device list has no GPU, gpunn info shows the reason."""
+    assert backend.cuda_unavailable_reason(0) is None and "cuda:0" in backend.available_devices()
+    monkeypatch.setenv("CUPY_TF32", value)
+    with pytest.raises(DeviceError, match=r"cannot use cuda:0: CUPY_TF32=.* is not an integer"):
+        gpunn.Device("cuda:0")
+    assert backend.available_devices() == ["cpu"]
+    monkeypatch.setattr(backend, "_warned_fallback", False)
+    with caplog.at_level("WARNING", logger="gpunn"):
+        assert gpunn.Device("auto") == "cpu"
+    assert "CUPY_TF32" in caplog.text
+    from click.testing import CliRunner
+
+    from gpunn.cli import main
+    out = CliRunner().invoke(main, ["info"]).output
+    assert "CUDA unusable: CUPY_TF32=" in out and "TF32: off" in out
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert gpunn.Device("cuda:0") == "cuda:0" and backend.tf32_enabled()
