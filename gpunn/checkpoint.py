@@ -10,11 +10,12 @@ configuration is refused with a ConfigError naming what differs; ``epochs`` may 
 
 A checkpoint also holds the start of its last epoch (parameters, optimiser state, shuffling state), so a
 resumed run that diverges at its first step rolls back exactly as the uninterrupted run would. The
-history is a float64 table (:class:`HistoryTable`), not JSON, kept in a file beside the checkpoint
-(``PATH.history``) to which each epoch appends its row: an epoch's checkpoint costs the same at epoch 10
-and at epoch 100,000 (the table is rewritten only when a new field appears). The checkpoint's header holds
-the number of rows and a SHA-256 chained over them, so the history read back is exactly the one written
-(rows a crash appended after the last checkpoint are ignored, then overwritten). Every field read back
+history is a log (:class:`HistoryLog`) kept in a file beside the checkpoint (``PATH.history``), to which each
+epoch appends its record as one line of JSON: an epoch's checkpoint costs the same at epoch 10 and at epoch
+100,000, whatever the records hold, and every record reads back exactly as it was recorded. The checkpoint's
+header holds the number of records, their bytes and a SHA-256 chained over them, so the history read back
+is exactly the one written (bytes a crash appended after the last checkpoint are ignored, then
+overwritten). Every field read back
 is checked (sizes against the run's
 network, types, ranges): a checkpoint edited with its SHA-256 recomputed is a ModelFileError, never a
 broadcast, a silent zero or a raw exception.
@@ -22,6 +23,7 @@ broadcast, a silent zero or a raw exception.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import os
@@ -34,19 +36,20 @@ from . import io, losses, optim
 from .backend import to_host
 from .errors import ConfigError, ModelFileError
 from .registry import json_data
+from .scalars import shown
 from .types import Array
 
-__all__ = ["FORMAT", "VERSION", "Checkpoint", "EpochStart", "HistoryTable", "fingerprint", "history_path", "row_chain",
+__all__ = ["FORMAT", "VERSION", "Checkpoint", "EpochStart", "HistoryLog", "fingerprint", "history_path", "line_chain",
            "run_config"]
 
 FORMAT = "gpunn-checkpoint"
-#: The checkpoint layout (3: the history appended to PATH.history, the last epoch's start kept); other
-#: layouts are refused.
-VERSION = 3
+#: The checkpoint layout (4: the history appended to PATH.history as a line of JSON per epoch, the last epoch's
+#: start kept); other layouts are refused.
+VERSION = 4
 
 
 def history_path(path: Any) -> str:
-    """The file beside the checkpoint ``path`` that holds its history rows: ``PATH.history``, or, where that
+    """The file beside the checkpoint ``path`` that holds its history records: ``PATH.history``, or, where that
     name would pass the file system's 255 bytes, the name cut and a SHA-256 of it in its place."""
     folder, name = os.path.split(os.fsdecode(os.fspath(path)))
     side = name + ".history"
@@ -54,13 +57,6 @@ def history_path(path: Any) -> str:
         raw = os.fsencode(name)
         side = (raw[:200].decode("utf-8", "ignore") + "." + hashlib.sha256(raw).hexdigest()[:16] + ".history")
     return os.path.join(folder, side)
-
-
-def row_chain(digest: str, rows: numpy.ndarray) -> str:
-    """The SHA-256 chain ``digest`` continued over each row of ``rows`` (its bytes, little-endian float64)."""
-    for row in rows:
-        digest = hashlib.sha256(digest.encode() + row.astype("<f8").tobytes()).hexdigest()
-    return digest
 
 
 def fingerprint(*arrays: Array | None) -> str:
@@ -91,158 +87,123 @@ def run_config(net: Any, loss: Any, optimizer: Any, batch_size: int, shuffle: bo
 
 
 
-class HistoryTable:
-    """The epoch records as a float64 table, one row per epoch, grown by doubling: what a checkpoint writes.
+class HistoryLog:
+    """The epoch records as a checkpoint writes them: one line of JSON per epoch, appended to the file beside
+    the checkpoint (``PATH.history``), so an epoch's save costs that epoch's record whatever came before.
 
-    Numbers, booleans and None (NaN) go in the table; a field's kind (int, float, bool) brings its values
-    back as they were. Anything else a callback put in a record is kept in the header (``other``).
+    A record reads back as it was recorded: JSON keeps integers of any size, floats to the bit (NaN and
+    infinity too), text, None, and which fields each record has. NumPy numbers are kept as Python's (bool,
+    int, float), anything else a callback put in a record as its ``repr``, field names as text.
     """
 
-    def __init__(self) -> None:
-        self.fields: list[str] = []
-        self.kinds: dict[str, str] = {}
-        self.absent: dict[str, list[list[int]]] = {}   # [start, stop) row ranges whose records lack the field
-        self.other: dict[str, dict[str, Any]] = {}     # field -> {row: value} for values that are not numbers
-        self.table = numpy.empty((0, 0))
-        self.n = 0
-        self.synced: tuple[str, int, int, str] | None = None  # (file, rows, width, digest) written there last
+    def __init__(self, lines: list[bytes] | None = None) -> None:
+        self.lines: list[bytes] = list(lines or [])
+        self.synced: tuple[str, int, int, str] | None = None  # (file, records, bytes, digest) written there last
+
+    @property
+    def n(self) -> int:
+        return len(self.lines)
 
     def append(self, record: dict) -> None:
-        record = {str(k): v for k, v in record.items()}       # JSON names fields by strings
-        for key in record:
-            if key not in self.kinds:
-                self.fields.append(key)
-                self.kinds[key] = "none"
-                self.absent[key] = [[0, self.n]] if self.n else []
-                self.table = numpy.concatenate([self.table, numpy.full((self.table.shape[0], 1), numpy.nan)], 1)
-        if self.n == self.table.shape[0]:
-            grown = numpy.full((max(8, 2 * self.n), len(self.fields)), numpy.nan)
-            grown[:self.n] = self.table[:self.n]
-            self.table = grown
-        for j, key in enumerate(self.fields):
-            if key not in record:
-                ranges = self.absent[key]
-                if ranges and ranges[-1][1] == self.n:
-                    ranges[-1][1] += 1
-                else:
-                    ranges.append([self.n, self.n + 1])
-                continue
-            self.table[self.n, j] = self._number(key, record[key])
-        self.n += 1
+        line = json.dumps({str(k): _plain(v) for k, v in record.items()}, separators=(",", ":"))
+        self.lines.append(line.encode("ascii") + b"\n")        # ensure_ascii: no newline inside a line
 
-    def _number(self, key: str, v: Any) -> float:
-        kind = self.kinds[key]
-        if v is None:
-            return math.nan
-        if isinstance(v, bool):
-            new = "bool" if kind in ("none", "bool") else "other"
-        elif isinstance(v, numbers.Integral):
-            new = "int" if kind in ("none", "int") else ("float" if kind == "float" else "other")
-        elif isinstance(v, numbers.Real) and math.isfinite(float(v)):
-            new = "float" if kind in ("none", "int", "float") else "other"
-        else:
-            new = "other"
-        if new == "other":
-            self.other.setdefault(key, {})[str(self.n)] = v if isinstance(v, (str, int, float)) else repr(v)
-            return math.nan
-        self.kinds[key] = new
-        return float(v)
-
-    def array(self) -> numpy.ndarray:
-        """The filled rows, flat (a view: nothing copied)."""
-        return self.table[:self.n].reshape(-1)
-
-    def header(self) -> dict:
-        return {"fields": self.fields, "kinds": self.kinds, "absent": {k: v for k, v in self.absent.items() if v},
-                "other": self.other, "epochs": self.n}
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines]
 
     def sync(self, path: str) -> dict:
-        """Make the file ``path`` hold exactly this table's rows: append the rows since the last sync (cost
-        independent of the rows before), or write it whole when it is new to this table or a field was added.
-        Returns what the checkpoint's header records of it: rows, width and the SHA-256 chain."""
-        width, rows = len(self.fields), self.table[:self.n]
+        """Make the file ``path`` hold exactly these records: append the lines since the last sync (cost
+        independent of the records before), or write it whole when it is new to this log. Returns what the
+        checkpoint's header records of it: records, bytes and the SHA-256 chain over the lines."""
         last = self.synced
-        if last is not None and last[0] == path and last[2] == width and os.path.isfile(path):
-            start, digest = last[1], last[3]
+        if last is not None and last[0] == path and os.path.isfile(path):
+            start, size, digest = last[1], last[2], last[3]
+            data = b"".join(self.lines[start:])
             fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
             try:
-                os.lseek(fd, start * width * 8, os.SEEK_SET)
-                os.write(fd, numpy.ascontiguousarray(rows[start:], dtype="<f8").tobytes())
-                os.ftruncate(fd, self.n * width * 8)     # rows a crash left after the last checkpoint
+                os.lseek(fd, size, os.SEEK_SET)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.ftruncate(fd, size + len(data))      # lines a crash left after the last checkpoint
                 os.fsync(fd)
             finally:
                 os.close(fd)
         else:
-            start, digest = 0, ""
-            data = numpy.ascontiguousarray(rows, dtype="<f8").tobytes()
+            start, size, digest = 0, 0, ""
+            data = b"".join(self.lines)
             io.atomic_write(path, lambda fh: fh.write(data))
-        digest = row_chain(digest, rows[start:])
-        self.synced = (path, self.n, width, digest)
-        return {"rows": self.n, "width": width, "sha256": digest}
+        digest = line_chain(digest, self.lines[start:])
+        self.synced = (path, self.n, size + len(data), digest)
+        return {"records": self.n, "bytes": size + len(data), "sha256": digest}
 
-    @staticmethod
-    def read(path: str, info: Any, shown: str) -> tuple[numpy.ndarray, tuple[str, int, int, str]]:
-        """The rows the checkpoint's header ``info`` describes, read from ``path`` and checked against its
-        SHA-256 chain (ModelFileError otherwise); rows after them are ignored. Returns them flat, and the
-        sync state to continue appending from."""
+    @classmethod
+    def read(cls, path: str, info: Any, epochs: int, shown: str) -> HistoryLog:
+        """The ``epochs`` records the checkpoint's header ``info`` describes, read from ``path`` and checked
+        against its SHA-256 chain and the epochs 1..``epochs`` (ModelFileError otherwise); bytes after them
+        (a crash's) are ignored. The log continues appending after them."""
         ok = isinstance(info, dict) and all(isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
-                                            and info[k] >= 0 for k in ("rows", "width")) \
-            and isinstance(info.get("sha256"), str)
+                                            and info[k] >= 0 for k in ("records", "bytes")) \
+            and isinstance(info.get("sha256"), str) and info["records"] == epochs
         if not ok:
-            raise ModelFileError(f"{shown}: the history's description is malformed; the checkpoint is corrupt or "
-                                 "was edited")
-        rows, width = info["rows"], info["width"]
+            raise ModelFileError(f"{shown}: the history's description is malformed or does not describe {epochs} "
+                                 "epoch(s); the checkpoint is corrupt or was edited")
+        size = info["bytes"]
         with io.open_regular(path, ModelFileError, "checkpoint history file") as fh:
-            if os.fstat(fh.fileno()).st_size < rows * width * 8:
-                raise ModelFileError(f"{path} holds fewer history rows than its checkpoint {shown} recorded; "
+            if os.fstat(fh.fileno()).st_size < size:
+                raise ModelFileError(f"{path} holds fewer history records than its checkpoint {shown} recorded; "
                                      "it was truncated or replaced: delete both to start afresh")
-            data = fh.read(rows * width * 8)
-        table = numpy.frombuffer(data, dtype="<f8").astype(numpy.float64).reshape(rows, width)
-        digest = row_chain("", table)
-        if digest != info["sha256"]:
+            data = fh.read(size)
+        lines = data.splitlines(keepends=True)
+        if line_chain("", lines) != info["sha256"]:
             raise ModelFileError(f"{path} is not the history its checkpoint {shown} recorded (SHA-256 differs); "
                                  "it was edited or replaced: delete both to start afresh")
-        return table.reshape(-1), (path, rows, width, digest)
-
-    @classmethod
-    def records(cls, header: Any, flat: numpy.ndarray, epochs: int, shown: str) -> list[dict]:
-        """The records of a checkpoint's history (header part and array), checked: ModelFileError if malformed."""
-        try:
-            fields, kinds, absent, other = header["fields"], header["kinds"], header["absent"], header["other"]
-            ok = (isinstance(fields, list) and all(isinstance(f, str) for f in fields)
-                  and len(set(fields)) == len(fields) and isinstance(kinds, dict) and set(kinds) == set(fields)
-                  and all(k in ("none", "int", "float", "bool") for k in kinds.values())
-                  and isinstance(absent, dict) and isinstance(other, dict) and header["epochs"] == epochs
-                  and flat.size == epochs * len(fields))
-        except (TypeError, KeyError):
-            ok = False
-        if not ok:
-            raise ModelFileError(f"{shown}: the history does not describe {epochs} epoch(s) of records; the "
+        if len(lines) != epochs or (epochs and not data.endswith(b"\n")):
+            raise ModelFileError(f"{shown}: the history holds {len(lines)} line(s) for {epochs} epoch(s); the "
                                  "checkpoint is corrupt or was edited")
-        table = flat.reshape(epochs, len(fields)) if fields else numpy.empty((epochs, 0))
-        cast = {"int": int, "float": float, "bool": bool, "none": float}
         try:
-            gone = {f: {r for a, b in absent.get(f, ()) for r in range(max(int(a), 0), min(int(b), epochs))}
-                    for f in fields}
-            out = [{f: (None if math.isnan(v) else cast[kinds[f]](v)) for f, v in zip(fields, row) if r not in gone[f]}
-                   for r, row in enumerate(table.tolist())]
-            for f, values in other.items():
-                for r, v in values.items():
-                    out[int(r)][f] = v
-        except (TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:
-            raise ModelFileError(f"{shown}: the history is malformed ({exc}); the checkpoint is corrupt or was "
-                                 "edited") from None
-        if [r.get("epoch") for r in out] != list(range(1, epochs + 1)):
-            raise ModelFileError(f"{shown}: the history's epochs are not 1..{epochs}; the checkpoint is corrupt or "
-                                 "was edited")
-        return out
+            records = [json.loads(line) for line in lines]
+        except ValueError:
+            records = []
+        if len(records) != epochs or any(not isinstance(r, dict) or r.get("epoch") != k + 1
+                                         or type(r.get("epoch")) is not int for k, r in enumerate(records)):
+            raise ModelFileError(f"{shown}: the history's records are not those of epochs 1..{epochs}; the "
+                                 "checkpoint is corrupt or was edited")
+        log = cls(lines)
+        log.synced = (path, epochs, size, info["sha256"])
+        return log
 
-    @classmethod
-    def of(cls, records: list[dict]) -> HistoryTable:
-        table = cls()
-        for r in records:
-            table.append(r)
-        return table
+
+def line_chain(digest: str, lines: list[bytes]) -> str:
+    """The SHA-256 chain ``digest`` continued over each of ``lines`` (a history record's bytes)."""
+    for line in lines:
+        digest = hashlib.sha256(digest.encode() + line).hexdigest()
+    return digest
+
+
+def _plain(value: Any) -> Any:
+    """A record's value as JSON keeps it exactly: None, bool, int, float (NaN, ±inf) and text as they are (NumPy's
+    as Python's), anything else as its repr."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, numpy.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        number = int(value)
+        try:
+            str(number)
+        except ValueError:          # past Python's digit limit for int <-> text: JSON cannot hold it either
+            return shown(number)
+        return number
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except (OverflowError, ValueError):
+            return shown(value)
+    try:
+        return repr(value)
+    except Exception:               # a broken __repr__
+        return shown(value)
 
 
 @dataclass
@@ -266,7 +227,7 @@ class Checkpoint:
     optimizer_t: int
     optimizer_state: dict[str, numpy.ndarray]
     shuffle_rng: dict
-    history: HistoryTable
+    history: HistoryLog
     stopped_early: bool
     best: dict                      # early stopping: {"loss", "epoch", "bad"} and best weights below
     best_weights: numpy.ndarray | None
@@ -278,7 +239,7 @@ class Checkpoint:
             arrays["best_weights"] = self.best_weights
         header = {"dtype": self.params.dtype.name, "config": self.config, "epoch": self.epoch,
                   "checkpoint_version": VERSION, "optimizer_t": self.optimizer_t, "shuffle_rng": self.shuffle_rng,
-                  "history": {**self.history.header(), "file": self.history.sync(history_path(path))},
+                  "history": {"file": self.history.sync(history_path(path))},
                   "stopped_early": self.stopped_early, "best": self.best}
         if self.last_start is not None:
             s = self.last_start
@@ -307,10 +268,9 @@ class Checkpoint:
             raise ModelFileError(f"{path} is a checkpoint of another layout (version "
                                  f"{header.get('checkpoint_version')!r}, this gpunn writes {VERSION}); delete it "
                                  "(and its .history file) to start afresh")
-        arrays["history"], synced = HistoryTable.read(history_path(path), header["history"].get("file"), str(path))
-        saved = _Reader(str(path), header, arrays, _n_parameters(config), state_names).checkpoint(config)
-        saved.history.synced = synced             # the next save appends after these rows
-        return saved
+        epoch = _Reader(str(path), header, arrays, 0, ()).count(header.get("epoch"), "epoch")
+        history = HistoryLog.read(history_path(path), header["history"].get("file"), epoch, str(path))
+        return _Reader(str(path), header, arrays, _n_parameters(config), state_names).checkpoint(config, history)
 
 
 #: Arrays a checkpoint may hold NaN/inf in: optimiser state (Adam's v can overflow while the weights stay
@@ -385,7 +345,7 @@ class _Reader:
         rng = None if last["shuffle_rng"] is None else self.rng(last["shuffle_rng"], "last_start shuffle_rng")
         return EpochStart(self.vector("last_params"), t, self.state("last_", t), rng)
 
-    def checkpoint(self, config: dict) -> Checkpoint:
+    def checkpoint(self, config: dict, history: HistoryLog) -> Checkpoint:
         h = self.header
         if h.get("checkpoint_version") != VERSION:
             raise ModelFileError(f"{self.shown} is a checkpoint of layout {str(h.get('checkpoint_version'))[:20]}; "
@@ -396,7 +356,6 @@ class _Reader:
         t = self.count(h.get("optimizer_t"), "optimizer_t")
         if not isinstance(h.get("stopped_early"), bool):
             raise self.fail(f"stopped_early is {str(h.get('stopped_early'))[:40]!r}, not true or false")
-        history = HistoryTable.of(HistoryTable.records(h.get("history"), self.arrays["history"], epoch, self.shown))
         best, weights = self.best(epoch)
         return Checkpoint(config, epoch, self.vector("params"), t, self.state("", t),
                           self.rng(h.get("shuffle_rng"), "shuffle_rng"), history, h["stopped_early"], best, weights,

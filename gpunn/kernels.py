@@ -366,8 +366,34 @@ def colsum_plan(rows: int, cols: int, blocks: int) -> tuple[int, int, int]:
 
 #: The column sum's scratch, (device index, stream pointer, shape, dtype, chunks) -> (partial sums, counters):
 #: launches on one stream run one after another, so every network and layer of one shape shares one set
-#: per stream, and two streams never share counters. Bounded by shapes × streams, not by networks.
+#: per stream, and two streams never share counters. Bounded by shapes × streams, not by networks; a set
+#: goes when no FusedKernels uses it any more (``_USERS``: how many hold it; each keeps the sets of its last
+#: :data:`MAX_BATCH_SIZES` batch sizes).
 _SCRATCH: dict[tuple, tuple[Array, Array]] = {}
+_USERS: dict[tuple, int] = {}
+
+#: Batch sizes whose training scratch is kept (a fit uses two: the batch and the last, smaller one; a
+#: data-parallel rank's share adds at most two more); the oldest size's goes when a new one comes. The
+#: layers' buffers (gpunn.layers) and the GPU kernels' scratch here follow this one bound.
+MAX_BATCH_SIZES = 4
+#: Shapes whose launch sizes (a few host numbers) a FusedKernels keeps: inference meets any row count.
+MAX_SHAPES = 64
+
+
+def _make_room(cache: dict, rows: int, rows_of: Any, keep: int) -> list:
+    """Before ``cache`` gets an entry of ``rows`` rows: where it holds entries of ``keep`` other row counts,
+    drop those of the count that came first (first seen, first gone); returns the keys dropped."""
+    counts = dict.fromkeys(rows_of(k) for k in cache)
+    counts.pop(rows, None)
+    dropped: list = []
+    while len(counts) >= keep:
+        gone = next(iter(counts))
+        del counts[gone]
+        keys = [k for k in cache if rows_of(k) == gone]
+        for k in keys:
+            del cache[k]
+        dropped += keys
+    return dropped
 
 
 def stale_counters(device: Device) -> int:
@@ -405,6 +431,7 @@ class FusedKernels:
         self._sgd_last: tuple = (None, None)        # (dtype, hyper-parameters), (fn, scalars): one slot,
         #                                             so a learning-rate schedule cannot grow a cache
         self._colsum: dict[tuple, tuple] = {}       # (shape, dtype, stream) -> (fn, grid, scratch, counters, sizes)
+        self._colsum_keys: dict[tuple, tuple] = {}  # (shape, dtype, stream) -> its key in _SCRATCH
         self._plain: dict[tuple, Any] = {}          # (kernel, dtype) -> fn, for the non-activation kernels
         self._rowloss: dict[tuple, Array] = {}      # (rows, dtype) -> per-row loss scratch
         self.xp = device.xp
@@ -431,6 +458,8 @@ class FusedKernels:
         takes the int64 count)."""
         hit = self._sizes.get(shape)
         if hit is None:
+            while len(self._sizes) >= MAX_SHAPES:       # bounded: the first shape seen goes
+                del self._sizes[next(iter(self._sizes))]
             n = shape[0] * shape[1]
             hit = self._sizes[shape] = (_grid(n), numpy.int64(n), _int32(shape[1]), _int32(shape[0]), _int32(n))
         return hit
@@ -472,6 +501,7 @@ class FusedKernels:
         key = (rows_n, z.dtype)
         rowloss = self._rowloss.get(key)
         if rowloss is None:
+            _make_room(self._rowloss, rows_n, lambda k: k[0], MAX_BATCH_SIZES)
             rowloss = self._rowloss[key] = self.xp.empty(rows_n, z.dtype)
         inv_b = z.dtype.type(1.0 / rows_n)
         self._function("xent_bwd", z.dtype)(_row_grid(rows_n), (32, SOFTMAX_ROWS),
@@ -504,6 +534,8 @@ class FusedKernels:
         key = (delta.shape, delta.dtype, self.xp.cuda.get_current_stream().ptr)
         hit = self._colsum.get(key)
         if hit is None:
+            for gone in _make_room(self._colsum, delta.shape[0], lambda k: k[0][0], MAX_BATCH_SIZES):
+                self._release(self._colsum_keys.pop(gone))
             hit = self._colsum[key] = self._colsum_setup(delta, key[2])
         fn, grid, part, count, sizes = hit
         fn(grid, (32, 8), (delta, out, part, count) + sizes)
@@ -519,7 +551,18 @@ class FusedKernels:
             with self.device.activate():
                 scratch = _SCRATCH[key] = (self.xp.empty((chunks, cols), delta.dtype),
                                            self.xp.zeros(tiles, numpy.int32))   # each launch leaves it at zero
+        _USERS[key] = _USERS.get(key, 0) + 1
+        self._colsum_keys[(delta.shape, delta.dtype, stream)] = key
         return (fn, (tiles, chunks)) + scratch + ((numpy.int32(rows), numpy.int32(cols), numpy.int32(chunk)),)
+
+    @staticmethod
+    def _release(key: tuple) -> None:
+        """One user fewer of the shared scratch ``key``; the last one frees it."""
+        users = _USERS.pop(key, 1) - 1
+        if users > 0:
+            _USERS[key] = users
+        else:
+            _SCRATCH.pop(key, None)
 
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> None:

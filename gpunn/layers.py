@@ -22,6 +22,7 @@ import numpy
 from . import activations
 from . import init as initializers
 from .errors import ConfigError
+from .kernels import MAX_BATCH_SIZES  # batch sizes whose training buffers a layer keeps
 from .ops import BINDINGS, XpOps
 from .scalars import integer
 from .types import Array, ArrayModule
@@ -30,9 +31,6 @@ from .validation import as_model_array
 __all__ = ["Dense", "Buffers", "BoundStep"]
 
 
-#: Batch sizes whose training buffers a layer keeps (a fit uses two: the batch and the last, smaller one;
-#: a data-parallel rank's share adds at most two more); older sizes are freed when a new one comes.
-MAX_BATCH_SIZES = 4
 
 
 class Buffers:

@@ -24,7 +24,7 @@ import numpy
 
 from . import data as data_mod
 from .backend import Device, device_of, to_host
-from .checkpoint import Checkpoint, EpochStart, HistoryTable, fingerprint, run_config
+from .checkpoint import Checkpoint, EpochStart, HistoryLog, fingerprint, run_config
 from .distributed import agreed
 from .errors import ConfigError, DivergenceError
 from .history import Evaluation, History
@@ -176,7 +176,7 @@ class Run:
         self.val, self.order, self.config = val, order, config
         self.strategy = trainer.strategy
         self.history = History()
-        self.table = HistoryTable()                     # the history as a checkpoint writes it, a row per epoch
+        self.table = HistoryLog()                       # the history as a checkpoint writes it, a line per epoch
         self.stopping = _EarlyStopping(trainer.patience)
         self.acc = data_mod.Accuracy(model.xp, model.n_out)
         self.rows = [int(s) for s in data.sizes]
@@ -327,7 +327,7 @@ class Run:
         self.optimizer.load_state(saved.optimizer_t, saved.optimizer_state)
         self.order.bit_generator.state = saved.shuffle_rng
         self.table = saved.history
-        self.history.epochs = HistoryTable.records(saved.history.header(), saved.history.array(), saved.epoch, "")
+        self.history.epochs = saved.history.records()
         self.history.stopped_early = saved.stopped_early
         best = None if saved.best_weights is None else device.asarray(saved.best_weights)
         self.stopping.load(saved.best, best)

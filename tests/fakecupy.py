@@ -358,6 +358,7 @@ def install(monkeypatch, fused: bool = True) -> types.ModuleType:
     else:
         monkeypatch.delenv("GPUNN_FUSED", raising=False)
     monkeypatch.setattr(kernels, "_SCRATCH", {})
+    monkeypatch.setattr(kernels, "_USERS", {})
     ndarray.reads = ndarray.calls = ndarray.allocations = 0
     LOG.clear()
     _CURRENT.clear()

@@ -127,3 +127,24 @@ def test_history_iterates_indexes_and_tabulates():
     assert h.history["val_loss"] == [r["val_loss"] for r in h.epochs] and h["loss"] == h.history["loss"]
     table = pandas.DataFrame(h.history)
     assert table.shape == (4, len(h.keys())) and list(pandas.DataFrame(list(h))["epoch"]) == [1, 2, 3, 4]
+
+
+def test_gpu_kernel_scratch_of_many_batch_sizes_stays_bounded(fake_gpu):
+    """The fused kernels' per-shape scratch on a GPU (the column sum's partial sums and ticket counters, the
+    per-row losses, the launch sizes) is kept for the last MAX_BATCH_SIZES batch sizes, as the layers'
+    buffers are: a run that meets ever new batch sizes (partial_fit on chunks of any size) does not grow."""
+    from gpunn import kernels
+    from gpunn.layers import MAX_BATCH_SIZES
+    net = gpunn.mlp([6, 8, 3], activation="tanh", device="cuda:0", seed=0)
+    opt = gpunn.SGD(lr=0.01)
+    X, L = rng(0).normal(size=(80, 6)), rng(1).integers(0, 3, 80)
+    for n in range(40, 80):
+        x = net.device.asarray(X[:n], dtype=net.dtype)
+        t = net.device.asarray(numpy.eye(3)[L[:n]], dtype=net.dtype)
+        net.train_step(x, t, "cross_entropy", opt)
+    k = net.ops.kernels
+    assert len({key[0][0] for key in k._colsum}) <= MAX_BATCH_SIZES
+    assert len({key[2][0] for key in kernels._SCRATCH}) <= MAX_BATCH_SIZES
+    assert len(k._rowloss) <= MAX_BATCH_SIZES
+    assert len(k._sizes) <= kernels.MAX_SHAPES                  # launch sizes: host numbers, any row count
+    assert kernels.stale_counters(net.device) == 0               # every set in use is still checked, left at zero

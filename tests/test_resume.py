@@ -4,6 +4,7 @@ and a checkpoint edited with its SHA-256 recomputed is a ModelFileError, field b
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -12,7 +13,7 @@ import pytest
 
 import gpunn
 from gpunn import io
-from gpunn.checkpoint import history_path, row_chain
+from gpunn.checkpoint import HistoryLog, history_path, line_chain
 from gpunn.errors import DivergenceError, ModelFileError, SaveError
 from helpers import host, rng
 
@@ -70,9 +71,10 @@ def test_the_checkpoint_header_does_not_grow_with_the_epochs(tmp_path):
         with numpy.load(tmp_path / f"c{epochs}") as z:
             sizes.append(z["header"].size)
             header = json.loads(bytes(z["header"]))
-            assert "history" not in z.files       # the rows are in the file beside it, appended per epoch
-        rows = numpy.fromfile(history_path(tmp_path / f"c{epochs}"), dtype="<f8")
-        assert rows.size == epochs * len(header["history"]["fields"])
+            assert "history" not in z.files       # the records are in the file beside it, appended per epoch
+        lines = open(history_path(tmp_path / f"c{epochs}"), "rb").read().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))
+        assert header["history"]["file"]["records"] == epochs
     assert sizes[1] - sizes[0] < 16         # only the digits of the counts grow
     again = _lin()
     hist = _fit(again, 50, 4, lr=1e-4, checkpoint=tmp_path / "c50")   # nothing left to train: history read back
@@ -81,16 +83,52 @@ def test_the_checkpoint_header_does_not_grow_with_the_epochs(tmp_path):
 
 
 def test_a_history_of_100000_epochs_writes_and_reads_back(tmp_path):
-    from gpunn.checkpoint import HistoryTable
     records = [{"epoch": k + 1, "loss": 1.0 / (k + 1), "accuracy": None, "seconds": 0.001, "flag": k % 2 == 0,
                 **({"note": "lr cut"} if k == 7 else {})} for k in range(100_000)]
-    table = HistoryTable.of(records)
-    io.write_archive(tmp_path / "h", "test-history", {"dtype": "float64", "h": table.header()},
-                     {"history": table.array()}, typed={"history": "float64"})
-    header, arrays = io.read_archive(tmp_path / "h", "test-history", {"history"}, typed={"history": "float64"})
-    assert len(json.dumps(header)) < 4096
-    assert HistoryTable.records(header["h"], arrays["history"], 100_000, "h") == records
+    log = HistoryLog()
+    for r in records:
+        log.append(r)
+    info = log.sync(str(tmp_path / "h"))
+    assert len(json.dumps(info)) < 200
+    assert HistoryLog.read(str(tmp_path / "h"), info, 100_000, "h").records() == records
 
+#: What a callback may put in a record that a float64 can hold only roughly or not at all: a nanosecond time
+#: stamp (past 2**53), a 64-bit seed or hash, a value past float64's range, NaN and infinity (not None), text.
+ODD_VALUES = {"stamp_ns": 1796178912534190218, "seed": 2**64 - 1, "low": -(2**53) - 1, "huge": 10**400,
+              "nan": math.nan, "inf": -math.inf, "text": "lr cut at 2026-12-02T02:37:50", "none": None}
+
+
+def _odd(record):
+    record.update(ODD_VALUES, stamp_ns=ODD_VALUES["stamp_ns"] + record["epoch"])
+    if record["epoch"] % 3 == 0:
+        record["every_third"] = record["epoch"] * (2**60 + 1)      # a field in some records only
+
+
+def _same(a, b):
+    """Records equal value for value and type, NaN equal to NaN."""
+    def same(x, y):
+        return type(x) is type(y) and (x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)))
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+def test_every_value_a_callback_records_reads_back_exactly(tmp_path):
+    run = dict(lr=1e-4, checkpoint=tmp_path / "c", callbacks=[gpunn.callbacks.LambdaCallback(_odd)])
+    first = _fit(_lin(), 4, 4, **run).epochs
+    assert first[0]["stamp_ns"] == ODD_VALUES["stamp_ns"] + 1 and first[2]["every_third"] == 3 * (2**60 + 1)
+    resumed = _fit(_lin(), 4, 4, **run).epochs              # nothing left to train: all read back from the file
+    assert len(resumed) == 4 and all(_same(a, b) for a, b in zip(first, resumed))
+
+
+def test_the_checkpoint_header_does_not_grow_whatever_the_records_hold(tmp_path):
+    """Records with text, NaN, huge integers and a field in some epochs only: each epoch's save writes that
+    epoch's record once and a header of the same size, as plain records do."""
+    sizes = []
+    for epochs in (5, 60):
+        _fit(_lin(), epochs, 4, lr=1e-4, checkpoint=tmp_path / f"c{epochs}",
+             callbacks=[gpunn.callbacks.LambdaCallback(_odd)])
+        with numpy.load(tmp_path / f"c{epochs}") as z:
+            sizes.append(z["header"].size)
+    assert sizes[1] - sizes[0] < 16
 
 @pytest.mark.parametrize("slack", [0, -1], ids=["at-the-limit", "one-byte-over"])
 def test_every_file_written_reads_back_at_the_header_limit(tmp_path, monkeypatch, slack):
@@ -111,22 +149,21 @@ def test_every_file_written_reads_back_at_the_header_limit(tmp_path, monkeypatch
 
 # -- checkpoints edited with the SHA-256 recomputed ------------------------------------------------------
 def _edit(path, change):
-    """Edit a checkpoint as its owner could: header and arrays (the history rows included), every SHA-256
-    (the archive's and the history file's chain) recomputed."""
+    """Edit a checkpoint as its owner could: header and arrays (the history records included, as a list of
+    lines), every SHA-256 (the archive's and the history file's chain) recomputed."""
     header, arrays = io.read_archive(path, "gpunn-checkpoint", {"params"},
                                      {"best_weights", "last_params", "optimizer_velocity",
                                       "last_optimizer_velocity"})
     for k in ("format", "format_version", "gpunn_version", "sha256"):
         header.pop(k)
-    arrays["history"] = numpy.fromfile(history_path(path), dtype="<f8")
+    with open(history_path(path), "rb") as fh:
+        arrays["history"] = fh.read().splitlines(keepends=True)
     change(header, arrays)
-    rows = arrays.pop("history")
-    width = max(1, len(header["history"]["fields"])) if isinstance(header.get("history"), dict) and \
-        isinstance(header["history"].get("fields"), list) else 1
-    table = rows.reshape(-1, width) if rows.size % width == 0 else rows.reshape(-1, 1)
-    rows.astype("<f8").tofile(history_path(path))
-    if isinstance(header.get("history"), dict):
-        header["history"]["file"] = {"rows": table.shape[0], "width": table.shape[1], "sha256": row_chain("", table)}
+    lines = arrays.pop("history")
+    with open(history_path(path), "wb") as fh:
+        fh.write(b"".join(lines))
+    if isinstance(header.get("history"), dict) and isinstance(header["history"].get("file"), dict):
+        header["history"]["file"].update(bytes=sum(map(len, lines)), sha256=line_chain("", lines))
     io.write_archive(path, "gpunn-checkpoint", header, arrays)
 
 
@@ -138,8 +175,14 @@ EDITS = {
     "no-last-start": lambda h, a: h.pop("last_start"),
     "short-best-weights": lambda h, a: a.update(best_weights=a["best_weights"][:3]),
     "history-short": lambda h, a: a.update(history=a["history"][:-1]),
-    "history-fields-text": lambda h, a: h["history"].update(fields="loss"),
-    "history-kind": lambda h, a: h["history"]["kinds"].update(loss="complex"),
+    "history-count-text": lambda h, a: h["history"]["file"].update(records="3"),
+    "history-not-a-record": lambda h, a: a["history"].__setitem__(1, b"[2]\n"),
+    "history-not-json": lambda h, a: a["history"].__setitem__(1, b'{"epoch": 2\n'),
+    "history-epoch-repeated": lambda h, a: a["history"].__setitem__(2, a["history"][1]),
+    "history-epoch-float": lambda h, a: a["history"].__setitem__(0, a["history"][0].replace(b'"epoch":1,',
+                                                                                            b'"epoch":1.0,')),
+    "history-two-lines-as-one": lambda h, a: a.update(history=[a["history"][0] + a["history"][1].rstrip(b"\n")]
+                                                      + a["history"][2:]),
     "epoch-text": lambda h, a: h.update(epoch="3"),
     "epoch-negative": lambda h, a: h.update(epoch=-1),
     "epoch-more-than-history": lambda h, a: h.update(epoch=h["epoch"] + 1),
@@ -238,30 +281,31 @@ def test_records_a_callback_extended_load_back(tmp_path):
 
 
 # -- the history file beside a checkpoint: appended, checked ---------------------------------------------
-def test_each_epoch_appends_one_row_and_rewrites_no_earlier_one(tmp_path, monkeypatch):
-    """The cost of an epoch's checkpoint does not grow with the epochs before it: after the first epochs,
-    each save writes exactly one history row (width × 8 bytes) and never rewrites the history file."""
+def test_each_epoch_appends_its_record_and_rewrites_no_earlier_one(tmp_path, monkeypatch):
+    """The cost of an epoch's checkpoint does not grow with the epochs before it, whatever the records hold
+    (a field in some epochs only, text, NaN, huge integers): after the first epoch, each save writes exactly
+    that epoch's record, one line, and never rewrites the history file."""
     import gpunn.checkpoint as ckpt
     path = tmp_path / "c"
     side = history_path(path)
     written, rewrites = [], []
     real_write, real_atomic = os.write, ckpt.io.atomic_write
-    monkeypatch.setattr(ckpt.os, "write", lambda fd, data: written.append(len(data)) or real_write(fd, data))
+    monkeypatch.setattr(ckpt.os, "write", lambda fd, data: written.append(bytes(data)) or real_write(fd, data))
     monkeypatch.setattr(ckpt.io, "atomic_write",
                         lambda p, w: (rewrites.append(os.fspath(p)) if os.fspath(p) == side else None)
                         or real_atomic(p, w))
-    _fit(_lin(), 40, 4, lr=1e-4, checkpoint=path)
-    width = json.loads(bytes(numpy.load(path)["header"]))["history"]["file"]["width"]
-    assert len(rewrites) <= 2                                  # the first epoch, and once if a field appears
-    assert written and set(written) == {width * 8}             # then one row per epoch
-    assert os.path.getsize(side) == 40 * width * 8
+    _fit(_lin(), 40, 4, lr=1e-4, checkpoint=path, callbacks=[gpunn.callbacks.LambdaCallback(_odd)])
+    assert rewrites == [side]                                  # the first epoch's save makes the file
+    assert [json.loads(line)["epoch"] for line in written] == list(range(2, 41))     # then one record per epoch
+    with open(side, "rb") as fh:
+        assert fh.read().splitlines(keepends=True)[1:] == written
 
 
-def test_rows_a_crash_left_after_the_last_checkpoint_are_ignored_then_overwritten(tmp_path):
+def test_bytes_a_crash_left_after_the_last_checkpoint_are_ignored_then_overwritten(tmp_path):
     path = tmp_path / "c"
     _fit(_lin(), 3, 4, lr=1e-4, checkpoint=path)
-    with open(history_path(path), "ab") as fh:                 # epoch 4 appended, then the process died
-        fh.write(numpy.full(7, 123.0).tobytes())
+    with open(history_path(path), "ab") as fh:                 # epoch 4 half appended, then the process died
+        fh.write(b'{"epoch":4,"loss":1')
     resumed = _fit(_lin(), 6, 4, lr=1e-4, checkpoint=path)
     whole = _fit(_lin(), 6, 4, lr=1e-4)
     assert [r["loss"] for r in resumed.epochs] == [r["loss"] for r in whole.epochs]
@@ -269,21 +313,25 @@ def test_rows_a_crash_left_after_the_last_checkpoint_are_ignored_then_overwritte
     assert [r["loss"] for r in again.epochs] == [r["loss"] for r in whole.epochs]
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "row-changed", "replaced-same-size"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "digit-changed", "replaced-same-size"])
 def test_a_damaged_history_file_is_a_model_file_error(tmp_path, damage):
     path = tmp_path / "c"
     _fit(_lin(), 3, 4, lr=1e-4, checkpoint=path)
     side = history_path(path)
-    rows = numpy.fromfile(side, dtype="<f8")
+    with open(side, "rb") as fh:
+        data = fh.read()
     if damage == "missing":
         os.remove(side)
-    elif damage == "truncated":
-        rows[:-1].tofile(side)
-    elif damage == "row-changed":
-        rows[1] += 1e-9
-        rows.tofile(side)
     else:
-        numpy.zeros_like(rows).tofile(side)
+        if damage == "truncated":
+            data = data[:-1]
+        elif damage == "digit-changed":
+            at = data.index(b'"loss":') + 9                   # a digit of epoch 1's loss
+            data = data[:at] + (b"1" if data[at:at + 1] != b"1" else b"2") + data[at + 1:]
+        else:
+            data = b" " * len(data)
+        with open(side, "wb") as fh:
+            fh.write(data)
     net = _lin()
     start = host(net.flat_parameters())
     with pytest.raises(ModelFileError):
