@@ -163,12 +163,15 @@ class HistoryLog:
                                  "checkpoint is corrupt or was edited")
         try:
             records = [json.loads(line) for line in lines]
-        except ValueError:
+        except (ValueError, RecursionError):        # not JSON, an integer past Python's digit limit, deep nesting
             records = []
         if len(records) != epochs or any(not isinstance(r, dict) or r.get("epoch") != k + 1
-                                         or type(r.get("epoch")) is not int for k, r in enumerate(records)):
-            raise ModelFileError(f"{shown}: the history's records are not those of epochs 1..{epochs}; the "
-                                 "checkpoint is corrupt or was edited")
+                                         or type(r.get("epoch")) is not int
+                                         or not all(v is None or isinstance(v, (bool, int, float, str))
+                                                    for v in r.values()) for k, r in enumerate(records)):
+            raise ModelFileError(f"{shown}: the history's records are not those of epochs 1..{epochs} (each a "
+                                 "JSON object of numbers, text, true/false or null); the checkpoint is corrupt "
+                                 "or was edited")
         log = cls(lines)
         log.synced = (path, epochs, size, info["sha256"])
         return log

@@ -183,6 +183,14 @@ EDITS = {
                                                                                             b'"epoch":1.0,')),
     "history-two-lines-as-one": lambda h, a: a.update(history=[a["history"][0] + a["history"][1].rstrip(b"\n")]
                                                       + a["history"][2:]),
+    "history-nested-deep": lambda h, a: a["history"].__setitem__(1, a["history"][1].replace(
+        b'"epoch":2,', b'"epoch":2,"deep":' + b"[" * 100_000 + b"]" * 100_000 + b",")),
+    "history-value-a-list": lambda h, a: a["history"].__setitem__(1, a["history"][1].replace(
+        b'"epoch":2,', b'"epoch":2,"loss_parts":[1,2],')),
+    "history-value-an-object": lambda h, a: a["history"].__setitem__(1, a["history"][1].replace(
+        b'"epoch":2,', b'"epoch":2,"x":{"y":1},')),
+    "history-int-of-5000-digits": lambda h, a: a["history"].__setitem__(1, a["history"][1].replace(
+        b'"epoch":2,', b'"epoch":2,"n":' + b"9" * 5000 + b",")),
     "epoch-text": lambda h, a: h.update(epoch="3"),
     "epoch-negative": lambda h, a: h.update(epoch=-1),
     "epoch-more-than-history": lambda h, a: h.update(epoch=h["epoch"] + 1),
