@@ -200,6 +200,86 @@ def test_backend_agreement_with_numpy_float64(device, dtype):
         numpy.testing.assert_allclose(got[key], ref[key], rtol=rtol, atol=rtol * scale, err_msg=key)
 
 
+def _sig(z):
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+# each activation's f(z) and f′(z) as the lecture writes them (eqs 1–6), one Python float at a time
+FORMULAS = {
+    "sigmoid": (_sig, lambda z: _sig(z) * (1.0 - _sig(z))),
+    "tanh": (math.tanh, lambda z: 1.0 - math.tanh(z) ** 2),
+    "relu": (lambda z: max(z, 0.0), lambda z: 1.0 if z > 0 else 0.0),
+    "leaky_relu": (lambda z: z if z > 0 else 0.01 * z, lambda z: 1.0 if z > 0 else 0.01),
+    "leaky_relu-0.2": (lambda z: z if z > 0 else 0.2 * z, lambda z: 1.0 if z > 0 else 0.2),
+    "softplus": (lambda z: math.log1p(math.exp(z)), _sig),
+    "elu": (lambda z: z if z >= 0 else math.expm1(z), lambda z: 1.0 if z > 0 else math.exp(z)),
+    "elu-0.5": (lambda z: z if z >= 0 else 0.5 * math.expm1(z), lambda z: 1.0 if z > 0 else 0.5 * math.exp(z)),
+    "elu-1.7": (lambda z: z if z >= 0 else 1.7 * math.expm1(z), lambda z: 1.0 if z > 0 else 1.7 * math.exp(z)),
+    "identity": (lambda z: z, lambda z: 1.0),
+}
+SPECS = {"leaky_relu-0.2": {"name": "leaky_relu", "alpha": 0.2}, "elu-0.5": {"name": "elu", "a": 0.5},
+         "elu-1.7": {"name": "elu", "a": 1.7}}
+Z = [-30.0, -4.0, -1.5, -0.3, -1e-3, 0.0, 1e-3, 0.3, 1.5, 4.0, 30.0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(FORMULAS))
+def test_activations_and_their_derivatives_match_the_formulas(device, name, dtype):
+    """f, f′ (grad) and δ = f′ ⊙ g (backward, which ELU writes out on its own) against the formulas above;
+    at z = 0 f′ is the left-hand one for the rectifiers and ELU. f′ read from y (y(1 − y), 1 − y², y + a) is
+    accurate to the dtype's epsilon absolutely, not relatively: hence ``atol`` there."""
+    act = activations.get(SPECS.get(name, name))
+    f, df = FORMULAS[name]
+    xp, rtol = device.xp, {"float32": 2e-6, "float64": 1e-13}[dtype]
+    atol = 1e-6 if dtype == "float32" else 1e-15
+    z = device.asarray(numpy.array([Z, Z[::-1]]), dtype=dtype)
+    zz = host(z).astype(float)              # the formulas' inputs: z as rounded to dtype
+    g = rng(4).normal(size=zz.shape)
+    y = act(z)
+    assert y.dtype == z.dtype
+    numpy.testing.assert_allclose(host(y), [[f(v) for v in row] for row in zz], rtol=rtol, atol=1e-300)
+    want = numpy.array([[df(v) for v in row] for row in zz])
+    grad = act.grad(z)
+    assert grad.dtype == z.dtype
+    numpy.testing.assert_allclose(host(grad), want, rtol=rtol, atol=atol)
+    out = xp.full_like(z, numpy.nan)        # derivative and backward write every element of out
+    numpy.testing.assert_allclose(host(act.derivative(z, y, out)), want, rtol=rtol, atol=atol)
+    numpy.testing.assert_array_equal(host(act(z.reshape(2, 11, 1))), host(y).reshape(2, 11, 1))  # any shape
+    out = xp.full_like(z, numpy.nan)
+    act.backward(z, y, device.asarray(g, dtype=dtype), out, xp.full_like(z, numpy.nan))
+    numpy.testing.assert_allclose(host(out), want * host(device.asarray(g, dtype=dtype)), rtol=rtol, atol=3 * atol)
+
+
+def test_softmax_and_its_jacobian_product_match_the_formulas(device):
+    """y_t = e^(z_t) / Σ_s e^(z_s); backward gives δ_t = Σ_s g_s ∂y_s/∂z_t = y_t (g_t − Σ_s g_s y_s)."""
+    act = activations.get("softmax")
+    zz = rng(6).normal(size=(3, 4)) * 3.0
+    g = rng(7).normal(size=(3, 4))
+    want = numpy.array([[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in zz])
+    z = device.asarray(zz, dtype="float64")
+    y, rowstats = device.xp.empty_like(z), device.xp.empty((2, 3), "float64")
+    act.forward(z, y, rowstats)
+    numpy.testing.assert_allclose(host(y), want, rtol=1e-13)
+    numpy.testing.assert_allclose(host(rowstats[0]), [math.log(sum(math.exp(u) for u in row)) for row in zz],
+                                  rtol=1e-13)      # log Σ e^z: the cross-entropy reads it
+    numpy.testing.assert_allclose(host(act(z)), want, rtol=1e-13)                  # the allocating call
+    numpy.testing.assert_allclose(host(act(z[1])), want[1], rtol=1e-13)            # a 1-D array is one row
+    jac = [numpy.diag(p) - numpy.outer(p, p) for p in want]       # ∂y_s/∂z_t = y_s([s = t] − y_t)
+    out = device.xp.empty_like(z)
+    act.backward(z, y, device.asarray(g, dtype="float64"), out, None, rowstats)
+    numpy.testing.assert_allclose(host(out), [j.T @ gr for j, gr in zip(jac, g)], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sigmoid_is_accurate_down_to_the_smallest_normal_number(device, dtype):
+    """The exponent e^(−z) is capped (so that it never overflows) only where σ(z) is below the dtype's smallest
+    normal number: above it σ(z) ≈ e^z keeps its relative accuracy."""
+    low = math.log(numpy.finfo(dtype).tiny)
+    z = device.asarray(numpy.linspace(low + 0.02, low + 3.0, 7), dtype=dtype)
+    want = [_sig(v) for v in host(z).astype(float)]
+    numpy.testing.assert_allclose(host(activations.get("sigmoid")(z)), want, rtol=1e-5 if dtype == "float32" else 1e-12)
+
+
 EXTREME = [-1e4, -1000.0, -100.0, -30.0, -1e-8, 0.0, 1e-8, 30.0, 100.0, 1000.0, 1e4]
 
 

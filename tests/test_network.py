@@ -1,6 +1,7 @@
 """The network's public surface: mlp(), train_step(), flat_gradients(), and the inference path."""
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy
@@ -21,6 +22,24 @@ def test_mlp_builds_the_layers_it_is_asked_for(device):
     assert net.device == device and net.n_parameters == 6 * 9 + 9 + 9 * 7 + 7 + 7 * 3 + 3
     with pytest.raises(gpunn.ConfigError, match="two sizes"):
         gpunn.mlp([4])
+
+
+@pytest.mark.parametrize("name,draw", [
+    ("small", lambda g, n_in, n_out: g.normal(0.0, 0.01, size=(n_in, n_out))),            # lecture §2 step 1
+    ("xavier", lambda g, n_in, n_out: g.uniform(-math.sqrt(6 / (n_in + n_out)), math.sqrt(6 / (n_in + n_out)),
+                                                size=(n_in, n_out))),                     # Glorot uniform
+    ("he", lambda g, n_in, n_out: g.normal(0.0, math.sqrt(2 / n_in), size=(n_in, n_out))),  # He normal
+])
+def test_initialisers_draw_the_written_distributions(name, draw):
+    """Each initialiser is its one-line draw from the seeded generator, written here."""
+    numpy.testing.assert_array_equal(gpunn.init.get(name)(rng(5), 7, 3), draw(rng(5), 7, 3))
+
+
+def test_the_default_initialiser_is_he_for_the_relu_family_and_xavier_otherwise():
+    for act in ("relu", "leaky_relu", "elu", "softplus"):
+        assert gpunn.Dense(3, 2, act).init == "he", act
+    for act in ("sigmoid", "tanh", "identity", "softmax"):
+        assert gpunn.Dense(3, 2, act).init == "xavier", act
 
 
 def test_softmax_over_one_output_is_refused():

@@ -149,3 +149,39 @@ def test_an_optimiser_whose_settings_are_properties_is_read_through_them():
     opt.reset()
     net.train_step(x, t, "squared_error", Bare())
     assert seen == [(False, 0.5), (False, 0.5), (True, 0.5), (True, 0.5), (False, 0.5), (False, 0.5), (False, None)]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_another_buffer_starts_from_fresh_state(device, kind):
+    """State belongs to one parameter buffer: another one (another network's, or one moved to another device)
+    starts again from zero velocity or moments and step 1, here one step written out."""
+    g = rng(8)
+    w0, g1, g2 = (g.normal(size=40) for _ in range(3))
+    dev = gpunn.get_device(device)
+    ops = ops_for(dev)
+    opt = gpunn.SGD(lr=0.1, momentum=0.9) if kind == "sgd" else gpunn.Adam(lr=0.1)
+    first = dev.asarray(w0.copy(), dtype="float64")
+    for _ in range(2):
+        opt.update(first, dev.asarray(g1, dtype="float64"), None, ops)
+    w = dev.asarray(w0.copy(), dtype="float64")
+    opt.update(w, dev.asarray(g2, dtype="float64"), None, ops)
+    if kind == "sgd":
+        want = w0 - 0.1 * g2                                            # v = g
+    else:
+        want = w0 - 0.1 * g2 / (numpy.sqrt(g2 * g2) + 1e-8)             # m̂ = g, v̂ = g² at t = 1
+    numpy.testing.assert_allclose(host(w), want, rtol=1e-12)
+
+
+def test_a_subclass_that_leaves_lr_unset_steps_with_lr_0():
+    """A setting a subclass leaves unset is off (gpunn.optim._hyper), η included: the weights stay."""
+    class NoLr(gpunn.SGD):
+        name = "test_optim.no_lr"
+
+        def __init__(self):
+            gpunn.optim.Optimizer.__init__(self)
+
+    opt, w = NoLr(), rng(9).normal(size=10)
+    before = w.copy()
+    opt.update(w, rng(10).normal(size=10), None, ops_for(gpunn.get_device("cpu")))
+    assert opt.current_lr() == 0.0 and opt.t == 1
+    numpy.testing.assert_array_equal(w, before)

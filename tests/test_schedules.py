@@ -72,6 +72,13 @@ def test_a_schedule_on_the_gpu_neither_recompiles_nor_syncs(fake_gpu):
     assert module.launches["sgd_update<float>"] == 5
 
 
+def test_schedules_are_equal_when_their_kind_and_every_setting_are():
+    assert StepDecay(0.1, 0.5, 10) == StepDecay(0.1, 0.5, 10)
+    assert StepDecay(0.1, 0.5, 10) != StepDecay(0.2, 0.5, 10)
+    assert CosineDecay(0.1, 10) != CosineDecay(0.1, 20)
+    assert len({StepDecay(0.1), StepDecay(0.1), ExponentialDecay(0.1)}) == 2
+
+
 def test_optimiser_configs_round_trip():
     for opt in (gpunn.SGD(lr=CosineDecay(0.5, 100, final=0.1), momentum=0.5, nesterov=True, weight_decay=1e-4),
                 gpunn.Adam(lr=ExponentialDecay(1e-3, 0.9, 10), betas=(0.8, 0.99)), gpunn.SGD(lr=0.2)):
