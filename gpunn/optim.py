@@ -56,9 +56,11 @@ def _non_negative(name: str, value: Any) -> float:
 
 
 def _nesterov_needs_momentum(opt: Any, name: str, value: Any) -> None:
-    momentum = value if name == "momentum" else opt.__dict__.get("momentum", 0.0)
-    nesterov = value if name == "nesterov" else opt.__dict__.get("nesterov", False)
-    if nesterov and momentum == 0.0:
+    """Nesterov's update needs momentum: refuse a setting that would make nesterov on with μ = 0. The other
+    setting is read as the update reads it: the attribute (a subclass's property too), None for unset as 0."""
+    momentum = value if name == "momentum" else getattr(opt, "momentum", 0.0)
+    nesterov = value if name == "nesterov" else getattr(opt, "nesterov", False)
+    if nesterov and not momentum:
         raise ConfigError("nesterov=True needs momentum > 0" + (" (set nesterov = False first)"
                                                                  if name == "momentum" else ""))
 

@@ -169,10 +169,6 @@ def test_nesterov_is_refused_while_a_subclass_leaves_momentum_unset():
         Unset().nesterov = True
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "defect, not fixed here: gpunn.optim._nesterov_needs_momentum reads momentum from opt.__dict__, so a subclass "
-    "whose momentum is a property (which SGD's update reads, tests/test_optim.py) is refused nesterov=True as if "
-    "its momentum were 0"))
 def test_nesterov_is_accepted_with_a_subclass_s_momentum_property():
     class Momentum(gpunn.SGD):
         name = "test_values.momentum_property"
@@ -184,6 +180,29 @@ def test_nesterov_is_accepted_with_a_subclass_s_momentum_property():
     opt = Momentum()
     opt.nesterov = True
     assert opt.nesterov is True
+
+
+def test_nesterov_is_refused_where_momentum_is_unset_or_zero_however_it_is_given():
+    """A subclass that leaves μ unset (None, read as 0 by the update) or gives 0 as a property is refused
+    nesterov=True, as SGD(momentum=0, nesterov=True) is; switching μ to 0 with nesterov on is refused."""
+    class Unset(gpunn.SGD):
+        name = "test_values.momentum_unset"
+
+        def __init__(self):
+            gpunn.optim.Optimizer.__init__(self)
+
+    class Zero(Unset):
+        name = "test_values.momentum_zero_property"
+        momentum = property(lambda self: 0.0)
+
+    for cls in (Unset, Zero):
+        with pytest.raises(ConfigError, match="nesterov=True needs momentum > 0$"):
+            cls().nesterov = True
+    with pytest.raises(ConfigError, match="needs momentum"):
+        gpunn.SGD(momentum=0.0, nesterov=True)
+    opt = gpunn.SGD(momentum=0.9, nesterov=True)
+    with pytest.raises(ConfigError, match=r"set nesterov = False first"):
+        opt.momentum = 0.0
 
 
 def test_momentum_switched_on_between_steps_starts_from_zero_velocity():
