@@ -10,9 +10,9 @@ returning all of them (XLA's CPU dot; where JAX is installed). A library's GEMM 
 is mostly products: where another library's products alone beat NumPy's, its step can beat gpunn's whatever
 gpunn's elementwise kernels do. Each (library, threads, batch) runs alone in a fresh process, the libraries
 alternated over ``--passes``; medians of ``--rounds`` samples of about ``--min-time`` s. Threads: NumPy's BLAS
-through threadpoolctl, PyTorch's ``set_num_threads``, XLA's Eigen pool off for one thread (``XLA_FLAGS``, set
-before JAX loads) and left as XLA chooses for more; each row also gives the process's CPU seconds per wall
-second while timed (about 1 on one thread), to show what each library really used.
+through threadpoolctl, PyTorch's ``set_num_threads``; JAX on one thread is its process held to one core
+(:func:`one_core`), on more left as XLA chooses. Each row also gives each process's CPU seconds per wall second
+while timed (about 1 on one thread), to show what each library really used.
 """
 from __future__ import annotations
 
@@ -51,12 +51,15 @@ def measure(library: str, batch: int, threads: int, rounds: int, min_time: float
     ops = [(rng.standard_normal((m, k), dtype=numpy.float32), rng.standard_normal((k, n), dtype=numpy.float32),
             numpy.empty((m, n), numpy.float32)) for m, k, n in shapes(batch)]
     if library == "jax":
+        cores = os.sched_getaffinity(0)
+        if threads == 1:
+            one_core()
         import jax
         cpu = jax.devices("cpu")[0]
         pairs = [(jax.device_put(a, cpu), jax.device_put(b, cpu)) for a, b, _ in ops]
         products = jax.jit(lambda ps: [a @ b for a, b in ps])
         calls = [lambda: jax.block_until_ready(products(pairs))]
-        restore = lambda: None          # noqa: E731 - XLA's threads are set for the child process only
+        restore = partial(os.sched_setaffinity, 0, cores)
         version = f"jax {jax.__version__} (XLA CPU)"
     elif library == "torch":
         import torch
@@ -85,14 +88,11 @@ def measure(library: str, batch: int, threads: int, rounds: int, min_time: float
             "gflops": step_flops(SIZES, batch) / us / 1e3, "version": version, "cpu_per_wall": cpu_per_wall}
 
 
-def child_env(library: str, threads: int) -> dict[str, str]:
-    """The environment of a child measuring ``library`` on ``threads`` threads: for JAX on one thread, XLA's
-    Eigen thread pool off (it reads ``XLA_FLAGS`` once, when it loads)."""
-    env = dict(os.environ)
-    if library == "jax" and threads == 1:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                            " intra_op_parallelism_threads=1").strip()
-    return env
+def one_core() -> None:
+    """Keep this process on one of the cores it may use (before JAX loads): XLA's CPU runtime in JAX 0.10 kept
+    about 1.8 cores busy here with ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"``
+    (CPU seconds per wall second, 2-core VM), so its one-thread row is one core, whatever threads XLA starts."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 for lib in (LIBRARIES if p % 2 == 0 else LIBRARIES[::-1]):
                     run = subprocess.run([sys.executable, __file__, "--rounds", str(args.rounds), "--min-time",
                                           str(args.min_time), "--child", lib, str(b), str(t)],
-                                         capture_output=True, text=True, check=False, env=child_env(lib, t))
+                                         capture_output=True, text=True, check=False)
                     if run.returncode:      # PyTorch or JAX not installed, say: its cells stay "-"
                         print(f"{lib} b{b} t{t} not measured: {(run.stderr.strip().splitlines() or ['failed'])[-1]}",
                               file=sys.stderr)

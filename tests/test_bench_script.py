@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -291,26 +292,24 @@ def test_gemm_libraries_prints_numpys_rows_whatever_pytorch_does():
         assert all((row[cell] != "-") is have for cell in (f"{name} µs", f"{name} GFLOP/s", f"NumPy / {name} time"))
 
 
-def test_gemm_libraries_keeps_xla_on_one_thread_only_where_asked(monkeypatch):
-    """JAX measured on one thread gets XLA's Eigen pool switched off in its child's environment (XLA reads
-    XLA_FLAGS once, when it loads), after the user's own XLA_FLAGS; the other libraries' children and JAX on
-    more threads get the environment unchanged."""
+def test_gemm_libraries_holds_jax_to_one_core_on_one_thread(monkeypatch):
+    """JAX measured on one thread runs in a process held to one core (XLA ignored the thread flags here); the
+    affinity is set before JAX loads, to the first core the process may use."""
     import gemm_libraries
-    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nowhere")
-    one = gemm_libraries.child_env("jax", 1)["XLA_FLAGS"].split()
-    assert one == ["--xla_dump_to=/nowhere", "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
-    assert gemm_libraries.child_env("jax", 2)["XLA_FLAGS"] == "--xla_dump_to=/nowhere"
-    assert gemm_libraries.child_env("numpy", 1)["XLA_FLAGS"] == "--xla_dump_to=/nowhere"
-    monkeypatch.delenv("XLA_FLAGS")
-    assert gemm_libraries.child_env("jax", 1)["XLA_FLAGS"].startswith("--xla_cpu_multi_thread_eigen=false")
-    assert "XLA_FLAGS" not in gemm_libraries.child_env("torch", 1)
+    calls = []
+    monkeypatch.setattr(gemm_libraries.os, "sched_getaffinity", lambda pid: {3, 5, 9})
+    monkeypatch.setattr(gemm_libraries.os, "sched_setaffinity", lambda pid, cores: calls.append((pid, cores)))
+    gemm_libraries.one_core()
+    assert calls == [(0, {3})]
 
 
 def test_gemm_libraries_times_jax_products_where_jax_is_installed():
     """JAX's row: the same products as one jitted function, the µs and GFLOP/s consistent."""
     pytest.importorskip("jax", reason="JAX not installed: bench/gemm_libraries.py leaves its cells '-'")
     import gemm_libraries
+    cores = os.sched_getaffinity(0)
     row = gemm_libraries.measure("jax", 3, 1, 1, 0.001)
+    assert os.sched_getaffinity(0) == cores                 # held to one core while measuring only
     assert row["library"] == "jax" and row["us"] > 0 and row["version"].startswith("jax ")
     flops = gemm_libraries.step_flops(gemm_libraries.SIZES, 3)
     assert abs(row["gflops"] - flops / row["us"] / 1e3) < 1e-9 * row["gflops"]
