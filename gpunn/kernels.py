@@ -25,6 +25,7 @@ use them (Adam stays plain ``xp`` code). ``GPUNN_FUSED=0`` or
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy
@@ -436,6 +437,8 @@ class FusedKernels:
         self._rowloss: dict[tuple, Array] = {}      # (rows, dtype) -> per-row loss scratch
         self.xp = device.xp
         self._dummy: dict[Any, Array] = {}          # dtype -> one-element stand-in for an absent buffer
+        # an instance dropped (its network gone, or replaced by .to()) gives up its shares of the scratch
+        weakref.finalize(self, _release_all, self._colsum_keys)
 
     def _activation(self, kernel: str, act: Activation, dtype: DTypeLike) -> tuple | None:
         """(kernel function, T p, T third) for ``act``, or None where no kernel covers it (softmax)."""
@@ -564,6 +567,7 @@ class FusedKernels:
         else:
             _SCRATCH.pop(key, None)
 
+
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
                    momentum: float, nesterov: bool, weight_decay: float) -> None:
         """:meth:`gpunn.optim.SGD.update`'s formula over the whole flat buffer, in one kernel."""
@@ -583,3 +587,10 @@ class FusedKernels:
             dummy = self._dummy[dt] = self.xp.zeros(1, dt)
         fn(grid, (BLOCK,), (p, g, velocity if velocity is not None else dummy, mask if mask is not None else dummy,
                             n) + scalars)
+
+
+def _release_all(keys: dict[tuple, tuple]) -> None:
+    """A dropped FusedKernels' shares of the shared scratch, given up (``keys``: its ``_colsum_keys``)."""
+    for key in list(keys.values()):
+        FusedKernels._release(key)
+    keys.clear()

@@ -148,3 +148,29 @@ def test_gpu_kernel_scratch_of_many_batch_sizes_stays_bounded(fake_gpu):
     assert len(k._rowloss) <= MAX_BATCH_SIZES
     assert len(k._sizes) <= kernels.MAX_SHAPES                  # launch sizes: host numbers, any row count
     assert kernels.stale_counters(net.device) == 0               # every set in use is still checked, left at zero
+
+
+def test_gpu_kernel_scratch_goes_with_the_networks_that_used_it(fake_gpu):
+    """Networks made and dropped one after another (a search over batch sizes) leave no column-sum scratch:
+    a FusedKernels that is collected gives up its shares; one still alive keeps its own."""
+    import gc
+
+    from gpunn import kernels
+    X, L = rng(0).normal(size=(80, 6)), rng(1).integers(0, 3, 80)
+
+    def trained(n):
+        net = gpunn.mlp([6, 8, 3], activation="tanh", device="cuda:0", seed=0)
+        x = net.device.asarray(X[:n], dtype=net.dtype)
+        net.train_step(x, net.device.asarray(numpy.eye(3)[L[:n]], dtype=net.dtype), "cross_entropy",
+                       gpunn.SGD(lr=0.01))
+        return net
+    kept = trained(7)
+    held = set(kernels._SCRATCH)
+    for n in range(20, 40):
+        trained(n)
+        gc.collect()
+    assert set(kernels._SCRATCH) == held and held
+    assert sum(kernels._USERS.values()) == len(held)
+    del kept
+    gc.collect()
+    assert kernels._SCRATCH == {} and kernels._USERS == {}
