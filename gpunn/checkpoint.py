@@ -27,6 +27,7 @@ import json
 import math
 import numbers
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ import numpy
 
 from . import io, losses, optim
 from .backend import to_host
-from .errors import ConfigError, ModelFileError
+from .errors import ConfigError, ModelFileError, SaveError
 from .registry import json_data
 from .scalars import shown
 from .types import Array
@@ -98,7 +99,8 @@ class HistoryLog:
 
     def __init__(self, lines: list[bytes] | None = None) -> None:
         self.lines: list[bytes] = list(lines or [])
-        self.synced: tuple[str, int, int, str] | None = None  # (file, records, bytes, digest) written there last
+        #: (file, records, bytes, digest, (device, inode)) written there last
+        self.synced: tuple[str, int, int, str, tuple[int, int] | None] | None = None
 
     @property
     def n(self) -> int:
@@ -116,10 +118,10 @@ class HistoryLog:
         independent of the records before), or write it whole when it is new to this log. Returns what the
         checkpoint's header records of it: records, bytes and the SHA-256 chain over the lines."""
         last = self.synced
-        if last is not None and last[0] == path and os.path.isfile(path):
-            start, size, digest = last[1], last[2], last[3]
+        fd = self._open_synced(path)
+        if fd is not None:
+            start, size, digest = last[1], last[2], last[3]         # type: ignore[index]
             data = b"".join(self.lines[start:])
-            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
             try:
                 os.lseek(fd, size, os.SEEK_SET)
                 view = memoryview(data)
@@ -127,6 +129,9 @@ class HistoryLog:
                     view = view[os.write(fd, view):]
                 os.ftruncate(fd, size + len(data))      # lines a crash left after the last checkpoint
                 os.fsync(fd)
+            except OSError as exc:      # the checkpoint is not written: its last one still reads back
+                raise SaveError(f"cannot save the checkpoint's history to {path}: {exc.strerror or exc}; "
+                                "the last checkpoint written is kept") from None
             finally:
                 os.close(fd)
         else:
@@ -134,8 +139,25 @@ class HistoryLog:
             data = b"".join(self.lines)
             io.atomic_write(path, lambda fh: fh.write(data))
         digest = line_chain(digest, self.lines[start:])
-        self.synced = (path, self.n, size + len(data), digest)
+        self.synced = (path, self.n, size + len(data), digest, _identity(path))
         return {"records": self.n, "bytes": size + len(data), "sha256": digest}
+
+    def _open_synced(self, path: str) -> int | None:
+        """A descriptor for appending to ``path`` where it is still the very file the last sync left (the same
+        regular file, not shorter), else None: the log is then written whole (a file deleted, replaced or cut
+        since, by a callback or another process, is never appended to)."""
+        last = self.synced
+        if last is None or last[0] != path:
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError:                 # gone, a FIFO without a reader, no permission: written whole (or SaveError)
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < last[2] or (st.st_dev, st.st_ino) != last[4]:
+            os.close(fd)
+            return None
+        return fd
 
     @classmethod
     def read(cls, path: str, info: Any, epochs: int, shown: str) -> HistoryLog:
@@ -153,7 +175,12 @@ class HistoryLog:
             if os.fstat(fh.fileno()).st_size < size:
                 raise ModelFileError(f"{path} holds fewer history records than its checkpoint {shown} recorded; "
                                      "it was truncated or replaced: delete both to start afresh")
+            st = os.fstat(fh.fileno())
             data = fh.read(size)
+        count = data.count(b"\n")
+        if count != epochs or (epochs and not data.endswith(b"\n")):       # before any split or hash
+            raise ModelFileError(f"{shown}: the history holds {count} line(s) for {epochs} epoch(s); the checkpoint "
+                                 "is corrupt or was edited")
         lines = data.splitlines(keepends=True)
         if line_chain("", lines) != info["sha256"]:
             raise ModelFileError(f"{path} is not the history its checkpoint {shown} recorded (SHA-256 differs); "
@@ -173,7 +200,7 @@ class HistoryLog:
                                  "JSON object of numbers, text, true/false or null); the checkpoint is corrupt "
                                  "or was edited")
         log = cls(lines)
-        log.synced = (path, epochs, size, info["sha256"])
+        log.synced = (path, epochs, size, info["sha256"], (st.st_dev, st.st_ino))
         return log
 
 
@@ -184,6 +211,19 @@ def line_chain(digest: str, lines: list[bytes]) -> str:
     return digest
 
 
+#: The smallest integer of more than 4,300 digits (Python's default int <-> text limit)
+_MAX_JSON_INT = 10 ** 4300
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` (None where it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _plain(value: Any) -> Any:
     """A record's value as JSON keeps it exactly: None, bool, int, float (NaN, ±inf) and text as they are (NumPy's
     as Python's), anything else as its repr."""
@@ -192,16 +232,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (bool, numpy.bool_)):
         return bool(value)
     if isinstance(value, numbers.Integral):
-        number = int(value)
         try:
-            str(number)
-        except ValueError:          # past Python's digit limit for int <-> text: JSON cannot hold it either
-            return shown(number)
-        return number
+            number = int(value)
+        except (TypeError, ValueError, OverflowError):     # a broken __int__
+            return shown(value)
+        # past 4,300 digits, Python's default limit for int <-> text: unreadable where that limit holds, even if
+        # this process has lifted it (PYTHONINTMAXSTRDIGITS=0)
+        return shown(number) if abs(number) >= _MAX_JSON_INT else number
     if isinstance(value, numbers.Real):
         try:
             return float(value)
-        except (OverflowError, ValueError):
+        except (OverflowError, ValueError, TypeError):
             return shown(value)
     try:
         return repr(value)

@@ -345,3 +345,87 @@ def test_a_damaged_history_file_is_a_model_file_error(tmp_path, damage):
     with pytest.raises(ModelFileError):
         _fit(net, 6, 4, lr=1e-4, checkpoint=path)
     numpy.testing.assert_array_equal(host(net.flat_parameters()), start)
+
+
+@pytest.mark.parametrize("change", ["cut", "replaced"])
+def test_a_history_file_cut_or_replaced_between_saves_is_written_whole_not_appended_to(tmp_path, change):
+    """A callback (or another process) emptying the history file or putting another file in its place between
+    two saves: the next save writes the log whole; appending at the remembered offset would have left a hole of
+    NUL bytes (or another run's lines) and every later checkpoint unreadable."""
+    path = tmp_path / "c"
+    side = history_path(path)
+
+    def meddle(record):
+        if record["epoch"] == 2:
+            if change == "cut":
+                with open(side, "r+b") as fh:
+                    fh.truncate(0)
+            else:
+                os.replace(_write(tmp_path / "other", b'{"epoch":1,"loss":7}\n' * 30), side)
+    _fit(_lin(), 5, 4, lr=1e-4, checkpoint=path, callbacks=[gpunn.callbacks.LambdaCallback(meddle)])
+    with open(side, "rb") as fh:
+        data = fh.read()
+    assert b"\0" not in data and b'"loss":7' not in data
+    resumed = _fit(_lin(), 5, 4, lr=1e-4, checkpoint=path)
+    whole = _fit(_lin(), 5, 4, lr=1e-4)
+    assert [r["loss"] for r in resumed.epochs] == [r["loss"] for r in whole.epochs]
+
+
+def _write(path, data):
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def test_a_full_disk_while_appending_the_history_is_a_save_error_and_the_last_checkpoint_stays(tmp_path,
+                                                                                                monkeypatch):
+    import errno
+
+    import gpunn.checkpoint as ckpt
+    path = tmp_path / "c"
+    real, calls = os.write, []
+
+    def full(fd, data):
+        calls.append(1)
+        if len(calls) == 2:                      # epoch 3's append: the disk fills after 5 bytes
+            real(fd, bytes(data)[:5])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(ckpt.os, "write", full)
+    with pytest.raises(SaveError, match=r"history to .*c\.history: No space left on device"):
+        _fit(_lin(), 6, 4, lr=1e-4, checkpoint=path)
+    monkeypatch.setattr(ckpt.os, "write", real)
+    resumed = _fit(_lin(), 6, 4, lr=1e-4, checkpoint=path)
+    whole = _fit(_lin(), 6, 4, lr=1e-4)
+    assert [r["loss"] for r in resumed.epochs] == [r["loss"] for r in whole.epochs]
+
+
+def test_a_history_with_lines_added_is_refused_before_they_are_split_or_hashed(tmp_path, monkeypatch):
+    """Lines beyond the epochs (SHA-256 recomputed) cost a count, not a split and a hash of each."""
+    import gpunn.checkpoint as ckpt
+    path = tmp_path / "c"
+    _fit(_lin(), 3, 4, lr=1e-4, checkpoint=path)
+    _edit(path, lambda h, a: a["history"].extend([b" \n"] * 1000))
+    monkeypatch.setattr(ckpt, "line_chain", lambda *a: pytest.fail("hashed a history of the wrong length"))
+    with pytest.raises(ModelFileError, match=r"1003 line\(s\) for 3 epoch"):
+        _fit(_lin(), 6, 4, lr=1e-4, checkpoint=path)
+
+
+def test_records_that_would_not_read_back_elsewhere_are_kept_as_text(tmp_path):
+    """An integer past 4,300 digits (written where PYTHONINTMAXSTRDIGITS=0 lifts Python's limit) would not
+    parse where the default limit holds; a number whose float() fails: both kept as text, readable anywhere."""
+    import sys
+
+    class BadFloat(float):
+        def __float__(self):
+            raise TypeError("no")
+    huge = 10 ** 5000
+    log = HistoryLog()
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        log.append({"epoch": 1, "n": huge, "x": BadFloat(1.5), "ok": 10 ** 4299})
+    finally:
+        sys.set_int_max_str_digits(before)
+    record = log.records()[0]
+    assert isinstance(record["n"], str) and isinstance(record["x"], str) and record["ok"] == 10 ** 4299
