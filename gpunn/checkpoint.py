@@ -92,9 +92,10 @@ class HistoryLog:
     """The epoch records as a checkpoint writes them: one line of JSON per epoch, appended to the file beside
     the checkpoint (``PATH.history``), so an epoch's save costs that epoch's record whatever came before.
 
-    A record reads back as it was recorded: JSON keeps integers of any size, floats to the bit (NaN and
-    infinity too), text, None, and which fields each record has. NumPy numbers are kept as Python's (bool,
-    int, float), anything else a callback put in a record as its ``repr``, field names as text.
+    A record reads back as it was recorded: JSON keeps integers (up to 4,300 digits, Python's default limit),
+    floats to the bit (NaN and infinity too), text, None, and which fields each record has. NumPy numbers are
+    kept as Python's (bool, int, float), anything else a callback put in a record (and a longer integer) as its
+    ``repr``, field names as text.
     """
 
     def __init__(self, lines: list[bytes] | None = None) -> None:
@@ -139,7 +140,7 @@ class HistoryLog:
             data = b"".join(self.lines)
             io.atomic_write(path, lambda fh: fh.write(data))
         digest = line_chain(digest, self.lines[start:])
-        self.synced = (path, self.n, size + len(data), digest, _identity(path))
+        self.synced = (path, self.n, size + len(data), digest, last[4] if fd is not None else _identity(path))  # type: ignore[index]
         return {"records": self.n, "bytes": size + len(data), "sha256": digest}
 
     def _open_synced(self, path: str) -> int | None:
@@ -172,22 +173,19 @@ class HistoryLog:
                                  "epoch(s); the checkpoint is corrupt or was edited")
         size = info["bytes"]
         with io.open_regular(path, ModelFileError, "checkpoint history file") as fh:
-            if os.fstat(fh.fileno()).st_size < size:
+            st = os.fstat(fh.fileno())
+            if st.st_size < size:
                 raise ModelFileError(f"{path} holds fewer history records than its checkpoint {shown} recorded; "
                                      "it was truncated or replaced: delete both to start afresh")
-            st = os.fstat(fh.fileno())
             data = fh.read(size)
         count = data.count(b"\n")
         if count != epochs or (epochs and not data.endswith(b"\n")):       # before any split or hash
             raise ModelFileError(f"{shown}: the history holds {count} line(s) for {epochs} epoch(s); the checkpoint "
                                  "is corrupt or was edited")
-        lines = data.splitlines(keepends=True)
+        lines = [line + b"\n" for line in data.split(b"\n")[:-1]]          # as appended: split at \n only
         if line_chain("", lines) != info["sha256"]:
             raise ModelFileError(f"{path} is not the history its checkpoint {shown} recorded (SHA-256 differs); "
                                  "it was edited or replaced: delete both to start afresh")
-        if len(lines) != epochs or (epochs and not data.endswith(b"\n")):
-            raise ModelFileError(f"{shown}: the history holds {len(lines)} line(s) for {epochs} epoch(s); the "
-                                 "checkpoint is corrupt or was edited")
         try:
             records = [json.loads(line) for line in lines]
         except (ValueError, RecursionError):        # not JSON, an integer past Python's digit limit, deep nesting

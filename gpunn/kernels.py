@@ -538,7 +538,7 @@ class FusedKernels:
         hit = self._colsum.get(key)
         if hit is None:
             for gone in _make_room(self._colsum, delta.shape[0], lambda k: k[0][0], MAX_BATCH_SIZES):
-                self._release(self._colsum_keys.pop(gone))
+                _release(self._colsum_keys.pop(gone))
             hit = self._colsum[key] = self._colsum_setup(delta, key[2])
         fn, grid, part, count, sizes = hit
         fn(grid, (32, 8), (delta, out, part, count) + sizes)
@@ -558,14 +558,6 @@ class FusedKernels:
         self._colsum_keys[(delta.shape, delta.dtype, stream)] = key
         return (fn, (tiles, chunks)) + scratch + ((numpy.int32(rows), numpy.int32(cols), numpy.int32(chunk)),)
 
-    @staticmethod
-    def _release(key: tuple) -> None:
-        """One user fewer of the shared scratch ``key``; the last one frees it."""
-        users = _USERS.pop(key, 1) - 1
-        if users > 0:
-            _USERS[key] = users
-        else:
-            _SCRATCH.pop(key, None)
 
 
     def sgd_update(self, p: Array, g: Array, velocity: Array | None, mask: Array | None, lr: float,
@@ -589,8 +581,17 @@ class FusedKernels:
                             n) + scalars)
 
 
+def _release(key: tuple) -> None:
+    """One user fewer of the shared scratch ``key``; the last one frees it."""
+    users = _USERS.pop(key, 1) - 1
+    if users > 0:
+        _USERS[key] = users
+    else:
+        _SCRATCH.pop(key, None)
+
+
 def _release_all(keys: dict[tuple, tuple]) -> None:
     """A dropped FusedKernels' shares of the shared scratch, given up (``keys``: its ``_colsum_keys``)."""
     for key in list(keys.values()):
-        FusedKernels._release(key)
+        _release(key)
     keys.clear()

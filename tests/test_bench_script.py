@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from helpers import child_env
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 import compare
@@ -279,7 +281,7 @@ def test_gemm_libraries_prints_numpys_rows_whatever_pytorch_does():
     bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
     run = subprocess.run([sys.executable, str(bench / "gemm_libraries.py"), "--batches", "4", "--threads", "1",
                           "--rounds", "1", "--min-time", "0.001", "--passes", "1"],
-                         capture_output=True, text=True, check=False, timeout=300)
+                         capture_output=True, text=True, check=False, timeout=300, env=child_env())
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     header = [c.strip() for c in next(line for line in lines if line.startswith("| threads")).strip("|").split("|")]
@@ -327,7 +329,7 @@ def test_every_script_answers_help_and_does_nothing_else(script):
     digits = root / "gpunn" / "data" / "digits.npz"
     before = digits.stat().st_mtime_ns
     run = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True,
-                         check=False, timeout=120, cwd=root)
+                         check=False, timeout=120, cwd=root, env=child_env())
     assert run.returncode == 0 and "usage" in run.stdout.lower(), (script, run.stdout[-500:], run.stderr[-500:])
     assert digits.stat().st_mtime_ns == before
 
@@ -335,5 +337,5 @@ def test_every_script_answers_help_and_does_nothing_else(script):
 def test_scaleout_refuses_a_measurement_it_does_not_know():
     root = pathlib.Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(root / "bench" / "scaleout.py"), "allreduced"], capture_output=True,
-                         text=True, check=False, timeout=120)
+                         text=True, check=False, timeout=120, env=child_env())
     assert run.returncode == 2 and "invalid choice" in run.stderr
