@@ -18,7 +18,8 @@ Equality is a fact about the NumPy build and CPU in use, so it is checked, not a
 compares both on a probe of 131,088 inputs (every special case, the subnormal range, a stride through all 2³²
 bit patterns) when the kernels load, and the kernels keep NumPy's own exp between two calls wherever it fails.
 tests/test_cpuexp.py checks about 23.5 million inputs; ``python scripts/check_exp.py --all`` checks all 2³²
-float32 inputs (about a minute here: none differed, NumPy 2.4.6, AMD EPYC Zen 3 with AVX2 + FMA3). float64 keeps NumPy's
+float32 inputs (none differed, NumPy 2.4.6: AMD EPYC Zen 3 with AVX2 + FMA3, about a minute; AMD EPYC Zen 4 with
+AVX-512F, where NumPy runs the X86_V4 (AVX-512) build of its float32 exp, 34 s). float64 keeps NumPy's
 exp (the C library's, or an AVX-512 one): there is no transcription of it here.
 
 This module imports numba; only :mod:`gpunn.cpukernels` imports it, once numba has imported.
